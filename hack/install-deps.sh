@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Installs every host dependency agentvm needs on Debian bookworm: QEMU, e2fsprogs, the kernel
+# build toolchain and Debian's linux-source-6.12, busybox-static (test rootfs), and the
+# vhost-device-vsock daemon from crates.io. Idempotent; safe to re-run.
+set -euo pipefail
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+  echo "hack/install-deps.sh installs Debian packages: run it as root (or with sudo)." >&2
+  exit 1
+fi
+
+PKGS=(
+  qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio
+  build-essential bc bison flex libelf-dev libssl-dev dwarves kmod xz-utils
+  linux-source-6.12
+  iproute2 procps psmisc
+)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# vhost-device-vsock: the vsock backend when the host has no /dev/vhost-vsock.
+VSOCK_VERSION=0.3.0
+if ! command -v vhost-device-vsock >/dev/null 2>&1; then
+  log "cargo install vhost-device-vsock@${VSOCK_VERSION}"
+  cargo install --locked --quiet "vhost-device-vsock@${VSOCK_VERSION}"
+fi
+log "dependencies ready"

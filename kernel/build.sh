@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Builds the agentvm guest kernel from Debian's linux-source-6.12: `make tinyconfig`, then the
+# fragment kernel/agentvm.config, then a check that every requested option is in the final
+# .config. The bzImage is cached outside the clone, keyed by the hash of its inputs (fragment,
+# this script, source tarball, compiler), so a repeat run returns at once.
+#
+# Output: $AGENTVM_CACHE/kernel/<key>/bzImage, and a copy at $AGENTVM_SHARE/bzImage
+# (defaults /var/cache/agentvm and /usr/local/share/agentvm), where the runtime looks for it.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+fragment="$here/agentvm.config"
+src_tar=${LINUX_SOURCE_TAR:-$(ls /usr/src/linux-source-6.12.tar.xz 2>/dev/null || true)}
+cache=${AGENTVM_CACHE:-/var/cache/agentvm}
+share=${AGENTVM_SHARE:-/usr/local/share/agentvm}
+jobs=${JOBS:-$(nproc)}
+
+log() { printf '==> kernel: %s\n' "$*" >&2; }
+
+if [ -z "$src_tar" ] || [ ! -f "$src_tar" ]; then
+  echo "kernel/build.sh: /usr/src/linux-source-6.12.tar.xz not found; run hack/install-deps.sh (apt-get install linux-source-6.12)" >&2
+  exit 1
+fi
+
+key=$( { sha256sum "$fragment" "$here/build.sh" | cut -d' ' -f1; basename "$src_tar"; stat -c %s "$src_tar"; gcc --version | head -1; } | sha256sum | cut -c1-16)
+out="$cache/kernel/$key"
+
+install_kernel() {
+  mkdir -p "$share"
+  cp "$out/bzImage" "$share/bzImage.tmp" && mv "$share/bzImage.tmp" "$share/bzImage"
+  cp "$out/config" "$share/kernel.config"
+  log "ready: $share/bzImage (key $key)"
+}
+
+if [ -f "$out/bzImage" ]; then
+  log "cached build $key"
+  install_kernel
+  exit 0
+fi
+
+work="$cache/kernel-build"
+rm -rf "$work"
+mkdir -p "$work"
+start=$(date +%s)
+log "unpacking $(basename "$src_tar")"
+tar -C "$work" -xf "$src_tar"
+srcdir=$(find "$work" -mindepth 1 -maxdepth 1 -type d | head -1)
+cd "$srcdir"
+
+make -s ARCH=x86_64 tinyconfig
+# merge_config.sh -m: merge only; olddefconfig then resolves dependencies.
+./scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null
+make -s ARCH=x86_64 olddefconfig
+
+# Every requested option must have landed with the requested value.
+missing=0
+while IFS= read -r line; do
+  case "$line" in
+    CONFIG_*=*)
+      opt=${line%%=*}
+      if ! grep -qx "$line" .config; then
+        actual=$(grep -E "^(# )?$opt[= ]" .config || echo "absent")
+        echo "kernel/build.sh: requested $line but the final config has: $actual" >&2
+        missing=1
+      fi
+      ;;
+  esac
+done < "$fragment"
+if [ "$missing" != 0 ]; then
+  echo "kernel/build.sh: some requested options did not land (unmet dependencies?); fix kernel/agentvm.config" >&2
+  exit 1
+fi
+[ "${CHECK_ONLY:-0}" = 1 ] && { log "config check passed"; exit 0; }
+
+log "building bzImage with $jobs jobs"
+make -s ARCH=x86_64 -j"$jobs" bzImage 2>&1 | grep -v '^  ' || true
+test -f arch/x86/boot/bzImage || { echo "kernel/build.sh: the kernel build failed" >&2; exit 1; }
+
+mkdir -p "$out.tmp"
+cp arch/x86/boot/bzImage "$out.tmp/bzImage"
+cp .config "$out.tmp/config"
+echo "$(( $(date +%s) - start ))" > "$out.tmp/build-seconds"
+rm -rf "$out"; mv "$out.tmp" "$out"
+cd /; rm -rf "$work"
+log "built in $(cat "$out/build-seconds") s"
+install_kernel

@@ -1,0 +1,417 @@
+//! The host<->guest protocol of agentvm.
+//!
+//! One AF_VSOCK stream connection carries one process: the host connects to the agent's port,
+//! the agent greets with [`Message::Hello`], the host sends [`Message::Start`], and from then on
+//! both sides exchange stdio [`Frame::Data`] and control [`Frame::Msg`] frames until the agent
+//! reports [`Message::Exited`].
+//!
+//! Wire format of a frame: a 4-byte big-endian length `n` (of what follows), a 1-byte tag, then
+//! `n - 1` bytes of payload. Tag 0 carries a JSON-encoded [`Message`]; tags 1..=3 carry raw
+//! bytes of stdin, stdout or stderr, where an empty payload means end of stream. Frames larger
+//! than [`MAX_FRAME`] are rejected, so a hostile peer cannot make the other side allocate
+//! without bound.
+
+use std::io::{Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version; the agent announces it in [`Message::Hello`] and the host refuses others.
+pub const VERSION: u32 = 1;
+/// The vsock port the agent listens on.
+pub const AGENT_PORT: u32 = 1024;
+/// The vsock CID of the host (`VMADDR_CID_HOST`); the agent accepts connections only from it.
+pub const HOST_CID: u32 = 2;
+/// Largest accepted frame (tag + payload), in bytes.
+pub const MAX_FRAME: usize = 1 << 20;
+/// Largest stdio chunk a sender puts into one frame.
+pub const MAX_DATA_CHUNK: usize = 64 * 1024;
+
+/// Errors of encoding or decoding frames.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    /// The connection failed or closed in the middle of a frame.
+    #[error("agent connection i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer announced a frame larger than [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    FrameTooLarge(usize),
+    /// A zero-length frame has no tag.
+    #[error("empty frame")]
+    EmptyFrame,
+    /// The tag byte is not one this version knows.
+    #[error("unknown frame tag {0}")]
+    UnknownTag(u8),
+    /// A control frame did not hold a valid [`Message`].
+    #[error("malformed control message: {0}")]
+    BadMessage(#[from] serde_json::Error),
+}
+
+/// Which stdio stream a [`Frame::Data`] belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stream {
+    Stdin = 1,
+    Stdout = 2,
+    Stderr = 3,
+}
+
+/// One unit on the wire.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// A control message.
+    Msg(Message),
+    /// Stdio bytes; empty means end of that stream.
+    Data(Stream, Vec<u8>),
+}
+
+/// Control messages, in both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// Guest -> host, first frame of every connection.
+    Hello {
+        version: u32,
+        /// Guest uptime when the agent accepted the connection (boot timing).
+        uptime_ms: u64,
+    },
+    /// Host -> guest: run a process.
+    Start(Box<StartRequest>),
+    /// Host -> guest: deliver a signal to the process.
+    Signal { signal: i32 },
+    /// Host -> guest: the terminal was resized.
+    Resize { rows: u16, cols: u16 },
+    /// Host -> guest: power the VM off now.
+    Shutdown,
+    /// Guest -> host: the process runs, with this pid inside the guest.
+    Started { pid: i32 },
+    /// Guest -> host: the process ended; the last message of a connection.
+    Exited(ExitStatus),
+    /// Guest -> host: the request failed. For a start failure `exit_code` is what a runc user
+    /// would see (127 for a missing binary, 126 for one that cannot be executed).
+    Error {
+        message: String,
+        exit_code: Option<i32>,
+    },
+}
+
+/// What to run and in which root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartRequest {
+    pub rootfs: RootfsSpec,
+    pub process: ProcessSpec,
+    /// Hostname to set in the guest; none keeps the agent's default.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// When true the VM powers off once this process exits (the container's init process).
+    #[serde(default)]
+    pub init: bool,
+}
+
+/// The container's root filesystem, a block device seen by the guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsSpec {
+    /// Guest device path, e.g. `/dev/vda`.
+    pub device: String,
+    /// Filesystem type, e.g. `ext4`.
+    pub fstype: String,
+    /// Put a tmpfs-backed overlay on top so the workload can write while the disk stays
+    /// read-only.
+    #[serde(default)]
+    pub overlay: bool,
+}
+
+/// The OCI `process` object, as far as the agent applies it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: Vec<String>,
+    #[serde(default = "default_cwd")]
+    pub cwd: String,
+    #[serde(default)]
+    pub user: User,
+    #[serde(default)]
+    pub terminal: bool,
+    /// Initial terminal size (rows, cols) when `terminal` is set.
+    #[serde(default)]
+    pub console_size: Option<(u16, u16)>,
+    #[serde(default)]
+    pub rlimits: Vec<Rlimit>,
+    #[serde(default)]
+    pub no_new_privileges: bool,
+    /// Capability sets; `None` leaves the agent's full set (a privileged process).
+    #[serde(default)]
+    pub capabilities: Option<Capabilities>,
+}
+
+fn default_cwd() -> String {
+    "/".to_string()
+}
+
+/// Numeric user of the process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    #[serde(default)]
+    pub additional_gids: Vec<u32>,
+}
+
+/// One POSIX rlimit, named as in OCI (`RLIMIT_NOFILE`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rlimit {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub hard: u64,
+    pub soft: u64,
+}
+
+/// Capability sets, named as in OCI (`CAP_CHOWN`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capabilities {
+    #[serde(default)]
+    pub bounding: Vec<String>,
+    #[serde(default)]
+    pub effective: Vec<String>,
+    #[serde(default)]
+    pub inheritable: Vec<String>,
+    #[serde(default)]
+    pub permitted: Vec<String>,
+    #[serde(default)]
+    pub ambient: Vec<String>,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Shell-style code: the exit code, or 128 + the signal number.
+    pub code: i32,
+    /// The signal that killed the process, if one did.
+    #[serde(default)]
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    pub fn exited(code: i32) -> Self {
+        Self { code, signal: None }
+    }
+
+    pub fn signaled(signal: i32) -> Self {
+        Self {
+            code: 128 + signal,
+            signal: Some(signal),
+        }
+    }
+}
+
+impl Frame {
+    /// Serializes the frame, length prefix included.
+    pub fn encode(&self) -> Vec<u8> {
+        let (tag, payload): (u8, std::borrow::Cow<'_, [u8]>) = match self {
+            Frame::Msg(m) => (
+                0,
+                serde_json::to_vec(m)
+                    .expect("protocol messages always serialize")
+                    .into(),
+            ),
+            Frame::Data(s, b) => (*s as u8, b.as_slice().into()),
+        };
+        let len = u32::try_from(payload.len() + 1).expect("frame length fits in u32");
+        let mut out = Vec::with_capacity(payload.len() + 5);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.push(tag);
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Parses a frame body (tag + payload), as read after the length prefix.
+    pub fn decode_body(body: &[u8]) -> Result<Self, ProtocolError> {
+        let (&tag, payload) = body.split_first().ok_or(ProtocolError::EmptyFrame)?;
+        Ok(match tag {
+            0 => Frame::Msg(serde_json::from_slice(payload)?),
+            1 => Frame::Data(Stream::Stdin, payload.to_vec()),
+            2 => Frame::Data(Stream::Stdout, payload.to_vec()),
+            3 => Frame::Data(Stream::Stderr, payload.to_vec()),
+            t => return Err(ProtocolError::UnknownTag(t)),
+        })
+    }
+
+    /// Checks a length prefix before anything is allocated for the body.
+    pub fn check_len(prefix: [u8; 4]) -> Result<usize, ProtocolError> {
+        let n = u32::from_be_bytes(prefix) as usize;
+        if n == 0 {
+            return Err(ProtocolError::EmptyFrame);
+        }
+        if n > MAX_FRAME {
+            return Err(ProtocolError::FrameTooLarge(n));
+        }
+        Ok(n)
+    }
+}
+
+/// Reads one frame from a blocking reader. `Ok(None)` on a clean end of stream between frames.
+pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, ProtocolError> {
+    let mut prefix = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut prefix[got..]) {
+            Ok(0) if got == 0 => return Ok(None),
+            Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let n = Frame::check_len(prefix)?;
+    let mut body = vec![0u8; n];
+    r.read_exact(&mut body)?;
+    Frame::decode_body(&body).map(Some)
+}
+
+/// Writes one frame to a blocking writer.
+pub fn write_frame<W: Write>(w: &mut W, frame: &Frame) -> Result<(), ProtocolError> {
+    w.write_all(&frame.encode())?;
+    w.flush()?;
+    Ok(())
+}
+
+/// Async counterparts of [`read_frame`] and [`write_frame`] for tokio streams.
+pub mod tokio_io {
+    use super::{Frame, ProtocolError};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    /// Reads one frame. `Ok(None)` on a clean end of stream between frames.
+    pub async fn read_frame<R: AsyncRead + Unpin>(
+        r: &mut R,
+    ) -> Result<Option<Frame>, ProtocolError> {
+        let mut prefix = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            let n = r.read(&mut prefix[got..]).await?;
+            if n == 0 {
+                if got == 0 {
+                    return Ok(None);
+                }
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+            }
+            got += n;
+        }
+        let n = Frame::check_len(prefix)?;
+        let mut body = vec![0u8; n];
+        r.read_exact(&mut body).await?;
+        Frame::decode_body(&body).map(Some)
+    }
+
+    /// Writes one frame.
+    pub async fn write_frame<W: AsyncWrite + Unpin>(
+        w: &mut W,
+        frame: &Frame,
+    ) -> Result<(), ProtocolError> {
+        w.write_all(&frame.encode()).await?;
+        w.flush().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(f: Frame) {
+        let bytes = f.encode();
+        let back = read_frame(&mut bytes.as_slice()).unwrap().unwrap();
+        assert_eq!(back, f);
+    }
+
+    #[test]
+    fn frames_roundtrip() {
+        roundtrip(Frame::Msg(Message::Hello {
+            version: VERSION,
+            uptime_ms: 1234,
+        }));
+        roundtrip(Frame::Msg(Message::Start(Box::new(StartRequest {
+            rootfs: RootfsSpec {
+                device: "/dev/vda".into(),
+                fstype: "ext4".into(),
+                overlay: true,
+            },
+            process: ProcessSpec {
+                args: vec!["sh".into(), "-c".into(), "exit 7".into()],
+                env: vec!["PATH=/bin".into()],
+                cwd: "/tmp".into(),
+                user: User {
+                    uid: 1000,
+                    gid: 1000,
+                    additional_gids: vec![10, 20],
+                },
+                terminal: true,
+                console_size: Some((24, 80)),
+                rlimits: vec![Rlimit {
+                    kind: "RLIMIT_NOFILE".into(),
+                    hard: 1024,
+                    soft: 512,
+                }],
+                no_new_privileges: true,
+                capabilities: Some(Capabilities {
+                    bounding: vec!["CAP_CHOWN".into()],
+                    ..Default::default()
+                }),
+            },
+            hostname: Some("box".into()),
+            init: true,
+        }))));
+        roundtrip(Frame::Msg(Message::Exited(ExitStatus::signaled(9))));
+        roundtrip(Frame::Data(Stream::Stdout, b"hello\n".to_vec()));
+        roundtrip(Frame::Data(Stream::Stdin, Vec::new()));
+    }
+
+    #[test]
+    fn signal_exit_is_128_plus_n() {
+        assert_eq!(ExitStatus::signaled(9).code, 137);
+        assert_eq!(ExitStatus::signaled(15).code, 143);
+    }
+
+    #[test]
+    fn clean_eof_between_frames_is_none() {
+        assert!(read_frame(&mut [].as_slice()).unwrap().is_none());
+    }
+
+    #[test]
+    fn truncated_frame_is_an_error() {
+        let mut bytes = Frame::Data(Stream::Stdout, b"abcdef".to_vec()).encode();
+        bytes.truncate(7);
+        assert!(matches!(
+            read_frame(&mut bytes.as_slice()),
+            Err(ProtocolError::Io(_))
+        ));
+        assert!(matches!(
+            read_frame(&mut [0u8, 0].as_slice()),
+            Err(ProtocolError::Io(_))
+        ));
+    }
+
+    #[test]
+    fn hostile_frames_are_rejected_without_allocating() {
+        let huge = (u32::MAX).to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut huge.as_slice()),
+            Err(ProtocolError::FrameTooLarge(_))
+        ));
+        let empty = 0u32.to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut empty.as_slice()),
+            Err(ProtocolError::EmptyFrame)
+        ));
+        let mut unknown = 2u32.to_be_bytes().to_vec();
+        unknown.extend_from_slice(&[9, 0]);
+        assert!(matches!(
+            read_frame(&mut unknown.as_slice()),
+            Err(ProtocolError::UnknownTag(9))
+        ));
+        let mut bad_json = 4u32.to_be_bytes().to_vec();
+        bad_json.extend_from_slice(b"\0{x}");
+        assert!(matches!(
+            read_frame(&mut bad_json.as_slice()),
+            Err(ProtocolError::BadMessage(_))
+        ));
+    }
+}
