@@ -1,0 +1,1 @@
+//! OCI images to ext4 root filesystems.
