@@ -1,1 +1,12 @@
-//! agentvm runtime.
+//! The agentvm runtime: boots a microVM per sandbox (QEMU microvm today, behind
+//! [`vmm::VmmBackend`]), talks to the guest agent over vsock, and runs OCI processes in it.
+
+pub mod accel;
+pub mod assets;
+pub mod check;
+pub mod error;
+pub mod run;
+pub mod sandbox;
+pub mod vmm;
+
+pub use error::{Error, Result};

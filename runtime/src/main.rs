@@ -1,1 +1,145 @@
-fn main() {}
+//! `agentvm`: run processes in microVMs and inspect the host.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use agentvm::accel::AccelChoice;
+use agentvm::run::{self, RunOptions};
+use agentvm_protocol::{ProcessSpec, User};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(name = "agentvm", version, about = "Run containers in microVMs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a command in a fresh microVM booted from an ext4 root filesystem.
+    Run(RunArgs),
+    /// Report what this host has and lacks for running agentvm VMs.
+    Check {
+        /// Boot a test VM under KVM to find out whether KVM really works here.
+        #[arg(long)]
+        probe: bool,
+    },
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Root filesystem image (ext4), attached read-only; writes go to a tmpfs overlay.
+    #[arg(long)]
+    rootfs: PathBuf,
+    /// Allocate a pseudo-terminal.
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Keep stdin open and forward it.
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Set an environment variable (K=V).
+    #[arg(short = 'e', long = "env")]
+    env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short = 'w', long = "workdir", default_value = "/")]
+    workdir: String,
+    /// UID[:GID] to run as.
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = run::DEFAULT_MEMORY_MIB)]
+    memory: u32,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = run::DEFAULT_VCPUS)]
+    cpus: u32,
+    /// Accelerator: auto (KVM if a test boot works, else TCG), kvm or tcg.
+    #[arg(long, default_value = "auto")]
+    accel: String,
+    /// Seconds to wait for the guest agent.
+    #[arg(long, default_value_t = 60)]
+    boot_timeout: u64,
+    /// Deterministic guest clock (TCG -icount), for benchmarks.
+    #[arg(long, hide = true)]
+    icount: bool,
+    /// Print a timing breakdown and guest kernel messages.
+    #[arg(long)]
+    debug: bool,
+    /// The command and its arguments.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("AGENTVM_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    // One thread: helpers are spawned with PR_SET_PDEATHSIG, which fires when the spawning
+    // *thread* exits, so they must be spawned from a thread that lives as long as we do.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let code = rt.block_on(async {
+        match cli.command {
+            Command::Run(a) => match run_cmd(a).await {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("agentvm: error: {e:#}");
+                    125
+                }
+            },
+            Command::Check { probe } => {
+                let findings = agentvm::check::check(probe).await;
+                let (text, ready) = agentvm::check::render(&findings);
+                print!("{text}");
+                i32::from(!ready)
+            }
+        }
+    });
+    // Exit without waiting for the blocking stdin reader, which may sit in read(2).
+    std::process::exit(code);
+}
+
+async fn run_cmd(a: RunArgs) -> anyhow::Result<i32> {
+    let (uid, gid) = match &a.user {
+        Some(u) => run::parse_user(u)?,
+        None => (0, 0),
+    };
+    for e in &a.env {
+        if !e.contains('=') {
+            anyhow::bail!("invalid -e {e:?}: use KEY=VALUE");
+        }
+    }
+    if a.cpus == 0 || a.memory < 64 {
+        anyhow::bail!("--cpus must be at least 1 and --memory at least 64 (MiB)");
+    }
+    let opts = RunOptions {
+        rootfs: a.rootfs,
+        process: ProcessSpec {
+            args: a.command,
+            env: a.env,
+            cwd: a.workdir,
+            user: User {
+                uid,
+                gid,
+                additional_gids: Vec::new(),
+            },
+            terminal: a.tty,
+            ..Default::default()
+        },
+        interactive: a.interactive,
+        memory_mib: a.memory,
+        vcpus: a.cpus,
+        accel: a.accel.parse::<AccelChoice>()?,
+        boot_timeout: Duration::from_secs(a.boot_timeout),
+        icount: a.icount,
+        debug: a.debug,
+    };
+    Ok(run::run(opts).await?)
+}

@@ -1,0 +1,278 @@
+//! Locating what a sandbox boots from: the guest kernel, the agent, QEMU and the vsock
+//! daemon, and building the agent's initramfs.
+
+use std::io::{Cursor, Read, Write};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Where `hack/setup.sh` and `kernel/build.sh` install shared artifacts.
+pub const SHARE_DIR: &str = "/usr/local/share/agentvm";
+/// Cache for derived artifacts (initramfs images, probe results).
+pub const CACHE_DIR: &str = "/var/cache/agentvm";
+
+const SETUP_HINT: &str = "run hack/setup.sh from the agentvm checkout";
+
+/// The host files one VM boot needs.
+#[derive(Debug, Clone)]
+pub struct Assets {
+    pub kernel: PathBuf,
+    pub agent: PathBuf,
+    pub qemu: PathBuf,
+}
+
+impl Assets {
+    /// Finds every asset, or says which one is missing and how to get it.
+    pub fn locate() -> Result<Self> {
+        Ok(Self {
+            kernel: kernel_path()?,
+            agent: agent_path()?,
+            qemu: qemu_path()?,
+        })
+    }
+}
+
+fn env_path(var: &str) -> Option<PathBuf> {
+    std::env::var_os(var)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+fn existing(var: &str, default: PathBuf, what: &str, hint: &str) -> Result<PathBuf> {
+    let (path, from_env) = match env_path(var) {
+        Some(p) => (p, true),
+        None => (default, false),
+    };
+    if path.is_file() {
+        return Ok(path);
+    }
+    let hint = if from_env {
+        format!("${var} points to {}, which is not a file", path.display())
+    } else {
+        format!("looked for {} ({hint}, or set ${var})", path.display())
+    };
+    Err(Error::Missing {
+        what: what.into(),
+        hint,
+    })
+}
+
+/// The guest kernel: `$AGENTVM_KERNEL` or the one `kernel/build.sh` installed.
+pub fn kernel_path() -> Result<PathBuf> {
+    existing(
+        "AGENTVM_KERNEL",
+        Path::new(SHARE_DIR).join("bzImage"),
+        "guest kernel",
+        "build it with kernel/build.sh or hack/setup.sh",
+    )
+}
+
+/// The static guest agent: `$AGENTVM_AGENT` or the installed one.
+pub fn agent_path() -> Result<PathBuf> {
+    existing(
+        "AGENTVM_AGENT",
+        Path::new(SHARE_DIR).join("agentvm-agent"),
+        "guest agent (agentvm-agent)",
+        SETUP_HINT,
+    )
+}
+
+/// Searches `$PATH` (and cargo's install dir, where `cargo install` puts helpers).
+pub fn find_program(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = env_path("CARGO_HOME") {
+        dirs.push(home.join("bin"));
+    }
+    if let Some(home) = env_path("HOME") {
+        dirs.push(home.join(".cargo/bin"));
+    }
+    dirs.into_iter().map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// QEMU: `$AGENTVM_QEMU` or `qemu-system-x86_64` on `$PATH`.
+pub fn qemu_path() -> Result<PathBuf> {
+    if let Some(p) = env_path("AGENTVM_QEMU") {
+        return existing("AGENTVM_QEMU", p, "QEMU", "");
+    }
+    find_program("qemu-system-x86_64").ok_or_else(|| Error::Missing {
+        what: "qemu-system-x86_64".into(),
+        hint: "apt-get install qemu-system-x86 (or run hack/install-deps.sh)".into(),
+    })
+}
+
+/// The vhost-user vsock daemon, needed when the host has no `/dev/vhost-vsock`.
+pub fn vhost_vsock_daemon() -> Result<PathBuf> {
+    if let Some(p) = env_path("AGENTVM_VHOST_VSOCK") {
+        return existing("AGENTVM_VHOST_VSOCK", p, "vhost-device-vsock", "");
+    }
+    find_program("vhost-device-vsock").ok_or_else(|| Error::Missing {
+        what: "vhost-device-vsock".into(),
+        hint: "this host has no /dev/vhost-vsock, so agentvm needs the vhost-user vsock daemon: \
+               cargo install vhost-device-vsock (or run hack/install-deps.sh)"
+            .into(),
+    })
+}
+
+/// True when an ELF image has no program interpreter, i.e. runs without a dynamic loader.
+/// The agent is PID 1 of an initramfs that holds nothing else, so it must be static.
+pub fn elf_is_static(elf: &[u8]) -> bool {
+    const PT_INTERP: u32 = 3;
+    if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 || elf[5] != 1 {
+        return false; // not a little-endian ELF64: certainly not a usable agent
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(elf[32..40].try_into().expect("8 bytes")) as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    (0..phnum).all(|i| {
+        let off = phoff.saturating_add(i.saturating_mul(phentsize));
+        match elf.get(off..off + 4) {
+            Some(b) => u32::from_le_bytes(b.try_into().expect("4 bytes")) != PT_INTERP,
+            None => false,
+        }
+    })
+}
+
+/// Returns the initramfs holding the agent as `/init`, building and caching it (keyed by the
+/// agent's hash) on first use.
+pub fn initramfs_for(agent: &Path) -> Result<PathBuf> {
+    let bytes = std::fs::read(agent).map_err(|e| Error::io("read agent", agent, e))?;
+    if !elf_is_static(&bytes) {
+        return Err(Error::Invalid(format!(
+            "{} is not a static ELF binary; the guest has no dynamic loader. Build it with \
+             RUSTFLAGS='-C target-feature=+crt-static' (hack/setup.sh does)",
+            agent.display()
+        )));
+    }
+    let hash = hex(&Sha256::digest(&bytes)[..8]);
+    let dir = cache_dir().join("initramfs");
+    let out = dir.join(format!("agent-{hash}.cpio"));
+    if out.is_file() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+    let archive = initramfs_archive(&bytes).map_err(|e| Error::io("build initramfs", &out, e))?;
+    let tmp = dir.join(format!(".agent-{hash}.{}.tmp", std::process::id()));
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&archive)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &out)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error::io("write", &out, e)
+    })?;
+    Ok(out)
+}
+
+/// A newc archive with the directories the agent mounts on, `/dev/console` (the kernel opens
+/// it for init's stdio before anything is mounted) and the agent as `/init`.
+fn initramfs_archive(agent: &[u8]) -> std::io::Result<Vec<u8>> {
+    use cpio::newc::ModeFileType;
+    use cpio::NewcBuilder;
+    let dir = |name: &str| {
+        NewcBuilder::new(name)
+            .mode(0o755)
+            .set_mode_file_type(ModeFileType::Directory)
+            .nlink(2)
+    };
+    let entries: Vec<(NewcBuilder, Cursor<Vec<u8>>)> = vec![
+        (dir("dev"), Cursor::new(Vec::new())),
+        (dir("proc"), Cursor::new(Vec::new())),
+        (dir("sys"), Cursor::new(Vec::new())),
+        (dir("run"), Cursor::new(Vec::new())),
+        (dir("tmp"), Cursor::new(Vec::new())),
+        (
+            NewcBuilder::new("dev/console")
+                .mode(0o600)
+                .set_mode_file_type(ModeFileType::Char)
+                .rdev_major(5)
+                .rdev_minor(1)
+                .nlink(1),
+            Cursor::new(Vec::new()),
+        ),
+        (
+            NewcBuilder::new("init")
+                .mode(0o755)
+                .set_mode_file_type(ModeFileType::Regular)
+                .nlink(1),
+            Cursor::new(agent.to_vec()),
+        ),
+    ];
+    cpio::write_cpio(entries.into_iter(), Vec::new())
+}
+
+/// The cache directory (`$AGENTVM_CACHE` or [`CACHE_DIR`]).
+pub fn cache_dir() -> PathBuf {
+    env_path("AGENTVM_CACHE").unwrap_or_else(|| PathBuf::from(CACHE_DIR))
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Reads the last `lines` lines of a (console) log; empty if it cannot be read.
+pub fn tail(path: &Path, lines: usize) -> String {
+    let mut text = String::new();
+    if let Ok(mut f) = std::fs::File::open(path) {
+        let mut buf = Vec::new();
+        let _ = f.read_to_end(&mut buf);
+        text = String::from_utf8_lossy(&buf).into_owned();
+    }
+    let all: Vec<&str> = text.lines().collect();
+    let start = all.len().saturating_sub(lines);
+    all[start..].join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_and_dynamic_elves_are_told_apart() {
+        let me = std::fs::read(std::env::current_exe().unwrap()).unwrap();
+        // Test binaries are dynamically linked unless built with crt-static.
+        let dynamic = !elf_is_static(&me);
+        let interp = me.windows(b"ld-linux".len()).any(|w| w == b"ld-linux");
+        assert_eq!(dynamic, interp);
+        assert!(!elf_is_static(b"#!/bin/sh\necho not an elf\n"));
+        assert!(!elf_is_static(&[0x7f, b'E', b'L', b'F']));
+    }
+
+    #[test]
+    fn initramfs_holds_init_and_console() {
+        let archive = initramfs_archive(b"\x7fELFagent").unwrap();
+        let mut names = Vec::new();
+        let mut rest: &[u8] = &archive;
+        loop {
+            let r = cpio::NewcReader::new(rest).unwrap();
+            if r.entry().is_trailer() {
+                break;
+            }
+            names.push((
+                r.entry().name().to_string(),
+                r.entry().mode(),
+                r.entry().rdev_major(),
+            ));
+            rest = r.finish().unwrap();
+        }
+        assert!(names.contains(&("init".into(), 0o100755, 0)));
+        assert!(names.contains(&("dev/console".into(), 0o020600, 5)));
+        assert!(names
+            .iter()
+            .any(|(n, m, _)| n == "proc" && m & 0o170000 == 0o040000));
+    }
+
+    #[test]
+    fn tail_returns_last_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("log");
+        std::fs::write(&p, "a\nb\nc\nd\n").unwrap();
+        assert_eq!(tail(&p, 2), "c\nd");
+        assert_eq!(tail(&dir.path().join("missing"), 2), "");
+    }
+}

@@ -1,0 +1,285 @@
+//! A sandbox: one VM with its state directory, booted until the agent answers.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agentvm_protocol::{self as proto, tokio_io, Frame, Message};
+use tokio::io::{ReadHalf, WriteHalf};
+
+use crate::assets::{self, Assets};
+use crate::error::{Error, Result};
+use crate::vmm::{Accel, AgentIo, Disk, Qemu, Vm, VmConfig, VmmBackend};
+
+/// Root of per-sandbox state directories.
+pub const STATE_ROOT: &str = "/run/agentvm";
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    pub id: String,
+    pub disks: Vec<Disk>,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub accel: Accel,
+    pub boot_timeout: Duration,
+    pub icount: bool,
+    pub debug: bool,
+}
+
+/// Host-side timestamps of a boot, for `--debug` and benchmarks.
+#[derive(Debug, Clone, Copy)]
+pub struct BootTimings {
+    pub started: Instant,
+    /// The VMM process (and helpers) were spawned.
+    pub vmm_spawned: Instant,
+    /// The agent's first Hello arrived.
+    pub agent_ready: Instant,
+    /// Guest uptime reported in that Hello (kernel boot + agent start).
+    pub guest_uptime_ms: u64,
+}
+
+/// A running VM. Dropping it kills the VM and removes its state directory; prefer
+/// [`Sandbox::destroy`], which lets the VM power off by itself first.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub id: String,
+    pub state_dir: PathBuf,
+    vm: Option<Vm>,
+    pub timings: BootTimings,
+}
+
+/// One connection to the agent, past its Hello.
+pub struct AgentConn {
+    pub reader: ReadHalf<Box<dyn AgentIo>>,
+    pub writer: WriteHalf<Box<dyn AgentIo>>,
+}
+
+impl std::fmt::Debug for AgentConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AgentConn")
+    }
+}
+
+impl AgentConn {
+    pub async fn send(&mut self, frame: &Frame) -> Result<()> {
+        Ok(tokio_io::write_frame(&mut self.writer, frame).await?)
+    }
+
+    pub async fn recv(&mut self) -> Result<Option<Frame>> {
+        Ok(tokio_io::read_frame(&mut self.reader).await?)
+    }
+}
+
+/// A fresh random sandbox id (hex).
+pub fn new_id() -> String {
+    let mut b = [0u8; 8];
+    let _ = crate::vmm::getrandom(&mut b);
+    assets::hex(&b)
+}
+
+/// Sandbox ids name directories: keep them to a safe alphabet.
+pub fn validate_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+        && !id.starts_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Invalid(format!(
+            "invalid sandbox id {id:?}: use 1-64 characters of [A-Za-z0-9_-]"
+        )))
+    }
+}
+
+pub fn state_root() -> PathBuf {
+    std::env::var_os("AGENTVM_STATE_ROOT")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(STATE_ROOT))
+}
+
+impl Sandbox {
+    /// Creates the state dir, starts the VM and waits until the agent greets. On any failure
+    /// everything started so far is stopped and removed.
+    pub async fn boot(cfg: &SandboxConfig, assets: &Assets) -> Result<(Sandbox, AgentConn)> {
+        validate_id(&cfg.id)?;
+        let started = Instant::now();
+        let initrd = assets::initramfs_for(&assets.agent)?;
+        let root = state_root();
+        std::fs::create_dir_all(&root).map_err(|e| Error::io("create", &root, e))?;
+        let state_dir = root.join(&cfg.id);
+        std::fs::create_dir(&state_dir).map_err(|e| Error::io("create", &state_dir, e))?;
+        let mut sandbox = Sandbox {
+            id: cfg.id.clone(),
+            state_dir: state_dir.clone(),
+            vm: None,
+            timings: BootTimings {
+                started,
+                vmm_spawned: started,
+                agent_ready: started,
+                guest_uptime_ms: 0,
+            },
+        };
+        let mut cmdline = vec![format!("agentvm.port={}", proto::AGENT_PORT)];
+        if cfg.debug {
+            cmdline.push("agentvm.debug=1".into());
+        }
+        let vm_cfg = VmConfig {
+            kernel: assets.kernel.clone(),
+            initrd,
+            disks: cfg.disks.clone(),
+            memory_mib: cfg.memory_mib,
+            vcpus: cfg.vcpus,
+            accel: cfg.accel,
+            state_dir,
+            cmdline,
+            icount: cfg.icount,
+        };
+        let backend = Qemu {
+            qemu: assets.qemu.clone(),
+        };
+        let vm = backend.launch(&vm_cfg).await?;
+        sandbox.timings.vmm_spawned = Instant::now();
+        sandbox.vm = Some(vm);
+        let conn = sandbox.wait_agent(cfg.boot_timeout).await?;
+        Ok((sandbox, conn))
+    }
+
+    fn vm_mut(&mut self) -> &mut Vm {
+        self.vm
+            .as_mut()
+            .expect("sandbox VM is present until destroy")
+    }
+
+    /// Polls the agent's port until it greets, failing early if the VMM exits.
+    async fn wait_agent(&mut self, timeout: Duration) -> Result<AgentConn> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let vm = self.vm_mut();
+            if let Ok(Some(status)) = vm.vmm.try_wait() {
+                return Err(Error::Boot {
+                    reason: format!("QEMU exited during boot ({status})"),
+                    console: vm.diagnostics(),
+                });
+            }
+            let attempt = tokio::time::timeout(Duration::from_secs(2), self.connect_once()).await;
+            if let Ok(Ok((conn, uptime))) = attempt {
+                self.timings.agent_ready = Instant::now();
+                self.timings.guest_uptime_ms = uptime;
+                return Ok(conn);
+            }
+            if let Ok(Err(e @ Error::Agent(_))) = attempt {
+                return Err(e); // the agent answered but is incompatible: no point retrying
+            }
+            if Instant::now() >= deadline {
+                let vm = self.vm_mut();
+                return Err(Error::Boot {
+                    reason: format!(
+                        "the guest agent did not answer within {} s",
+                        timeout.as_secs()
+                    ),
+                    console: vm.diagnostics(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn connect_once(&mut self) -> Result<(AgentConn, u64)> {
+        let vm = self.vm_mut();
+        let io = vm
+            .channel
+            .connect(proto::AGENT_PORT)
+            .await
+            .map_err(|e| Error::io("connect to agent via", &vm.console_log, e))?;
+        let (reader, writer) = tokio::io::split(io);
+        let mut conn = AgentConn { reader, writer };
+        match conn.recv().await? {
+            Some(Frame::Msg(Message::Hello { version, uptime_ms })) => {
+                if version != proto::VERSION {
+                    return Err(Error::Agent(format!(
+                        "agent speaks protocol v{version}, this runtime v{}: reinstall both from \
+                         the same build (hack/setup.sh)",
+                        proto::VERSION
+                    )));
+                }
+                Ok((conn, uptime_ms))
+            }
+            other => Err(Error::Agent(format!("expected Hello, got {other:?}"))),
+        }
+    }
+
+    /// Opens another connection to the agent (for exec).
+    pub async fn connect(&mut self) -> Result<AgentConn> {
+        Ok(self.connect_once().await?.0)
+    }
+
+    /// Resolves when the VMM process exits, with a description of how.
+    pub async fn vmm_exited(&mut self) -> String {
+        match self.vm_mut().vmm.wait().await {
+            Ok(st) => st.to_string(),
+            Err(e) => format!("wait failed: {e}"),
+        }
+    }
+
+    /// Console and VMM log tails, for error reports.
+    pub fn diagnostics(&self) -> String {
+        self.vm.as_ref().map(Vm::diagnostics).unwrap_or_default()
+    }
+
+    pub fn console_log(&self) -> PathBuf {
+        self.state_dir.join("console.log")
+    }
+
+    /// Lets the VM power off by itself for up to `grace`, then kills whatever is left and
+    /// removes the state directory.
+    pub async fn destroy(mut self, grace: Duration) {
+        if let Some(mut vm) = self.vm.take() {
+            vm.stop(grace).await;
+        }
+        remove_state_dir(&self.state_dir);
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if let Some(vm) = self.vm.as_mut() {
+            // kill_on_drop reaps nothing synchronously; kill now so nothing outlives us.
+            let _ = vm.vmm.start_kill();
+            for h in &mut vm.helpers {
+                let _ = h.start_kill();
+            }
+        }
+        if self.vm.is_some() {
+            remove_state_dir(&self.state_dir);
+        }
+    }
+}
+
+fn remove_state_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", dir.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_validated() {
+        assert!(validate_id("abc-123_X").is_ok());
+        for bad in ["", "../x", "a/b", "-rf", "a b", &"x".repeat(65)] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+        let id = new_id();
+        assert_eq!(id.len(), 16);
+        assert!(validate_id(&id).is_ok());
+        assert_ne!(id, new_id());
+    }
+}

@@ -1,0 +1,446 @@
+//! The VMM boundary: one small trait, the QEMU microvm backend behind it, and the channel to
+//! the guest agent.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::assets;
+use crate::error::{Error, Result};
+
+/// How guest code is executed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// QEMU's software emulation: slow but works everywhere.
+    Tcg,
+}
+
+/// A disk attached to the guest as a virtio-blk device (`/dev/vda`, `/dev/vdb`, ... in order).
+#[derive(Debug, Clone)]
+pub struct Disk {
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
+/// Everything a backend needs to start one VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub disks: Vec<Disk>,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub accel: Accel,
+    /// Private directory for sockets and logs; removed by the caller.
+    pub state_dir: PathBuf,
+    /// Extra kernel command line words.
+    pub cmdline: Vec<String>,
+    /// Run the guest clock off the instruction counter (TCG only), for deterministic benchmarks.
+    pub icount: bool,
+}
+
+impl VmConfig {
+    pub fn console_log(&self) -> PathBuf {
+        self.state_dir.join("console.log")
+    }
+}
+
+/// A VMM implementation. Backends start the VM and hand back its processes and agent channel.
+pub trait VmmBackend: std::fmt::Debug + Send + Sync {
+    fn name(&self) -> &'static str;
+    fn launch(&self, cfg: &VmConfig) -> impl std::future::Future<Output = Result<Vm>> + Send;
+}
+
+/// How the host reaches the agent's vsock port.
+#[derive(Debug, Clone)]
+pub enum AgentChannel {
+    /// vhost-device-vsock's host side: a unix socket speaking `CONNECT <port>\n`.
+    VhostUser { uds: PathBuf },
+    /// Kernel vhost-vsock: AF_VSOCK to the guest's CID.
+    Vsock { cid: u32 },
+}
+
+/// A byte stream to the agent.
+pub trait AgentIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> AgentIo for T {}
+
+impl AgentChannel {
+    /// Opens one connection to `port` in the guest. Fails fast when nobody listens yet.
+    pub async fn connect(&self, port: u32) -> std::io::Result<Box<dyn AgentIo>> {
+        match self {
+            AgentChannel::VhostUser { uds } => {
+                let mut s = tokio::net::UnixStream::connect(uds).await?;
+                s.write_all(format!("CONNECT {port}\n").as_bytes()).await?;
+                // The daemon answers "OK <host port>\n" once the guest accepted; read byte by
+                // byte so no agent data is swallowed into a buffer.
+                let mut line = Vec::new();
+                let mut reader = BufReader::with_capacity(1, &mut s);
+                reader.read_until(b'\n', &mut line).await?;
+                if !line.starts_with(b"OK ") {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionRefused,
+                        format!(
+                            "vsock CONNECT {port} refused: {:?}",
+                            String::from_utf8_lossy(&line)
+                        ),
+                    ));
+                }
+                Ok(Box::new(s))
+            }
+            AgentChannel::Vsock { cid } => {
+                let addr = tokio_vsock::VsockAddr::new(*cid, port);
+                Ok(Box::new(tokio_vsock::VsockStream::connect(addr).await?))
+            }
+        }
+    }
+}
+
+/// A started VM: the VMM process, its helper processes, and the agent channel.
+#[derive(Debug)]
+pub struct Vm {
+    pub vmm: Child,
+    pub helpers: Vec<Child>,
+    pub channel: AgentChannel,
+    pub console_log: PathBuf,
+    pub vmm_log: PathBuf,
+    pub spawned_at: Instant,
+}
+
+impl Vm {
+    /// Tail of the serial console and of the VMM's own log, for error reports.
+    pub fn diagnostics(&self) -> String {
+        let mut out = assets::tail(&self.console_log, 25);
+        let vmm = assets::tail(&self.vmm_log, 5);
+        if !vmm.trim().is_empty() {
+            out.push_str("\n--- vmm log ---\n");
+            out.push_str(&vmm);
+        }
+        out
+    }
+
+    /// Waits for the VMM to exit for at most `grace`, then kills it and every helper.
+    pub async fn stop(&mut self, grace: Duration) {
+        if tokio::time::timeout(grace, self.vmm.wait()).await.is_err() {
+            let _ = self.vmm.start_kill();
+            let _ = self.vmm.wait().await;
+        }
+        for h in &mut self.helpers {
+            let _ = h.start_kill();
+            let _ = h.wait().await;
+        }
+    }
+}
+
+/// The QEMU `microvm` backend.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    pub qemu: PathBuf,
+}
+
+/// The vsock transport chosen for this host.
+#[derive(Debug, Clone)]
+pub enum VsockTransport {
+    /// In-kernel vhost-vsock (`/dev/vhost-vsock`), with this guest CID.
+    Kernel { cid: u32 },
+    /// vhost-user vsock through a `vhost-device-vsock` daemon.
+    User { daemon: PathBuf },
+}
+
+impl VsockTransport {
+    /// Kernel vhost-vsock where `/dev/vhost-vsock` exists, the vhost-user daemon otherwise.
+    pub fn detect() -> Result<Self> {
+        if Path::new("/dev/vhost-vsock").exists() {
+            Ok(VsockTransport::Kernel { cid: random_cid() })
+        } else {
+            Ok(VsockTransport::User {
+                daemon: assets::vhost_vsock_daemon()?,
+            })
+        }
+    }
+}
+
+fn random_cid() -> u32 {
+    // CIDs 0-2 are reserved; collisions with other VMs make QEMU fail to start, which the
+    // caller reports. 2^31 values make that unlikely.
+    let mut b = [0u8; 4];
+    let _ = getrandom(&mut b);
+    3 + (u32::from_le_bytes(b) & 0x7fff_fff0)
+}
+
+pub(crate) fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(buf)
+}
+
+/// The guest CID used with vhost-device-vsock: each daemon serves one VM, so it is private.
+const USER_VSOCK_CID: u32 = 3;
+
+/// Builds QEMU's argument list. Pure, so the command line is unit-tested.
+pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+    let mem = format!("{}M", cfg.memory_mib);
+    let user_vsock = matches!(vsock, VsockTransport::User { .. });
+    // vhost-user devices need guest RAM the daemon can map: a shared memfd backend.
+    let machine = if user_vsock {
+        "microvm,acpi=off,x-option-roms=off,memory-backend=mem"
+    } else {
+        "microvm,acpi=off,x-option-roms=off"
+    };
+    push(&["-M", machine]);
+    match cfg.accel {
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+    }
+    if cfg.icount && cfg.accel == Accel::Tcg {
+        push(&["-icount", "shift=3,sleep=off"]);
+    }
+    push(&["-m", &mem, "-smp", &cfg.vcpus.to_string()]);
+    if user_vsock {
+        push(&[
+            "-object",
+            &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
+        ]);
+    }
+    push(&[
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-serial",
+        &format!("file:{}", cfg.console_log().display()),
+        "-kernel",
+        &cfg.kernel.display().to_string(),
+        "-initrd",
+        &cfg.initrd.display().to_string(),
+    ]);
+    let mut cmdline = vec![
+        "console=ttyS0",
+        "reboot=t",
+        "panic=-1",
+        "quiet",
+        "rdinit=/init",
+    ]
+    .into_iter()
+    .map(String::from)
+    .collect::<Vec<_>>();
+    cmdline.extend(cfg.cmdline.iter().cloned());
+    push(&["-append", &cmdline.join(" ")]);
+    for (i, d) in cfg.disks.iter().enumerate() {
+        let ro = if d.readonly { "on" } else { "off" };
+        push(&[
+            "-drive",
+            &format!(
+                "id=disk{i},file={},format=raw,if=none,readonly={ro},cache=none,aio=threads",
+                qemu_escape(&d.path)
+            ),
+            "-device",
+            &format!("virtio-blk-device,drive=disk{i}"),
+        ]);
+    }
+    match vsock {
+        VsockTransport::User { .. } => push(&[
+            "-chardev",
+            &format!(
+                "socket,id=vsock0,path={}",
+                qemu_escape(&cfg.state_dir.join("vhost-vsock.sock"))
+            ),
+            "-device",
+            "vhost-user-vsock-device,chardev=vsock0",
+        ]),
+        VsockTransport::Kernel { cid } => {
+            push(&["-device", &format!("vhost-vsock-device,guest-cid={cid}")])
+        }
+    }
+    a
+}
+
+/// QEMU option values separate with `,`; a literal comma is written `,,`.
+fn qemu_escape(p: &Path) -> String {
+    p.display().to_string().replace(',', ",,")
+}
+
+/// Makes a spawned helper die with the process that started it, so a killed `agentvm` or
+/// shim cannot leak VMs.
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs between fork and exec and only makes the async-signal-safe
+    // prctl syscall; it touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn log_file(path: &Path) -> Result<std::fs::File> {
+    std::fs::File::create(path).map_err(|e| Error::io("create", path, e))
+}
+
+impl VmmBackend for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu-microvm"
+    }
+
+    async fn launch(&self, cfg: &VmConfig) -> Result<Vm> {
+        let vsock = VsockTransport::detect()?;
+        let spawned_at = Instant::now();
+        let mut helpers = Vec::new();
+        let channel = match &vsock {
+            VsockTransport::User { daemon } => {
+                let sock = cfg.state_dir.join("vhost-vsock.sock");
+                let uds = cfg.state_dir.join("vsock.sock");
+                let log = cfg.state_dir.join("vhost-device-vsock.log");
+                let mut cmd = Command::new(daemon);
+                cmd.arg("--guest-cid")
+                    .arg(USER_VSOCK_CID.to_string())
+                    .arg("--socket")
+                    .arg(&sock)
+                    .arg("--uds-path")
+                    .arg(&uds)
+                    .stdin(Stdio::null())
+                    .stdout(log_file(&log)?)
+                    .stderr(log_file(&log)?)
+                    .kill_on_drop(true);
+                die_with_parent(&mut cmd);
+                let mut child = cmd.spawn().map_err(|e| Error::Spawn {
+                    program: daemon.display().to_string(),
+                    source: e,
+                })?;
+                // QEMU connects to the daemon's socket as a client: wait until it exists.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                while !sock.exists() {
+                    if let Ok(Some(st)) = child.try_wait() {
+                        return Err(Error::Boot {
+                            reason: format!("vhost-device-vsock exited ({st}) before listening"),
+                            console: assets::tail(&log, 10),
+                        });
+                    }
+                    if Instant::now() > deadline {
+                        let _ = child.start_kill();
+                        return Err(Error::Boot {
+                            reason: "vhost-device-vsock did not create its socket within 5 s"
+                                .into(),
+                            console: assets::tail(&log, 10),
+                        });
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                helpers.push(child);
+                AgentChannel::VhostUser { uds }
+            }
+            VsockTransport::Kernel { cid } => AgentChannel::Vsock { cid: *cid },
+        };
+        let vmm_log = cfg.state_dir.join("qemu.log");
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(qemu_args(cfg, &vsock))
+            .stdin(Stdio::null())
+            .stdout(log_file(&vmm_log)?)
+            .stderr(log_file(&vmm_log)?)
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let vmm = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                for h in &mut helpers {
+                    let _ = h.start_kill();
+                }
+                return Err(Error::Spawn {
+                    program: self.qemu.display().to_string(),
+                    source: e,
+                });
+            }
+        };
+        Ok(Vm {
+            vmm,
+            helpers,
+            channel,
+            console_log: cfg.console_log(),
+            vmm_log,
+            spawned_at,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(accel: Accel) -> VmConfig {
+        VmConfig {
+            kernel: "/k/bzImage".into(),
+            initrd: "/k/initrd".into(),
+            disks: vec![Disk {
+                path: "/img/a,b.ext4".into(),
+                readonly: true,
+            }],
+            memory_mib: 512,
+            vcpus: 2,
+            accel,
+            state_dir: "/run/agentvm/x".into(),
+            cmdline: vec!["agentvm.debug=1".into()],
+            icount: true,
+        }
+    }
+
+    fn joined(args: &[String]) -> String {
+        args.join(" ")
+    }
+
+    #[test]
+    fn user_vsock_needs_shared_memory_backend() {
+        let a = qemu_args(
+            &cfg(Accel::Tcg),
+            &VsockTransport::User {
+                daemon: "/bin/true".into(),
+            },
+        );
+        let s = joined(&a);
+        assert!(s.contains("-M microvm,acpi=off,x-option-roms=off,memory-backend=mem"));
+        assert!(s.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
+        assert!(s.contains("vhost-user-vsock-device,chardev=vsock0"));
+        assert!(s.contains("path=/run/agentvm/x/vhost-vsock.sock"));
+        assert!(s.contains("-accel tcg -cpu max"));
+        assert!(s.contains("-icount shift=3,sleep=off"));
+        assert!(s.contains("-no-reboot"));
+        assert!(s.contains("-serial file:/run/agentvm/x/console.log"));
+    }
+
+    #[test]
+    fn kernel_vsock_uses_cid_and_no_memfd() {
+        let a = qemu_args(&cfg(Accel::Kvm), &VsockTransport::Kernel { cid: 77 });
+        let s = joined(&a);
+        assert!(s.contains("vhost-vsock-device,guest-cid=77"));
+        assert!(!s.contains("memfd"));
+        assert!(s.contains("-accel kvm -cpu host"));
+        assert!(!s.contains("icount"), "icount is TCG-only");
+    }
+
+    #[test]
+    fn disks_are_readonly_and_commas_escaped() {
+        let a = qemu_args(&cfg(Accel::Tcg), &VsockTransport::Kernel { cid: 3 });
+        let drive = a.iter().find(|s| s.starts_with("id=disk0")).unwrap();
+        assert!(drive.contains("file=/img/a,,b.ext4"));
+        assert!(drive.contains("readonly=on"));
+        let append = &a[a.iter().position(|s| s == "-append").unwrap() + 1];
+        assert!(append.starts_with("console=ttyS0 reboot=t panic=-1"));
+        assert!(append.ends_with("agentvm.debug=1"));
+    }
+
+    #[test]
+    fn random_cids_avoid_reserved_values() {
+        for _ in 0..100 {
+            assert!(random_cid() >= 3);
+        }
+    }
+}
