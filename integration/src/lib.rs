@@ -1,0 +1,192 @@
+//! Test harness for end-to-end tests: finds the `agentvm` binary and a bootable test rootfs,
+//! gives each test a private state root, and checks that nothing is left behind.
+//!
+//! Tests that need a VM call [`VmEnv::get`]. When something is missing they print why and
+//! return early, unless `AGENTVM_REQUIRE_VM=1` (set by CI), in which case they fail: a CI run
+//! must never pass by skipping.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// What a VM test needs.
+#[derive(Debug)]
+pub struct VmEnv {
+    pub bin: PathBuf,
+    pub rootfs: PathBuf,
+    pub state_root: tempfile::TempDir,
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("integration/ sits in the workspace")
+        .to_path_buf()
+}
+
+fn skip_or_fail(test: &str, reason: String) -> Option<VmEnv> {
+    if std::env::var("AGENTVM_REQUIRE_VM").as_deref() == Ok("1") {
+        panic!("{test}: {reason} (AGENTVM_REQUIRE_VM=1 forbids skipping)");
+    }
+    eprintln!("SKIP {test}: {reason}");
+    None
+}
+
+impl VmEnv {
+    /// The environment for a VM test, or `None` (after printing why) when this host cannot
+    /// boot VMs.
+    pub fn get(test: &str) -> Option<VmEnv> {
+        let bin = std::env::var_os("AGENTVM_BIN")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| workspace_root().join("target/debug/agentvm"));
+        if !bin.is_file() {
+            return skip_or_fail(
+                test,
+                format!(
+                    "{} not built (cargo build -p agentvm, or set AGENTVM_BIN)",
+                    bin.display()
+                ),
+            );
+        }
+        let rootfs = match std::env::var_os("AGENTVM_TEST_ROOTFS") {
+            Some(p) => PathBuf::from(p),
+            None => return skip_or_fail(
+                test,
+                "AGENTVM_TEST_ROOTFS unset (hack/test.sh sets it from hack/make-test-rootfs.sh)"
+                    .into(),
+            ),
+        };
+        if !rootfs.is_file() {
+            return skip_or_fail(test, format!("test rootfs {} missing", rootfs.display()));
+        }
+        let check = Command::new(&bin).arg("check").output();
+        match check {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => {
+                return skip_or_fail(
+                    test,
+                    format!(
+                        "agentvm check says this host cannot run VMs:\n{}",
+                        String::from_utf8_lossy(&o.stdout)
+                    ),
+                )
+            }
+            Err(e) => return skip_or_fail(test, format!("cannot run agentvm check: {e}")),
+        }
+        let state_root = tempfile::Builder::new()
+            .prefix("agentvm-test-state.")
+            .tempdir()
+            .expect("temp state root");
+        Some(VmEnv {
+            bin,
+            rootfs,
+            state_root,
+        })
+    }
+
+    /// `agentvm run --rootfs <test rootfs> ARGS...` with this test's private state root.
+    pub fn run_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("run")
+            .arg("--rootfs")
+            .arg(&self.rootfs)
+            .args(args)
+            .env("AGENTVM_STATE_ROOT", self.state_root.path())
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs to completion with a deadline; panics (after killing it) if it hangs.
+    pub fn run(&self, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
+        let mut c = self.run_cmd(args);
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        if stdin.is_some() {
+            c.stdin(Stdio::piped());
+        }
+        let mut child = c.spawn().expect("spawn agentvm");
+        if let Some(data) = stdin {
+            use std::io::Write;
+            let mut s = child.stdin.take().expect("stdin");
+            s.write_all(data).expect("write stdin");
+        }
+        wait_with_deadline(child, timeout)
+    }
+
+    /// State directories still present under this test's state root.
+    pub fn leftover_state(&self) -> Vec<String> {
+        std::fs::read_dir(self.state_root.path())
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Host processes whose command line mentions this test's state root (QEMU, helpers).
+    pub fn leftover_processes(&self) -> Vec<String> {
+        processes_mentioning(&self.state_root.path().display().to_string())
+    }
+
+    /// Asserts that no state dir and no VM process of this test survive.
+    pub fn assert_clean(&self) {
+        // Teardown is synchronous in agentvm, but give the kernel a moment to reap.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let (s, p) = (self.leftover_state(), self.leftover_processes());
+            if s.is_empty() && p.is_empty() {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("leaked after the run: state dirs {s:?}, processes {p:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Waits for `child` with a deadline; kills it and panics on timeout.
+pub fn wait_with_deadline(child: std::process::Child, timeout: Duration) -> Output {
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(timeout) {
+        Ok(out) => out.expect("wait for agentvm"),
+        Err(_) => {
+            // SAFETY: kill(2) on a pid we spawned; at worst it names an exited process.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            panic!("agentvm did not finish within {timeout:?}");
+        }
+    }
+}
+
+/// Command lines (from /proc) containing `needle`, excluding our own process.
+pub fn processes_mentioning(needle: &str) -> Vec<String> {
+    let me = std::process::id().to_string();
+    let mut out = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.bytes().all(|b| b.is_ascii_digit()) || name == me {
+                continue;
+            }
+            if let Ok(raw) = std::fs::read(e.path().join("cmdline")) {
+                let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
+                if cmd.contains(needle) {
+                    out.push(format!("{name}: {cmd}"));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Output as text, for assertions and failure messages.
+pub fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
