@@ -1,0 +1,19 @@
+//! Progress reporting hooks; the binary renders them, the library only calls them.
+
+/// Receives build progress. Every method has an empty default.
+pub trait Progress: Send + Sync {
+    /// A new phase started ("resolving", "building ext4", ...).
+    fn phase(&self, _msg: &str) {}
+    /// Layer `index` of `total` started; `size` is its compressed size when known.
+    fn layer_start(&self, _index: usize, _total: usize, _digest: &str, _size: Option<u64>) {}
+    /// `bytes` compressed bytes of the current layer have been read so far.
+    fn layer_progress(&self, _bytes: u64) {}
+    /// The current layer finished.
+    fn layer_done(&self) {}
+}
+
+/// Reports nothing.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
