@@ -1,0 +1,21 @@
+//! agentvm-agent: the guest PID 1 of an agentvm microVM.
+//!
+//! The binary (`main.rs`) is thin: it does the early boot ([`boot`]), then serves the host
+//! protocol ([`server`]) on AF_VSOCK. Each connection runs one process in the container root
+//! filesystem ([`rootfs`]), set up through [`process`], whose syscalls go through a seam so
+//! that the setup logic is tested without root or a VM.
+//!
+//! The agent is single-threaded on purpose (a current-thread tokio runtime): processes are
+//! spawned with `fork`, and only a single-threaded parent makes the code between `fork` and
+//! `exec` safe.
+
+pub mod boot;
+pub mod cmdline;
+pub mod fdio;
+pub mod log;
+pub mod power;
+pub mod process;
+pub mod reaper;
+pub mod rootfs;
+pub mod server;
+pub mod vsock;

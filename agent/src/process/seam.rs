@@ -1,0 +1,283 @@
+//! The syscall seam of process setup: everything the child does between `fork` and `exec`.
+//!
+//! [`Real`] makes the syscalls; it must not allocate, since it runs in a forked child.
+//! [`Recorder`] (tests only) records the calls so that the order is tested without root.
+
+use std::ffi::CStr;
+use std::os::raw::c_char;
+
+use nix::errno::Errno;
+
+use super::plan::CapSets;
+use super::rlimit::Resource;
+
+/// The syscalls of process setup.
+pub trait Syscalls {
+    /// `setsid()`: a new session, so the process can own a controlling terminal.
+    fn setsid(&mut self) -> Result<(), Errno>;
+    /// `ioctl(0, TIOCSCTTY)`: stdin (a pty slave) becomes the controlling terminal.
+    fn set_controlling_tty(&mut self) -> Result<(), Errno>;
+    fn chroot(&mut self, path: &CStr) -> Result<(), Errno>;
+    fn chdir(&mut self, path: &CStr) -> Result<(), Errno>;
+    fn setrlimit(&mut self, resource: Resource, soft: u64, hard: u64) -> Result<(), Errno>;
+    /// `prctl(PR_CAPBSET_DROP, cap)`.
+    fn drop_bounding_cap(&mut self, cap: u8) -> Result<(), Errno>;
+    /// `prctl(PR_SET_KEEPCAPS)`: keep the permitted set across `setuid` away from root.
+    fn set_keep_caps(&mut self, keep: bool) -> Result<(), Errno>;
+    fn setgroups(&mut self, gids: &[u32]) -> Result<(), Errno>;
+    fn setresgid(&mut self, gid: u32) -> Result<(), Errno>;
+    fn setresuid(&mut self, uid: u32) -> Result<(), Errno>;
+    /// `capset()`: the effective, permitted and inheritable sets.
+    fn capset(&mut self, sets: &CapSets) -> Result<(), Errno>;
+    /// `prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL)`.
+    fn clear_ambient_caps(&mut self) -> Result<(), Errno>;
+    /// `prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap)`.
+    fn raise_ambient_cap(&mut self, cap: u8) -> Result<(), Errno>;
+    /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
+    fn set_no_new_privs(&mut self) -> Result<(), Errno>;
+    /// `execve()`; returns only on failure. `argv` and `envp` are NULL-terminated.
+    fn execve(&mut self, path: &CStr, argv: &[*const c_char], envp: &[*const c_char]) -> Errno;
+}
+
+/// The real syscalls. Allocation-free: safe to use between `fork` and `exec`.
+#[derive(Debug, Default)]
+pub struct Real;
+
+fn check(ret: libc::c_int) -> Result<(), Errno> {
+    Errno::result(ret).map(drop)
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: libc::c_int,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
+
+impl Syscalls for Real {
+    fn setsid(&mut self) -> Result<(), Errno> {
+        // SAFETY: setsid takes no arguments and touches no memory of ours.
+        check(unsafe { libc::setsid() })
+    }
+
+    fn set_controlling_tty(&mut self) -> Result<(), Errno> {
+        // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal), no pointers.
+        check(unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCSCTTY, 0) })
+    }
+
+    fn chroot(&mut self, path: &CStr) -> Result<(), Errno> {
+        // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
+        check(unsafe { libc::chroot(path.as_ptr()) })
+    }
+
+    fn chdir(&mut self, path: &CStr) -> Result<(), Errno> {
+        // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
+        check(unsafe { libc::chdir(path.as_ptr()) })
+    }
+
+    fn setrlimit(&mut self, resource: Resource, soft: u64, hard: u64) -> Result<(), Errno> {
+        let lim = libc::rlimit64 {
+            rlim_cur: soft,
+            rlim_max: hard,
+        };
+        // SAFETY: `lim` is a valid rlimit64 that outlives the call.
+        check(unsafe { libc::setrlimit64(resource, &lim) })
+    }
+
+    fn drop_bounding_cap(&mut self, cap: u8) -> Result<(), Errno> {
+        // SAFETY: prctl with integer arguments only.
+        check(unsafe { libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0) })
+    }
+
+    fn set_keep_caps(&mut self, keep: bool) -> Result<(), Errno> {
+        // SAFETY: prctl with integer arguments only.
+        check(unsafe { libc::prctl(libc::PR_SET_KEEPCAPS, libc::c_ulong::from(keep), 0, 0, 0) })
+    }
+
+    fn setgroups(&mut self, gids: &[u32]) -> Result<(), Errno> {
+        // SAFETY: `gids` points to `gids.len()` valid gid_t values for the call's duration.
+        check(unsafe { libc::setgroups(gids.len(), gids.as_ptr()) })
+    }
+
+    fn setresgid(&mut self, gid: u32) -> Result<(), Errno> {
+        // SAFETY: integer arguments only.
+        check(unsafe { libc::setresgid(gid, gid, gid) })
+    }
+
+    fn setresuid(&mut self, uid: u32) -> Result<(), Errno> {
+        // SAFETY: integer arguments only.
+        check(unsafe { libc::setresuid(uid, uid, uid) })
+    }
+
+    fn capset(&mut self, sets: &CapSets) -> Result<(), Errno> {
+        let header = CapHeader {
+            version: LINUX_CAPABILITY_VERSION_3,
+            pid: 0,
+        };
+        let half = |m: u64, hi: bool| if hi { (m >> 32) as u32 } else { m as u32 };
+        let data = [false, true].map(|hi| CapData {
+            effective: half(sets.effective, hi),
+            permitted: half(sets.permitted, hi),
+            inheritable: half(sets.inheritable, hi),
+        });
+        // SAFETY: version 3 capset reads one header and two data structs, both valid here.
+        check(unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) as libc::c_int })
+    }
+
+    fn clear_ambient_caps(&mut self) -> Result<(), Errno> {
+        // SAFETY: prctl with integer arguments only.
+        check(unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong,
+                0,
+                0,
+                0,
+            )
+        })
+    }
+
+    fn raise_ambient_cap(&mut self, cap: u8) -> Result<(), Errno> {
+        // SAFETY: prctl with integer arguments only.
+        check(unsafe {
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_RAISE as libc::c_ulong,
+                libc::c_ulong::from(cap),
+                0,
+                0,
+            )
+        })
+    }
+
+    fn set_no_new_privs(&mut self) -> Result<(), Errno> {
+        // SAFETY: prctl with integer arguments only.
+        check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
+    }
+
+    fn execve(&mut self, path: &CStr, argv: &[*const c_char], envp: &[*const c_char]) -> Errno {
+        debug_assert!(argv.last().is_some_and(|p| p.is_null()));
+        debug_assert!(envp.last().is_some_and(|p| p.is_null()));
+        // SAFETY: `path` is NUL-terminated; `argv` and `envp` are NULL-terminated arrays of
+        // pointers to NUL-terminated strings owned by the plan, alive for the call.
+        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        Errno::last()
+    }
+}
+
+/// A recording test double.
+#[cfg(test)]
+pub mod recorder {
+    use super::*;
+
+    /// One recorded call.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Call {
+        Setsid,
+        ControllingTty,
+        Chroot(String),
+        Chdir(String),
+        Setrlimit(Resource, u64, u64),
+        DropBounding(u8),
+        KeepCaps(bool),
+        Setgroups(Vec<u32>),
+        Setresgid(u32),
+        Setresuid(u32),
+        Capset(CapSets),
+        ClearAmbient,
+        RaiseAmbient(u8),
+        NoNewPrivs,
+        Execve(String),
+    }
+
+    /// Records calls; `execve` of a path fails with the errno given in `exec_results`
+    /// (ENOENT by default), and `chdir` fails with `fail_chdir` when set.
+    #[derive(Debug, Default)]
+    pub struct Recorder {
+        pub calls: Vec<Call>,
+        pub exec_results: Vec<(String, Errno)>,
+        pub fail_chdir: Option<Errno>,
+    }
+
+    impl Recorder {
+        fn ok(&mut self, c: Call) -> Result<(), Errno> {
+            self.calls.push(c);
+            Ok(())
+        }
+
+        /// Index of the first call matching `pred`.
+        pub fn pos(&self, pred: impl Fn(&Call) -> bool) -> usize {
+            self.calls
+                .iter()
+                .position(pred)
+                .unwrap_or_else(|| panic!("call not recorded in {:?}", self.calls))
+        }
+    }
+
+    fn s(p: &CStr) -> String {
+        p.to_string_lossy().into_owned()
+    }
+
+    impl Syscalls for Recorder {
+        fn setsid(&mut self) -> Result<(), Errno> {
+            self.ok(Call::Setsid)
+        }
+        fn set_controlling_tty(&mut self) -> Result<(), Errno> {
+            self.ok(Call::ControllingTty)
+        }
+        fn chroot(&mut self, path: &CStr) -> Result<(), Errno> {
+            self.ok(Call::Chroot(s(path)))
+        }
+        fn chdir(&mut self, path: &CStr) -> Result<(), Errno> {
+            self.calls.push(Call::Chdir(s(path)));
+            self.fail_chdir.map_or(Ok(()), Err)
+        }
+        fn setrlimit(&mut self, resource: Resource, soft: u64, hard: u64) -> Result<(), Errno> {
+            self.ok(Call::Setrlimit(resource, soft, hard))
+        }
+        fn drop_bounding_cap(&mut self, cap: u8) -> Result<(), Errno> {
+            self.ok(Call::DropBounding(cap))
+        }
+        fn set_keep_caps(&mut self, keep: bool) -> Result<(), Errno> {
+            self.ok(Call::KeepCaps(keep))
+        }
+        fn setgroups(&mut self, gids: &[u32]) -> Result<(), Errno> {
+            self.ok(Call::Setgroups(gids.to_vec()))
+        }
+        fn setresgid(&mut self, gid: u32) -> Result<(), Errno> {
+            self.ok(Call::Setresgid(gid))
+        }
+        fn setresuid(&mut self, uid: u32) -> Result<(), Errno> {
+            self.ok(Call::Setresuid(uid))
+        }
+        fn capset(&mut self, sets: &CapSets) -> Result<(), Errno> {
+            self.ok(Call::Capset(*sets))
+        }
+        fn clear_ambient_caps(&mut self) -> Result<(), Errno> {
+            self.ok(Call::ClearAmbient)
+        }
+        fn raise_ambient_cap(&mut self, cap: u8) -> Result<(), Errno> {
+            self.ok(Call::RaiseAmbient(cap))
+        }
+        fn set_no_new_privs(&mut self) -> Result<(), Errno> {
+            self.ok(Call::NoNewPrivs)
+        }
+        fn execve(&mut self, path: &CStr, _: &[*const c_char], _: &[*const c_char]) -> Errno {
+            let p = s(path);
+            self.calls.push(Call::Execve(p.clone()));
+            self.exec_results
+                .iter()
+                .find(|(q, _)| *q == p)
+                .map_or(Errno::ENOENT, |&(_, e)| e)
+        }
+    }
+}

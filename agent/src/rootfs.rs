@@ -1,0 +1,420 @@
+//! The container root filesystem: the block device, an optional overlay, and the kernel
+//! filesystems and Docker-like `/dev` inside it.
+//!
+//! [`plan`] is pure (tested); [`execute`] performs it.
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+
+use agentvm_protocol::RootfsSpec;
+use nix::errno::Errno;
+use nix::mount::{mount, MsFlags};
+use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+
+/// Where the container's root is assembled.
+pub const ROOT: &str = "/run/agentvm/rootfs";
+/// The device, read-only, under an overlay.
+pub const LOWER: &str = "/run/agentvm/lower";
+/// The tmpfs holding the overlay's upper and work directories.
+pub const RW: &str = "/run/agentvm/rw";
+
+/// One step of root filesystem setup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Create a directory (and its parents) if missing.
+    Mkdir {
+        path: String,
+        mode: u32,
+    },
+    Mount {
+        source: String,
+        target: String,
+        fstype: String,
+        flags: MsFlags,
+        data: Option<String>,
+    },
+    /// Create a character device and chmod it (mknod's mode is filtered by the umask).
+    CharDev {
+        path: String,
+        major: u64,
+        minor: u64,
+        mode: u32,
+    },
+    Symlink {
+        target: String,
+        link: String,
+    },
+}
+
+/// A failed setup step.
+#[derive(Debug, thiserror::Error)]
+#[error("set up container rootfs: {op}: {source}")]
+pub struct RootfsError {
+    op: String,
+    source: std::io::Error,
+}
+
+fn mkdir(path: &str, mode: u32) -> Op {
+    Op::Mkdir {
+        path: path.into(),
+        mode,
+    }
+}
+
+fn mnt(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Op {
+    Op::Mount {
+        source: source.into(),
+        target: target.into(),
+        fstype: fstype.into(),
+        flags,
+        data: data.map(Into::into),
+    }
+}
+
+/// The steps that assemble the container root at [`ROOT`].
+pub fn plan(spec: &RootfsSpec) -> Vec<Op> {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let r = |p: &str| format!("{ROOT}{p}");
+    let mut ops = Vec::new();
+    if spec.overlay {
+        let upper = format!("{RW}/upper");
+        let work = format!("{RW}/work");
+        ops.extend([
+            mkdir(LOWER, 0o755),
+            mnt(&spec.device, LOWER, &spec.fstype, MsFlags::MS_RDONLY, None),
+            mkdir(RW, 0o755),
+            mnt("tmpfs", RW, "tmpfs", MsFlags::empty(), Some("mode=0755")),
+            mkdir(&upper, 0o755),
+            mkdir(&work, 0o755),
+            mkdir(ROOT, 0o755),
+            mnt(
+                "overlay",
+                ROOT,
+                "overlay",
+                MsFlags::empty(),
+                Some(&format!("lowerdir={LOWER},upperdir={upper},workdir={work}")),
+            ),
+        ]);
+    } else {
+        ops.extend([
+            mkdir(ROOT, 0o755),
+            mnt(&spec.device, ROOT, &spec.fstype, MsFlags::empty(), None),
+        ]);
+    }
+    ops.extend([
+        mkdir(&r("/proc"), 0o555),
+        mnt("proc", &r("/proc"), "proc", nosuid_nodev_noexec, None),
+        mkdir(&r("/sys"), 0o555),
+        mnt("sysfs", &r("/sys"), "sysfs", nosuid_nodev_noexec, None),
+        mkdir(&r("/sys/fs/cgroup"), 0o555),
+        mnt(
+            "cgroup2",
+            &r("/sys/fs/cgroup"),
+            "cgroup2",
+            nosuid_nodev_noexec,
+            None,
+        ),
+        mkdir(&r("/dev"), 0o755),
+        mnt(
+            "tmpfs",
+            &r("/dev"),
+            "tmpfs",
+            MsFlags::MS_NOSUID,
+            Some("mode=755,size=65536k"),
+        ),
+    ]);
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        ops.push(Op::CharDev {
+            path: r(&format!("/dev/{name}")),
+            major,
+            minor,
+            mode: 0o666,
+        });
+    }
+    for (target, link) in [
+        ("pts/ptmx", "/dev/ptmx"),
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ] {
+        ops.push(Op::Symlink {
+            target: target.into(),
+            link: r(link),
+        });
+    }
+    ops.extend([
+        mkdir(&r("/dev/pts"), 0o755),
+        mnt(
+            "devpts",
+            &r("/dev/pts"),
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+        ),
+        mkdir(&r("/dev/shm"), 0o1777),
+        mnt(
+            "shm",
+            &r("/dev/shm"),
+            "tmpfs",
+            nosuid_nodev_noexec,
+            Some("mode=1777,size=65536k"),
+        ),
+    ]);
+    ops
+}
+
+/// What to unmount when powering off, innermost first.
+pub fn unmount_order() -> Vec<String> {
+    let r = |p: &str| format!("{ROOT}{p}");
+    vec![
+        r("/dev/shm"),
+        r("/dev/pts"),
+        r("/dev"),
+        r("/sys/fs/cgroup"),
+        r("/sys"),
+        r("/proc"),
+        ROOT.to_string(),
+        RW.to_string(),
+        LOWER.to_string(),
+    ]
+}
+
+fn errno_io(e: Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e as i32)
+}
+
+/// Performs `ops`, stopping at the first failure.
+pub fn execute(ops: &[Op]) -> Result<(), RootfsError> {
+    for op in ops {
+        run(op).map_err(|source| RootfsError {
+            op: describe(op),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
+fn describe(op: &Op) -> String {
+    match op {
+        Op::Mkdir { path, .. } => format!("mkdir {path}"),
+        Op::Mount {
+            source,
+            target,
+            fstype,
+            ..
+        } => format!("mount {source} ({fstype}) on {target}"),
+        Op::CharDev { path, .. } => format!("mknod {path}"),
+        Op::Symlink { target, link } => format!("symlink {link} -> {target}"),
+    }
+}
+
+fn run(op: &Op) -> std::io::Result<()> {
+    match op {
+        Op::Mkdir { path, mode } => {
+            if std::fs::symlink_metadata(path).is_err() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(*mode)
+                    .create(path)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))?;
+            }
+            Ok(())
+        }
+        Op::Mount {
+            source,
+            target,
+            fstype,
+            flags,
+            data,
+        } => mount(
+            Some(source.as_str()),
+            target.as_str(),
+            Some(fstype.as_str()),
+            *flags,
+            data.as_deref(),
+        )
+        .map_err(errno_io),
+        Op::CharDev {
+            path,
+            major,
+            minor,
+            mode,
+        } => {
+            mknod(
+                path.as_str(),
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(*mode),
+                makedev(*major, *minor),
+            )
+            .map_err(errno_io)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
+        }
+        Op::Symlink { target, link } => match std::os::unix::fs::symlink(target, link) {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            r => r,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(overlay: bool) -> RootfsSpec {
+        RootfsSpec {
+            device: "/dev/vda".into(),
+            fstype: "ext4".into(),
+            overlay,
+        }
+    }
+
+    fn mount_targets(ops: &[Op]) -> Vec<&str> {
+        ops.iter()
+            .filter_map(|o| match o {
+                Op::Mount { target, .. } => Some(target.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn index(ops: &[Op], pred: impl Fn(&Op) -> bool) -> usize {
+        ops.iter().position(pred).unwrap()
+    }
+
+    #[test]
+    fn overlay_layout() {
+        let ops = plan(&spec(true));
+        assert_eq!(
+            ops[1],
+            mnt("/dev/vda", LOWER, "ext4", MsFlags::MS_RDONLY, None)
+        );
+        let Op::Mount { fstype, data, .. } = &ops[7] else {
+            panic!("expected the overlay mount, got {:?}", ops[7]);
+        };
+        assert_eq!(fstype, "overlay");
+        assert_eq!(
+            data.as_deref(),
+            Some(
+                "lowerdir=/run/agentvm/lower,upperdir=/run/agentvm/rw/upper,\
+                 workdir=/run/agentvm/rw/work"
+            )
+        );
+    }
+
+    #[test]
+    fn plain_layout_is_rw_and_mounts_in_order() {
+        let ops = plan(&spec(false));
+        assert_eq!(
+            ops[1],
+            mnt("/dev/vda", ROOT, "ext4", MsFlags::empty(), None)
+        );
+        assert_eq!(
+            mount_targets(&ops),
+            [
+                ROOT,
+                "/run/agentvm/rootfs/proc",
+                "/run/agentvm/rootfs/sys",
+                "/run/agentvm/rootfs/sys/fs/cgroup",
+                "/run/agentvm/rootfs/dev",
+                "/run/agentvm/rootfs/dev/pts",
+                "/run/agentvm/rootfs/dev/shm",
+            ]
+        );
+    }
+
+    #[test]
+    fn every_mount_has_its_directory_first() {
+        for overlay in [false, true] {
+            let ops = plan(&spec(overlay));
+            for (i, op) in ops.iter().enumerate() {
+                if let Op::Mount { target, .. } = op {
+                    let mk = index(
+                        &ops,
+                        |o| matches!(o, Op::Mkdir { path, .. } if path == target),
+                    );
+                    assert!(mk < i, "mkdir {target} before mounting it");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dev_is_docker_like() {
+        let ops = plan(&spec(false));
+        let dev_mount = index(
+            &ops,
+            |o| matches!(o, Op::Mount { target, .. } if target == "/run/agentvm/rootfs/dev"),
+        );
+        let null = index(&ops, |o| {
+            *o == Op::CharDev {
+                path: "/run/agentvm/rootfs/dev/null".into(),
+                major: 1,
+                minor: 3,
+                mode: 0o666,
+            }
+        });
+        assert!(dev_mount < null, "devices go into the new tmpfs");
+        assert!(ops.contains(&Op::CharDev {
+            path: "/run/agentvm/rootfs/dev/tty".into(),
+            major: 5,
+            minor: 0,
+            mode: 0o666
+        }));
+        assert!(ops.contains(&Op::Symlink {
+            target: "pts/ptmx".into(),
+            link: "/run/agentvm/rootfs/dev/ptmx".into()
+        }));
+        assert!(ops.contains(&Op::Symlink {
+            target: "/proc/self/fd/2".into(),
+            link: "/run/agentvm/rootfs/dev/stderr".into()
+        }));
+        let Some(Op::Mount { data, .. }) = ops
+            .iter()
+            .find(|o| matches!(o, Op::Mount { fstype, .. } if fstype == "devpts"))
+        else {
+            panic!("no devpts mount");
+        };
+        assert!(data
+            .as_deref()
+            .unwrap()
+            .starts_with("newinstance,ptmxmode=0666"));
+    }
+
+    #[test]
+    fn execute_creates_files_and_reports_failures() {
+        let dir = std::env::temp_dir().join(format!("agentvm-rootfs-test-{}", std::process::id()));
+        let d = dir.to_str().unwrap().to_string();
+        let ops = [
+            mkdir(&format!("{d}/a/b"), 0o750),
+            Op::Symlink {
+                target: "/proc/self/fd".into(),
+                link: format!("{d}/a/fd"),
+            },
+            Op::Symlink {
+                target: "/proc/self/fd".into(),
+                link: format!("{d}/a/fd"),
+            },
+        ];
+        execute(&ops).unwrap();
+        let meta = std::fs::metadata(format!("{d}/a/b")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o750);
+        assert_eq!(
+            std::fs::read_link(format!("{d}/a/fd")).unwrap(),
+            std::path::Path::new("/proc/self/fd")
+        );
+        let err = execute(&[Op::Symlink {
+            target: "x".into(),
+            link: format!("{d}/missing/dir/link"),
+        }])
+        .unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
