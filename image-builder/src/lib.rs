@@ -8,6 +8,7 @@
 pub mod blobs;
 pub mod digest;
 mod error;
+pub mod ext4;
 mod fsutil;
 pub mod layer;
 pub mod limits;
