@@ -19,3 +19,6 @@ pub mod reaper;
 pub mod rootfs;
 pub mod server;
 pub mod vsock;
+
+#[cfg(test)]
+mod testutil;

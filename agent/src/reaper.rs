@@ -129,18 +129,27 @@ mod tests {
         assert!(!r.dispatch(7, ExitStatus::exited(3)));
     }
 
-    #[tokio::test(flavor = "current_thread")]
-    async fn reaps_a_real_child() {
-        let reaper = Reaper::start().unwrap();
-        let child = std::process::Command::new("/bin/sh")
-            .args(["-c", "kill -TERM $$"])
-            .spawn()
+    #[test]
+    fn reaps_a_real_child() {
+        let _guard = crate::testutil::child_lock();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap();
-        let rx = reaper.register(child.id() as i32);
-        let status = tokio::time::timeout(std::time::Duration::from_secs(10), rx)
-            .await
-            .expect("reaper delivered the status")
-            .unwrap();
+        let status = rt.block_on(async {
+            let reaper = Reaper::start().unwrap();
+            // The reaper is what waits for this child.
+            #[allow(clippy::zombie_processes)]
+            let child = std::process::Command::new("/bin/sh")
+                .args(["-c", "kill -TERM $$"])
+                .spawn()
+                .unwrap();
+            let rx = reaper.register(child.id() as i32);
+            tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+                .await
+                .expect("reaper delivered the status")
+                .unwrap()
+        });
         assert_eq!(status, ExitStatus::signaled(15));
     }
 }

@@ -1,1 +1,728 @@
-//! Placeholder.
+//! The guest side of the host protocol: one connection, one process.
+//!
+//! Per connection: `Hello`, then `Start` (or `Shutdown`); the process is spawned, stdio is
+//! relayed as `Data` frames, `Signal`/`Resize` are applied, and `Exited` is the last frame.
+//! Every connection runs as its own task; all tasks share one thread (see the crate docs).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentvm_protocol::tokio_io::{read_frame, write_frame};
+use agentvm_protocol::{
+    ExitStatus, Frame, Message, ProtocolError, RootfsSpec, StartRequest, Stream, HOST_CID,
+    MAX_DATA_CHUNK, VERSION,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{sleep, Instant};
+
+use crate::fdio::FdStream;
+use crate::process::spawn::{open_pty, resize, spawn, SpawnError};
+use crate::process::Plan;
+use crate::reaper::Reaper;
+use crate::vsock::Listener;
+use crate::{boot, debug, info, power, rootfs};
+
+/// How long stdout/stderr may stay open after the process exited (an orphan holding them)
+/// before `Exited` is reported anyway.
+const OUTPUT_GRACE: Duration = Duration::from_millis(500);
+/// How long the host gets to read the final frames of the init process before power-off.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// State shared by all connections.
+#[derive(Debug)]
+pub struct Agent {
+    reaper: Arc<Reaper>,
+    /// The root filesystem the first `Start` mounted; later ones reuse it.
+    rootfs: Mutex<Option<RootfsSpec>>,
+    /// The highest capability number the kernel knows.
+    last_cap: u8,
+    /// Where processes are rooted.
+    root: String,
+    /// The root was prepared by someone else (tests): never mount.
+    preset_root: bool,
+}
+
+impl Agent {
+    pub fn new(reaper: Arc<Reaper>, last_cap: u8) -> Self {
+        Self {
+            reaper,
+            rootfs: Mutex::new(None),
+            last_cap,
+            root: rootfs::ROOT.to_string(),
+            preset_root: false,
+        }
+    }
+
+    /// An agent whose processes run in an existing directory tree `root`; `Start` requests
+    /// mount nothing. For tests.
+    pub fn with_root(reaper: Arc<Reaper>, last_cap: u8, root: &str) -> Self {
+        Self {
+            root: root.to_string(),
+            preset_root: true,
+            ..Self::new(reaper, last_cap)
+        }
+    }
+
+    fn ensure_rootfs(&self, spec: &RootfsSpec) -> Result<(), rootfs::RootfsError> {
+        if self.preset_root {
+            return Ok(());
+        }
+        let mut mounted = self.rootfs.lock().unwrap_or_else(|p| p.into_inner());
+        match &*mounted {
+            Some(m) if m == spec => {}
+            Some(m) => debug!("keeping the first root filesystem {m:?}, not {spec:?}"),
+            None => {
+                rootfs::execute(&rootfs::plan(spec))?;
+                info!("mounted container rootfs from {}", spec.device);
+                *mounted = Some(spec.clone());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What to do once a connection is over.
+#[derive(Debug, PartialEq, Eq)]
+enum After {
+    Close,
+    /// The init process is done: let the host read, then power off.
+    LingerThenPowerOff,
+    PowerOffNow(&'static str),
+}
+
+/// Accepts connections forever; returns only if accepting keeps failing.
+pub async fn serve(listener: Listener, agent: Arc<Agent>) -> std::io::Error {
+    let mut failures = 0u32;
+    loop {
+        match listener.accept().await {
+            Ok((stream, cid)) if cid == HOST_CID => {
+                failures = 0;
+                debug!("connection from the host");
+                tokio::spawn(connection(Arc::clone(&agent), stream));
+            }
+            Ok((stream, cid)) => {
+                drop(stream);
+                info!("rejected a connection from cid {cid}: only the host (cid {HOST_CID}) may connect");
+            }
+            Err(e) => {
+                failures += 1;
+                info!("accept: {e}");
+                if failures >= 100 {
+                    return e;
+                }
+                sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+fn msg(m: Message) -> Frame {
+    Frame::Msg(m)
+}
+
+fn error(message: impl Into<String>, exit_code: Option<i32>) -> Frame {
+    msg(Message::Error {
+        message: message.into(),
+        exit_code,
+    })
+}
+
+/// Serves one host connection to its end. Powers the VM off when the protocol says so.
+pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
+    let uptime_ms = boot::uptime_ms();
+    let (out, out_rx) = mpsc::channel::<Frame>(64);
+    let writer = tokio::spawn(write_frames(stream.clone(), out_rx));
+    let (mut host, reader) = read_frames(stream);
+    let _ = out
+        .send(msg(Message::Hello {
+            version: VERSION,
+            uptime_ms,
+        }))
+        .await;
+
+    let after = match host.recv().await {
+        Some(Ok(Frame::Msg(Message::Start(req)))) => run(&agent, *req, &out, &mut host).await,
+        Some(Ok(Frame::Msg(Message::Shutdown))) => {
+            After::PowerOffNow("shutdown requested by the host")
+        }
+        Some(Ok(other)) => {
+            let _ = out
+                .send(error(
+                    format!("expected start, got {}", describe(&other)),
+                    None,
+                ))
+                .await;
+            After::Close
+        }
+        Some(Err(e)) => {
+            info!("malformed frame from the host: {e}");
+            let _ = out.send(error(format!("malformed frame: {e}"), None)).await;
+            After::Close
+        }
+        None => After::Close,
+    };
+    if let After::PowerOffNow(reason) = after {
+        power::power_off(reason);
+    }
+    // Everything queued goes out, flushed, before the connection closes.
+    drop(out);
+    let _ = writer.await;
+    if after == After::LingerThenPowerOff {
+        // The host closes the connection once it has read `Exited`.
+        let _ = tokio::time::timeout(LINGER, async {
+            while let Some(Ok(_)) = host.recv().await {}
+        })
+        .await;
+        reader.abort();
+        power::power_off("the container's init process exited");
+    }
+    reader.abort();
+}
+
+fn describe(f: &Frame) -> String {
+    match f {
+        Frame::Msg(m) => format!("{m:?}")
+            .split([' ', '(', '{'])
+            .next()
+            .unwrap_or("")
+            .to_string(),
+        Frame::Data(s, _) => format!("{s:?} data"),
+    }
+}
+
+async fn write_frames(mut stream: FdStream, mut rx: mpsc::Receiver<Frame>) {
+    while let Some(f) = rx.recv().await {
+        if let Err(e) = write_frame(&mut stream, &f).await {
+            debug!("write to host: {e}");
+            break;
+        }
+    }
+}
+
+type HostFrames = mpsc::Receiver<Result<Frame, ProtocolError>>;
+
+/// Reads host frames in a task of its own (`read_frame` is not cancel-safe, a channel is).
+/// The channel closes at end of stream; an error is delivered, then the channel closes.
+fn read_frames(mut stream: FdStream) -> (HostFrames, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        loop {
+            match read_frame(&mut stream).await {
+                Ok(Some(f)) => {
+                    if tx.send(Ok(f)).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    break;
+                }
+            }
+        }
+    });
+    (rx, task)
+}
+
+async fn pump_output(mut src: FdStream, stream: Stream, out: mpsc::Sender<Frame>) {
+    let mut buf = vec![0u8; MAX_DATA_CHUNK];
+    loop {
+        match src.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => {
+                if out
+                    .send(Frame::Data(stream, buf[..n].to_vec()))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) => {
+                debug!("read {stream:?}: {e}");
+                break;
+            }
+        }
+    }
+    let _ = out.send(Frame::Data(stream, Vec::new())).await;
+}
+
+async fn pump_stdin(mut dst: FdStream, mut rx: mpsc::Receiver<Vec<u8>>) {
+    while let Some(chunk) = rx.recv().await {
+        if let Err(e) = dst.write_all(&chunk).await {
+            debug!("write stdin: {e}");
+            break;
+        }
+    }
+    // Dropping `dst` closes the child's stdin (pipe mode).
+}
+
+async fn run(
+    agent: &Agent,
+    req: StartRequest,
+    out: &mpsc::Sender<Frame>,
+    host: &mut HostFrames,
+) -> After {
+    let failed = if req.init {
+        After::LingerThenPowerOff
+    } else {
+        After::Close
+    };
+    if let Err(e) = agent.ensure_rootfs(&req.rootfs) {
+        info!("{e}");
+        let _ = out.send(error(e.to_string(), None)).await;
+        return failed;
+    }
+    if let Some(name) = &req.hostname {
+        if let Err(e) = boot::set_hostname(name) {
+            let _ = out.send(error(e.to_string(), None)).await;
+            return failed;
+        }
+    }
+    let plan = match Plan::new(&req.process, &agent.root, agent.last_cap) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            let _ = out
+                .send(error(format!("invalid process spec: {e}"), None))
+                .await;
+            return failed;
+        }
+    };
+    let pty = if req.process.terminal {
+        match open_pty(
+            &format!("{}/dev/pts/ptmx", agent.root.trim_end_matches('/')),
+            req.process.console_size,
+        ) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                let _ = out.send(error(e.to_string(), None)).await;
+                return failed;
+            }
+        }
+    } else {
+        None
+    };
+    // No `.await` between the spawn and the registration (see `reaper`).
+    let (spawned, exit_rx) = match spawn(plan, pty) {
+        Ok(s) => {
+            let rx = agent.reaper.register(s.pid);
+            (s, rx)
+        }
+        Err(SpawnError::Setup { message, exit_code }) => {
+            info!("start {:?} failed: {message}", req.process.args);
+            let _ = out.send(error(message, Some(exit_code))).await;
+            let _ = out
+                .send(msg(Message::Exited(ExitStatus::exited(exit_code))))
+                .await;
+            return failed;
+        }
+        Err(e) => {
+            info!("start {:?} failed: {e}", req.process.args);
+            let _ = out.send(error(e.to_string(), None)).await;
+            return failed;
+        }
+    };
+    let pid = spawned.pid;
+    debug!("started pid {pid}: {:?}", req.process.args);
+    let _ = out.send(msg(Message::Started { pid })).await;
+
+    match supervise(spawned, exit_rx, out, host).await {
+        Supervised::Exited(status) => {
+            debug!("pid {pid} exited: {status:?}");
+            let _ = out.send(msg(Message::Exited(status))).await;
+            if req.init {
+                After::LingerThenPowerOff
+            } else {
+                After::Close
+            }
+        }
+        Supervised::HostGone => {
+            if req.init {
+                After::PowerOffNow("the host connection of the init process closed")
+            } else {
+                After::Close
+            }
+        }
+        Supervised::Shutdown => After::PowerOffNow("shutdown requested by the host"),
+    }
+}
+
+enum Supervised {
+    Exited(ExitStatus),
+    HostGone,
+    Shutdown,
+}
+
+async fn supervise(
+    spawned: crate::process::spawn::Spawned,
+    mut exit_rx: tokio::sync::oneshot::Receiver<ExitStatus>,
+    out: &mpsc::Sender<Frame>,
+    host: &mut HostFrames,
+) -> Supervised {
+    let pid = spawned.pid;
+    let mut outputs = JoinSet::new();
+    // Dropped (so aborted) when the process is over, even if an orphan blocks its stdin.
+    let mut stdin_writer = JoinSet::new();
+    let mut stdin_tx = None;
+    let mut master = None;
+    let setup = (|| -> std::io::Result<()> {
+        if let Some(m) = spawned.master {
+            let m = FdStream::new(m)?;
+            let (tx, rx) = mpsc::channel(16);
+            stdin_writer.spawn(pump_stdin(m.clone(), rx));
+            outputs.spawn(pump_output(m.clone(), Stream::Stdout, out.clone()));
+            stdin_tx = Some(tx);
+            master = Some(m);
+        }
+        if let Some(fd) = spawned.stdin {
+            let (tx, rx) = mpsc::channel(16);
+            stdin_writer.spawn(pump_stdin(FdStream::new(fd)?, rx));
+            stdin_tx = Some(tx);
+        }
+        for (fd, stream) in [
+            (spawned.stdout, Stream::Stdout),
+            (spawned.stderr, Stream::Stderr),
+        ] {
+            if let Some(fd) = fd {
+                outputs.spawn(pump_output(FdStream::new(fd)?, stream, out.clone()));
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = setup {
+        // Without stdio the process cannot be served; it must not outlive its connection.
+        info!("stdio for pid {pid}: {e}");
+        let _ = out.send(error(format!("stdio: {e}"), None)).await;
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+
+    let mut status: Option<ExitStatus> = None;
+    let grace = sleep(Duration::from_secs(86400 * 365));
+    tokio::pin!(grace);
+    loop {
+        if status.is_some() && outputs.is_empty() {
+            break;
+        }
+        tokio::select! {
+            r = &mut exit_rx, if status.is_none() => {
+                status = Some(r.unwrap_or_else(|_| {
+                    info!("lost the exit status of pid {pid}");
+                    ExitStatus::exited(255)
+                }));
+                grace.as_mut().reset(Instant::now() + OUTPUT_GRACE);
+            }
+            Some(_) = outputs.join_next(), if !outputs.is_empty() => {}
+            () = &mut grace, if status.is_some() => {
+                debug!("stdio of pid {pid} still open {OUTPUT_GRACE:?} after exit; reporting the exit");
+                break;
+            }
+            ev = host.recv() => {
+                let running = status.is_none();
+                let gone = || {
+                    if running {
+                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    }
+                    Supervised::HostGone
+                };
+                match ev {
+                    None => return gone(),
+                    Some(Err(e)) => {
+                        info!("malformed frame from the host: {e}");
+                        let _ = out.send(error(format!("malformed frame: {e}"), None)).await;
+                        return gone();
+                    }
+                    Some(Ok(Frame::Data(Stream::Stdin, data))) => {
+                        if data.is_empty() {
+                            if master.is_none() {
+                                stdin_tx = None;
+                            }
+                        } else if let Some(tx) = &stdin_tx {
+                            if tx.send(data).await.is_err() {
+                                stdin_tx = None;
+                            }
+                        }
+                    }
+                    Some(Ok(Frame::Data(s, _))) => debug!("ignoring {s:?} data from the host"),
+                    Some(Ok(Frame::Msg(m))) => match m {
+                        Message::Signal { signal } => {
+                            if running {
+                                if let Err(e) = deliver(pid, signal) {
+                                    let _ = out.send(error(e, None)).await;
+                                }
+                            }
+                        }
+                        Message::Resize { rows, cols } => {
+                            if let Some(m) = &master {
+                                if let Err(e) = resize(m.raw_fd(), rows, cols) {
+                                    debug!("resize: {e}");
+                                }
+                            }
+                        }
+                        Message::Shutdown => return Supervised::Shutdown,
+                        other => {
+                            let what = describe(&Frame::Msg(other));
+                            let _ = out
+                                .send(error(format!("unexpected {what} while a process runs"), None))
+                                .await;
+                        }
+                    },
+                }
+            }
+        }
+    }
+    // Output tasks still running belong to an orphan holding the pipes: stop them so that no
+    // frame follows `Exited`.
+    outputs.abort_all();
+    Supervised::Exited(status.unwrap_or(ExitStatus::exited(255)))
+}
+
+fn deliver(pid: i32, signal: i32) -> Result<(), String> {
+    let sig = Signal::try_from(signal).map_err(|_| format!("invalid signal {signal}"))?;
+    kill(Pid::from_raw(pid), sig).map_err(|e| format!("kill pid {pid} with {sig}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentvm_protocol::{ProcessSpec, RootfsSpec};
+    use std::os::unix::net::UnixStream;
+
+    fn start_request(args: &[&str]) -> StartRequest {
+        StartRequest {
+            rootfs: RootfsSpec {
+                device: "/dev/null".into(),
+                fstype: "none".into(),
+                overlay: false,
+            },
+            process: ProcessSpec {
+                args: args.iter().map(|s| s.to_string()).collect(),
+                env: vec!["PATH=/usr/bin:/bin".into()],
+                cwd: "/".into(),
+                ..Default::default()
+            },
+            hostname: None,
+            init: false,
+        }
+    }
+
+    struct Host {
+        stream: FdStream,
+        pid: Option<i32>,
+    }
+
+    impl Host {
+        async fn send(&mut self, f: Frame) {
+            write_frame(&mut self.stream, &f).await.unwrap();
+        }
+
+        async fn recv(&mut self) -> Option<Frame> {
+            tokio::time::timeout(Duration::from_secs(10), read_frame(&mut self.stream))
+                .await
+                .expect("agent answered within 10 s")
+                .unwrap()
+        }
+
+        /// All frames up to the end of the connection.
+        async fn rest(&mut self) -> Vec<Frame> {
+            let mut v = Vec::new();
+            while let Some(f) = self.recv().await {
+                if let Frame::Msg(Message::Started { pid }) = f {
+                    self.pid = Some(pid);
+                }
+                v.push(f);
+            }
+            v
+        }
+    }
+
+    async fn connect(agent: &Arc<Agent>, req: StartRequest) -> Host {
+        let (a, b) = UnixStream::pair().unwrap();
+        tokio::spawn(connection(
+            Arc::clone(agent),
+            FdStream::new(a.into()).unwrap(),
+        ));
+        let mut host = Host {
+            stream: FdStream::new(b.into()).unwrap(),
+            pid: None,
+        };
+        let Some(Frame::Msg(Message::Hello { version, .. })) = host.recv().await else {
+            panic!("no hello");
+        };
+        assert_eq!(version, VERSION);
+        host.send(msg(Message::Start(Box::new(req)))).await;
+        host
+    }
+
+    fn data(frames: &[Frame], s: Stream) -> Vec<u8> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                Frame::Data(t, d) if *t == s => Some(d.as_slice()),
+                _ => None,
+            })
+            .flatten()
+            .copied()
+            .collect()
+    }
+
+    fn eof_before_exit(frames: &[Frame], s: Stream) {
+        let eof = frames
+            .iter()
+            .position(|f| matches!(f, Frame::Data(t, d) if *t == s && d.is_empty()))
+            .unwrap_or_else(|| panic!("no {s:?} EOF in {frames:?}"));
+        assert!(eof < frames.len() - 1);
+    }
+
+    fn exited(frames: &[Frame]) -> ExitStatus {
+        match frames.last() {
+            Some(Frame::Msg(Message::Exited(s))) => *s,
+            other => panic!("last frame is not Exited: {other:?} in {frames:?}"),
+        }
+    }
+
+    /// End-to-end over a socketpair, with `/` as the container root. Needs root (`chroot`).
+    /// One test, run serially: the agent's reaper waits for any child of the test process.
+    #[test]
+    fn protocol_sessions() {
+        if !crate::testutil::is_root() {
+            eprintln!("SKIPPED protocol_sessions: needs root to chroot");
+            return;
+        }
+        let _guard = crate::testutil::child_lock();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let reaper = Reaper::start().unwrap();
+            let agent = Arc::new(Agent::with_root(
+                reaper,
+                crate::process::caps::kernel_last_cap(),
+                "/",
+            ));
+
+            // Output on both streams, exit code.
+            let mut h = connect(
+                &agent,
+                start_request(&["sh", "-c", "echo out; echo err >&2; exit 3"]),
+            )
+            .await;
+            let f = h.rest().await;
+            assert!(matches!(f[0], Frame::Msg(Message::Started { pid }) if pid > 0));
+            assert_eq!(data(&f, Stream::Stdout), b"out\n");
+            assert_eq!(data(&f, Stream::Stderr), b"err\n");
+            eof_before_exit(&f, Stream::Stdout);
+            eof_before_exit(&f, Stream::Stderr);
+            assert_eq!(exited(&f), ExitStatus::exited(3));
+
+            // A missing binary: Error with 127, then Exited(127).
+            let mut h = connect(&agent, start_request(&["agentvm-no-such-binary"])).await;
+            let f = h.rest().await;
+            assert_eq!(
+                f,
+                [
+                    error(
+                        "exec: \"agentvm-no-such-binary\": executable file not found in $PATH",
+                        Some(127)
+                    ),
+                    msg(Message::Exited(ExitStatus::exited(127))),
+                ]
+            );
+
+            // Not executable: 126.
+            let mut h = connect(&agent, start_request(&["/etc/passwd"])).await;
+            let f = h.rest().await;
+            assert!(
+                matches!(&f[0], Frame::Msg(Message::Error { exit_code: Some(126), message }) if message.contains("permission denied")),
+                "{f:?}"
+            );
+            assert_eq!(exited(&f), ExitStatus::exited(126));
+
+            // Missing cwd: 127.
+            let mut req = start_request(&["true"]);
+            req.process.cwd = "/agentvm/no/such/dir".into();
+            let f = connect(&agent, req).await.rest().await;
+            assert!(
+                matches!(&f[0], Frame::Msg(Message::Error { exit_code: Some(127), message }) if message.starts_with("chdir to cwd")),
+                "{f:?}"
+            );
+
+            // Stdin relay and stdin EOF.
+            let mut h = connect(&agent, start_request(&["cat"])).await;
+            assert!(matches!(h.recv().await, Some(Frame::Msg(Message::Started { .. }))));
+            h.send(Frame::Data(Stream::Stdin, b"hello ".to_vec())).await;
+            h.send(Frame::Data(Stream::Stdin, b"agent".to_vec())).await;
+            h.send(Frame::Data(Stream::Stdin, Vec::new())).await;
+            let f = h.rest().await;
+            assert_eq!(data(&f, Stream::Stdout), b"hello agent");
+            assert_eq!(exited(&f), ExitStatus::exited(0));
+
+            // Signals.
+            let mut h = connect(&agent, start_request(&["sleep", "30"])).await;
+            assert!(matches!(h.recv().await, Some(Frame::Msg(Message::Started { .. }))));
+            h.send(msg(Message::Signal { signal: 15 })).await;
+            let f = h.rest().await;
+            assert_eq!(exited(&f), ExitStatus::signaled(15));
+
+            // An orphan holding stdout does not delay Exited past the grace period.
+            let t = std::time::Instant::now();
+            let f = connect(&agent, start_request(&["sh", "-c", "sleep 5 & echo bye"]))
+                .await
+                .rest()
+                .await;
+            assert_eq!(exited(&f), ExitStatus::exited(0));
+            assert_eq!(data(&f, Stream::Stdout), b"bye\n");
+            assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+
+            // A malformed frame: Error, connection closed, process killed.
+            let mut h = connect(&agent, start_request(&["sleep", "30"])).await;
+            let Some(Frame::Msg(Message::Started { pid })) = h.recv().await else {
+                panic!("not started");
+            };
+            h.stream.write_all(&[0, 0, 0, 2, 9, 9]).await.unwrap();
+            let f = h.rest().await;
+            assert!(
+                matches!(&f[..], [Frame::Msg(Message::Error { message, exit_code: None })] if message.contains("unknown frame tag 9")),
+                "{f:?}"
+            );
+            let mut gone = false;
+            for _ in 0..100 {
+                if kill(Pid::from_raw(pid), None).is_err() {
+                    gone = true;
+                    break;
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+            assert!(gone, "process of a broken connection was killed and reaped");
+
+            // A first frame that is not Start.
+            let (a, b) = UnixStream::pair().unwrap();
+            tokio::spawn(connection(Arc::clone(&agent), FdStream::new(a.into()).unwrap()));
+            let mut h = Host {
+                stream: FdStream::new(b.into()).unwrap(),
+                pid: None,
+            };
+            assert!(matches!(h.recv().await, Some(Frame::Msg(Message::Hello { .. }))));
+            h.send(msg(Message::Resize { rows: 1, cols: 1 })).await;
+            let f = h.rest().await;
+            assert!(
+                matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("expected start")),
+                "{f:?}"
+            );
+
+            // A terminal: the process has a controlling tty of the requested size.
+            let mut req = start_request(&["sh", "-c", "stty size; tty"]);
+            req.process.terminal = true;
+            req.process.console_size = Some((33, 101));
+            let f = connect(&agent, req).await.rest().await;
+            let out = String::from_utf8_lossy(&data(&f, Stream::Stdout)).into_owned();
+            assert!(out.contains("33 101"), "{out:?}");
+            assert!(out.contains("/dev/pts/"), "{out:?}");
+            assert_eq!(exited(&f), ExitStatus::exited(0));
+        });
+    }
+}
