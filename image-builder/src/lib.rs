@@ -6,6 +6,7 @@
 //! plus `debugfs` for what a host directory cannot hold (device nodes, xattrs).
 
 pub mod blobs;
+pub mod config;
 pub mod digest;
 mod error;
 pub mod ext4;
@@ -13,6 +14,7 @@ mod fsutil;
 pub mod layer;
 pub mod limits;
 pub mod progress;
+pub mod source;
 pub mod tree;
 
 #[cfg(test)]
