@@ -6,11 +6,13 @@
 //! plus `debugfs` for what a host directory cannot hold (device nodes, xattrs).
 
 pub mod blobs;
+pub mod cache;
 pub mod config;
 pub mod digest;
 mod error;
 pub mod ext4;
 mod fsutil;
+mod image;
 pub mod layer;
 pub mod limits;
 pub mod progress;
@@ -20,6 +22,9 @@ pub mod tree;
 #[cfg(test)]
 pub(crate) mod testutil;
 
+pub use config::{ContainerConfig, ImageConfig};
 pub use error::{Error, Result};
+pub use image::{build, inspect, BuildOptions, BuiltImage};
 pub use limits::Limits;
 pub use progress::{NoProgress, Progress};
+pub use source::{ImageRef, Platform};

@@ -294,7 +294,7 @@ impl TarIndex {
         let mut links = HashMap::new();
         let corrupt =
             |e: io::Error| Error::Source(format!("{}: not a readable tar: {e}", path.display()));
-        for entry in ar.entries().map_err(corrupt)? {
+        for entry in ar.entries_with_seek().map_err(corrupt)? {
             let entry = entry.map_err(corrupt)?;
             let name = clean_member(&entry.path_bytes());
             match entry.header().entry_type() {

@@ -1,0 +1,422 @@
+//! The content-addressed image cache.
+//!
+//! ```text
+//! <root>/images/<key>/rootfs.ext4   published by renaming a finished work dir
+//! <root>/images/<key>/image.json    what was built (diff_ids, size, time)
+//! <root>/configs/<hex>.json         image configs, by config digest
+//! <root>/refs/<hex>.json            reference -> key + config digest
+//! <root>/locks/<key>.lock           flock held while a key is being built
+//! <root>/tmp/<id>/                  work dirs; <id>/lock is held while alive
+//! ```
+//!
+//! The key hashes the builder format version and the ordered diff_id chain, so images
+//! that share their layers share one ext4. Nothing under `images/` is ever partially
+//! written: a build happens in `tmp/` and is published with one `rename`.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use nix::fcntl::{Flock, FlockArg};
+use serde::{Deserialize, Serialize};
+
+use crate::digest;
+use crate::error::{Error, Result};
+
+/// Bumped whenever the ext4 layout or the unpack semantics change.
+pub const FORMAT: &str = "agentvm-image/1 ext4 nojournal b4096 i256";
+
+/// Default cache location.
+pub const DEFAULT_DIR: &str = "/var/cache/agentvm/images";
+
+/// Environment variable overriding the cache location.
+pub const ENV_DIR: &str = "AGENTVM_IMAGE_CACHE";
+
+/// The cache directory in force: `$AGENTVM_IMAGE_CACHE` or [`DEFAULT_DIR`].
+pub fn default_dir() -> PathBuf {
+    std::env::var_os(ENV_DIR)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+}
+
+/// The cache key of a layer chain (plus an explicit size, which changes the output).
+pub fn key(diff_ids: &[String], size: Option<u64>) -> String {
+    let mut s = format!("{FORMAT}\n");
+    if let Some(n) = size {
+        s.push_str(&format!("size={n}\n"));
+    }
+    for d in diff_ids {
+        s.push_str(d);
+        s.push('\n');
+    }
+    digest::sha256(s.as_bytes())
+        .trim_start_matches("sha256:")
+        .to_owned()
+}
+
+/// What `images/<key>/image.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRecord {
+    /// Cache key.
+    pub key: String,
+    /// Layer chain.
+    pub diff_ids: Vec<String>,
+    /// Apparent ext4 size in bytes.
+    pub size: u64,
+    /// Seconds since the epoch.
+    pub built_at: u64,
+}
+
+/// What `refs/<hex>.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RefRecord {
+    /// The reference as the user wrote it.
+    pub reference: String,
+    /// Cache key of its rootfs.
+    pub key: String,
+    /// Digest of its config.
+    pub config_digest: String,
+    /// Seconds since the epoch.
+    pub built_at: u64,
+}
+
+/// An open cache directory.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+/// A private work directory, removed on drop; its lock marks it alive for [`Cache::gc`].
+#[derive(Debug)]
+pub struct WorkDir {
+    path: PathBuf,
+    _lock: Flock<File>,
+}
+
+impl WorkDir {
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        // remove_dir_all does not follow symlinks, so image symlinks are safe here.
+        let _ = fs::remove_dir_all(&self.path);
+    }
+}
+
+pub(crate) fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    fs::write(&tmp, data).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+    fs::rename(&tmp, path).map_err(|e| Error::io(format!("publish {}", path.display()), e))
+}
+
+fn lock_file(path: &Path, arg: FlockArg) -> Result<Option<Flock<File>>> {
+    let f = File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::io(format!("open lock {}", path.display()), e))?;
+    match Flock::lock(f, arg) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(Error::nix(format!("lock {}", path.display()), e)),
+    }
+}
+
+impl Cache {
+    /// Opens (creating) the cache at `root`, with private permissions.
+    pub fn open(root: &Path) -> Result<Self> {
+        for sub in ["images", "configs", "refs", "locks", "tmp"] {
+            let p = root.join(sub);
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&p)
+                .map_err(|e| Error::Cache {
+                    path: root.to_owned(),
+                    reason: format!(
+                        "cannot create {}: {e} (run as root or set {ENV_DIR} to a writable \
+                         directory)",
+                        p.display()
+                    ),
+                })?;
+        }
+        Ok(Cache {
+            root: root.to_owned(),
+        })
+    }
+
+    /// The cache root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The directory of a published image.
+    pub fn image_dir(&self, key: &str) -> PathBuf {
+        self.root.join("images").join(key)
+    }
+
+    /// The ext4 of a published image, if published.
+    pub fn lookup(&self, key: &str) -> Option<PathBuf> {
+        let p = self.image_dir(key).join("rootfs.ext4");
+        p.is_file().then_some(p)
+    }
+
+    /// Takes the build lock of `key`, waiting for a concurrent builder to finish.
+    pub fn lock_key(&self, key: &str) -> Result<Flock<File>> {
+        lock_file(
+            &self.root.join("locks").join(format!("{key}.lock")),
+            FlockArg::LockExclusive,
+        )?
+        .ok_or_else(|| Error::Cache {
+            path: self.root.clone(),
+            reason: "lock unexpectedly busy".into(),
+        })
+    }
+
+    /// Creates a private work directory under `tmp/`.
+    pub fn work_dir(&self) -> Result<WorkDir> {
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let path = self
+            .root
+            .join("tmp")
+            .join(format!("{}-{nanos}", std::process::id()));
+        fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| Error::io(format!("create work dir {}", path.display()), e))?;
+        let lock =
+            lock_file(&path.join("lock"), FlockArg::LockExclusiveNonblock)?.ok_or_else(|| {
+                Error::Cache {
+                    path: path.clone(),
+                    reason: "fresh work dir is locked by someone else".into(),
+                }
+            })?;
+        Ok(WorkDir { path, _lock: lock })
+    }
+
+    /// Publishes `dir` (holding rootfs.ext4 and image.json) as `key` with one rename.
+    pub fn publish(&self, key: &str, dir: &Path) -> Result<PathBuf> {
+        let dest = self.image_dir(key);
+        match fs::rename(dir, &dest) {
+            Ok(()) => {}
+            // Someone else published the same content first: theirs is as good.
+            Err(_) if self.lookup(key).is_some() => {}
+            Err(e) => return Err(Error::io(format!("publish {}", dest.display()), e)),
+        }
+        Ok(dest.join("rootfs.ext4"))
+    }
+
+    /// Stores a config blob by digest and returns its path.
+    pub fn put_config(&self, config_digest: &str, raw: &[u8]) -> Result<PathBuf> {
+        let hex = digest::parse(config_digest)?;
+        let p = self.root.join("configs").join(format!("{hex}.json"));
+        if !p.is_file() {
+            write_atomic(&p, raw)?;
+        }
+        Ok(p)
+    }
+
+    /// The path of a stored config.
+    pub fn config_path(&self, config_digest: &str) -> Result<PathBuf> {
+        let hex = digest::parse(config_digest)?;
+        Ok(self.root.join("configs").join(format!("{hex}.json")))
+    }
+
+    fn ref_path(&self, reference: &str) -> PathBuf {
+        let h = digest::sha256(reference.as_bytes());
+        self.root
+            .join("refs")
+            .join(format!("{}.json", h.trim_start_matches("sha256:")))
+    }
+
+    /// Records that `reference` built to `key` with `config_digest`.
+    pub fn put_ref(&self, rec: &RefRecord) -> Result<()> {
+        let data = serde_json::to_vec_pretty(rec).expect("serializable");
+        write_atomic(&self.ref_path(&rec.reference), &data)
+    }
+
+    /// The record of a reference.
+    pub fn get_ref(&self, reference: &str) -> Option<RefRecord> {
+        let data = fs::read(self.ref_path(reference)).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    /// All reference records, sorted by reference.
+    pub fn refs(&self) -> Result<Vec<RefRecord>> {
+        let dir = self.root.join("refs");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))? {
+            let e = e.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+            if e.path().extension().is_some_and(|x| x == "json") {
+                if let Ok(data) = fs::read(e.path()) {
+                    if let Ok(r) = serde_json::from_slice::<RefRecord>(&data) {
+                        out.push(r);
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| a.reference.cmp(&b.reference));
+        Ok(out)
+    }
+
+    /// The record of a published image.
+    pub fn image_record(&self, key: &str) -> Option<ImageRecord> {
+        let data = fs::read(self.image_dir(key).join("image.json")).ok()?;
+        serde_json::from_slice(&data).ok()
+    }
+
+    /// Forgets `reference`; removes its image when no other reference uses it.
+    /// Returns whether anything was removed.
+    pub fn remove_ref(&self, reference: &str) -> Result<bool> {
+        let Some(rec) = self.get_ref(reference) else {
+            return Ok(false);
+        };
+        let p = self.ref_path(reference);
+        fs::remove_file(&p).map_err(|e| Error::io(format!("remove {}", p.display()), e))?;
+        if !self.refs()?.iter().any(|r| r.key == rec.key) {
+            self.remove_image(&rec.key)?;
+        }
+        Ok(true)
+    }
+
+    fn remove_image(&self, key: &str) -> Result<()> {
+        let _lock = self.lock_key(key)?;
+        let dir = self.image_dir(key);
+        if dir.exists() {
+            // Move aside first so a reader never sees a half-deleted image.
+            let trash = self.root.join("tmp").join(format!("rm-{key}"));
+            fs::rename(&dir, &trash)
+                .map_err(|e| Error::io(format!("remove {}", dir.display()), e))?;
+            fs::remove_dir_all(&trash)
+                .map_err(|e| Error::io(format!("remove {}", trash.display()), e))?;
+        }
+        Ok(())
+    }
+
+    /// Removes work dirs of dead builds, images no reference uses, and unused configs.
+    /// Returns the number of entries removed.
+    pub fn prune(&self) -> Result<usize> {
+        let mut removed = self.gc()?;
+        let refs = self.refs()?;
+        let images = self.root.join("images");
+        for e in fs::read_dir(&images).map_err(|e| Error::io("list images", e))? {
+            let e = e.map_err(|e| Error::io("list images", e))?;
+            let key = e.file_name().to_string_lossy().into_owned();
+            if !refs.iter().any(|r| r.key == key) {
+                self.remove_image(&key)?;
+                removed += 1;
+            }
+        }
+        let configs = self.root.join("configs");
+        for e in fs::read_dir(&configs).map_err(|e| Error::io("list configs", e))? {
+            let e = e.map_err(|e| Error::io("list configs", e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let used = refs.iter().any(|r| {
+                r.config_digest.trim_start_matches("sha256:") == name.trim_end_matches(".json")
+            });
+            if !used {
+                let _ = fs::remove_file(e.path());
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes work dirs whose builder is gone (SIGKILL, crash). Safe to run any time:
+    /// a live builder holds its dir's lock.
+    pub fn gc(&self) -> Result<usize> {
+        let tmp = self.root.join("tmp");
+        let mut removed = 0;
+        for e in fs::read_dir(&tmp).map_err(|e| Error::io(format!("list {}", tmp.display()), e))? {
+            let Ok(e) = e else { continue };
+            let path = e.path();
+            if !path.is_dir() {
+                continue;
+            }
+            let alive = match lock_file(&path.join("lock"), FlockArg::LockExclusiveNonblock) {
+                Ok(Some(_lock)) => false,
+                Ok(None) => true,
+                Err(_) => false,
+            };
+            if !alive && fs::remove_dir_all(&path).is_ok() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+use std::os::unix::fs::DirBuilderExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_depends_on_order_and_size() {
+        let a = "sha256:".to_owned() + &"a".repeat(64);
+        let b = "sha256:".to_owned() + &"b".repeat(64);
+        assert_ne!(
+            key(&[a.clone(), b.clone()], None),
+            key(&[b.clone(), a.clone()], None)
+        );
+        assert_ne!(key(&[a.clone()], None), key(&[a.clone()], Some(1 << 30)));
+        assert_eq!(key(&[a.clone()], None), key(&[a], None));
+    }
+
+    #[test]
+    fn gc_removes_dead_work_dirs_only() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Cache::open(t.path()).unwrap();
+        let live = c.work_dir().unwrap();
+        let dead = t.path().join("tmp/dead");
+        fs::create_dir_all(dead.join("rootfs/x")).unwrap();
+        std::os::unix::fs::symlink("/etc", dead.join("rootfs/x/etc")).unwrap();
+        assert_eq!(c.gc().unwrap(), 1);
+        assert!(!dead.exists());
+        assert!(live.path().exists());
+        assert!(Path::new("/etc/hostname").exists() || Path::new("/etc").exists());
+        let p = live.path().to_owned();
+        drop(live);
+        assert!(!p.exists());
+    }
+
+    #[test]
+    fn refs_and_rm() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Cache::open(t.path()).unwrap();
+        fs::create_dir_all(c.image_dir("k1")).unwrap();
+        fs::write(c.image_dir("k1").join("rootfs.ext4"), b"x").unwrap();
+        for r in ["a", "b"] {
+            c.put_ref(&RefRecord {
+                reference: r.into(),
+                key: "k1".into(),
+                config_digest: digest::sha256(b"c"),
+                built_at: 0,
+            })
+            .unwrap();
+        }
+        assert_eq!(c.refs().unwrap().len(), 2);
+        assert!(c.remove_ref("a").unwrap());
+        assert!(c.lookup("k1").is_some(), "still used by b");
+        assert!(c.remove_ref("b").unwrap());
+        assert!(c.lookup("k1").is_none());
+        assert!(!c.remove_ref("b").unwrap());
+    }
+}
