@@ -241,7 +241,11 @@ async fn drive(
                     Some(Ok(Some(Frame::Msg(Message::Started { .. })))) => {
                         t_started = Some(Instant::now());
                     }
-                    Some(Ok(Some(Frame::Msg(Message::Error { message, .. })))) => {
+                    Some(Ok(Some(Frame::Msg(Message::Error { message, exit_code })))) => {
+                        if exit_code.is_none() && t_started.is_none() {
+                            // The process could not even be set up (rootfs, invalid spec).
+                            return Err(Error::Agent(message));
+                        }
                         let _ = stderr.write_all(format!("agentvm: {message}\n").as_bytes()).await;
                     }
                     Some(Ok(Some(Frame::Msg(Message::Exited(st))))) => break st.code,
