@@ -448,12 +448,22 @@ fn entry_meta<R: Read>(
     limits: &crate::limits::Limits,
 ) -> Result<Meta> {
     let bad = |what: &str| Error::invalid(raw, format!("malformed {what} field"));
-    let mode = header.mode().map_err(|_| bad("mode"))? & 0o7777;
-    let uid = u32::try_from(header.uid().map_err(|_| bad("uid"))?)
+    // Like Go's archive/tar, an empty (all NUL or space) numeric field reads as 0.
+    let old = header.as_old();
+    let num = |r: io::Result<u64>, field: &[u8], what: &str| -> Result<u64> {
+        match r {
+            Ok(v) => Ok(v),
+            Err(_) if field.iter().all(|b| *b == 0 || *b == b' ') => Ok(0),
+            Err(_) => Err(bad(what)),
+        }
+    };
+    let mode = num(header.mode().map(u64::from), &old.mode, "mode")? as u32 & 0o7777;
+    let uid = u32::try_from(num(header.uid(), &old.uid, "uid")?)
         .map_err(|_| Error::invalid(raw, "uid does not fit in 32 bits"))?;
-    let gid = u32::try_from(header.gid().map_err(|_| bad("gid"))?)
+    let gid = u32::try_from(num(header.gid(), &old.gid, "gid")?)
         .map_err(|_| Error::invalid(raw, "gid does not fit in 32 bits"))?;
-    let mut mtime = i64::try_from(header.mtime().unwrap_or(0)).unwrap_or(i64::MAX);
+    let mtime = num(header.mtime(), &old.mtime, "mtime")?;
+    let mut mtime = i64::try_from(mtime).unwrap_or(i64::MAX);
     let mut xattrs = std::collections::BTreeMap::new();
     if let Some(exts) = entry.pax_extensions().map_err(Error::CorruptStream)? {
         for ext in exts {

@@ -606,3 +606,23 @@ fn hardlink_survives_removal_of_the_first_name() {
     let id = b.node_of("b");
     assert_eq!(b.tree.node(id).nlink, 1);
 }
+
+#[test]
+fn empty_numeric_fields_read_as_zero_but_garbage_is_rejected() {
+    let mut h = tar::Header::new_gnu();
+    h.set_path("f").unwrap();
+    h.set_size(0);
+    h.set_mode(0o600);
+    h.set_cksum(); // uid, gid, mtime left empty, as some writers do
+    let mut tar = h.as_bytes().to_vec();
+    tar.extend_from_slice(&[0u8; 1024]);
+    let mut b = apply(&[tar.clone()]).unwrap();
+    let f = b.node_of("f");
+    assert_eq!((b.tree.node(f).meta.uid, b.tree.node(f).meta.mtime), (0, 0));
+
+    tar[108..115].copy_from_slice(b"zzzzzzz");
+    let mut h = tar::Header::from_byte_slice(&tar[..512]).clone();
+    h.set_cksum();
+    tar[..512].copy_from_slice(h.as_bytes());
+    assert_invalid(apply(&[tar]));
+}

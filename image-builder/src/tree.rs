@@ -249,6 +249,12 @@ impl Tree {
             let child = match self.lookup(cur, &c) {
                 Some(child) => child,
                 None if create => {
+                    if c.len() > self.limits.max_name_len {
+                        return Err(Error::invalid(
+                            orig,
+                            "a symlink target component is too long",
+                        ));
+                    }
                     let id = self.alloc(
                         Kind::Dir(BTreeMap::new()),
                         Meta {
