@@ -62,7 +62,7 @@ struct RunArgs {
     /// Deterministic guest clock (TCG -icount), for benchmarks.
     #[arg(long, hide = true)]
     icount: bool,
-    /// Print a timing breakdown and guest kernel messages.
+    /// Print a timing breakdown (and turn on the agent's debug log on the VM console).
     #[arg(long)]
     debug: bool,
     /// The command and its arguments.

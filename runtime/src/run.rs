@@ -172,7 +172,7 @@ async fn drive(
     // The reader runs in its own task: read_frame is not cancel-safe, so it must not sit in
     // the select below.
     let (ftx, mut frames) = mpsc::channel::<Result<Option<Frame>>>(16);
-    tokio::spawn(async move {
+    let reader_task = tokio::spawn(async move {
         loop {
             let f = tokio_io::read_frame(&mut reader).await.map_err(Error::from);
             let end = !matches!(f, Ok(Some(_)));
@@ -301,7 +301,10 @@ async fn drive(
             started.duration_since(t_start).as_millis(),
             now.duration_since(started).as_millis(),
     );
-    // Closing our side tells the agent the host has read the exit; it then powers off.
+    // Closing the connection (both halves) tells the agent the host has read the exit; it
+    // then powers off at once.
+    reader_task.abort();
+    let _ = reader_task.await;
     drop(writer);
     Ok((code, timing))
 }
