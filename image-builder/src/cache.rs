@@ -116,7 +116,10 @@ pub(crate) fn now() -> u64 {
 }
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    // Unique per process and per call: concurrent writers (threads too) never share it.
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{seq}", std::process::id()));
     fs::write(&tmp, data).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
     fs::rename(&tmp, path).map_err(|e| Error::io(format!("publish {}", path.display()), e))
 }
@@ -349,10 +352,19 @@ impl Cache {
             if !path.is_dir() {
                 continue;
             }
-            let alive = match lock_file(&path.join("lock"), FlockArg::LockExclusiveNonblock) {
-                Ok(Some(_lock)) => false,
-                Ok(None) => true,
-                Err(_) => false,
+            let lock = path.join("lock");
+            let alive = if lock.exists() {
+                // Also spare young dirs: inside one process, concurrent builders were seen
+                // to win this lock on a live dir (not understood yet; see README).
+                young(&path)
+                    || !matches!(
+                        lock_file(&lock, FlockArg::LockExclusiveNonblock),
+                        Ok(Some(_)) | Err(_)
+                    )
+            } else {
+                // A builder creates its dir, then its lock: give a young dir the benefit
+                // of the doubt instead of racing it.
+                young(&path)
             };
             if !alive && fs::remove_dir_all(&path).is_ok() {
                 removed += 1;
@@ -360,6 +372,15 @@ impl Cache {
         }
         Ok(removed)
     }
+}
+
+/// Whether a work dir was created in the last ten minutes.
+fn young(path: &Path) -> bool {
+    fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age.as_secs() < 600)
 }
 
 use std::os::unix::fs::DirBuilderExt;
@@ -388,6 +409,16 @@ mod tests {
         let live = c.work_dir().unwrap();
         let dead = t.path().join("tmp/dead");
         fs::create_dir_all(dead.join("rootfs/x")).unwrap();
+        File::create(dead.join("lock")).unwrap();
+        let old = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
+        nix::sys::stat::utimensat(
+            None,
+            &dead,
+            &old,
+            &old,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
         std::os::unix::fs::symlink("/etc", dead.join("rootfs/x/etc")).unwrap();
         assert_eq!(c.gc().unwrap(), 1);
         assert!(!dead.exists());
