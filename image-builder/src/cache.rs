@@ -190,7 +190,14 @@ impl Cache {
     }
 
     /// Creates a private work directory under `tmp/`.
+    ///
+    /// The lock is created and flocked under a temporary name and then renamed to `lock`,
+    /// so a visible `lock` is always already held: [`Cache::gc`] can never win it while
+    /// the builder is alive. Only the instant between `mkdir` and that rename leaves the
+    /// dir without `lock`, and gc removes lockless dirs only when they are old.
     pub fn work_dir(&self) -> Result<WorkDir> {
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let nanos = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_nanos())
@@ -198,18 +205,22 @@ impl Cache {
         let path = self
             .root
             .join("tmp")
-            .join(format!("{}-{nanos}", std::process::id()));
+            .join(format!("{}-{nanos}-{seq}", std::process::id()));
         fs::DirBuilder::new()
             .mode(0o700)
             .create(&path)
             .map_err(|e| Error::io(format!("create work dir {}", path.display()), e))?;
-        let lock =
-            lock_file(&path.join("lock"), FlockArg::LockExclusiveNonblock)?.ok_or_else(|| {
-                Error::Cache {
-                    path: path.clone(),
-                    reason: "fresh work dir is locked by someone else".into(),
-                }
-            })?;
+        let fresh = path.join("lock.new");
+        let f = File::options()
+            .create_new(true)
+            .write(true)
+            .open(&fresh)
+            .map_err(|e| Error::io(format!("create lock {}", fresh.display()), e))?;
+        let lock = Flock::lock(f, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| Error::nix(format!("lock {}", fresh.display()), e))?;
+        let visible = path.join("lock");
+        fs::rename(&fresh, &visible)
+            .map_err(|e| Error::io(format!("publish lock {}", visible.display()), e))?;
         Ok(WorkDir { path, _lock: lock })
     }
 
@@ -303,11 +314,16 @@ impl Cache {
         let dir = self.image_dir(key);
         if dir.exists() {
             // Move aside first so a reader never sees a half-deleted image.
-            let trash = self.root.join("tmp").join(format!("rm-{key}"));
+            static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+            let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let trash = self
+                .root
+                .join("tmp")
+                .join(format!("rm-{key}-{}-{seq}", std::process::id()));
             fs::rename(&dir, &trash)
                 .map_err(|e| Error::io(format!("remove {}", dir.display()), e))?;
-            fs::remove_dir_all(&trash)
-                .map_err(|e| Error::io(format!("remove {}", trash.display()), e))?;
+            // Already invisible; if this fails half-way, gc finishes it (lockless and old).
+            let _ = fs::remove_dir_all(&trash);
         }
         Ok(())
     }
@@ -342,31 +358,41 @@ impl Cache {
     }
 
     /// Removes work dirs whose builder is gone (SIGKILL, crash). Safe to run any time:
-    /// a live builder holds its dir's lock.
+    /// a live builder holds its dir's `lock`, which is visible only once held (see
+    /// [`Cache::work_dir`]). A dir without `lock` is removed only when older than
+    /// [`LOCKLESS_GRACE`]: it is a builder killed between `mkdir` and taking its lock, or
+    /// a half-removed image.
     pub fn gc(&self) -> Result<usize> {
         let tmp = self.root.join("tmp");
         let mut removed = 0;
         for e in fs::read_dir(&tmp).map_err(|e| Error::io(format!("list {}", tmp.display()), e))? {
             let Ok(e) = e else { continue };
             let path = e.path();
-            if !path.is_dir() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            let lock = path.join("lock");
-            let alive = if lock.exists() {
-                // Also spare young dirs: inside one process, concurrent builders were seen
-                // to win this lock on a live dir (not understood yet; see README).
-                young(&path)
-                    || !matches!(
-                        lock_file(&lock, FlockArg::LockExclusiveNonblock),
-                        Ok(Some(_)) | Err(_)
-                    )
-            } else {
-                // A builder creates its dir, then its lock: give a young dir the benefit
-                // of the doubt instead of racing it.
-                young(&path)
+            // Held until the dir is gone, so nobody else sees it as dead meanwhile.
+            let _held = match File::open(path.join("lock")) {
+                Ok(f) => match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+                    Ok(l) => l,
+                    // EWOULDBLOCK: alive. Anything else: leave it, to be safe.
+                    Err(_) => continue,
+                },
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if !older_than(&path, LOCKLESS_GRACE) {
+                        continue;
+                    }
+                    if path.join("lock").exists() {
+                        continue; // a lock appeared meanwhile: look again next time
+                    }
+                    if fs::remove_dir_all(&path).is_ok() {
+                        removed += 1;
+                    }
+                    continue;
+                }
+                Err(_) => continue,
             };
-            if !alive && fs::remove_dir_all(&path).is_ok() {
+            if fs::remove_dir_all(&path).is_ok() {
                 removed += 1;
             }
         }
@@ -374,13 +400,16 @@ impl Cache {
     }
 }
 
-/// Whether a work dir was created in the last ten minutes.
-fn young(path: &Path) -> bool {
-    fs::metadata(path)
+/// How old a work dir without `lock` must be before [`Cache::gc`] removes it.
+pub const LOCKLESS_GRACE: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Whether `path` was last modified more than `age` ago.
+fn older_than(path: &Path, age: std::time::Duration) -> bool {
+    fs::symlink_metadata(path)
         .and_then(|m| m.modified())
         .ok()
         .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age.as_secs() < 600)
+        .is_some_and(|a| a > age)
 }
 
 use std::os::unix::fs::DirBuilderExt;
@@ -427,6 +456,74 @@ mod tests {
         let p = live.path().to_owned();
         drop(live);
         assert!(!p.exists());
+    }
+
+    /// gc running flat out against builders creating work dirs in the same process
+    /// (threads: flock conflicts between open file descriptions, so this is the hard
+    /// case; separate processes behave the same) never removes a live dir.
+    #[test]
+    fn gc_never_removes_a_live_work_dir() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let t = tempfile::tempdir().unwrap();
+        let c = Cache::open(t.path()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let gcs: Vec<_> = (0..2)
+            .map(|_| {
+                let (c, stop) = (c.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        assert_eq!(c.gc().unwrap(), 0, "gc removed a live work dir");
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        let builders: Vec<_> = (0..3)
+            .map(|i| {
+                let c = c.clone();
+                std::thread::spawn(move || {
+                    for j in 0..400 {
+                        let w = c.work_dir().unwrap();
+                        let f = w.path().join("data");
+                        fs::write(&f, format!("{i}-{j}")).unwrap();
+                        std::thread::yield_now();
+                        assert!(w.path().join("lock").is_file());
+                        assert_eq!(fs::read_to_string(&f).unwrap(), format!("{i}-{j}"));
+                    }
+                })
+            })
+            .collect();
+        for b in builders {
+            b.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let rounds: u64 = gcs.into_iter().map(|g| g.join().unwrap()).sum();
+        assert!(rounds > 10, "gc ran only {rounds} times");
+        assert_eq!(fs::read_dir(t.path().join("tmp")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn gc_removes_lockless_dirs_only_when_old() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Cache::open(t.path()).unwrap();
+        let young = t.path().join("tmp/young");
+        let old = t.path().join("tmp/old");
+        fs::create_dir_all(&young).unwrap();
+        fs::create_dir_all(old.join("x")).unwrap();
+        let ts = nix::sys::time::TimeSpec::new(1_000_000_000, 0);
+        nix::sys::stat::utimensat(
+            None,
+            &old,
+            &ts,
+            &ts,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
+        assert_eq!(c.gc().unwrap(), 1);
+        assert!(young.exists() && !old.exists());
     }
 
     #[test]
