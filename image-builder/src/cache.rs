@@ -7,6 +7,7 @@
 //! <root>/refs/<hex>.json            reference -> key + config digest
 //! <root>/locks/<key>.lock           flock held while a key is being built
 //! <root>/tmp/<id>/                  work dirs; <id>/lock is held while alive
+//! <root>/blobs/sha256/<hex>          registry layer blobs, verified, shared between images
 //! ```
 //!
 //! The key hashes the builder format version and the ordered diff_id chain, so images
@@ -328,7 +329,8 @@ impl Cache {
         Ok(())
     }
 
-    /// Removes work dirs of dead builds, images no reference uses, and unused configs.
+    /// Removes work dirs of dead builds, images no reference uses, unused configs, and
+    /// downloaded layer blobs not written in the last [`LOCKLESS_GRACE`].
     /// Returns the number of entries removed.
     pub fn prune(&self) -> Result<usize> {
         let mut removed = self.gc()?;
@@ -340,6 +342,15 @@ impl Cache {
             if !refs.iter().any(|r| r.key == key) {
                 self.remove_image(&key)?;
                 removed += 1;
+            }
+        }
+        // The blob store is only a download cache: drop what no build touched recently.
+        let blobs = self.root.join("blobs/sha256");
+        if let Ok(rd) = fs::read_dir(&blobs) {
+            for e in rd.flatten() {
+                if older_than(&e.path(), LOCKLESS_GRACE) && fs::remove_file(e.path()).is_ok() {
+                    removed += 1;
+                }
             }
         }
         let configs = self.root.join("configs");

@@ -11,6 +11,7 @@ use crate::ext4::{self, Ext4Options};
 use crate::layer::{apply_layer, Totals};
 use crate::limits::Limits;
 use crate::progress::{NoProgress, Progress};
+use crate::registry::RegistryOptions;
 use crate::source::{self, ImageRef, Platform};
 use crate::tree::Tree;
 
@@ -27,6 +28,8 @@ pub struct BuildOptions<'a> {
     pub limits: &'a Limits,
     /// Progress sink.
     pub progress: &'a dyn Progress,
+    /// Insecure registries and the credentials file.
+    pub registry: &'a RegistryOptions,
 }
 
 impl std::fmt::Debug for BuildOptions<'_> {
@@ -36,11 +39,14 @@ impl std::fmt::Debug for BuildOptions<'_> {
             .field("size", &self.size)
             .field("platform", &self.platform)
             .field("limits", &self.limits)
+            .field("registry", &self.registry)
             .finish_non_exhaustive()
     }
 }
 
 static DEFAULT_LIMITS: std::sync::LazyLock<Limits> = std::sync::LazyLock::new(Limits::default);
+static DEFAULT_REGISTRY: std::sync::LazyLock<RegistryOptions> =
+    std::sync::LazyLock::new(RegistryOptions::default);
 
 impl<'a> BuildOptions<'a> {
     /// Defaults with the given cache root: computed size, host platform, default limits,
@@ -52,6 +58,7 @@ impl<'a> BuildOptions<'a> {
             platform: None,
             limits: &DEFAULT_LIMITS,
             progress: &NoProgress,
+            registry: &DEFAULT_REGISTRY,
         }
     }
 }
@@ -80,7 +87,7 @@ pub fn build(source: &ImageRef, opts: &BuildOptions<'_>) -> Result<BuiltImage> {
     // Leftovers of killed builds are never served; clear them now.
     let _ = cache.gc();
     progress.phase(&format!("resolving {source}"));
-    let resolved = source::resolve(source, opts.platform)?;
+    let resolved = source::resolve_with(source, opts.platform, opts.registry, Some(&cache))?;
     if resolved.layers.len() > opts.limits.max_layers {
         return Err(Error::Limit {
             what: "number of layers",
@@ -117,6 +124,16 @@ pub fn build(source: &ImageRef, opts: &BuildOptions<'_>) -> Result<BuiltImage> {
     }
 
     let work = cache.work_dir()?;
+    let declared: u64 = resolved.layers.iter().filter_map(|l| l.size).sum();
+    if declared > opts.limits.max_total_size {
+        return Err(Error::Limit {
+            what: "total size of the layer blobs",
+            value: declared,
+            limit: opts.limits.max_total_size,
+            knob: "--max-size / Limits::max_total_size",
+        });
+    }
+    resolved.fetch_layers(work.path(), progress)?;
     let mut blobs = BlobStore::create(&work.path().join("blobs"))?;
     let mut tree = Tree::new(opts.limits.clone());
     let mut totals = Totals::default();
@@ -197,7 +214,7 @@ pub fn inspect(
             return Ok((ImageConfig::parse(&raw)?, cache.lookup(&rec.key)));
         }
     }
-    let resolved = source::resolve(source, opts.platform)?;
+    let resolved = source::resolve_with(source, opts.platform, opts.registry, None)?;
     Ok((resolved.config, None))
 }
 

@@ -16,6 +16,7 @@ mod image;
 pub mod layer;
 pub mod limits;
 pub mod progress;
+pub mod registry;
 pub mod source;
 pub mod tree;
 
@@ -27,4 +28,5 @@ pub use error::{Error, Result};
 pub use image::{build, inspect, BuildOptions, BuiltImage};
 pub use limits::Limits;
 pub use progress::{NoProgress, Progress};
+pub use registry::RegistryOptions;
 pub use source::{ImageRef, Platform};

@@ -1,14 +1,15 @@
 //! `agentvm-image`: OCI images to cached ext4 root filesystems.
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
 use agentvm_image::cache::{self, Cache};
-use agentvm_image::{BuildOptions, ImageRef, Limits, Platform, Progress};
+use agentvm_image::{BuildOptions, ImageRef, Limits, Platform, Progress, RegistryOptions};
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
 #[derive(Parser)]
 #[command(
@@ -31,7 +32,9 @@ struct Cli {
 enum Cmd {
     /// Build (or fetch from the cache) the ext4 of an image and print its path.
     Build {
-        /// docker-archive:PATH[:NAME], oci-archive:PATH[:TAG] or oci:DIR[:TAG].
+        /// A registry reference (localhost:5000/app:1, alpine:3, docker.io/library/alpine:3),
+        /// docker-archive:PATH[:NAME], oci-archive:PATH[:TAG], oci:DIR[:TAG] or
+        /// docker-daemon:NAME.
         reference: String,
         /// Also copy the ext4 here.
         #[arg(short, long)]
@@ -45,6 +48,10 @@ enum Cmd {
         /// Largest total uncompressed layer size accepted (bytes or K/M/G).
         #[arg(long, value_parser = parse_size)]
         max_size: Option<u64>,
+        /// Reach this registry (HOST[:PORT]) over plain HTTP; repeatable. Loopback
+        /// registries (localhost, 127.0.0.0/8, ::1) always are.
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure_registry: Vec<String>,
     },
     /// List cached images.
     Ls,
@@ -55,6 +62,9 @@ enum Cmd {
         /// Platform to pick from a multi-platform image.
         #[arg(long)]
         platform: Option<String>,
+        /// Reach this registry (HOST[:PORT]) over plain HTTP; repeatable.
+        #[arg(long = "insecure-registry", value_name = "HOST[:PORT]")]
+        insecure_registry: Vec<String>,
         /// Print the config as JSON.
         #[arg(long)]
         json: bool,
@@ -87,6 +97,17 @@ fn parse_size(s: &str) -> Result<u64, String> {
 struct Reporter {
     mode: Mode,
     bar: Mutex<Option<ProgressBar>>,
+    /// One bar per layer download in flight.
+    multi: MultiProgress,
+    fetches: Mutex<HashMap<usize, ProgressBar>>,
+}
+
+fn short(digest: &str) -> String {
+    digest
+        .trim_start_matches("sha256:")
+        .chars()
+        .take(12)
+        .collect()
 }
 
 #[derive(PartialEq)]
@@ -102,7 +123,7 @@ impl Progress for Reporter {
             Mode::Quiet => {}
             Mode::Plain => eprintln!("{msg}"),
             Mode::Bars => {
-                let pb = ProgressBar::new_spinner();
+                let pb = self.multi.add(ProgressBar::new_spinner());
                 pb.set_message(msg.to_owned());
                 pb.enable_steady_tick(std::time::Duration::from_millis(120));
                 if let Some(old) = self.bar.lock().expect("poisoned").replace(pb) {
@@ -113,17 +134,12 @@ impl Progress for Reporter {
     }
 
     fn layer_start(&self, index: usize, total: usize, digest: &str, size: Option<u64>) {
-        let short: String = digest
-            .trim_start_matches("sha256:")
-            .chars()
-            .take(12)
-            .collect();
-        let msg = format!("layer {}/{total} {short}", index + 1);
+        let msg = format!("layer {}/{total} {}", index + 1, short(digest));
         match self.mode {
             Mode::Quiet => {}
             Mode::Plain => eprintln!("{msg}"),
             Mode::Bars => {
-                let pb = match size {
+                let pb = self.multi.add(match size {
                     Some(n) => ProgressBar::new(n).with_style(
                         ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes}")
                             .expect("valid template"),
@@ -132,7 +148,7 @@ impl Progress for Reporter {
                         ProgressStyle::with_template("{spinner} {msg} {bytes}")
                             .expect("valid template"),
                     ),
-                };
+                });
                 pb.set_message(msg);
                 if let Some(old) = self.bar.lock().expect("poisoned").replace(pb) {
                     old.finish_and_clear();
@@ -152,12 +168,49 @@ impl Progress for Reporter {
             pb.finish_and_clear();
         }
     }
+
+    fn fetch_start(&self, index: usize, total: usize, digest: &str, size: Option<u64>) {
+        let msg = format!("pull {}/{total} {}", index + 1, short(digest));
+        match self.mode {
+            Mode::Quiet => {}
+            Mode::Plain => eprintln!("{msg}"),
+            Mode::Bars => {
+                let pb = self.multi.add(
+                    ProgressBar::new(size.unwrap_or(0)).with_style(
+                        ProgressStyle::with_template(
+                            "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                        )
+                        .expect("valid template"),
+                    ),
+                );
+                pb.set_message(msg);
+                self.fetches.lock().expect("poisoned").insert(index, pb);
+            }
+        }
+    }
+
+    fn fetch_progress(&self, index: usize, bytes: u64) {
+        if let Some(pb) = self.fetches.lock().expect("poisoned").get(&index) {
+            pb.set_position(bytes);
+        }
+    }
+
+    fn fetch_done(&self, index: usize) {
+        if let Some(pb) = self.fetches.lock().expect("poisoned").remove(&index) {
+            pb.finish_and_clear();
+        }
+    }
 }
 
 impl Drop for Reporter {
     fn drop(&mut self) {
         if let Ok(mut b) = self.bar.lock() {
             if let Some(pb) = b.take() {
+                pb.finish_and_clear();
+            }
+        }
+        if let Ok(mut f) = self.fetches.lock() {
+            for (_, pb) in f.drain() {
                 pb.finish_and_clear();
             }
         }
@@ -176,6 +229,8 @@ fn main() -> Result<()> {
             Mode::Plain
         },
         bar: Mutex::new(None),
+        multi: MultiProgress::new(),
+        fetches: Mutex::new(HashMap::new()),
     };
     match cli.cmd {
         Cmd::Build {
@@ -184,6 +239,7 @@ fn main() -> Result<()> {
             size,
             platform,
             max_size,
+            insecure_registry,
         } => {
             let r = ImageRef::parse(&reference)?;
             let platform = platform.as_deref().map(Platform::parse).transpose()?;
@@ -196,6 +252,10 @@ fn main() -> Result<()> {
                 platform: platform.as_ref(),
                 limits: &limits,
                 progress: &reporter,
+                registry: &RegistryOptions {
+                    insecure: insecure_registry,
+                    auth_file: None,
+                },
                 ..BuildOptions::new(&cache_dir)
             };
             let built =
@@ -227,12 +287,18 @@ fn main() -> Result<()> {
         Cmd::Inspect {
             reference,
             platform,
+            insecure_registry,
             json,
         } => {
             let r = ImageRef::parse(&reference)?;
             let platform = platform.as_deref().map(Platform::parse).transpose()?;
+            let registry = RegistryOptions {
+                insecure: insecure_registry,
+                auth_file: None,
+            };
             let opts = BuildOptions {
                 platform: platform.as_ref(),
+                registry: &registry,
                 ..BuildOptions::new(&cache_dir)
             };
             let (cfg, rootfs) = agentvm_image::inspect(&r, &opts)?;

@@ -10,6 +10,12 @@ pub trait Progress: Send + Sync {
     fn layer_progress(&self, _bytes: u64) {}
     /// The current layer finished.
     fn layer_done(&self) {}
+    /// Downloading layer blob `index` of `total` started (several may run at once).
+    fn fetch_start(&self, _index: usize, _total: usize, _digest: &str, _size: Option<u64>) {}
+    /// `bytes` of layer blob `index` have been downloaded so far.
+    fn fetch_progress(&self, _index: usize, _bytes: u64) {}
+    /// Layer blob `index` is downloaded and verified.
+    fn fetch_done(&self, _index: usize) {}
 }
 
 /// Reports nothing.

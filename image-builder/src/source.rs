@@ -9,9 +9,12 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::cache::{Cache, WorkDir};
 use crate::config::ImageConfig;
 use crate::digest::{self, HashingReader};
 use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::registry::{RegistryOptions, Remote};
 
 /// Largest JSON document (manifest, index, config) we read into memory.
 const MAX_JSON: u64 = 8 << 20;
@@ -40,7 +43,9 @@ pub enum ImageRef {
         /// `org.opencontainers.image.ref.name` to pick.
         tag: Option<String>,
     },
-    /// A registry reference (`docker.io/library/busybox:latest`); not supported yet.
+    /// `docker-daemon:NAME`: an image of the local Docker daemon, read with `docker save`.
+    DockerDaemon(String),
+    /// A registry reference, normalised (`alpine:3` → `docker.io/library/alpine:3`).
     Registry(String),
 }
 
@@ -70,10 +75,18 @@ impl ImageRef {
             let (path, tag) = split(rest);
             return Ok(ImageRef::OciDir { path, tag });
         }
+        if let Some(name) = s.strip_prefix("docker-daemon:") {
+            if name.is_empty() || name.starts_with('-') || name.contains(char::is_whitespace) {
+                return Err(Error::Source(format!(
+                    "malformed docker-daemon reference {s:?}: expected docker-daemon:NAME[:TAG]"
+                )));
+            }
+            return Ok(ImageRef::DockerDaemon(name.to_owned()));
+        }
         if s.is_empty() || s.contains(char::is_whitespace) {
             return Err(Error::Source(format!("malformed image reference {s:?}")));
         }
-        Ok(ImageRef::Registry(s.to_owned()))
+        Ok(ImageRef::Registry(crate::registry::normalize(s)?))
     }
 }
 
@@ -84,6 +97,7 @@ impl fmt::Display for ImageRef {
             ImageRef::OciArchive { path, tag } => ("oci-archive", path, tag),
             ImageRef::OciDir { path, tag } => ("oci", path, tag),
             ImageRef::Registry(r) => return f.write_str(r),
+            ImageRef::DockerDaemon(n) => return write!(f, "docker-daemon:{n}"),
         };
         write!(f, "{t}:{}", p.display())?;
         if let Some(n) = n {
@@ -173,9 +187,46 @@ pub struct Resolved {
     /// Layers, bottom first.
     pub layers: Vec<LayerDesc>,
     store: Store,
+    /// Scratch space the store reads from (a `docker save` archive), removed on drop.
+    _scratch: Option<Scratch>,
+}
+
+#[derive(Debug)]
+enum Scratch {
+    Work(#[allow(dead_code)] WorkDir),
+    Temp(#[allow(dead_code)] tempfile::TempDir),
 }
 
 impl Resolved {
+    /// Makes every layer blob readable by [`Resolved::open_layer`]: for a registry,
+    /// downloads those missing from the cache's blob store into `scratch` (a private dir
+    /// on the cache's filesystem), checks them and moves them into the store. A no-op for
+    /// local sources.
+    pub fn fetch_layers(&self, scratch: &Path, progress: &dyn Progress) -> Result<()> {
+        let Store::Registry { remote, root } = &self.store else {
+            return Ok(());
+        };
+        let root = root.as_deref().ok_or_else(|| {
+            Error::Source("registry layers need a cache directory to download into".into())
+        })?;
+        let mut missing = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let d = l.digest.clone().unwrap_or_default();
+            let p = root.join(&l.locator);
+            match File::options().write(true).open(&p) {
+                // In use again: `prune` spares recently written blobs.
+                Ok(f) => {
+                    let _ = f.set_modified(std::time::SystemTime::now());
+                }
+                Err(_) => missing.push((i, d, l.size)),
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        remote.fetch(&missing, self.layers.len(), root, scratch, progress)
+    }
+
     /// Opens a layer blob; the returned reader checks the blob's digest and size when
     /// read to the end (call [`VerifiedBlob::finish`]).
     pub fn open_layer(&self, layer: &LayerDesc) -> Result<VerifiedBlob<Box<dyn Read + '_>>> {
@@ -231,11 +282,26 @@ impl<R: Read> Read for VerifiedBlob<R> {
 enum Store {
     Dir(PathBuf),
     Tar(TarIndex),
+    /// Manifests and configs from the registry; layers from `<root>/blobs/sha256/` once
+    /// [`Resolved::fetch_layers`] put them there.
+    Registry {
+        remote: Box<Remote>,
+        root: Option<PathBuf>,
+    },
 }
 
 impl Store {
     fn open(&self, locator: &str) -> Result<Box<dyn Read + '_>> {
         match self {
+            Store::Registry { root, .. } => {
+                let p = root.as_deref().map(|r| r.join(locator));
+                match p.as_deref().map(File::open) {
+                    Some(Ok(f)) => Ok(Box::new(f)),
+                    _ => Err(Error::Source(format!(
+                        "{locator} has not been downloaded (Resolved::fetch_layers first)"
+                    ))),
+                }
+            }
             Store::Dir(root) => {
                 let p = root.join(locator);
                 let f = File::open(&p).map_err(|e| {
@@ -261,8 +327,19 @@ impl Store {
         Ok(v)
     }
 
+    /// Reads a manifest or index named by digest, checking it.
+    fn read_manifest(&self, d: &str) -> Result<Vec<u8>> {
+        match self {
+            Store::Registry { remote, .. } => Ok(remote.manifest(Some(d), MAX_JSON)?.0),
+            _ => self.read_blob(d),
+        }
+    }
+
     /// Reads a blob named by digest, checking it.
     fn read_blob(&self, d: &str) -> Result<Vec<u8>> {
+        if let Store::Registry { remote, .. } = self {
+            return remote.small_blob(d, MAX_JSON);
+        }
         let hex = digest::parse(d)?;
         let raw = self.read_small(&format!("blobs/sha256/{hex}"))?;
         digest::verify(format!("blob {d}"), d, &digest::sha256(&raw))?;
@@ -412,8 +489,20 @@ fn json<'a, T: Deserialize<'a>>(what: &str, raw: &'a [u8]) -> Result<T> {
     })
 }
 
-/// Reads and verifies an image's metadata.
+/// Reads and verifies an image's metadata (registry references anonymously or with the
+/// default Docker credentials; layers are not downloaded).
 pub fn resolve(r: &ImageRef, platform: Option<&Platform>) -> Result<Resolved> {
+    resolve_with(r, platform, &RegistryOptions::default(), None)
+}
+
+/// Reads and verifies an image's metadata. With a cache, registry layers are later
+/// downloaded into its blob store and `docker save` output goes to one of its work dirs.
+pub fn resolve_with(
+    r: &ImageRef,
+    platform: Option<&Platform>,
+    registry: &RegistryOptions,
+    cache: Option<&Cache>,
+) -> Result<Resolved> {
     let host = Platform::host();
     let platform = platform.unwrap_or(&host);
     match r {
@@ -432,11 +521,76 @@ pub fn resolve(r: &ImageRef, platform: Option<&Platform>) -> Result<Resolved> {
             }
             oci_layout(Store::Dir(path.clone()), tag.as_deref(), platform)
         }
-        ImageRef::Registry(s) => Err(Error::Source(format!(
-            "registry references ({s}) are not supported yet: use `docker save -o x.tar {s}` \
-             and build docker-archive:x.tar"
-        ))),
+        ImageRef::DockerDaemon(name) => {
+            let scratch = match cache {
+                Some(c) => Scratch::Work(c.work_dir()?),
+                None => Scratch::Temp(
+                    tempfile::tempdir().map_err(|e| Error::io("create a temporary dir", e))?,
+                ),
+            };
+            let dir = match &scratch {
+                Scratch::Work(w) => w.path().to_owned(),
+                Scratch::Temp(t) => t.path().to_owned(),
+            };
+            let tar = dir.join("docker-save.tar");
+            docker_save(name, &tar)?;
+            // `docker save NAME` writes exactly one image, whatever NAME is (tag or ID).
+            let mut res = docker_archive(Store::Tar(TarIndex::build(&tar)?), None)?;
+            res._scratch = Some(scratch);
+            Ok(res)
+        }
+        ImageRef::Registry(s) => {
+            let remote = Remote::connect(s, registry)?;
+            let (raw, digest) = remote.manifest(None, MAX_JSON)?;
+            let store = Store::Registry {
+                remote: Box::new(remote),
+                root: cache.map(|c| c.root().to_owned()),
+            };
+            walk(store, raw, digest, String::new(), platform)
+        }
     }
+}
+
+/// Runs `docker save -o tar name`.
+fn docker_save(name: &str, tar: &Path) -> Result<()> {
+    let out = std::process::Command::new("docker")
+        .arg("save")
+        .arg("-o")
+        .arg(tar)
+        .arg(name)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            if e.kind() == io::ErrorKind::NotFound {
+                Error::Source(format!(
+                    "docker-daemon:{name} needs the docker CLI, which is not on PATH (install \
+                     Docker, or export the image elsewhere with `docker save` and build \
+                     docker-archive:FILE)"
+                ))
+            } else {
+                Error::io("run docker save", e)
+            }
+        })?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+        let hint = if stderr.contains("Cannot connect to the Docker daemon")
+            || stderr.contains("Is the docker daemon running")
+            || stderr.contains("docker.sock")
+        {
+            " (the Docker daemon is not running or not reachable: start it, e.g. \
+             `systemctl start docker`, or check DOCKER_HOST)"
+        } else if stderr.contains("No such image") || stderr.contains("reference does not exist") {
+            " (pull or build the image first, e.g. `docker pull NAME`)"
+        } else {
+            ""
+        };
+        return Err(Error::Tool {
+            tool: "docker save",
+            status: out.status.to_string(),
+            stderr: format!("{stderr}{hint}"),
+        });
+    }
+    Ok(())
 }
 
 fn docker_archive(store: Store, name: Option<&str>) -> Result<Resolved> {
@@ -509,6 +663,7 @@ fn docker_archive(store: Store, name: Option<&str>) -> Result<Resolved> {
         config_digest,
         layers,
         store,
+        _scratch: None,
     })
 }
 
@@ -521,7 +676,7 @@ fn oci_layout(store: Store, tag: Option<&str>, platform: &Platform) -> Result<Re
     let raw = store.read_small("index.json")?;
     let index: IndexOrManifest = json("index.json", &raw)?;
     let manifests = index.manifests.unwrap_or_default();
-    let mut desc = match tag {
+    let desc = match tag {
         Some(t) => manifests
             .into_iter()
             .find(|d| {
@@ -533,31 +688,51 @@ fn oci_layout(store: Store, tag: Option<&str>, platform: &Platform) -> Result<Re
         None if manifests.len() == 1 => manifests.into_iter().next().expect("one"),
         None => pick_platform(manifests, platform)?,
     };
+    let raw = store.read_manifest(&desc.digest)?;
+    check_size(&desc, &raw)?;
+    walk(store, raw, desc.digest, desc.media_type, platform)
+}
+
+fn check_size(desc: &Descriptor, raw: &[u8]) -> Result<()> {
+    match desc.size {
+        Some(size) if size != raw.len() as u64 => Err(Error::Source(format!(
+            "blob {} has the wrong size",
+            desc.digest
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// Follows indexes (picking `platform`) down to an image manifest, then reads its config.
+/// `raw` is the first document, already checked against `digest`.
+fn walk(
+    store: Store,
+    mut raw: Vec<u8>,
+    mut digest: String,
+    mut media_type: String,
+    platform: &Platform,
+) -> Result<Resolved> {
     for _ in 0..4 {
-        let raw = store.read_blob(&desc.digest)?;
-        if let Some(size) = desc.size {
-            if size != raw.len() as u64 {
-                return Err(Error::Source(format!(
-                    "blob {} has the wrong size",
-                    desc.digest
-                )));
-            }
-        }
-        let doc: IndexOrManifest = json(&format!("manifest {}", desc.digest), &raw)?;
-        let is_index = INDEX_TYPES.contains(&desc.media_type.as_str())
+        let doc: IndexOrManifest = json(&format!("manifest {digest}"), &raw)?;
+        let is_index = INDEX_TYPES.contains(&media_type.as_str())
             || doc
                 .media_type
                 .as_deref()
                 .is_some_and(|m| INDEX_TYPES.contains(&m))
             || (doc.manifests.is_some() && doc.config.is_none());
         if is_index {
-            desc = pick_platform(doc.manifests.unwrap_or_default(), platform)?;
+            let desc = pick_platform(doc.manifests.unwrap_or_default(), platform)?;
+            raw = store.read_manifest(&desc.digest)?;
+            check_size(&desc, &raw)?;
+            digest = desc.digest;
+            media_type = desc.media_type;
             continue;
         }
         let cdesc = doc
             .config
-            .ok_or_else(|| Error::Source(format!("manifest {} has no config", desc.digest)))?;
+            .ok_or_else(|| Error::Source(format!("manifest {digest} has no config")))?;
         let config_raw = store.read_blob(&cdesc.digest)?;
+        check_size(&cdesc, &config_raw)?;
         let config = ImageConfig::parse(&config_raw)?;
         let layer_descs = doc.layers.unwrap_or_default();
         if layer_descs.len() != config.rootfs.diff_ids.len() {
@@ -583,6 +758,7 @@ fn oci_layout(store: Store, tag: Option<&str>, platform: &Platform) -> Result<Re
             config_raw,
             layers,
             store,
+            _scratch: None,
         });
     }
     Err(Error::Source("image indexes nest too deeply".into()))

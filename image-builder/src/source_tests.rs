@@ -40,8 +40,26 @@ fn parses_references() {
     );
     assert_eq!(
         ImageRef::parse("busybox:latest").unwrap(),
-        ImageRef::Registry("busybox:latest".into())
+        ImageRef::Registry("docker.io/library/busybox:latest".into())
     );
+    assert_eq!(
+        ImageRef::parse("localhost:5000/busybox")
+            .unwrap()
+            .to_string(),
+        "localhost:5000/busybox:latest"
+    );
+    assert_eq!(
+        ImageRef::parse("docker-daemon:alpine:3").unwrap(),
+        ImageRef::DockerDaemon("alpine:3".into())
+    );
+    assert_eq!(
+        ImageRef::parse("docker-daemon:alpine:3")
+            .unwrap()
+            .to_string(),
+        "docker-daemon:alpine:3"
+    );
+    assert!(ImageRef::parse("docker-daemon:").is_err());
+    assert!(ImageRef::parse("docker-daemon:--help").is_err());
     assert_eq!(
         Platform::parse("linux/arm64/v8")
             .unwrap()
