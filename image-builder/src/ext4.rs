@@ -452,6 +452,7 @@ pub(crate) fn find_tool(name: &'static str) -> Result<PathBuf> {
 
 /// Runs a tool, returning its stderr; fails on a non-zero exit.
 fn run(mut cmd: Command, tool: &'static str) -> Result<String> {
+    crate::fsutil::die_with_parent(&mut cmd);
     let output = cmd
         .output()
         .map_err(|e| Error::io(format!("run {tool}"), e))?;

@@ -46,3 +46,32 @@ pub(crate) fn open_subdir(dir: &OwnedFd, name: &[u8]) -> Result<OwnedFd> {
 pub(crate) fn into_file(fd: OwnedFd) -> File {
     File::from(fd)
 }
+
+/// Makes a child tool (mkfs.ext4, debugfs, docker) die with the builder: if the builder is
+/// SIGKILLed mid-build, no tool keeps writing into a work dir that gc will remove.
+pub(crate) fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the forked child before exec and only makes the
+    // async-signal-safe syscalls prctl(2), getppid(2) and _exit(2); it allocates nothing
+    // and touches no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The builder died between fork and prctl: do not run orphaned.
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}

@@ -258,8 +258,9 @@ fn main() -> Result<()> {
                 },
                 ..BuildOptions::new(&cache_dir)
             };
-            let built =
-                agentvm_image::build(&r, &opts).with_context(|| format!("building {reference}"))?;
+            let built = agentvm_image::build(&r, &opts)
+                .map_err(|e| full_disk_hint(e.into(), &cache_dir))
+                .with_context(|| format!("building {reference}"))?;
             drop(reporter);
             if let Some(out) = output {
                 copy_sparse(&built.rootfs, &out)?;
@@ -335,6 +336,24 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Adds what to do when the cache filesystem filled up (ENOSPC anywhere in the chain).
+fn full_disk_hint(e: anyhow::Error, cache_dir: &std::path::Path) -> anyhow::Error {
+    let full = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::ENOSPC))
+            || c.to_string().contains("No space left on device")
+    });
+    if full {
+        e.context(format!(
+            "the cache filesystem ({}) is full; nothing was published. Free space there, \
+             run `agentvm-image prune`, or use --cache / AGENTVM_IMAGE_CACHE on a larger disk",
+            cache_dir.display()
+        ))
+    } else {
+        e
+    }
 }
 
 /// Copies the ext4 keeping it sparse: zero blocks become holes, then rename into place.

@@ -233,7 +233,18 @@ fn net_err(
             E::RequestError(_) => " (is the registry running and reachable?)".to_owned(),
             _ => String::new(),
         };
-        Error::Source(format!("{what}: {e}{hint}"))
+        // reqwest hides the cause (connection refused, TLS) in its source chain.
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            let s_msg = s.to_string();
+            if !msg.contains(&s_msg) {
+                msg.push_str(": ");
+                msg.push_str(&s_msg);
+            }
+            src = s.source();
+        }
+        Error::Source(format!("{what}: {msg}{hint}"))
     }
 }
 

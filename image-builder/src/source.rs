@@ -553,24 +553,24 @@ pub fn resolve_with(
 
 /// Runs `docker save -o tar name`.
 fn docker_save(name: &str, tar: &Path) -> Result<()> {
-    let out = std::process::Command::new("docker")
-        .arg("save")
+    let mut cmd = std::process::Command::new("docker");
+    cmd.arg("save")
         .arg("-o")
         .arg(tar)
         .arg(name)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| {
-            if e.kind() == io::ErrorKind::NotFound {
-                Error::Source(format!(
-                    "docker-daemon:{name} needs the docker CLI, which is not on PATH (install \
+        .stdin(std::process::Stdio::null());
+    crate::fsutil::die_with_parent(&mut cmd);
+    let out = cmd.output().map_err(|e| {
+        if e.kind() == io::ErrorKind::NotFound {
+            Error::Source(format!(
+                "docker-daemon:{name} needs the docker CLI, which is not on PATH (install \
                      Docker, or export the image elsewhere with `docker save` and build \
                      docker-archive:FILE)"
-                ))
-            } else {
-                Error::io("run docker save", e)
-            }
-        })?;
+            ))
+        } else {
+            Error::io("run docker save", e)
+        }
+    })?;
     if !out.status.success() {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         let hint = if stderr.contains("Cannot connect to the Docker daemon")
