@@ -17,6 +17,8 @@ RUSTFLAGS="-C target-feature=+crt-static" \
 export AGENTVM_AGENT="$PWD/target/x86_64-unknown-linux-gnu/release/agentvm-agent"
 AGENTVM_TEST_ROOTFS=$(hack/make-test-rootfs.sh)
 export AGENTVM_TEST_ROOTFS
+AGENTVM_TEST_IMAGE=$(hack/make-test-image.py)
+export AGENTVM_TEST_IMAGE
 cargo build --workspace --locked --bins
 if [ "${CI:-}" = true ]; then
   export AGENTVM_REQUIRE_VM=1

@@ -4,7 +4,7 @@
 # .config. The bzImage is cached outside the clone, keyed by the hash of its inputs (fragment,
 # this script, source tarball, compiler), so a repeat run returns at once.
 #
-# Output: $AGENTVM_CACHE/kernel/<key>/bzImage, and a copy at $AGENTVM_SHARE/bzImage
+# Output: $AGENTVM_CACHE/kernel/<key>/{vmlinux,bzImage}, copied to $AGENTVM_SHARE/
 # (defaults /var/cache/agentvm and /usr/local/share/agentvm), where the runtime looks for it.
 set -euo pipefail
 
@@ -28,11 +28,12 @@ out="$cache/kernel/$key"
 install_kernel() {
   mkdir -p "$share"
   cp "$out/bzImage" "$share/bzImage.tmp" && mv "$share/bzImage.tmp" "$share/bzImage"
+  cp "$out/vmlinux" "$share/vmlinux.tmp" && mv "$share/vmlinux.tmp" "$share/vmlinux"
   cp "$out/config" "$share/kernel.config"
-  log "ready: $share/bzImage (key $key)"
+  log "ready: $share/vmlinux and $share/bzImage (key $key)"
 }
 
-if [ -f "$out/bzImage" ]; then
+if [ -f "$out/bzImage" ] && [ -f "$out/vmlinux" ]; then
   log "cached build $key"
   install_kernel
   exit 0
@@ -52,7 +53,8 @@ make -s ARCH=x86_64 tinyconfig
 ./scripts/kconfig/merge_config.sh -m .config "$fragment" >/dev/null
 make -s ARCH=x86_64 olddefconfig
 
-# Every requested option must have landed with the requested value.
+# Every requested option must have landed with the requested value; an option requested off
+# ("# CONFIG_X is not set") must be off or absent.
 missing=0
 while IFS= read -r line; do
   case "$line" in
@@ -61,6 +63,13 @@ while IFS= read -r line; do
       if ! grep -qx "$line" .config; then
         actual=$(grep -E "^(# )?$opt[= ]" .config || echo "absent")
         echo "kernel/build.sh: requested $line but the final config has: $actual" >&2
+        missing=1
+      fi
+      ;;
+    "# CONFIG_"*" is not set")
+      opt=${line#\# }; opt=${opt%% *}
+      if grep -qE "^$opt=" .config; then
+        echo "kernel/build.sh: requested $opt off but the final config has: $(grep -E "^$opt=" .config)" >&2
         missing=1
       fi
       ;;
@@ -78,6 +87,7 @@ test -f arch/x86/boot/bzImage || { echo "kernel/build.sh: the kernel build faile
 
 mkdir -p "$out.tmp"
 cp arch/x86/boot/bzImage "$out.tmp/bzImage"
+cp vmlinux "$out.tmp/vmlinux"
 cp .config "$out.tmp/config"
 echo "$(( $(date +%s) - start ))" > "$out.tmp/build-seconds"
 rm -rf "$out"; mv "$out.tmp" "$out"

@@ -24,7 +24,7 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn skip_or_fail(test: &str, reason: String) -> Option<VmEnv> {
+fn skip_or_fail<T>(test: &str, reason: String) -> Option<T> {
     if std::env::var("AGENTVM_REQUIRE_VM").as_deref() == Ok("1") {
         panic!("{test}: {reason} (AGENTVM_REQUIRE_VM=1 forbids skipping)");
     }
@@ -82,6 +82,28 @@ impl VmEnv {
             rootfs,
             state_root,
         })
+    }
+
+    /// The OCI layout of the test image (`AGENTVM_TEST_IMAGE`, from hack/make-test-image.py),
+    /// or `None` after printing why (failing instead under `AGENTVM_REQUIRE_VM=1`).
+    pub fn test_image(&self, test: &str) -> Option<String> {
+        match std::env::var("AGENTVM_TEST_IMAGE") {
+            Ok(p) if Path::new(&p).join("index.json").is_file() => Some(format!("oci:{p}")),
+            _ => skip_or_fail(
+                test,
+                "AGENTVM_TEST_IMAGE unset or not an OCI layout (hack/test.sh sets it)".into(),
+            ),
+        }
+    }
+
+    /// `agentvm run ARGS...` with this test's private state root.
+    pub fn bare_run_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.bin);
+        c.arg("run")
+            .args(args)
+            .env("AGENTVM_STATE_ROOT", self.state_root.path())
+            .stdin(Stdio::null());
+        c
     }
 
     /// `agentvm run --rootfs <test rootfs> ARGS...` with this test's private state root.

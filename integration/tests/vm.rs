@@ -219,3 +219,47 @@ fn check_reports_the_host() {
         assert!(so.contains(item), "no {item} line in:\n{so}");
     }
 }
+
+#[test]
+fn image_config_defaults_apply() {
+    let Some(env) = VmEnv::get("image_config_defaults_apply") else {
+        return;
+    };
+    let Some(image) = env.test_image("image_config_defaults_apply") else {
+        return;
+    };
+    // The image's Entrypoint + Cmd, Env and WorkingDir; its upper layer whites out
+    // /etc/obsolete and hardlinks srv/message.
+    let out = wait_with_deadline(
+        env.bare_run_cmd(&[&image])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn"),
+        T,
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "stderr: {se}");
+    assert_eq!(so, "hello from an OCI image\n/srv\nimage-env\n");
+    // User args replace Cmd but keep the Entrypoint; -e and -w override the image's.
+    let out = wait_with_deadline(
+        env.bare_run_cmd(&[
+            "-e",
+            "GREETING=flag-env",
+            "-w",
+            "/etc",
+            &image,
+            "--",
+            "echo $GREETING; pwd; ls; stat -c %h /srv/message",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn"),
+        T,
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "stderr: {se}");
+    assert_eq!(so, "flag-env\n/etc\ngroup\npasswd\n2\n");
+    env.assert_clean();
+}

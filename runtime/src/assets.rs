@@ -59,11 +59,19 @@ fn existing(var: &str, default: PathBuf, what: &str, hint: &str) -> Result<PathB
     })
 }
 
-/// The guest kernel: `$AGENTVM_KERNEL` or the one `kernel/build.sh` installed.
+/// The guest kernel: `$AGENTVM_KERNEL`, or the one `kernel/build.sh` installed. The
+/// uncompressed `vmlinux` (entered through PVH) is preferred: it skips the decompressor, which
+/// is slow under emulation.
 pub fn kernel_path() -> Result<PathBuf> {
+    let share = Path::new(SHARE_DIR);
+    let default = if share.join("vmlinux").is_file() || !share.join("bzImage").is_file() {
+        share.join("vmlinux")
+    } else {
+        share.join("bzImage")
+    };
     existing(
         "AGENTVM_KERNEL",
-        Path::new(SHARE_DIR).join("bzImage"),
+        default,
         "guest kernel",
         "build it with kernel/build.sh or hack/setup.sh",
     )

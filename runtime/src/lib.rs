@@ -5,6 +5,7 @@ pub mod accel;
 pub mod assets;
 pub mod check;
 pub mod error;
+pub mod image;
 pub mod run;
 pub mod sandbox;
 pub mod vmm;

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentvm::accel::AccelChoice;
+use agentvm::image;
 use agentvm::run::{self, RunOptions};
 use agentvm_protocol::{ProcessSpec, User};
 use clap::{Parser, Subcommand};
@@ -30,8 +31,12 @@ enum Command {
 #[derive(clap::Args, Debug)]
 struct RunArgs {
     /// Root filesystem image (ext4), attached read-only; writes go to a tmpfs overlay.
-    #[arg(long)]
-    rootfs: PathBuf,
+    #[arg(long, conflicts_with = "image", required_unless_present = "image")]
+    rootfs: Option<PathBuf>,
+    /// OCI image to run instead of --rootfs (docker-archive:PATH, oci-archive:PATH, oci:DIR,
+    /// ...): converted once by agentvm-image and cached; its Entrypoint, Cmd, Env, WorkingDir
+    /// and User apply unless overridden.
+    image: Option<String>,
     /// Allocate a pseudo-terminal.
     #[arg(short = 't', long)]
     tty: bool,
@@ -41,9 +46,9 @@ struct RunArgs {
     /// Set an environment variable (K=V).
     #[arg(short = 'e', long = "env")]
     env: Vec<String>,
-    /// Working directory inside the container.
-    #[arg(short = 'w', long = "workdir", default_value = "/")]
-    workdir: String,
+    /// Working directory inside the container (default: the image's, else /).
+    #[arg(short = 'w', long = "workdir")]
+    workdir: Option<String>,
     /// UID[:GID] to run as.
     #[arg(short = 'u', long)]
     user: Option<String>,
@@ -66,7 +71,7 @@ struct RunArgs {
     #[arg(long)]
     debug: bool,
     /// The command and its arguments.
-    #[arg(last = true, required = true)]
+    #[arg(last = true)]
     command: Vec<String>,
 }
 
@@ -107,10 +112,6 @@ fn main() {
 }
 
 async fn run_cmd(a: RunArgs) -> anyhow::Result<i32> {
-    let (uid, gid) = match &a.user {
-        Some(u) => run::parse_user(u)?,
-        None => (0, 0),
-    };
     for e in &a.env {
         if !e.contains('=') {
             anyhow::bail!("invalid -e {e:?}: use KEY=VALUE");
@@ -119,12 +120,33 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<i32> {
     if a.cpus == 0 || a.memory < 64 {
         anyhow::bail!("--cpus must be at least 1 and --memory at least 64 (MiB)");
     }
+    let wanted = image::UserProcess {
+        args: a.command,
+        env: a.env,
+        workdir: a.workdir,
+        user: a.user,
+    };
+    let (rootfs, merged) = match (a.rootfs, a.image) {
+        (Some(rootfs), _) => {
+            let merged = image::merge(&wanted, &Default::default())?;
+            (rootfs, merged)
+        }
+        (None, Some(reference)) => {
+            let (rootfs, config) = image::prepare(&reference)?;
+            (rootfs, image::merge(&wanted, &config)?)
+        }
+        (None, None) => anyhow::bail!("give an IMAGE or --rootfs"),
+    };
+    let (uid, gid) = match &merged.user {
+        Some(u) => run::parse_user(u)?,
+        None => (0, 0),
+    };
     let opts = RunOptions {
-        rootfs: a.rootfs,
+        rootfs,
         process: ProcessSpec {
-            args: a.command,
-            env: a.env,
-            cwd: a.workdir,
+            args: merged.args,
+            env: merged.env,
+            cwd: merged.cwd,
             user: User {
                 uid,
                 gid,
