@@ -93,6 +93,13 @@ fn probe_key(assets: &Assets) -> String {
     )
 }
 
+/// The verdict recorded by an earlier probe for this host boot, kernel, agent and QEMU.
+pub fn cached(assets: &Assets) -> Option<Verdict> {
+    let text = std::fs::read_to_string(assets::cache_dir().join("accel-probe.json")).ok()?;
+    let v: Verdict = serde_json::from_str(&text).ok()?;
+    (v.key == probe_key(assets)).then_some(v)
+}
+
 /// Returns the cached verdict for this host boot, kernel and QEMU, or probes.
 pub async fn probe(assets: &Assets) -> Result<Verdict> {
     if let Err(reason) = kvm_device_usable() {

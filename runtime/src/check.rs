@@ -83,9 +83,14 @@ pub async fn check(probe: bool) -> Vec<Finding> {
     ));
     let kvm = match accel::kvm_device_usable() {
         Err(e) => Err(format!("{e}; VMs run under TCG emulation (slow)")),
-        Ok(()) if !probe => {
-            Ok("/dev/kvm answers; run `agentvm check --probe` to test a boot".into())
-        }
+        Ok(()) if !probe => match Assets::locate().ok().and_then(|a| accel::cached(&a)) {
+            Some(v) if v.kvm_usable => Ok(v.reason),
+            Some(v) => Err(format!(
+                "{} (cached probe); VMs run under TCG emulation (slow)",
+                v.reason
+            )),
+            None => Ok("/dev/kvm answers; run `agentvm check --probe` to test a boot".into()),
+        },
         Ok(()) => match Assets::locate() {
             Err(e) => Err(format!("cannot probe: {e}")),
             Ok(a) => match accel::probe(&a).await {
