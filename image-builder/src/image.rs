@@ -80,8 +80,26 @@ pub struct BuiltImage {
     pub cached: bool,
 }
 
+/// Runs `f` on a plain thread when called from inside a tokio runtime (as from
+/// `agentvm run`'s async main), else right here: registry pulls drive their own runtime, and
+/// tokio panics when a runtime is entered or dropped inside another one.
+fn outside_async<T: Send>(f: impl FnOnce() -> Result<T> + Send) -> Result<T> {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| match s.spawn(f).join() {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
+}
+
 /// Builds `source` into a cached ext4 root filesystem, or returns the cached one.
+/// Blocking; may be called from inside a tokio runtime.
 pub fn build(source: &ImageRef, opts: &BuildOptions<'_>) -> Result<BuiltImage> {
+    outside_async(|| build_here(source, opts))
+}
+
+fn build_here(source: &ImageRef, opts: &BuildOptions<'_>) -> Result<BuiltImage> {
     let progress = opts.progress;
     let cache = Cache::open(opts.cache_dir)?;
     // Leftovers of killed builds are never served; clear them now.
@@ -203,7 +221,15 @@ pub fn build(source: &ImageRef, opts: &BuildOptions<'_>) -> Result<BuiltImage> {
 }
 
 /// The config of an image: from the cache when it was built, else read from the source.
+/// Blocking; may be called from inside a tokio runtime.
 pub fn inspect(
+    source: &ImageRef,
+    opts: &BuildOptions<'_>,
+) -> Result<(ImageConfig, Option<PathBuf>)> {
+    outside_async(|| inspect_here(source, opts))
+}
+
+fn inspect_here(
     source: &ImageRef,
     opts: &BuildOptions<'_>,
 ) -> Result<(ImageConfig, Option<PathBuf>)> {

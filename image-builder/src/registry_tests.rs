@@ -485,3 +485,35 @@ fn registry_basic_auth_from_docker_config() {
     fsck_ok(&img.rootfs);
     assert!(listing(&img.rootfs).contains_key("/secret"));
 }
+
+/// `agentvm run` calls `build()` from its async main: a registry pull there must not enter
+/// (or drop) the registry client's runtime inside the caller's.
+#[test]
+fn registry_build_from_inside_a_tokio_runtime() {
+    let Some(bin) = prerequisites("registry_build_from_inside_a_tokio_runtime") else {
+        return;
+    };
+    let reg = Registry::start(&bin, None);
+    let t = tempfile::tempdir().unwrap();
+    let layout = t.path().join("layout");
+    write_oci_layout(&layout, &test_layers(), "v1");
+    let reference = format!("{}/test/in-async:v1", reg.addr);
+    push_layout(&layout, &reference, &RegistryAuth::Anonymous);
+    let r = ImageRef::parse(&reference).unwrap();
+    let cache = t.path().join("cache");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (built, inspected) = rt.block_on(async {
+        let opts = BuildOptions::new(&cache);
+        let built = build(&r, &opts).unwrap();
+        let other_cache = t.path().join("cache-inspect");
+        let inspected = crate::inspect(&r, &BuildOptions::new(&other_cache)).unwrap();
+        (built, inspected)
+    });
+    assert!(!built.cached);
+    fsck_ok(&built.rootfs);
+    assert_eq!(inspected.0.rootfs.diff_ids, built.config.rootfs.diff_ids);
+    assert_eq!(inspected.1, None, "nothing built in the inspect cache");
+}
