@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs every host dependency agentvm needs on Debian bookworm: QEMU, e2fsprogs, the kernel
-# build toolchain and Debian's linux-source-6.12, busybox-static (test rootfs), and the
-# vhost-device-vsock daemon from crates.io. Idempotent; safe to re-run.
+# build toolchain and Debian's linux-source-6.12, busybox-static (test rootfs), Docker 26 and
+# containerd 1.7 from Debian trixie (pinned low, installed by name), and the vhost-device-vsock
+# daemon from crates.io. Idempotent; safe to re-run.
 set -euo pipefail
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -35,4 +36,38 @@ if ! command -v vhost-device-vsock >/dev/null 2>&1; then
   log "cargo install vhost-device-vsock@${VSOCK_VERSION}"
   cargo install --locked --quiet "vhost-device-vsock@${VSOCK_VERSION}"
 fi
+# Docker and containerd for the shim's integration tests: bookworm's docker.io (20.10) predates
+# daemon.json `runtimeType`, so take trixie's docker.io 26 + containerd 1.7. Trixie is pinned at
+# priority 100 so that nothing else is ever upgraded from it; only the packages named here are.
+# (runc and tini come from bookworm: trixie's builds would pull trixie's libc.)
+TRIXIE_PKGS=(docker.io docker-cli containerd docker-compose)
+if [ ! -f /etc/apt/sources.list.d/agentvm-trixie.sources ]; then
+  log "adding the Debian trixie apt source (pinned at priority 100)"
+  cat > /etc/apt/sources.list.d/agentvm-trixie.sources <<'SRC'
+Types: deb
+URIs: http://deb.debian.org/debian
+Suites: trixie
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  cat > /etc/apt/preferences.d/agentvm-trixie <<'PIN'
+Package: *
+Pin: release n=trixie
+Pin-Priority: 100
+PIN
+fi
+missing=()
+for p in "${TRIXIE_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "apt-get install -t trixie ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null
+  # Explicit trixie versions for exactly these packages; their dependencies come from bookworm
+  # where bookworm satisfies them.
+  apt-get install -y -q --no-install-recommends \
+    $(printf '%s/trixie ' "${missing[@]}") >/dev/null
+fi
+
 log "dependencies ready"

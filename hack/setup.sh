@@ -19,10 +19,11 @@ RUSTFLAGS="-C target-feature=+crt-static" \
 share=${AGENTVM_SHARE:-/usr/local/share/agentvm}
 install -d "$share"
 install -m 0755 target/x86_64-unknown-linux-gnu/release/agentvm-agent "$share/agentvm-agent"
-for b in agentvm agentvm-image; do
+for b in agentvm agentvm-image containerd-shim-agentvm-v1; do
   [ -f "target/release/$b" ] && install -m 0755 "target/release/$b" "/usr/local/bin/$b"
 done
-log "installed agentvm to /usr/local/bin and the agent to $share"
+log "installed agentvm and containerd-shim-agentvm-v1 to /usr/local/bin and the agent to $share"
+agentvm install
 
 rootfs=$(hack/make-test-rootfs.sh)
 log "agentvm check"

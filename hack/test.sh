@@ -24,5 +24,15 @@ if [ "${CI:-}" = true ]; then
   export AGENTVM_REQUIRE_VM=1
 fi
 
+# Docker tests: containerd + dockerd (started here when not running), the agentvm runtime
+# registered, the freshly built shim on containerd's PATH, and a local test image.
+if [ "$(id -u)" = 0 ] && command -v dockerd >/dev/null 2>&1; then
+  log "containerd and dockerd for the Docker tests"
+  install -m 0755 target/debug/containerd-shim-agentvm-v1 /usr/local/bin/containerd-shim-agentvm-v1
+  AGENTVM_BIN="$PWD/target/debug/agentvm" hack/docker-up.sh /usr/local/bin
+else
+  log "not root or no dockerd (hack/install-deps.sh installs it): the Docker tests will skip"
+fi
+
 log "cargo test"
 cargo test --workspace --locked

@@ -95,9 +95,17 @@ pub fn plan(spec: &RootfsSpec) -> Vec<Op> {
             ),
         ]);
     } else {
+        // Mounted read-write as is: a 9p share of the host's container rootfs (Docker's
+        // overlay2 `merged` dir) takes the writes, so `docker diff`/`docker cp` see them.
         ops.extend([
             mkdir(ROOT, 0o755),
-            mnt(&spec.device, ROOT, &spec.fstype, MsFlags::empty(), None),
+            mnt(
+                &spec.device,
+                ROOT,
+                &spec.fstype,
+                MsFlags::empty(),
+                spec.options.as_deref(),
+            ),
         ]);
     }
     ops.extend([
@@ -272,6 +280,7 @@ mod tests {
             device: "/dev/vda".into(),
             fstype: "ext4".into(),
             overlay,
+            options: None,
         }
     }
 
@@ -326,6 +335,26 @@ mod tests {
                 "/run/agentvm/rootfs/dev/pts",
                 "/run/agentvm/rootfs/dev/shm",
             ]
+        );
+    }
+
+    #[test]
+    fn shared_dir_root_is_mounted_rw_with_its_options() {
+        let ops = plan(&RootfsSpec {
+            device: "rootfs".into(),
+            fstype: "9p".into(),
+            overlay: false,
+            options: Some("trans=virtio,version=9p2000.L".into()),
+        });
+        assert_eq!(
+            ops[1],
+            mnt(
+                "rootfs",
+                ROOT,
+                "9p",
+                MsFlags::empty(),
+                Some("trans=virtio,version=9p2000.L")
+            )
         );
     }
 

@@ -497,6 +497,7 @@ mod tests {
                 device: "/dev/null".into(),
                 fstype: "none".into(),
                 overlay: false,
+                options: None,
             },
             process: ProcessSpec {
                 args: args.iter().map(|s| s.to_string()).collect(),

@@ -212,3 +212,99 @@ pub fn text(out: &Output) -> (String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// What a Docker test needs: a dockerd answering, with the `agentvm` runtime registered and
+/// the local test image (hack/docker-up.sh sets all of it up).
+#[derive(Debug)]
+pub struct DockerEnv {
+    pub image: String,
+}
+
+/// The image hack/docker-up.sh imports from busybox-static.
+pub const DOCKER_TEST_IMAGE: &str = "agentvm-test/busybox:latest";
+
+impl DockerEnv {
+    /// The environment for a Docker test, or `None` (after printing why) when this host has
+    /// no usable dockerd with the agentvm runtime. Fails instead under AGENTVM_REQUIRE_VM=1.
+    pub fn get(test: &str) -> Option<DockerEnv> {
+        let fail = |reason: String| -> Option<DockerEnv> {
+            if std::env::var("AGENTVM_REQUIRE_VM").as_deref() == Ok("1") {
+                panic!("{test}: {reason} (AGENTVM_REQUIRE_VM=1 forbids skipping)");
+            }
+            eprintln!("SKIP {test}: {reason}");
+            None
+        };
+        let info = Command::new("docker")
+            .args(["info", "--format", "{{json .Runtimes}}"])
+            .stdin(Stdio::null())
+            .output();
+        match info {
+            Ok(o) if o.status.success() => {
+                if !String::from_utf8_lossy(&o.stdout).contains("\"agentvm\"") {
+                    return fail(
+                        "dockerd does not know the agentvm runtime (run hack/docker-up.sh)".into(),
+                    );
+                }
+            }
+            Ok(o) => {
+                return fail(format!(
+                    "dockerd is not answering (run hack/docker-up.sh): {}",
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ))
+            }
+            Err(e) => return fail(format!("cannot run docker: {e}")),
+        }
+        let image = Command::new("docker")
+            .args(["image", "inspect", DOCKER_TEST_IMAGE])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !matches!(image, Ok(s) if s.success()) {
+            return fail(format!(
+                "test image {DOCKER_TEST_IMAGE} missing (run hack/docker-up.sh)"
+            ));
+        }
+        Some(DockerEnv {
+            image: DOCKER_TEST_IMAGE.into(),
+        })
+    }
+
+    /// `docker ARGS...` with a deadline; stdin is `input` (or empty).
+    pub fn docker(&self, args: &[&str], input: Option<&[u8]>, timeout: Duration) -> Output {
+        let mut c = Command::new("docker");
+        c.args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = c.spawn().expect("spawn docker");
+        if let Some(data) = input {
+            use std::io::Write;
+            let mut s = child.stdin.take().expect("stdin");
+            s.write_all(data).expect("write stdin");
+        }
+        wait_with_deadline(child, timeout)
+    }
+
+    /// Asserts that no VM of `container_id` survives: no process names its state dir and the
+    /// state dir is gone (the shim runs with containerd's default state root).
+    pub fn assert_vm_gone(&self, container_id: &str) {
+        let dir = format!("/run/agentvm/{container_id}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let procs = processes_mentioning(&dir);
+            let exists = Path::new(&dir).exists();
+            if procs.is_empty() && !exists {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("leaked after the container ended: state dir exists={exists}, processes {procs:?}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

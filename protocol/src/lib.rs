@@ -106,17 +106,21 @@ pub struct StartRequest {
     pub init: bool,
 }
 
-/// The container's root filesystem, a block device seen by the guest.
+/// The container's root filesystem: a block device or a shared directory seen by the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootfsSpec {
-    /// Guest device path, e.g. `/dev/vda`.
+    /// Guest device path, e.g. `/dev/vda`, or the mount tag of a shared directory (9p).
     pub device: String,
-    /// Filesystem type, e.g. `ext4`.
+    /// Filesystem type, e.g. `ext4` or `9p`.
     pub fstype: String,
     /// Put a tmpfs-backed overlay on top so the workload can write while the disk stays
     /// read-only.
     #[serde(default)]
     pub overlay: bool,
+    /// Filesystem-specific mount options (the `data` argument of mount(2)), e.g.
+    /// `trans=virtio,version=9p2000.L` for a 9p share.
+    #[serde(default)]
+    pub options: Option<String>,
 }
 
 /// The OCI `process` object, as far as the agent applies it.
@@ -333,6 +337,7 @@ mod tests {
                 device: "/dev/vda".into(),
                 fstype: "ext4".into(),
                 overlay: true,
+                options: None,
             },
             process: ProcessSpec {
                 args: vec!["sh".into(), "-c".into(), "exit 7".into()],
@@ -362,6 +367,14 @@ mod tests {
         roundtrip(Frame::Msg(Message::Exited(ExitStatus::signaled(9))));
         roundtrip(Frame::Data(Stream::Stdout, b"hello\n".to_vec()));
         roundtrip(Frame::Data(Stream::Stdin, Vec::new()));
+    }
+
+    #[test]
+    fn rootfs_options_default_to_none() {
+        let old: RootfsSpec =
+            serde_json::from_str(r#"{"device":"/dev/vda","fstype":"ext4"}"#).unwrap();
+        assert_eq!(old.options, None);
+        assert!(!old.overlay);
     }
 
     #[test]

@@ -137,6 +137,7 @@ pub async fn probe(assets: &Assets) -> Result<Verdict> {
     let cfg = SandboxConfig {
         id: format!("kvm-probe-{}", new_id()),
         disks: Vec::new(),
+        shares: Vec::new(),
         memory_mib: 256,
         vcpus: 1,
         accel: Accel::Kvm,

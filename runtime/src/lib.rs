@@ -4,8 +4,11 @@
 pub mod accel;
 pub mod assets;
 pub mod check;
+pub mod container;
 pub mod error;
 pub mod image;
+pub mod install;
+pub mod oci;
 pub mod run;
 pub mod sandbox;
 pub mod vmm;

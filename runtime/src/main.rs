@@ -26,6 +26,13 @@ enum Command {
         #[arg(long)]
         probe: bool,
     },
+    /// Register the agentvm runtime with Docker (merges it into /etc/docker/daemon.json;
+    /// restarts nothing: send dockerd SIGHUP or restart it).
+    Install {
+        /// The daemon.json to update.
+        #[arg(long, default_value = agentvm::install::DOCKER_DAEMON_JSON)]
+        docker_config: PathBuf,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -104,6 +111,28 @@ fn main() {
                 let (text, ready) = agentvm::check::render(&findings);
                 print!("{text}");
                 i32::from(!ready)
+            }
+            Command::Install { docker_config } => {
+                match agentvm::install::install_docker_runtime(&docker_config) {
+                    Ok(changed) => {
+                        let what = if changed {
+                            "registered"
+                        } else {
+                            "already registered"
+                        };
+                        println!(
+                            "agentvm: runtime {:?} ({}) {what} in {}",
+                            agentvm::install::RUNTIME_NAME,
+                            agentvm::install::RUNTIME_TYPE,
+                            docker_config.display()
+                        );
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("agentvm: error: {e}");
+                        1
+                    }
+                }
             }
         }
     });

@@ -8,16 +8,19 @@ use tokio::io::{ReadHalf, WriteHalf};
 
 use crate::assets::{self, Assets};
 use crate::error::{Error, Result};
-use crate::vmm::{Accel, AgentIo, Disk, Qemu, Vm, VmConfig, VmmBackend};
+use crate::vmm::{Accel, AgentIo, Disk, Qemu, Share, Vm, VmConfig, VmmBackend};
 
 /// Root of per-sandbox state directories.
 pub const STATE_ROOT: &str = "/run/agentvm";
+/// In a state dir: the pids of the VMM and its helpers, one per line.
+const PIDS_FILE: &str = "pids";
 
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct SandboxConfig {
     pub id: String,
     pub disks: Vec<Disk>,
+    pub shares: Vec<Share>,
     pub memory_mib: u32,
     pub vcpus: u32,
     pub accel: Accel,
@@ -131,6 +134,7 @@ impl Sandbox {
             kernel: assets.kernel.clone(),
             initrd,
             disks: cfg.disks.clone(),
+            shares: cfg.shares.clone(),
             memory_mib: cfg.memory_mib,
             vcpus: cfg.vcpus,
             accel: cfg.accel,
@@ -143,7 +147,16 @@ impl Sandbox {
         };
         let vm = backend.launch(&vm_cfg).await?;
         sandbox.timings.vmm_spawned = Instant::now();
+        let pids: Vec<String> = std::iter::once(&vm.vmm)
+            .chain(&vm.helpers)
+            .filter_map(|c| c.id())
+            .map(|p| p.to_string())
+            .collect();
         sandbox.vm = Some(vm);
+        // Recorded so that a cleanup after a crash of this process finds the VM.
+        let pids_file = sandbox.state_dir.join(PIDS_FILE);
+        std::fs::write(&pids_file, pids.join("\n") + "\n")
+            .map_err(|e| Error::io("write", &pids_file, e))?;
         let conn = sandbox.wait_agent(cfg.boot_timeout).await?;
         Ok((sandbox, conn))
     }
@@ -225,6 +238,18 @@ impl Sandbox {
         }
     }
 
+    /// Host pid of the VMM process.
+    pub fn vmm_pid(&self) -> Option<u32> {
+        self.vm.as_ref().and_then(|vm| vm.vmm.id())
+    }
+
+    /// Kills the VMM at once (its exit shows in [`Sandbox::vmm_exited`]).
+    pub fn kill(&mut self) {
+        if let Some(vm) = self.vm.as_mut() {
+            let _ = vm.vmm.start_kill();
+        }
+    }
+
     /// Console and VMM log tails, for error reports.
     pub fn diagnostics(&self) -> String {
         self.vm.as_ref().map(Vm::diagnostics).unwrap_or_default()
@@ -259,6 +284,30 @@ impl Drop for Sandbox {
     }
 }
 
+/// Removes what a sandbox `id` left behind when the process that owned it died: kills the
+/// processes recorded in its state dir (only those whose command line still names that dir,
+/// so a recycled pid is never hit) and removes the dir. Returns whether there was anything.
+pub fn cleanup_stale(id: &str) -> Result<bool> {
+    validate_id(id)?;
+    let dir = state_root().join(id);
+    if !dir.exists() {
+        return Ok(false);
+    }
+    let needle = dir.display().to_string();
+    let pids = std::fs::read_to_string(dir.join(PIDS_FILE)).unwrap_or_default();
+    for pid in pids.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if pid > 1 && String::from_utf8_lossy(&cmdline).contains(&needle) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+    remove_state_dir(&dir);
+    Ok(true)
+}
+
 fn remove_state_dir(dir: &Path) {
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
@@ -270,6 +319,22 @@ fn remove_state_dir(dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cleanup_of_unknown_or_invalid_ids() {
+        assert!(cleanup_stale("../etc").is_err());
+        let root = tempfile::tempdir().unwrap();
+        // Only this test touches AGENTVM_STATE_ROOT in this test binary.
+        std::env::set_var("AGENTVM_STATE_ROOT", root.path());
+        assert!(!cleanup_stale("nothing-here").unwrap());
+        let dir = root.path().join("stale");
+        std::fs::create_dir(&dir).unwrap();
+        // A pid that is not ours to kill: its command line does not name the state dir.
+        std::fs::write(dir.join(PIDS_FILE), format!("{}\n", std::process::id())).unwrap();
+        assert!(cleanup_stale("stale").unwrap());
+        assert!(!dir.exists());
+        std::env::remove_var("AGENTVM_STATE_ROOT");
+    }
 
     #[test]
     fn ids_are_validated() {

@@ -27,12 +27,22 @@ pub struct Disk {
     pub readonly: bool,
 }
 
+/// A host directory shared with the guest over virtio-9p, mounted there by its `tag`.
+#[derive(Debug, Clone)]
+pub struct Share {
+    pub tag: String,
+    pub path: PathBuf,
+    pub readonly: bool,
+}
+
 /// Everything a backend needs to start one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub disks: Vec<Disk>,
+    /// Directories shared over virtio-9p (`-fsdev local`, passthrough security model).
+    pub shares: Vec<Share>,
     pub memory_mib: u32,
     pub vcpus: u32,
     pub accel: Accel,
@@ -246,6 +256,21 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
             &format!("virtio-blk-device,drive=disk{i}"),
         ]);
     }
+    for (i, sh) in cfg.shares.iter().enumerate() {
+        let ro = if sh.readonly { ",readonly=on" } else { "" };
+        push(&[
+            "-fsdev",
+            &format!(
+                "local,id=fs{i},path={},security_model=passthrough{ro}",
+                qemu_escape(&sh.path)
+            ),
+            "-device",
+            &format!(
+                "virtio-9p-device,fsdev=fs{i},mount_tag={}",
+                qemu_escape(Path::new(&sh.tag))
+            ),
+        ]);
+    }
     match vsock {
         VsockTransport::User { .. } => push(&[
             "-chardev",
@@ -384,6 +409,11 @@ mod tests {
                 path: "/img/a,b.ext4".into(),
                 readonly: true,
             }],
+            shares: vec![Share {
+                tag: "rootfs".into(),
+                path: "/var/lib/docker/x/merged".into(),
+                readonly: false,
+            }],
             memory_mib: 512,
             vcpus: 2,
             accel,
@@ -435,6 +465,20 @@ mod tests {
         let append = &a[a.iter().position(|s| s == "-append").unwrap() + 1];
         assert!(append.starts_with("console=ttyS0 reboot=t panic=-1"));
         assert!(append.ends_with("agentvm.debug=1"));
+    }
+
+    #[test]
+    fn shares_are_virtio_9p_passthrough() {
+        let a = qemu_args(&cfg(Accel::Tcg), &VsockTransport::Kernel { cid: 3 });
+        let s = joined(&a);
+        assert!(s.contains(
+            "-fsdev local,id=fs0,path=/var/lib/docker/x/merged,security_model=passthrough -device"
+        ));
+        assert!(s.contains("virtio-9p-device,fsdev=fs0,mount_tag=rootfs"));
+        let mut ro = cfg(Accel::Tcg);
+        ro.shares[0].readonly = true;
+        let s = joined(&qemu_args(&ro, &VsockTransport::Kernel { cid: 3 }));
+        assert!(s.contains("security_model=passthrough,readonly=on"));
     }
 
     #[test]

@@ -1,0 +1,175 @@
+//! Docker end to end: `docker run --runtime=agentvm` through dockerd, containerd 1.7 and
+//! containerd-shim-agentvm-v1, each container in a real VM (TCG on these machines). Each test
+//! checks that the container's VM and state dir are gone afterwards.
+//! Needs hack/docker-up.sh (hack/test.sh runs it).
+
+use std::time::Duration;
+
+use agentvm_integration::{text, DockerEnv};
+
+const T: Duration = Duration::from_secs(180);
+
+/// A unique container name, so tests can run in parallel and find their container's id.
+fn name(test: &str) -> String {
+    format!("agentvm-it-{test}-{}", std::process::id())
+}
+
+/// Runs `docker run --runtime=agentvm --cidfile ... ARGS`, returns the output and the id.
+fn run(
+    env: &DockerEnv,
+    test: &str,
+    args: &[&str],
+    input: Option<&[u8]>,
+) -> (std::process::Output, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let cidfile = dir.path().join("cid");
+    let cid = cidfile.to_str().unwrap().to_string();
+    let n = name(test);
+    let mut all = vec!["run", "--runtime=agentvm", "--name", &n, "--cidfile", &cid];
+    all.extend_from_slice(args);
+    let out = env.docker(&all, input, T);
+    let id = std::fs::read_to_string(&cidfile).unwrap_or_default();
+    (out, id)
+}
+
+#[test]
+fn docker_run_echo_prints_hi() {
+    let Some(env) = DockerEnv::get("docker_run_echo_prints_hi") else {
+        return;
+    };
+    let (out, id) = run(
+        &env,
+        "echo",
+        &["--rm", &env.image.clone(), "echo", "hi"],
+        None,
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "stderr: {se}");
+    assert_eq!(so, "hi\n");
+    env.assert_vm_gone(&id);
+}
+
+#[test]
+fn docker_run_exit_code_comes_back() {
+    let Some(env) = DockerEnv::get("docker_run_exit_code_comes_back") else {
+        return;
+    };
+    let (out, id) = run(
+        &env,
+        "exit3",
+        &[
+            "--rm",
+            &env.image.clone(),
+            "sh",
+            "-c",
+            "echo err >&2; exit 3",
+        ],
+        None,
+    );
+    let (_, se) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "stderr: {se}");
+    assert!(se.contains("err"), "stderr: {se}");
+    env.assert_vm_gone(&id);
+}
+
+#[test]
+fn docker_run_interactive_stdin() {
+    let Some(env) = DockerEnv::get("docker_run_interactive_stdin") else {
+        return;
+    };
+    let (out, id) = run(
+        &env,
+        "stdin",
+        &[
+            "--rm",
+            "-i",
+            &env.image.clone(),
+            "sh",
+            "-c",
+            "tr a-z A-Z; echo done",
+        ],
+        Some(b"line one\nline two\n"),
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "stderr: {se}");
+    assert_eq!(so, "LINE ONE\nLINE TWO\ndone\n");
+    env.assert_vm_gone(&id);
+}
+
+#[test]
+fn docker_stop_logs_wait_and_rm() {
+    let Some(env) = DockerEnv::get("docker_stop_logs_wait_and_rm") else {
+        return;
+    };
+    let n = name("stop");
+    let image = env.image.clone();
+    let (out, id) = run(
+        &env,
+        "stop",
+        &["-d", &image, "sh", "-c", "echo started; echo data > /tmp/written; trap 'exit 143' TERM; while :; do sleep 1; done"],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let id = id.trim().to_string();
+    // Wait for the workload to have written (the VM boots in seconds under TCG).
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        let logs = env.docker(&["logs", &n], None, T);
+        if text(&logs).0.contains("started") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no output from the container: {:?}",
+            text(&logs)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The writable layer Docker sees is the one the VM wrote.
+    let diff = env.docker(&["diff", &n], None, T);
+    assert!(
+        text(&diff).0.contains("/tmp/written"),
+        "docker diff: {:?}",
+        text(&diff)
+    );
+    let stop = env.docker(&["stop", "-t", "20", &n], None, T);
+    assert_eq!(stop.status.code(), Some(0), "{:?}", text(&stop));
+    let wait = env.docker(&["wait", &n], None, T);
+    assert_eq!(text(&wait).0.trim(), "143", "{:?}", text(&wait));
+    env.assert_vm_gone(&id);
+    let rm = env.docker(&["rm", "-f", &n], None, T);
+    assert_eq!(rm.status.code(), Some(0), "{:?}", text(&rm));
+}
+
+#[test]
+fn docker_rm_force_kills_a_running_container() {
+    let Some(env) = DockerEnv::get("docker_rm_force_kills_a_running_container") else {
+        return;
+    };
+    let n = name("rmf");
+    let image = env.image.clone();
+    let (out, id) = run(&env, "rmf", &["-d", &image, "sleep", "1000"], None);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let rm = env.docker(&["rm", "-f", &n], None, T);
+    assert_eq!(rm.status.code(), Some(0), "{:?}", text(&rm));
+    env.assert_vm_gone(id.trim());
+}
+
+#[test]
+fn docker_run_missing_binary_is_127() {
+    let Some(env) = DockerEnv::get("docker_run_missing_binary_is_127") else {
+        return;
+    };
+    let (out, id) = run(
+        &env,
+        "missing",
+        &["--rm", &env.image.clone(), "no-such-binary"],
+        None,
+    );
+    let (_, se) = text(&out);
+    assert_eq!(out.status.code(), Some(127), "stderr: {se}");
+    assert!(se.contains("no-such-binary"), "stderr: {se}");
+    if !id.is_empty() {
+        env.assert_vm_gone(id.trim());
+    }
+}

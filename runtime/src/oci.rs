@@ -1,0 +1,263 @@
+//! The OCI runtime spec (a bundle's `config.json`) mapped onto what agentvm runs: the process
+//! for the agent, the hostname, and the VM's size.
+
+use std::path::{Path, PathBuf};
+
+use agentvm_protocol::{Capabilities, ProcessSpec, Rlimit, User};
+use oci_spec::runtime::{Process, Spec};
+
+use crate::error::{Error, Result};
+
+/// Guest memory added on top of the container's memory limit: the guest kernel, the agent and
+/// the page cache of a small workload. Measured: the busybox test guest uses ~25 MiB after boot.
+pub const MEMORY_OVERHEAD_MIB: u32 = 64;
+/// Smallest VM booted whatever the limit says: below this the kernel itself struggles.
+pub const MIN_MEMORY_MIB: u32 = 128;
+/// vCPUs are capped here: each is a host thread (and under TCG a busy one).
+pub const MAX_VCPUS: u32 = 16;
+
+/// What agentvm takes from a bundle's `config.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleSpec {
+    pub process: ProcessSpec,
+    pub hostname: Option<String>,
+    /// `root.path`, resolved against the bundle when relative.
+    pub root: PathBuf,
+    pub root_readonly: bool,
+    /// The VM's memory: the OCI memory limit + [`MEMORY_OVERHEAD_MIB`], or the default.
+    pub memory_mib: u32,
+    /// The OCI CPU quota rounded up to whole vCPUs, or the default.
+    pub vcpus: u32,
+}
+
+/// Reads and maps `<bundle>/config.json`.
+pub fn load_bundle(
+    bundle: &Path,
+    default_memory_mib: u32,
+    default_vcpus: u32,
+) -> Result<BundleSpec> {
+    let path = bundle.join("config.json");
+    let spec = Spec::load(&path)
+        .map_err(|e| Error::Invalid(format!("cannot load {}: {e}", path.display())))?;
+    map_spec(&spec, bundle, default_memory_mib, default_vcpus)
+}
+
+/// Maps a parsed spec; `bundle` resolves a relative root path.
+pub fn map_spec(
+    spec: &Spec,
+    bundle: &Path,
+    default_memory_mib: u32,
+    default_vcpus: u32,
+) -> Result<BundleSpec> {
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or_else(|| Error::Invalid("config.json has no process".into()))?;
+    let process = process_spec(process)?;
+    let (root, root_readonly) = match spec.root() {
+        Some(r) if r.path().is_absolute() => (r.path().clone(), r.readonly().unwrap_or(false)),
+        Some(r) => (bundle.join(r.path()), r.readonly().unwrap_or(false)),
+        None => (bundle.join("rootfs"), false),
+    };
+    let resources = spec.linux().as_ref().and_then(|l| l.resources().as_ref());
+    let memory_limit = resources
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit());
+    let cpu = resources.and_then(|r| r.cpu().as_ref());
+    Ok(BundleSpec {
+        process,
+        hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
+        root,
+        root_readonly,
+        memory_mib: memory_mib(memory_limit, default_memory_mib),
+        vcpus: vcpus(
+            cpu.and_then(|c| c.quota()),
+            cpu.and_then(|c| c.period()),
+            default_vcpus,
+        ),
+    })
+}
+
+/// The VM size for an OCI memory limit in bytes (absent, 0 or -1 mean unlimited).
+pub fn memory_mib(limit: Option<i64>, default_mib: u32) -> u32 {
+    match limit {
+        Some(bytes) if bytes > 0 => {
+            let mib = u32::try_from((bytes as u64).div_ceil(1 << 20)).unwrap_or(u32::MAX);
+            mib.saturating_add(MEMORY_OVERHEAD_MIB).max(MIN_MEMORY_MIB)
+        }
+        _ => default_mib,
+    }
+}
+
+/// vCPUs for an OCI CPU quota/period (`--cpus 1.5` = quota 150000, period 100000 -> 2).
+pub fn vcpus(quota: Option<i64>, period: Option<u64>, default: u32) -> u32 {
+    match (quota, period) {
+        (Some(q), Some(p)) if q > 0 && p > 0 => {
+            let n = (q as u64).div_ceil(p);
+            u32::try_from(n).unwrap_or(MAX_VCPUS).clamp(1, MAX_VCPUS)
+        }
+        _ => default,
+    }
+}
+
+/// The OCI `process` as the agent's [`ProcessSpec`].
+pub fn process_spec(p: &Process) -> Result<ProcessSpec> {
+    let args = p.args().clone().unwrap_or_default();
+    if args.is_empty() {
+        return Err(Error::Invalid("process.args is empty".into()));
+    }
+    // Rlimit and capability names are the OCI strings on both sides: go through JSON rather
+    // than mapping every enum variant by hand.
+    let rlimits: Vec<Rlimit> = match p.rlimits() {
+        Some(r) => via_json(r, "process.rlimits")?,
+        None => Vec::new(),
+    };
+    let capabilities: Option<Capabilities> = match p.capabilities() {
+        Some(c) => {
+            let mut caps: Capabilities = via_json(c, "process.capabilities")?;
+            for set in [
+                &mut caps.bounding,
+                &mut caps.effective,
+                &mut caps.inheritable,
+                &mut caps.permitted,
+                &mut caps.ambient,
+            ] {
+                set.sort();
+            }
+            Some(caps)
+        }
+        None => None,
+    };
+    let cwd = p.cwd().display().to_string();
+    Ok(ProcessSpec {
+        args,
+        env: p.env().clone().unwrap_or_default(),
+        cwd: if cwd.is_empty() { "/".into() } else { cwd },
+        user: User {
+            uid: p.user().uid(),
+            gid: p.user().gid(),
+            additional_gids: p.user().additional_gids().clone().unwrap_or_default(),
+        },
+        terminal: p.terminal().unwrap_or(false),
+        console_size: p.console_size().map(|b| {
+            (
+                u16::try_from(b.height()).unwrap_or(u16::MAX),
+                u16::try_from(b.width()).unwrap_or(u16::MAX),
+            )
+        }),
+        rlimits,
+        no_new_privileges: p.no_new_privileges().unwrap_or(false),
+        capabilities,
+    })
+}
+
+fn via_json<T: serde::de::DeserializeOwned>(v: &impl serde::Serialize, what: &str) -> Result<T> {
+    serde_json::to_value(v)
+        .and_then(serde_json::from_value)
+        .map_err(|e| Error::Invalid(format!("{what}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(json: &str) -> Spec {
+        serde_json::from_str(json).unwrap()
+    }
+
+    const DOCKER_LIKE: &str = r#"{
+        "ociVersion": "1.0.2",
+        "process": {
+            "terminal": true,
+            "consoleSize": {"height": 40, "width": 120},
+            "user": {"uid": 1000, "gid": 1000, "additionalGids": [10, 20]},
+            "args": ["sh", "-c", "echo hi"],
+            "env": ["PATH=/usr/bin:/bin", "HOSTNAME=abc"],
+            "cwd": "/work",
+            "capabilities": {
+                "bounding": ["CAP_KILL", "CAP_CHOWN"],
+                "effective": ["CAP_CHOWN"],
+                "permitted": ["CAP_CHOWN", "CAP_KILL"]
+            },
+            "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 512}],
+            "noNewPrivileges": true
+        },
+        "root": {"path": "/var/lib/docker/overlay2/x/merged", "readonly": true},
+        "hostname": "abc",
+        "linux": {
+            "resources": {
+                "memory": {"limit": 268435456},
+                "cpu": {"quota": 150000, "period": 100000}
+            },
+            "namespaces": [{"type": "network"}]
+        }
+    }"#;
+
+    #[test]
+    fn docker_spec_maps_to_process_and_vm_size() {
+        let b = map_spec(&spec(DOCKER_LIKE), Path::new("/bundle"), 512, 1).unwrap();
+        let p = &b.process;
+        assert_eq!(p.args, ["sh", "-c", "echo hi"]);
+        assert_eq!(p.env, ["PATH=/usr/bin:/bin", "HOSTNAME=abc"]);
+        assert_eq!(p.cwd, "/work");
+        assert_eq!(
+            p.user,
+            User {
+                uid: 1000,
+                gid: 1000,
+                additional_gids: vec![10, 20]
+            }
+        );
+        assert!(p.terminal);
+        assert_eq!(p.console_size, Some((40, 120)));
+        assert!(p.no_new_privileges);
+        assert_eq!(
+            p.rlimits,
+            [Rlimit {
+                kind: "RLIMIT_NOFILE".into(),
+                hard: 1024,
+                soft: 512
+            }]
+        );
+        let caps = p.capabilities.as_ref().unwrap();
+        assert_eq!(caps.bounding, ["CAP_CHOWN", "CAP_KILL"]);
+        assert_eq!(caps.effective, ["CAP_CHOWN"]);
+        assert!(caps.ambient.is_empty());
+        assert_eq!(b.hostname.as_deref(), Some("abc"));
+        assert_eq!(b.root, Path::new("/var/lib/docker/overlay2/x/merged"));
+        assert!(b.root_readonly);
+        assert_eq!(b.memory_mib, 256 + MEMORY_OVERHEAD_MIB);
+        assert_eq!(b.vcpus, 2);
+    }
+
+    #[test]
+    fn minimal_spec_gets_defaults_and_relative_root() {
+        let s = spec(
+            r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":["true"],"cwd":"/"},"root":{"path":"rootfs"}}"#,
+        );
+        let b = map_spec(&s, Path::new("/run/b"), 512, 1).unwrap();
+        assert_eq!(b.root, Path::new("/run/b/rootfs"));
+        assert!(!b.root_readonly);
+        assert_eq!((b.memory_mib, b.vcpus), (512, 1));
+        assert_eq!(b.process.capabilities, None);
+        assert_eq!(b.hostname, None);
+    }
+
+    #[test]
+    fn hostile_or_odd_values_are_bounded() {
+        assert_eq!(memory_mib(Some(-1), 512), 512);
+        assert_eq!(memory_mib(Some(0), 512), 512);
+        assert_eq!(memory_mib(Some(1), 512), MIN_MEMORY_MIB);
+        assert_eq!(memory_mib(Some(i64::MAX), 512), u32::MAX);
+        assert_eq!(vcpus(Some(i64::MAX), Some(1), 1), MAX_VCPUS);
+        assert_eq!(vcpus(Some(-1), Some(100000), 1), 1);
+        assert_eq!(vcpus(Some(50000), Some(0), 1), 1);
+        assert_eq!(vcpus(Some(50000), Some(100000), 1), 1);
+        let no_args = spec(
+            r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},"args":[],"cwd":"/"}}"#,
+        );
+        assert!(map_spec(&no_args, Path::new("/b"), 512, 1).is_err());
+        let no_process = spec(r#"{"ociVersion":"1.0.2"}"#);
+        assert!(map_spec(&no_process, Path::new("/b"), 512, 1).is_err());
+    }
+}

@@ -1,0 +1,48 @@
+//! `containerd-shim-agentvm-v1`: the containerd runtime v2 shim of agentvm
+//! (`io.containerd.agentvm.v1`). Every container runs in its own microVM.
+//!
+//! containerd runs this binary with `start` (daemonize a server, print its `unix://`
+//! address), without an action (the server: `containerd.task.v2.Task` over ttrpc), or with
+//! `delete` (clean up after a dead server). The logic lives in the `agentvm` runtime library.
+
+mod io;
+mod rootfs;
+mod service;
+mod task;
+
+/// The runtime type containerd and Docker know this shim by.
+pub const RUNTIME_ID: &str = "io.containerd.agentvm.v1";
+
+fn main() {
+    // `run` does not handle -v; containerd and users expect it (reference P18).
+    if std::env::args()
+        .skip(1)
+        .any(|a| a == "-v" || a == "--version" || a == "-version")
+    {
+        println!(
+            "{} ({RUNTIME_ID}) {}",
+            env!("CARGO_PKG_NAME"),
+            env!("CARGO_PKG_VERSION")
+        );
+        return;
+    }
+    // One thread: QEMU is spawned with PR_SET_PDEATHSIG, which fires when the spawning
+    // *thread* ends, so every VM must be spawned from the thread that lives as long as the
+    // shim (see docs/decisions.md, "Tokio current-thread runtime").
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    rt.block_on(containerd_shim::run::<service::Service>(
+        RUNTIME_ID,
+        Some(containerd_shim::Config {
+            // The crate's SIGCHLD reaper would steal QEMU's exit status from tokio (P6);
+            // our children are QEMU and its helpers, which tokio reaps.
+            no_reaper: true,
+            no_sub_reaper: true,
+            ..Default::default()
+        }),
+    ));
+    // Do not wait for blocking threads (a stdin fifo open may still be pending).
+    std::process::exit(0);
+}
