@@ -178,11 +178,33 @@ impl Sandbox {
                     console: vm.diagnostics(),
                 });
             }
+            // Connect only once the agent says on the console that it listens: connection
+            // requests that reach the guest before its vsock driver is up can wedge
+            // vhost-device-vsock for the rest of the VM's life (seen here in ~1 boot of 30).
+            if !console_says_ready(&self.vm_mut().console_log) {
+                if Instant::now() >= deadline {
+                    let vm = self.vm_mut();
+                    return Err(Error::Boot {
+                        reason: format!(
+                            "the guest agent did not start within {} s",
+                            timeout.as_secs()
+                        ),
+                        console: vm.diagnostics(),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
             let attempt = tokio::time::timeout(Duration::from_secs(2), self.connect_once()).await;
             if let Ok(Ok((conn, uptime))) = attempt {
                 self.timings.agent_ready = Instant::now();
                 self.timings.guest_uptime_ms = uptime;
                 return Ok(conn);
+            }
+            match &attempt {
+                Ok(Err(e)) => tracing::debug!("agent connect attempt failed: {e}"),
+                Err(_) => tracing::debug!("agent connect attempt timed out"),
+                Ok(Ok(_)) => {}
             }
             if let Ok(Err(e @ Error::Agent(_))) = attempt {
                 return Err(e); // the agent answered but is incompatible: no point retrying
@@ -306,6 +328,18 @@ pub fn cleanup_stale(id: &str) -> Result<bool> {
     }
     remove_state_dir(&dir);
     Ok(true)
+}
+
+/// The line the agent prints on the serial console once it listens on vsock.
+pub const AGENT_READY_LINE: &str = "agentvm-agent: ready on vsock port";
+
+fn console_says_ready(console: &Path) -> bool {
+    std::fs::read(console)
+        .map(|b| {
+            b.windows(AGENT_READY_LINE.len())
+                .any(|w| w == AGENT_READY_LINE.as_bytes())
+        })
+        .unwrap_or(false)
 }
 
 fn remove_state_dir(dir: &Path) {
