@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Docker benchmark for the shim (issue 4): `docker run --rm IMG true` latency with
+--runtime=agentvm vs runc (median of N, interleaved so both see the same machine load), and
+the host RSS of the shim and of the whole sandbox (shim + QEMU + vhost-device-vsock) for an
+idle container. Needs dockerd with the agentvm runtime (hack/docker-up.sh).
+
+Usage: hack/bench-docker.py [-n 10] [--image agentvm-test/busybox:latest]
+"""
+import argparse, os, statistics, subprocess, time
+
+
+def timed(args):
+    t0 = time.monotonic()
+    subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return (time.monotonic() - t0) * 1000
+
+
+def rss_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def procs_mentioning(needle):
+    out = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if needle in cmd:
+            out[int(pid)] = cmd
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=10)
+    ap.add_argument("--image", default="agentvm-test/busybox:latest")
+    a = ap.parse_args()
+    runs = {"runc": [], "agentvm": []}
+    timed(["docker", "run", "--rm", "--runtime=agentvm", a.image, "true"])  # warm up
+    for _ in range(a.n):
+        for rt in ("runc", "agentvm"):
+            runs[rt].append(timed(["docker", "run", "--rm", f"--runtime={rt}", a.image, "true"]))
+    med = {k: statistics.median(v) for k, v in runs.items()}
+
+    cid = subprocess.run(["docker", "run", "-d", "--runtime=agentvm", a.image, "sleep", "120"],
+                         check=True, capture_output=True, text=True).stdout.strip()
+    try:
+        time.sleep(3)
+        rss = {}
+        for pid, cmd in procs_mentioning(cid).items():
+            if "containerd-shim-agentvm-v1" in cmd:
+                rss["shim"] = rss.get("shim", 0) + rss_kib(pid)
+            elif "qemu-system" in cmd:
+                rss["qemu"] = rss_kib(pid)
+            elif "vhost-device-vsock" in cmd:
+                rss["vhost-device-vsock"] = rss_kib(pid)
+    finally:
+        subprocess.run(["docker", "rm", "-f", cid], stdout=subprocess.DEVNULL)
+
+    print(f"median of {a.n} runs (ms), image {a.image}\n")
+    print("| `docker run --rm IMG true` | ms | vs runc |")
+    print("|---|---|---|")
+    for rt in ("runc", "agentvm"):
+        print(f"| {rt} | {med[rt]:.0f} | {med[rt] / med['runc']:.2f}x |")
+    print("\nidle container host RSS (KiB): " + ", ".join(f"{k} {v}" for k, v in rss.items())
+          + f", sandbox total {sum(rss.values())}")
+
+
+if __name__ == "__main__":
+    main()
