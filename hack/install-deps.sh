@@ -19,13 +19,19 @@ PKGS=(
   iproute2 procps psmisc docker-registry skopeo debootstrap umoci
 )
 
-missing=()
-for p in "${PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+export DEBIAN_FRONTEND=noninteractive
+# Sets `missing` to those of the named packages that are not installed.
+find_missing() {
+  missing=()
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+}
+
+find_missing "${PKGS[@]}"
 if [ ${#missing[@]} -gt 0 ]; then
   log "apt-get install ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
@@ -56,13 +62,9 @@ Pin: release n=trixie
 Pin-Priority: 100
 PIN
 fi
-missing=()
-for p in "${TRIXIE_PKGS[@]}"; do
-  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
+find_missing "${TRIXIE_PKGS[@]}"
 if [ ${#missing[@]} -gt 0 ]; then
   log "apt-get install -t trixie ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
   apt-get update -q >/dev/null
   # Explicit trixie versions for exactly these packages; their dependencies come from bookworm
   # where bookworm satisfies them.
