@@ -181,45 +181,34 @@ impl Sandbox {
             // Connect only once the agent says on the console that it listens: connection
             // requests that reach the guest before its vsock driver is up can wedge
             // vhost-device-vsock for the rest of the VM's life (seen here in ~1 boot of 30).
-            if !console_says_ready(&self.vm_mut().console_log) {
-                if Instant::now() >= deadline {
-                    let vm = self.vm_mut();
-                    return Err(Error::Boot {
-                        reason: format!(
-                            "the guest agent did not start within {} s",
-                            timeout.as_secs()
-                        ),
-                        console: vm.diagnostics(),
-                    });
+            let ready = console_says_ready(&vm.console_log);
+            if ready {
+                let attempt =
+                    tokio::time::timeout(Duration::from_secs(2), self.connect_once()).await;
+                match attempt {
+                    Ok(Ok((conn, uptime))) => {
+                        self.timings.agent_ready = Instant::now();
+                        self.timings.guest_uptime_ms = uptime;
+                        return Ok(conn);
+                    }
+                    // The agent answered but is incompatible: no point retrying.
+                    Ok(Err(e @ Error::Agent(_))) => return Err(e),
+                    Ok(Err(e)) => tracing::debug!("agent connect attempt failed: {e}"),
+                    Err(_) => tracing::debug!("agent connect attempt timed out"),
                 }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-            let attempt = tokio::time::timeout(Duration::from_secs(2), self.connect_once()).await;
-            if let Ok(Ok((conn, uptime))) = attempt {
-                self.timings.agent_ready = Instant::now();
-                self.timings.guest_uptime_ms = uptime;
-                return Ok(conn);
-            }
-            match &attempt {
-                Ok(Err(e)) => tracing::debug!("agent connect attempt failed: {e}"),
-                Err(_) => tracing::debug!("agent connect attempt timed out"),
-                Ok(Ok(_)) => {}
-            }
-            if let Ok(Err(e @ Error::Agent(_))) = attempt {
-                return Err(e); // the agent answered but is incompatible: no point retrying
             }
             if Instant::now() >= deadline {
-                let vm = self.vm_mut();
+                let what = if ready { "answer" } else { "start" };
                 return Err(Error::Boot {
                     reason: format!(
-                        "the guest agent did not answer within {} s",
+                        "the guest agent did not {what} within {} s",
                         timeout.as_secs()
                     ),
-                    console: vm.diagnostics(),
+                    console: self.vm_mut().diagnostics(),
                 });
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            let pause = if ready { 20 } else { 10 };
+            tokio::time::sleep(Duration::from_millis(pause)).await;
         }
     }
 
