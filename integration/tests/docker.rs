@@ -173,3 +173,27 @@ fn docker_run_missing_binary_is_127() {
         env.assert_vm_gone(id.trim());
     }
 }
+
+#[test]
+fn docker_exec_runs_processes_in_the_running_container() {
+    let Some(env) = DockerEnv::get("docker_exec_runs_processes_in_the_running_container") else {
+        return;
+    };
+    let n = name("exec");
+    let image = env.image.clone();
+    let (out, id) = run(&env, "exec", &["-d", &image, "sleep", "300"], None);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let echo = env.docker(&["exec", &n, "echo", "hi"], None, T);
+    let (so, se) = text(&echo);
+    assert_eq!(echo.status.code(), Some(0), "stderr: {se}");
+    assert_eq!(so, "hi\n");
+    let exit5 = env.docker(&["exec", &n, "sh", "-c", "exit 5"], None, T);
+    assert_eq!(exit5.status.code(), Some(5), "{:?}", text(&exit5));
+    let cat = env.docker(&["exec", "-i", &n, "cat"], Some(b"piped\nthrough cat\n"), T);
+    let (so, se) = text(&cat);
+    assert_eq!(cat.status.code(), Some(0), "stderr: {se}");
+    assert_eq!(so, "piped\nthrough cat\n");
+    let rm = env.docker(&["rm", "-f", &n], None, T);
+    assert_eq!(rm.status.code(), Some(0), "{:?}", text(&rm));
+    env.assert_vm_gone(id.trim());
+}

@@ -29,6 +29,8 @@ const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
 /// After a SIGKILL is forwarded, how long the agent gets to report the exit before the VM
 /// itself is killed (a wedged guest must not make `docker kill` hang).
 const KILL_GRACE: Duration = Duration::from_secs(5);
+/// How long the agent may take to accept a connection for an exec process.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What to boot and run.
 #[derive(Debug, Clone)]
@@ -150,43 +152,21 @@ impl Container {
     pub async fn start(self, io: ProcessIo) -> (Running, Result<i32>) {
         let Container {
             sandbox,
-            mut conn,
+            conn,
             request,
             pid,
         } = self;
-        let (exit_tx, exit_rx) = watch::channel(None);
         let (down_tx, down_rx) = watch::channel(false);
-        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
-        let running = Running {
+        launch(
+            Ok(conn),
+            request,
+            io,
             pid,
-            ctl: ctl_tx,
-            exit: exit_rx,
-            torn_down: down_rx,
-        };
-        let send = conn
-            .send(&Frame::Msg(Message::Start(Box::new(request))))
-            .await;
-        let (started_tx, started_rx) = oneshot::channel();
-        tokio::spawn(async move {
-            let mut sandbox = sandbox;
-            let code = match send {
-                Ok(()) => drive(&mut sandbox, conn, io, ctl_rx, started_tx).await,
-                Err(e) => {
-                    let _ = started_tx.send(Err(e));
-                    255
-                }
-            };
-            let _ = exit_tx.send(Some(Exit {
-                code,
-                at: SystemTime::now(),
-            }));
-            sandbox.destroy(TEARDOWN_GRACE).await;
-            let _ = down_tx.send(true);
-        });
-        let started = started_rx
-            .await
-            .unwrap_or_else(|_| Err(Error::Agent("the process driver ended".into())));
-        (running, started)
+            Some((sandbox, down_tx)),
+            down_rx,
+            None,
+        )
+        .await
     }
 
     /// Tears the VM down without running anything (delete before start).
@@ -197,16 +177,80 @@ impl Container {
     }
 }
 
-enum Control {
-    Signal(i32),
-    Resize { rows: u16, cols: u16 },
-    CloseStdin,
+/// Runs `request` over `conn` in a driver task. The driver of the init process owns the
+/// sandbox (`owner`): it tears the VM down after the exit and opens the connections of exec
+/// processes; `vm` is the control channel of that driver (none: this is the init process).
+async fn launch(
+    conn: Result<AgentConn>,
+    request: StartRequest,
+    io: ProcessIo,
+    pid: u32,
+    owner: Option<(Sandbox, watch::Sender<bool>)>,
+    torn_down: watch::Receiver<bool>,
+    vm: Option<mpsc::UnboundedSender<Control>>,
+) -> (Running, Result<i32>) {
+    let (exit_tx, exit_rx) = watch::channel(None);
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let running = Running {
+        pid,
+        rootfs: request.rootfs.clone(),
+        vm: vm.unwrap_or_else(|| ctl_tx.clone()),
+        ctl: ctl_tx,
+        exit: exit_rx,
+        torn_down,
+    };
+    let (started_tx, started_rx) = oneshot::channel();
+    tokio::spawn(async move {
+        let (mut sandbox, down_tx) = owner.unzip();
+        let send = match conn {
+            Ok(mut conn) => conn
+                .send(&Frame::Msg(Message::Start(Box::new(request))))
+                .await
+                .map(|()| conn),
+            Err(e) => Err(e),
+        };
+        let code = match send {
+            Ok(conn) => drive(sandbox.as_mut(), conn, io, ctl_rx, started_tx).await,
+            Err(e) => {
+                let _ = started_tx.send(Err(e));
+                255
+            }
+        };
+        let _ = exit_tx.send(Some(Exit {
+            code,
+            at: SystemTime::now(),
+        }));
+        if let Some(sandbox) = sandbox {
+            sandbox.destroy(TEARDOWN_GRACE).await;
+        }
+        if let Some(down_tx) = down_tx {
+            let _ = down_tx.send(true);
+        }
+    });
+    let started = started_rx
+        .await
+        .unwrap_or_else(|_| Err(Error::Agent("the process driver ended".into())));
+    (running, started)
 }
 
-/// A started init process.
+enum Control {
+    Signal(i32),
+    Resize {
+        rows: u16,
+        cols: u16,
+    },
+    CloseStdin,
+    /// Open another agent connection (for an exec process).
+    Connect(oneshot::Sender<Result<AgentConn>>),
+}
+
+/// A started process: the init process or an exec process in the same VM.
 #[derive(Debug, Clone)]
 pub struct Running {
     pid: u32,
+    rootfs: RootfsSpec,
+    /// Control channel of the init process's driver, which owns the sandbox.
+    vm: mpsc::UnboundedSender<Control>,
     ctl: mpsc::UnboundedSender<Control>,
     exit: watch::Receiver<Option<Exit>>,
     torn_down: watch::Receiver<bool>,
@@ -218,6 +262,7 @@ impl std::fmt::Debug for Control {
             Control::Signal(s) => write!(f, "Signal({s})"),
             Control::Resize { rows, cols } => write!(f, "Resize({rows}x{cols})"),
             Control::CloseStdin => f.write_str("CloseStdin"),
+            Control::Connect(_) => f.write_str("Connect"),
         }
     }
 }
@@ -256,6 +301,34 @@ impl Running {
             .map_err(|_| Error::Invalid("the process has already exited".into()))
     }
 
+    /// Runs another process in the container (`docker exec`) over a new agent connection.
+    /// As [`Container::start`]: the handle reports the exit even when the start failed.
+    /// The process ends at the latest with the VM.
+    pub async fn exec(&self, process: ProcessSpec, io: ProcessIo) -> (Running, Result<i32>) {
+        let gone = || Error::Invalid("the container's init process has exited".into());
+        let (tx, rx) = oneshot::channel();
+        let conn = match self.vm.send(Control::Connect(tx)) {
+            Ok(()) => rx.await.unwrap_or_else(|_| Err(gone())),
+            Err(_) => Err(gone()),
+        };
+        let request = StartRequest {
+            rootfs: self.rootfs.clone(),
+            process,
+            hostname: None,
+            init: false,
+        };
+        launch(
+            conn,
+            request,
+            io,
+            self.pid,
+            None,
+            self.torn_down.clone(),
+            Some(self.vm.clone()),
+        )
+        .await
+    }
+
     /// Resolves with the exit (at once if it has happened).
     pub async fn wait(&self) -> Exit {
         let mut rx = self.exit.clone();
@@ -277,10 +350,18 @@ impl Running {
     }
 }
 
+/// Resolves when the VMM exits; never without a sandbox.
+async fn vmm_exited(sandbox: &mut Option<&mut Sandbox>) -> String {
+    match sandbox {
+        Some(s) => s.vmm_exited().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Relays stdio and control until the process exits; returns its exit code. Reports the
-/// start outcome through `started`.
+/// start outcome through `started`. `sandbox` is given to the init process's driver only.
 async fn drive(
-    sandbox: &mut Sandbox,
+    mut sandbox: Option<&mut Sandbox>,
     conn: AgentConn,
     io: ProcessIo,
     mut ctl: mpsc::UnboundedReceiver<Control>,
@@ -361,10 +442,14 @@ async fn drive(
                 Some(Ok(Some(Frame::Msg(Message::Exited(st))))) => break st.code,
                 Some(Ok(Some(other))) => tracing::debug!("ignoring frame {other:?}"),
                 Some(Ok(None)) | Some(Err(_)) | None => {
-                    let why = tokio::time::timeout(Duration::from_secs(3), sandbox.vmm_exited())
-                        .await
-                        .unwrap_or_else(|_| "the agent connection closed".into());
-                    tracing::warn!("the VM ended without reporting an exit ({why}):\n{}", sandbox.diagnostics());
+                    if let Some(sandbox) = sandbox.as_deref_mut() {
+                        let why = tokio::time::timeout(Duration::from_secs(3), sandbox.vmm_exited())
+                            .await
+                            .unwrap_or_else(|_| "the agent connection closed".into());
+                        tracing::warn!("the VM ended without reporting an exit ({why}):\n{}", sandbox.diagnostics());
+                    } else {
+                        tracing::info!("the agent connection of an exec process closed without an exit");
+                    }
                     break if kill_deadline.is_some() { 128 + libc::SIGKILL } else { 255 };
                 }
             },
@@ -389,17 +474,33 @@ async fn drive(
                         let _ = tokio_io::write_frame(&mut writer, &Frame::Data(Stream::Stdin, Vec::new())).await;
                     }
                 }
+                Some(Control::Connect(reply)) => {
+                    let conn = match sandbox.as_deref_mut() {
+                        Some(s) => tokio::time::timeout(CONNECT_TIMEOUT, s.connect())
+                            .await
+                            .unwrap_or_else(|_| Err(Error::Agent("the agent did not answer a new connection".into()))),
+                        None => Err(Error::Invalid("not the init process".into())),
+                    };
+                    let _ = reply.send(conn);
+                }
                 // Every handle is gone: only the process or the VM can end this now.
                 None => ctl_open = false,
             },
-            st = sandbox.vmm_exited() => {
-                tracing::warn!("QEMU exited ({st}) before the process reported an exit:\n{}", sandbox.diagnostics());
+            st = vmm_exited(&mut sandbox) => {
+                let diagnostics = sandbox.as_deref().map(Sandbox::diagnostics).unwrap_or_default();
+                tracing::warn!("QEMU exited ({st}) before the process reported an exit:\n{diagnostics}");
                 break if kill_deadline.is_some() { 128 + libc::SIGKILL } else { 255 };
             }
             () = tokio::time::sleep_until(deadline), if kill_deadline.is_some() => {
-                tracing::warn!("no exit {KILL_GRACE:?} after SIGKILL: killing the VM");
-                sandbox.kill();
-                kill_deadline = Some(far);
+                match sandbox.as_deref_mut() {
+                    Some(sandbox) => {
+                        tracing::warn!("no exit {KILL_GRACE:?} after SIGKILL: killing the VM");
+                        sandbox.kill();
+                        kill_deadline = Some(far);
+                    }
+                    // Closing an exec process's connection makes the agent kill it.
+                    None => break 128 + libc::SIGKILL,
+                }
             }
         }
     };

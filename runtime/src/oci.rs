@@ -100,6 +100,13 @@ pub fn vcpus(quota: Option<i64>, period: Option<u64>, default: u32) -> u32 {
     }
 }
 
+/// A JSON OCI `process` object (what containerd sends for an exec) as a [`ProcessSpec`].
+pub fn process_spec_json(json: &[u8]) -> Result<ProcessSpec> {
+    let p: Process = serde_json::from_slice(json)
+        .map_err(|e| Error::Invalid(format!("exec process spec: {e}")))?;
+    process_spec(&p)
+}
+
 /// The OCI `process` as the agent's [`ProcessSpec`].
 pub fn process_spec(p: &Process) -> Result<ProcessSpec> {
     let args = p.args().clone().unwrap_or_default();

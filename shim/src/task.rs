@@ -7,15 +7,19 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use agentvm::accel::AccelChoice;
 use agentvm::container::{Container, ContainerConfig, Exit, Running};
+use agentvm_protocol::ProcessSpec;
 use async_trait::async_trait;
 use containerd_shim::api;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
-use containerd_shim::protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskIO, TaskStart};
+use containerd_shim::protos::events::task::{
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+};
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
 use containerd_shim::protos::shim_async::Task;
@@ -31,6 +35,8 @@ const DEFAULT_VCPUS: u32 = agentvm::run::DEFAULT_VCPUS;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long Delete waits for the VM to be gone (it is killed after 5 s of grace).
 const TEARDOWN_WAIT: Duration = Duration::from_secs(15);
+/// How long the init's exit waits for the exits of exec processes (they end with the VM).
+const EXEC_EXIT_WAIT: Duration = Duration::from_secs(10);
 
 /// Errors as ttrpc statuses, with the codes callers act on (reference §2.2, P4).
 fn status(code: Code, msg: impl Into<String>) -> ttrpc::Error {
@@ -83,8 +89,10 @@ pub fn sandbox_id(container_id: &str) -> agentvm::Result<String> {
     Ok(s)
 }
 
-enum Phase {
-    Created(Box<Container>),
+/// The lifecycle of a process; `C` is what starting it takes (the booted VM for the init
+/// process, the process spec for an exec process).
+enum Phase<C> {
+    Created(C),
     /// Start is in progress, or Delete took the VM.
     Busy,
     Running(Running),
@@ -92,24 +100,188 @@ enum Phase {
     Stopped,
 }
 
-struct Entry {
-    id: String,
-    bundle: String,
+/// The stdio containerd gave a process.
+#[derive(Clone)]
+struct Stdio {
     stdin: String,
     stdout: String,
     stderr: String,
     terminal: bool,
-    pid: u32,
+}
+
+impl Stdio {
+    async fn open(&self) -> std::io::Result<agentvm::container::ProcessIo> {
+        crate::io::open(&self.stdin, &self.stdout, &self.stderr).await
+    }
+}
+
+/// A process of a container: its init process or an exec process.
+struct Proc<C> {
+    /// The container id for the init process, the exec id otherwise.
+    id: String,
+    io: Stdio,
+    /// The VMM's host pid for the init process, the guest pid of an exec process once started.
+    pid: AtomicU32,
+    phase: tokio::sync::Mutex<Phase<C>>,
+    /// Set once the process is over; Wait blocks on it even before Start.
+    exit: watch::Sender<Option<Exit>>,
+}
+
+impl<C> Proc<C> {
+    fn new(id: String, io: Stdio, pid: u32, created: C) -> Self {
+        Proc {
+            id,
+            io,
+            pid: AtomicU32::new(pid),
+            phase: tokio::sync::Mutex::new(Phase::Created(created)),
+            exit: watch::channel(None).0,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.pid.load(Ordering::SeqCst)
+    }
+
+    fn exited(&self) -> Option<Exit> {
+        *self.exit.borrow()
+    }
+
+    fn exit_event(&self, container_id: &str, exit: Exit) -> TaskExit {
+        TaskExit {
+            container_id: container_id.to_string(),
+            id: self.id.clone(),
+            pid: self.pid(),
+            exit_status: exit.code as u32,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        }
+    }
+
+    /// The handle of the started process, if it runs.
+    async fn running(&self) -> Option<Running> {
+        match &*self.phase.lock().await {
+            Phase::Running(r) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    fn state(&self, bundle: &str) -> api::StateResponse {
+        let exit = self.exited();
+        let status = match (exit, self.phase.try_lock().as_deref()) {
+            (Some(_), _) => api::Status::STOPPED,
+            (None, Ok(Phase::Created(_))) => api::Status::CREATED,
+            (None, Ok(Phase::Stopped)) => api::Status::STOPPED,
+            _ => api::Status::RUNNING,
+        };
+        api::StateResponse {
+            id: self.id.clone(),
+            bundle: bundle.to_string(),
+            pid: self.pid(),
+            status: status.into(),
+            stdin: self.io.stdin.clone(),
+            stdout: self.io.stdout.clone(),
+            stderr: self.io.stderr.clone(),
+            terminal: self.io.terminal,
+            exit_status: exit.map(|e| e.code as u32).unwrap_or(0),
+            exited_at: exit
+                .map(|e| MessageField::some(timestamp(e.at)))
+                .unwrap_or_default(),
+            ..Default::default()
+        }
+    }
+
+    async fn wait(&self) -> ttrpc::Result<api::WaitResponse> {
+        let mut rx = self.exit.subscribe();
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map(|e| *e)
+            .map_err(internal)?
+            .ok_or_else(|| internal("no exit"))?;
+        Ok(api::WaitResponse {
+            exit_status: exit.code as u32,
+            exited_at: MessageField::some(timestamp(exit.at)),
+            ..Default::default()
+        })
+    }
+
+    /// Takes the process out of the created state for Start.
+    async fn take_created(&self) -> ttrpc::Result<(C, tokio::sync::MutexGuard<'_, Phase<C>>)> {
+        let mut phase = self.phase.lock().await;
+        match std::mem::replace(&mut *phase, Phase::Busy) {
+            Phase::Created(c) => Ok((c, phase)),
+            other => {
+                *phase = other;
+                Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("process {} is not in the created state", self.id),
+                ))
+            }
+        }
+    }
+
+    /// Records a start that could not even reach the agent.
+    fn failed_to_start(&self, phase: &mut Phase<C>) {
+        *phase = Phase::Stopped;
+        self.exit.send_replace(Some(Exit {
+            code: 255,
+            at: SystemTime::now(),
+        }));
+    }
+}
+
+type ExecProc = Proc<ProcessSpec>;
+
+struct Entry {
+    id: String,
+    bundle: String,
     /// The shim mounted `<bundle>/rootfs` (snapshotter mounts) and must unmount it.
     mounted_rootfs: bool,
-    phase: tokio::sync::Mutex<Phase>,
-    /// Set once the init process is over; Wait blocks on it even before Start.
-    exit: watch::Sender<Option<Exit>>,
+    init: Proc<Box<Container>>,
+    execs: Mutex<HashMap<String, Arc<ExecProc>>>,
 }
 
 impl Entry {
     fn exited(&self) -> Option<Exit> {
-        *self.exit.borrow()
+        self.init.exited()
+    }
+
+    fn exec(&self, exec_id: &str) -> ttrpc::Result<Arc<ExecProc>> {
+        self.execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(exec_id)
+            .cloned()
+            .ok_or_else(|| status(Code::NOT_FOUND, format!("exec {exec_id}: not found")))
+    }
+
+    /// The running process `exec_id` names (empty: the init process).
+    async fn running(&self, exec_id: &str) -> ttrpc::Result<Option<Running>> {
+        Ok(if exec_id.is_empty() {
+            self.init.running().await
+        } else {
+            self.exec(exec_id)?.running().await
+        })
+    }
+
+    /// Waits (bounded) until the started exec processes have published their exits.
+    async fn execs_exited(&self) {
+        let rxs: Vec<_> = self
+            .execs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|p| p.pid() != 0)
+            .map(|p| p.exit.subscribe())
+            .collect();
+        let all = async {
+            for mut rx in rxs {
+                let _ = rx.wait_for(Option::is_some).await;
+            }
+        };
+        if tokio::time::timeout(EXEC_EXIT_WAIT, all).await.is_err() {
+            tracing::warn!("exec processes of {} did not report their exits", self.id);
+        }
     }
 }
 
@@ -143,6 +315,115 @@ impl TaskService {
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         publish(&self.publisher, &self.namespace, topic, event).await;
     }
+
+    /// Starts exec process `exec_id` of `entry` in the container's VM.
+    async fn start_exec(&self, entry: Arc<Entry>, exec_id: &str) -> ttrpc::Result<u32> {
+        let exec = entry.exec(exec_id)?;
+        let init = entry.init.running().await;
+        let (spec, mut phase) = exec.take_created().await?;
+        let Some(init) = init.filter(|r| r.exited().is_none()) else {
+            exec.failed_to_start(&mut phase);
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not running", entry.id),
+            ));
+        };
+        let io = match exec.io.open().await {
+            Ok(io) => io,
+            Err(e) => {
+                exec.failed_to_start(&mut phase);
+                return Err(internal(format!("open stdio: {e}")));
+            }
+        };
+        let (running, started) = init.exec(spec, io).await;
+        *phase = Phase::Running(running.clone());
+        drop(phase);
+        let announce = started.is_ok();
+        if let Ok(pid) = started {
+            exec.pid.store(pid.max(1) as u32, Ordering::SeqCst);
+            let ev = TaskExecStarted {
+                container_id: entry.id.clone(),
+                exec_id: exec_id.to_string(),
+                pid: exec.pid(),
+                ..Default::default()
+            };
+            self.publish(topics::TASK_EXEC_STARTED_EVENT_TOPIC, Box::new(ev))
+                .await;
+        }
+        self.watch_exit(
+            Arc::clone(&entry),
+            Some(Arc::clone(&exec)),
+            running,
+            announce,
+        );
+        started.map(|_| exec.pid()).map_err(internal)
+    }
+
+    /// Publishes the exit of a process (`exec`, or the init process) as soon as it is known,
+    /// and records it for Wait/State/Delete. Exec exits go out before the init's.
+    fn watch_exit(
+        &self,
+        entry: Arc<Entry>,
+        exec: Option<Arc<ExecProc>>,
+        running: Running,
+        announce: bool,
+    ) {
+        let publisher = Arc::clone(&self.publisher);
+        let ns = self.namespace.clone();
+        tokio::spawn(async move {
+            let exit = running.wait().await;
+            let (exit_tx, ev) = match &exec {
+                Some(p) => (&p.exit, p.exit_event(&entry.id, exit)),
+                None => {
+                    if announce {
+                        entry.execs_exited().await;
+                    }
+                    (&entry.init.exit, entry.init.exit_event(&entry.id, exit))
+                }
+            };
+            if exec.is_none() {
+                exit_tx.send_replace(Some(exit));
+            }
+            if announce {
+                publish(&publisher, &ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
+            }
+            // An exec exit is recorded once published, which the init's exit waits for.
+            exit_tx.send_replace(Some(exit));
+        });
+    }
+}
+
+/// Delete of an exec process: forgets it once it has ended (no event, as runc's shim).
+async fn delete_exec(entry: &Entry, exec_id: &str) -> ttrpc::Result<api::DeleteResponse> {
+    let exec = entry.exec(exec_id)?;
+    let exit = match exec.exited() {
+        Some(exit) => exit,
+        None => {
+            let mut phase = exec.phase.lock().await;
+            if matches!(&*phase, Phase::Running(_) | Phase::Busy) {
+                return Err(status(
+                    Code::FAILED_PRECONDITION,
+                    format!("cannot delete running exec {exec_id}"),
+                ));
+            }
+            *phase = Phase::Stopped;
+            Exit {
+                code: 0,
+                at: SystemTime::now(),
+            }
+        }
+    };
+    entry
+        .execs
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .remove(exec_id);
+    Ok(api::DeleteResponse {
+        pid: exec.pid(),
+        exit_status: exit.code as u32,
+        exited_at: MessageField::some(timestamp(exit.at)),
+        ..Default::default()
+    })
 }
 
 async fn publish(publisher: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
@@ -152,42 +433,6 @@ async fn publish(publisher: &RemotePublisher, ns: &str, topic: &str, event: Box<
     {
         tracing::warn!("publish {topic}: {e}");
     }
-}
-
-fn exec_unsupported(exec_id: &str) -> ttrpc::Result<()> {
-    if exec_id.is_empty() {
-        Ok(())
-    } else {
-        Err(status(
-            Code::NOT_FOUND,
-            format!("exec {exec_id}: not found (exec is not implemented yet)"),
-        ))
-    }
-}
-
-/// Publishes the init exit as soon as it is known and records it for Wait/State/Delete.
-fn watch_exit(
-    entry: Arc<Entry>,
-    running: Running,
-    publisher: Arc<RemotePublisher>,
-    ns: String,
-    announce: bool,
-) {
-    tokio::spawn(async move {
-        let exit = running.wait().await;
-        entry.exit.send_replace(Some(exit));
-        if announce {
-            let ev = TaskExit {
-                container_id: entry.id.clone(),
-                id: entry.id.clone(),
-                pid: entry.pid,
-                exit_status: exit.code as u32,
-                exited_at: MessageField::some(timestamp(exit.at)),
-                ..Default::default()
-            };
-            publish(&publisher, &ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
-        }
-    });
 }
 
 #[async_trait]
@@ -238,17 +483,18 @@ impl Task for TaskService {
             }
         };
         let pid = container.pid();
-        let entry = Arc::new(Entry {
-            id: req.id.clone(),
-            bundle: req.bundle.clone(),
+        let io = Stdio {
             stdin: req.stdin.clone(),
             stdout: req.stdout.clone(),
             stderr: req.stderr.clone(),
             terminal: req.terminal,
-            pid,
+        };
+        let entry = Arc::new(Entry {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
             mounted_rootfs,
-            phase: tokio::sync::Mutex::new(Phase::Created(Box::new(container))),
-            exit: watch::channel(None).0,
+            init: Proc::new(req.id.clone(), io, pid, Box::new(container)),
+            execs: Mutex::new(HashMap::new()),
         });
         self.containers
             .lock()
@@ -282,68 +528,45 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StartRequest,
     ) -> ttrpc::Result<api::StartResponse> {
-        exec_unsupported(&req.exec_id)?;
         let entry = self.get(&req.id)?;
-        let mut phase = entry.phase.lock().await;
-        let container = match std::mem::replace(&mut *phase, Phase::Busy) {
-            Phase::Created(c) => c,
-            other => {
-                *phase = other;
-                return Err(status(
-                    Code::FAILED_PRECONDITION,
-                    format!("container {} is not in the created state", req.id),
-                ));
-            }
-        };
-        let io = match crate::io::open(&entry.stdin, &entry.stdout, &entry.stderr).await {
+        if !req.exec_id.is_empty() {
+            let pid = self.start_exec(entry, &req.exec_id).await?;
+            return Ok(api::StartResponse {
+                pid,
+                ..Default::default()
+            });
+        }
+        let init = &entry.init;
+        let (container, mut phase) = init.take_created().await?;
+        let io = match init.io.open().await {
             Ok(io) => io,
             Err(e) => {
                 container.destroy().await;
-                *phase = Phase::Stopped;
-                entry.exit.send_replace(Some(Exit {
-                    code: 255,
-                    at: SystemTime::now(),
-                }));
+                init.failed_to_start(&mut phase);
                 return Err(internal(format!("open stdio: {e}")));
             }
         };
         let (running, started) = container.start(io).await;
         *phase = Phase::Running(running.clone());
         drop(phase);
-        match started {
-            Ok(_guest_pid) => {
-                // TaskStart is queued before the exit watcher exists: Start < Exit.
-                let ev = TaskStart {
-                    container_id: req.id.clone(),
-                    pid: entry.pid,
-                    ..Default::default()
-                };
-                self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
-                    .await;
-                watch_exit(
-                    Arc::clone(&entry),
-                    running,
-                    Arc::clone(&self.publisher),
-                    self.namespace.clone(),
-                    true,
-                );
-                Ok(api::StartResponse {
-                    pid: entry.pid,
-                    ..Default::default()
-                })
-            }
-            Err(e) => {
-                // Never started: no TaskStart, so no TaskExit either; Delete reports the code.
-                watch_exit(
-                    Arc::clone(&entry),
-                    running,
-                    Arc::clone(&self.publisher),
-                    self.namespace.clone(),
-                    false,
-                );
-                Err(internal(e))
-            }
+        let pid = init.pid();
+        if started.is_ok() {
+            // TaskStart is queued before the exit watcher exists: Start < Exit.
+            let ev = TaskStart {
+                container_id: req.id.clone(),
+                pid,
+                ..Default::default()
+            };
+            self.publish(topics::TASK_START_EVENT_TOPIC, Box::new(ev))
+                .await;
         }
+        // Never started: no TaskStart, so no TaskExit either; Delete reports the code.
+        self.watch_exit(Arc::clone(&entry), None, running, started.is_ok());
+        started.map_err(internal)?;
+        Ok(api::StartResponse {
+            pid,
+            ..Default::default()
+        })
     }
 
     async fn state(
@@ -351,40 +574,42 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StateRequest,
     ) -> ttrpc::Result<api::StateResponse> {
-        exec_unsupported(&req.exec_id)?;
         let entry = self.get(&req.id)?;
-        let exit = entry.exited();
-        let status = match (exit, entry.phase.try_lock().as_deref()) {
-            (Some(_), _) => api::Status::STOPPED,
-            (None, Ok(Phase::Created(_))) => api::Status::CREATED,
-            (None, Ok(Phase::Stopped)) => api::Status::STOPPED,
-            _ => api::Status::RUNNING,
-        };
-        Ok(api::StateResponse {
-            id: entry.id.clone(),
-            bundle: entry.bundle.clone(),
-            pid: entry.pid,
-            status: status.into(),
-            stdin: entry.stdin.clone(),
-            stdout: entry.stdout.clone(),
-            stderr: entry.stderr.clone(),
-            terminal: entry.terminal,
-            exit_status: exit.map(|e| e.code as u32).unwrap_or(0),
-            exited_at: exit
-                .map(|e| MessageField::some(timestamp(e.at)))
-                .unwrap_or_default(),
-            ..Default::default()
+        Ok(if req.exec_id.is_empty() {
+            entry.init.state(&entry.bundle)
+        } else {
+            entry.exec(&req.exec_id)?.state(&entry.bundle)
         })
     }
 
     async fn kill(&self, _ctx: &TtrpcContext, req: api::KillRequest) -> ttrpc::Result<api::Empty> {
-        exec_unsupported(&req.exec_id)?;
         let entry = self.get(&req.id)?;
         let finished = || status(Code::NOT_FOUND, "process already finished");
+        let killed = Exit {
+            code: 128 + req.signal as i32,
+            at: SystemTime::now(),
+        };
+        if !req.exec_id.is_empty() {
+            let exec = entry.exec(&req.exec_id)?;
+            if exec.exited().is_some() {
+                return Err(finished());
+            }
+            let mut phase = exec.phase.lock().await;
+            match &*phase {
+                Phase::Running(r) => r.signal(req.signal as i32).map_err(|_| finished())?,
+                Phase::Created(_) => {
+                    // Never started: nothing to signal, and no exit to publish.
+                    *phase = Phase::Stopped;
+                    exec.exit.send_replace(Some(killed));
+                }
+                Phase::Busy | Phase::Stopped => return Err(finished()),
+            }
+            return Ok(api::Empty::default());
+        }
         if entry.exited().is_some() {
             return Err(finished());
         }
-        let mut phase = entry.phase.lock().await;
+        let mut phase = entry.init.phase.lock().await;
         match std::mem::replace(&mut *phase, Phase::Stopped) {
             Phase::Running(r) => {
                 let sent = r.signal(req.signal as i32);
@@ -394,19 +619,8 @@ impl Task for TaskService {
             Phase::Created(c) => {
                 // A created task has no process yet: killing it ends the VM.
                 c.destroy().await;
-                let exit = Exit {
-                    code: 128 + req.signal as i32,
-                    at: SystemTime::now(),
-                };
-                entry.exit.send_replace(Some(exit));
-                let ev = TaskExit {
-                    container_id: entry.id.clone(),
-                    id: entry.id.clone(),
-                    pid: entry.pid,
-                    exit_status: exit.code as u32,
-                    exited_at: MessageField::some(timestamp(exit.at)),
-                    ..Default::default()
-                };
+                entry.init.exit.send_replace(Some(killed));
+                let ev = entry.init.exit_event(&entry.id, killed);
                 drop(phase);
                 self.publish(topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
                     .await;
@@ -424,20 +638,12 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::WaitRequest,
     ) -> ttrpc::Result<api::WaitResponse> {
-        exec_unsupported(&req.exec_id)?;
         let entry = self.get(&req.id)?;
-        let mut rx = entry.exit.subscribe();
-        let exit = rx
-            .wait_for(Option::is_some)
-            .await
-            .map(|e| *e)
-            .map_err(internal)?
-            .ok_or_else(|| internal("no exit"))?;
-        Ok(api::WaitResponse {
-            exit_status: exit.code as u32,
-            exited_at: MessageField::some(timestamp(exit.at)),
-            ..Default::default()
-        })
+        if req.exec_id.is_empty() {
+            entry.init.wait().await
+        } else {
+            entry.exec(&req.exec_id)?.wait().await
+        }
     }
 
     async fn delete(
@@ -445,9 +651,11 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::DeleteRequest,
     ) -> ttrpc::Result<api::DeleteResponse> {
-        exec_unsupported(&req.exec_id)?;
         let entry = self.get(&req.id)?;
-        let mut phase = entry.phase.lock().await;
+        if !req.exec_id.is_empty() {
+            return delete_exec(&entry, &req.exec_id).await;
+        }
+        let mut phase = entry.init.phase.lock().await;
         match std::mem::replace(&mut *phase, Phase::Busy) {
             Phase::Running(r) => {
                 if r.exited().is_none() {
@@ -466,7 +674,7 @@ impl Task for TaskService {
             }
             Phase::Created(c) => {
                 c.destroy().await;
-                entry.exit.send_replace(Some(Exit {
+                entry.init.exit.send_replace(Some(Exit {
                     code: 0,
                     at: SystemTime::now(),
                 }));
@@ -486,10 +694,11 @@ impl Task for TaskService {
             code: 255,
             at: SystemTime::now(),
         });
+        let pid = entry.init.pid();
         let ev = TaskDelete {
             container_id: entry.id.clone(),
             id: entry.id.clone(),
-            pid: entry.pid,
+            pid,
             exit_status: exit.code as u32,
             exited_at: MessageField::some(timestamp(exit.at)),
             ..Default::default()
@@ -497,7 +706,7 @@ impl Task for TaskService {
         self.publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(ev))
             .await;
         Ok(api::DeleteResponse {
-            pid: entry.pid,
+            pid,
             exit_status: exit.code as u32,
             exited_at: MessageField::some(timestamp(exit.at)),
             ..Default::default()
@@ -512,7 +721,7 @@ impl Task for TaskService {
         let entry = self.get(&req.id)?;
         Ok(api::PidsResponse {
             processes: vec![containerd_shim::protos::api::ProcessInfo {
-                pid: entry.pid,
+                pid: entry.init.pid(),
                 ..Default::default()
             }],
             ..Default::default()
@@ -524,7 +733,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ConnectRequest,
     ) -> ttrpc::Result<api::ConnectResponse> {
-        let task_pid = self.get(&req.id).map(|e| e.pid).unwrap_or(0);
+        let task_pid = self.get(&req.id).map(|e| e.init.pid()).unwrap_or(0);
         Ok(api::ConnectResponse {
             shim_pid: std::process::id(),
             task_pid,
@@ -555,9 +764,8 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ResizePtyRequest,
     ) -> ttrpc::Result<api::Empty> {
-        exec_unsupported(&req.exec_id)?;
         let entry = self.get(&req.id)?;
-        if let Phase::Running(r) = &*entry.phase.lock().await {
+        if let Some(r) = entry.running(&req.exec_id).await? {
             let clamp = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
             let _ = r.resize(clamp(req.height), clamp(req.width));
         }
@@ -569,10 +777,9 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::CloseIORequest,
     ) -> ttrpc::Result<api::Empty> {
-        exec_unsupported(&req.exec_id)?;
         let entry = self.get(&req.id)?;
         if req.stdin {
-            if let Phase::Running(r) = &*entry.phase.lock().await {
+            if let Some(r) = entry.running(&req.exec_id).await? {
                 let _ = r.close_stdin();
             }
         }
@@ -582,9 +789,48 @@ impl Task for TaskService {
     async fn exec(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::ExecProcessRequest,
+        req: api::ExecProcessRequest,
     ) -> ttrpc::Result<api::Empty> {
-        Err(unimplemented("exec"))
+        let entry = self.get(&req.id)?;
+        if entry.exited().is_some() {
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not running", req.id),
+            ));
+        }
+        let spec_json = req
+            .spec
+            .as_ref()
+            .map(|a| a.value.as_slice())
+            .unwrap_or(b"{}");
+        let mut spec = agentvm::oci::process_spec_json(spec_json)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        spec.terminal = req.terminal;
+        let io = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        {
+            let mut execs = entry.execs.lock().unwrap_or_else(|p| p.into_inner());
+            if execs.contains_key(&req.exec_id) {
+                return Err(status(
+                    Code::ALREADY_EXISTS,
+                    format!("exec {} already exists", req.exec_id),
+                ));
+            }
+            let exec = Proc::new(req.exec_id.clone(), io, 0, spec);
+            execs.insert(req.exec_id.clone(), Arc::new(exec));
+        }
+        let ev = TaskExecAdded {
+            container_id: req.id.clone(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_EXEC_ADDED_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::Empty::default())
     }
 
     async fn pause(
@@ -653,8 +899,6 @@ mod tests {
         };
         assert_eq!(code(not_found("x")), Code::NOT_FOUND);
         assert_eq!(code(unimplemented("pause")), Code::UNIMPLEMENTED);
-        assert_eq!(code(exec_unsupported("e1").unwrap_err()), Code::NOT_FOUND);
-        assert!(exec_unsupported("").is_ok());
     }
 
     #[test]
