@@ -14,7 +14,14 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "building the static guest agent and the test rootfs"
 RUSTFLAGS="-C target-feature=+crt-static" \
   cargo build --release --locked -p agentvm-agent --target x86_64-unknown-linux-gnu
-export AGENTVM_AGENT="$PWD/target/x86_64-unknown-linux-gnu/release/agentvm-agent"
+agent="$PWD/target/x86_64-unknown-linux-gnu/release/agentvm-agent"
+if [ "$(id -u)" = 0 ]; then
+  # Installed where every runtime finds it, shims started by a long-running containerd too
+  # (an exported path would live on in that containerd's environment after this checkout).
+  install -D -m 0755 "$agent" "${AGENTVM_SHARE:-/usr/local/share/agentvm}/agentvm-agent"
+else
+  export AGENTVM_AGENT="$agent"
+fi
 AGENTVM_TEST_ROOTFS=$(hack/make-test-rootfs.sh)
 export AGENTVM_TEST_ROOTFS
 AGENTVM_TEST_IMAGE=$(hack/make-test-image.py)
