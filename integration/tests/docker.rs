@@ -197,3 +197,31 @@ fn docker_exec_runs_processes_in_the_running_container() {
     assert_eq!(rm.status.code(), Some(0), "{:?}", text(&rm));
     env.assert_vm_gone(id.trim());
 }
+
+#[test]
+fn five_containers_at_once() {
+    let Some(env) = DockerEnv::get("five_containers_at_once") else {
+        return;
+    };
+    // Five VMs booting side by side: separate state dirs, vsock daemons and sockets.
+    let results: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..5)
+            .map(|i| {
+                let env = &env;
+                s.spawn(move || {
+                    let msg = format!("container-{i}");
+                    let args = ["--rm", env.image.as_str(), "echo", msg.as_str()];
+                    let (out, id) = run(env, &format!("five{i}"), &args, None);
+                    (msg, out, id)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (msg, out, id) in results {
+        let (so, se) = text(&out);
+        assert_eq!(out.status.code(), Some(0), "{msg}: stderr: {se}");
+        assert_eq!(so, format!("{msg}\n"));
+        env.assert_vm_gone(&id);
+    }
+}
