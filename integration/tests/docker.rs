@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use agentvm_integration::{text, DockerEnv};
+use agentvm_integration::{processes_mentioning, text, DockerEnv};
 
 const T: Duration = Duration::from_secs(180);
 
@@ -224,4 +224,38 @@ fn five_containers_at_once() {
         assert_eq!(so, format!("{msg}\n"));
         env.assert_vm_gone(&id);
     }
+}
+
+#[test]
+fn killed_vmm_ends_the_container_and_leaks_nothing() {
+    let Some(env) = DockerEnv::get("killed_vmm_ends_the_container_and_leaks_nothing") else {
+        return;
+    };
+    let n = name("vmmkill");
+    let image = env.image.clone();
+    let (out, id) = run(&env, "vmmkill", &["-d", &image, "sleep", "1000"], None);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let id = id.trim().to_string();
+    let qemu: Vec<i32> = processes_mentioning(&format!("/run/agentvm/{id}"))
+        .iter()
+        .filter(|p| p.contains("qemu-system"))
+        .map(|p| p.split(':').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(qemu.len(), 1, "expected one QEMU for {id}");
+    let killed_at = std::time::Instant::now();
+    // SAFETY: kill(2) on the QEMU process of this test's container.
+    unsafe { libc::kill(qemu[0], libc::SIGKILL) };
+    let wait = env.docker(&["wait", &n], None, T);
+    let took = killed_at.elapsed();
+    let (code, _) = text(&wait);
+    assert_eq!(wait.status.code(), Some(0), "{:?}", text(&wait));
+    assert_ne!(
+        code.trim(),
+        "0",
+        "a killed VM must not look like a clean exit"
+    );
+    assert!(took < Duration::from_secs(15), "docker wait took {took:?}");
+    let rm = env.docker(&["rm", "-f", &n], None, T);
+    assert_eq!(rm.status.code(), Some(0), "{:?}", text(&rm));
+    env.assert_vm_gone(&id);
 }
