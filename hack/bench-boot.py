@@ -9,6 +9,9 @@ Prints a Markdown table for docs/benchmarks.md.
 """
 import argparse, os, re, statistics, subprocess, sys, tempfile, time, shutil
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import procs_mentioning, rss_kib  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SHARE = "/usr/local/share/agentvm"
@@ -63,14 +66,6 @@ def reboot_initrd(tmp):
     return out
 
 
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def idle_rss(agentvm, rootfs, state_root):
     env = dict(os.environ, AGENTVM_STATE_ROOT=state_root)
     p = subprocess.Popen([agentvm, "run", "--accel", "tcg", "--rootfs", rootfs, "--", "sh", "-c",
@@ -78,14 +73,9 @@ def idle_rss(agentvm, rootfs, state_root):
     assert p.stdout.readline().strip() == b"ready"
     time.sleep(3)  # let the guest settle
     found = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if state_root in cmd:
-            name = "qemu" if "qemu-system" in cmd else "vhost-device-vsock"
-            found[name] = rss_kib(int(pid))
+    for pid, cmd in procs_mentioning(state_root).items():
+        name = "qemu" if "qemu-system" in cmd else "vhost-device-vsock"
+        found[name] = rss_kib(pid)
     found["agentvm run"] = rss_kib(p.pid)
     p.terminate()
     p.wait(timeout=30)

@@ -6,36 +6,16 @@ idle container. Needs dockerd with the agentvm runtime (hack/docker-up.sh).
 
 Usage: hack/bench-docker.py [-n 10] [--image agentvm-test/busybox:latest]
 """
-import argparse, os, statistics, subprocess, time
+import argparse, os, statistics, subprocess, sys, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from benchlib import procs_mentioning, rss_kib  # noqa: E402
 
 
 def timed(args):
     t0 = time.monotonic()
     subprocess.run(args, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return (time.monotonic() - t0) * 1000
-
-
-def rss_kib(pid):
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-def procs_mentioning(needle):
-    out = {}
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if needle in cmd:
-            out[int(pid)] = cmd
-    return out
 
 
 def main():
