@@ -10,13 +10,13 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use agentvm_protocol::{tokio_io, Frame, Message, ProcessSpec, RootfsSpec, StartRequest, Stream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::accel::{self, AccelChoice};
 use crate::assets::Assets;
 use crate::error::{Error, Result};
-use crate::sandbox::{AgentConn, Sandbox, SandboxConfig};
+use crate::sandbox::{spawn_frame_reader, spawn_input_pump, AgentConn, Sandbox, SandboxConfig};
 use crate::vmm::Share;
 
 /// The 9p mount tag of the container's root directory.
@@ -367,44 +367,22 @@ async fn drive(
     mut ctl: mpsc::UnboundedReceiver<Control>,
     started: oneshot::Sender<Result<i32>>,
 ) -> i32 {
-    let AgentConn {
-        mut reader,
-        mut writer,
-    } = conn;
+    let AgentConn { reader, mut writer } = conn;
     let mut started = Some(started);
     let report = |started: &mut Option<oneshot::Sender<Result<i32>>>, r: Result<i32>| {
         if let Some(tx) = started.take() {
             let _ = tx.send(r);
         }
     };
-    // read_frame is not cancel-safe: it runs in its own task and hands frames over a channel.
-    let (ftx, mut frames) = mpsc::channel::<Result<Option<Frame>>>(16);
-    let reader_task = tokio::spawn(async move {
-        loop {
-            let f = tokio_io::read_frame(&mut reader).await.map_err(Error::from);
-            let end = !matches!(f, Ok(Some(_)));
-            if ftx.send(f).await.is_err() || end {
-                break;
-            }
-        }
-    });
-    let (stx, mut stdin_rx) = mpsc::channel::<Vec<u8>>(4);
+    let (mut frames, reader_task) = spawn_frame_reader(reader);
     let mut stdin_open = io.stdin.is_some();
-    let stdin_task = io.stdin.map(|mut src| {
-        tokio::spawn(async move {
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                match src.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if stx.send(buf[..n].to_vec()).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        })
-    });
+    let (mut stdin_rx, stdin_task) = match io.stdin {
+        Some(src) => {
+            let (rx, task) = spawn_input_pump(src);
+            (rx, Some(task))
+        }
+        None => (mpsc::channel(1).1, None),
+    };
     if !stdin_open {
         let _ = tokio_io::write_frame(&mut writer, &Frame::Data(Stream::Stdin, Vec::new())).await;
     }

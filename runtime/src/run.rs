@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use crate::accel::{self, AccelChoice};
 use crate::assets::Assets;
 use crate::error::{Error, Result};
-use crate::sandbox::{new_id, Sandbox, SandboxConfig};
+use crate::sandbox::{new_id, spawn_frame_reader, spawn_input_pump, Sandbox, SandboxConfig};
 use crate::vmm::Disk;
 
 /// Defaults documented in the README.
@@ -153,10 +153,7 @@ async fn drive(
     conn: crate::sandbox::AgentConn,
     opts: &RunOptions,
 ) -> Result<(i32, String)> {
-    let crate::sandbox::AgentConn {
-        mut reader,
-        mut writer,
-    } = conn;
+    let crate::sandbox::AgentConn { reader, mut writer } = conn;
     let start = StartRequest {
         rootfs: RootfsSpec {
             device: "/dev/vda".into(),
@@ -171,41 +168,14 @@ async fn drive(
     let t_start = Instant::now();
     tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Start(Box::new(start)))).await?;
 
-    // The reader runs in its own task: read_frame is not cancel-safe, so it must not sit in
-    // the select below.
-    let (ftx, mut frames) = mpsc::channel::<Result<Option<Frame>>>(16);
-    let reader_task = tokio::spawn(async move {
-        loop {
-            let f = tokio_io::read_frame(&mut reader).await.map_err(Error::from);
-            let end = !matches!(f, Ok(Some(_)));
-            if ftx.send(f).await.is_err() || end {
-                break;
-            }
-        }
-    });
-
-    let (stx, mut stdin_rx) = mpsc::channel::<Vec<u8>>(4);
+    let (mut frames, reader_task) = spawn_frame_reader(reader);
     let mut stdin_open = opts.interactive;
-    if opts.interactive {
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            let mut stdin = tokio::io::stdin();
-            let mut buf = vec![0u8; 32 * 1024];
-            loop {
-                match stdin.read(&mut buf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if stx.send(buf[..n].to_vec()).await.is_err() {
-                            break;
-                        }
-                    }
-                }
-            }
-        });
+    let mut stdin_rx = if opts.interactive {
+        spawn_input_pump(tokio::io::stdin()).0
     } else {
-        drop(stx);
         tokio_io::write_frame(&mut writer, &Frame::Data(Stream::Stdin, Vec::new())).await?;
-    }
+        mpsc::channel(1).1
+    };
     let _raw = if opts.process.terminal && std::io::stdin().is_terminal() {
         RawTerminal::enter()
     } else {

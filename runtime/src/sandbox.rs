@@ -4,7 +4,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use agentvm_protocol::{self as proto, tokio_io, Frame, Message};
-use tokio::io::{ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 
 use crate::assets::{self, Assets};
 use crate::error::{Error, Result};
@@ -71,6 +73,48 @@ impl AgentConn {
     pub async fn recv(&mut self) -> Result<Option<Frame>> {
         Ok(tokio_io::read_frame(&mut self.reader).await?)
     }
+}
+
+/// Reads frames from the agent in a task of its own and hands them over a channel; the end of
+/// the stream (`Ok(None)`) or an error is the last item. `read_frame` is not cancel-safe, so it
+/// must never sit in a `select!` itself.
+pub fn spawn_frame_reader(
+    mut reader: ReadHalf<Box<dyn AgentIo>>,
+) -> (mpsc::Receiver<Result<Option<Frame>>>, JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        loop {
+            let f = tokio_io::read_frame(&mut reader).await.map_err(Error::from);
+            let end = !matches!(f, Ok(Some(_)));
+            if tx.send(f).await.is_err() || end {
+                break;
+            }
+        }
+    });
+    (rx, task)
+}
+
+/// Copies `src` into a channel in chunks until end of file or an error; the channel closing
+/// marks the end of the input.
+pub fn spawn_input_pump<R>(mut src: R) -> (mpsc::Receiver<Vec<u8>>, JoinHandle<()>)
+where
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(4);
+    let task = tokio::spawn(async move {
+        let mut buf = vec![0u8; 32 * 1024];
+        loop {
+            match src.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if tx.send(buf[..n].to_vec()).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+    });
+    (rx, task)
 }
 
 /// A fresh random sandbox id (hex).
