@@ -9,7 +9,7 @@ use crate::config::ImageConfig;
 use crate::error::{Error, Result};
 use crate::ext4::{self, Ext4Options};
 use crate::layer::{apply_layer, Totals};
-use crate::limits::Limits;
+use crate::limits::{self, Limits};
 use crate::progress::{NoProgress, Progress};
 use crate::registry::RegistryOptions;
 use crate::source::{self, ImageRef, Platform};
@@ -106,14 +106,12 @@ fn build_here(source: &ImageRef, opts: &BuildOptions<'_>) -> Result<BuiltImage> 
     let _ = cache.gc();
     progress.phase(&format!("resolving {source}"));
     let resolved = source::resolve_with(source, opts.platform, opts.registry, Some(&cache))?;
-    if resolved.layers.len() > opts.limits.max_layers {
-        return Err(Error::Limit {
-            what: "number of layers",
-            value: resolved.layers.len() as u64,
-            limit: opts.limits.max_layers as u64,
-            knob: "Limits::max_layers",
-        });
-    }
+    limits::ensure(
+        "number of layers",
+        resolved.layers.len() as u64,
+        opts.limits.max_layers as u64,
+        "Limits::max_layers",
+    )?;
     let key = cache::key(&resolved.config.rootfs.diff_ids, opts.size);
     let config_path = cache.put_config(&resolved.config_digest, &resolved.config_raw)?;
     let finish = |rootfs: PathBuf, cached: bool| -> Result<BuiltImage> {
@@ -143,14 +141,12 @@ fn build_here(source: &ImageRef, opts: &BuildOptions<'_>) -> Result<BuiltImage> 
 
     let work = cache.work_dir()?;
     let declared: u64 = resolved.layers.iter().filter_map(|l| l.size).sum();
-    if declared > opts.limits.max_total_size {
-        return Err(Error::Limit {
-            what: "total size of the layer blobs",
-            value: declared,
-            limit: opts.limits.max_total_size,
-            knob: "--max-size / Limits::max_total_size",
-        });
-    }
+    limits::ensure(
+        "total size of the layer blobs",
+        declared,
+        opts.limits.max_total_size,
+        "--max-size / Limits::max_total_size",
+    )?;
     resolved.fetch_layers(work.path(), progress)?;
     let mut blobs = BlobStore::create(&work.path().join("blobs"))?;
     let mut tree = Tree::new(opts.limits.clone());

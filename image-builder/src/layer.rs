@@ -12,6 +12,7 @@ use tar::EntryType;
 use crate::blobs::BlobStore;
 use crate::digest::{self, HashingReader};
 use crate::error::{Error, Result};
+use crate::limits;
 use crate::progress::Progress;
 use crate::tree::{normalize, Kind, Meta, Tree, ROOT};
 
@@ -208,14 +209,12 @@ pub fn apply_layer<R: Read>(
             let mut entry = entry.map_err(io_err)?;
             totals.entries += 1;
             entries_here += 1;
-            if totals.entries > limits.max_entries {
-                return Err(Error::Limit {
-                    what: "number of entries",
-                    value: totals.entries,
-                    limit: limits.max_entries,
-                    knob: "Limits::max_entries",
-                });
-            }
+            limits::ensure(
+                "number of entries",
+                totals.entries,
+                limits.max_entries,
+                "Limits::max_entries",
+            )?;
             apply_entry(tree, blobs, &mut entry, totals).map_err(|e| match e {
                 Error::CorruptStream(io) => io_err(io),
                 other => other,
@@ -320,14 +319,12 @@ fn apply_entry<R: Read>(
             let parent = tree.parent_dir(&raw, &comps)?;
             let remaining = limits.max_total_size.saturating_sub(totals.content_bytes);
             let declared = entry.size();
-            if declared > remaining {
-                return Err(Error::Limit {
-                    what: "total file content size",
-                    value: totals.content_bytes.saturating_add(declared),
-                    limit: limits.max_total_size,
-                    knob: "--max-size / Limits::max_total_size",
-                });
-            }
+            limits::ensure(
+                "total file content size",
+                totals.content_bytes.saturating_add(declared),
+                limits.max_total_size,
+                "--max-size / Limits::max_total_size",
+            )?;
             let (blob, size) = if declared == 0 && etype != EntryType::GNUSparse {
                 (None, 0)
             } else {
@@ -343,14 +340,12 @@ fn apply_entry<R: Read>(
                         ),
                     },
                 )?;
-                if n > remaining {
-                    return Err(Error::Limit {
-                        what: "total file content size",
-                        value: totals.content_bytes + n,
-                        limit: limits.max_total_size,
-                        knob: "--max-size / Limits::max_total_size",
-                    });
-                }
+                limits::ensure(
+                    "total file content size",
+                    totals.content_bytes + n,
+                    limits.max_total_size,
+                    "--max-size / Limits::max_total_size",
+                )?;
                 if etype != EntryType::GNUSparse && n != declared {
                     return Err(Error::CorruptStream(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
@@ -487,14 +482,12 @@ fn entry_meta<R: Read>(
                     });
                 }
                 xattrs.insert(name.to_vec(), value.to_vec());
-                if xattrs.len() > limits.max_xattrs {
-                    return Err(Error::Limit {
-                        what: "extended attributes on one entry",
-                        value: xattrs.len() as u64,
-                        limit: limits.max_xattrs as u64,
-                        knob: "Limits::max_xattrs",
-                    });
-                }
+                limits::ensure(
+                    "extended attributes on one entry",
+                    xattrs.len() as u64,
+                    limits.max_xattrs as u64,
+                    "Limits::max_xattrs",
+                )?;
             }
         }
     }

@@ -49,3 +49,22 @@ impl Default for Limits {
         }
     }
 }
+
+/// `Ok` while `value` is within `limit`, else the [`crate::Error::Limit`] error that names the
+/// knob raising it.
+pub(crate) fn ensure(
+    what: &'static str,
+    value: u64,
+    limit: u64,
+    knob: &'static str,
+) -> crate::Result<()> {
+    if value > limit {
+        return Err(crate::Error::Limit {
+            what,
+            value,
+            limit,
+            knob,
+        });
+    }
+    Ok(())
+}

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use crate::blobs::{BlobId, BlobStore};
 use crate::error::{Error, Result};
-use crate::limits::Limits;
+use crate::limits::{self, Limits};
 
 /// Index of a node in the arena.
 pub type NodeId = usize;
@@ -103,14 +103,12 @@ pub(crate) fn split(name: &[u8]) -> Vec<&[u8]> {
 /// Normalises an entry name inside the image root: strips leading `/` and `./`, folds
 /// `..` lexically, and rejects a `..` that would climb above the root.
 pub fn normalize(name: &[u8], limits: &Limits) -> Result<Vec<Vec<u8>>> {
-    if name.len() > limits.max_path_len {
-        return Err(Error::Limit {
-            what: "entry name length",
-            value: name.len() as u64,
-            limit: limits.max_path_len as u64,
-            knob: "Limits::max_path_len",
-        });
-    }
+    limits::ensure(
+        "entry name length",
+        name.len() as u64,
+        limits.max_path_len as u64,
+        "Limits::max_path_len",
+    )?;
     if name.contains(&0) {
         return Err(Error::invalid(name, "name contains a NUL byte"));
     }
@@ -125,24 +123,20 @@ pub fn normalize(name: &[u8], limits: &Limits) -> Result<Vec<Vec<u8>>> {
             }
             continue;
         }
-        if c.len() > limits.max_name_len {
-            return Err(Error::Limit {
-                what: "path component length",
-                value: c.len() as u64,
-                limit: limits.max_name_len as u64,
-                knob: "Limits::max_name_len",
-            });
-        }
+        limits::ensure(
+            "path component length",
+            c.len() as u64,
+            limits.max_name_len as u64,
+            "Limits::max_name_len",
+        )?;
         out.push(c.to_vec());
     }
-    if out.len() > limits.max_depth {
-        return Err(Error::Limit {
-            what: "path depth",
-            value: out.len() as u64,
-            limit: limits.max_depth as u64,
-            knob: "Limits::max_depth",
-        });
-    }
+    limits::ensure(
+        "path depth",
+        out.len() as u64,
+        limits.max_depth as u64,
+        "Limits::max_depth",
+    )?;
     Ok(out)
 }
 
@@ -279,14 +273,12 @@ impl Tree {
                         }
                     }
                     stack.push(child.node);
-                    if stack.len() > self.limits.max_depth + 1 {
-                        return Err(Error::Limit {
-                            what: "path depth",
-                            value: stack.len() as u64 - 1,
-                            limit: self.limits.max_depth as u64,
-                            knob: "Limits::max_depth",
-                        });
-                    }
+                    limits::ensure(
+                        "path depth",
+                        (stack.len() as u64).saturating_sub(1),
+                        self.limits.max_depth as u64,
+                        "Limits::max_depth",
+                    )?;
                 }
                 Kind::Symlink(target) if !last || follow_last => {
                     hops += 1;
