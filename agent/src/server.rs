@@ -191,6 +191,7 @@ fn describe(f: &Frame) -> String {
             .unwrap_or("")
             .to_string(),
         Frame::Data(s, _) => format!("{s:?} data"),
+        Frame::Dns(_) => "DNS data".into(),
     }
 }
 
@@ -447,6 +448,7 @@ async fn supervise(
                         }
                     }
                     Some(Ok(Frame::Data(s, _))) => debug!("ignoring {s:?} data from the host"),
+                    Some(Ok(Frame::Dns(_))) => debug!("ignoring DNS data on a process connection"),
                     Some(Ok(Frame::Msg(m))) => match m {
                         Message::Signal { signal } => {
                             if running {
@@ -507,6 +509,8 @@ mod tests {
             },
             hostname: None,
             init: false,
+            network: None,
+            mounts: Vec::new(),
         }
     }
 

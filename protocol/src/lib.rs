@@ -7,7 +7,8 @@
 //!
 //! Wire format of a frame: a 4-byte big-endian length `n` (of what follows), a 1-byte tag, then
 //! `n - 1` bytes of payload. Tag 0 carries a JSON-encoded [`Message`]; tags 1..=3 carry raw
-//! bytes of stdin, stdout or stderr, where an empty payload means end of stream. Frames larger
+//! bytes of stdin, stdout or stderr, where an empty payload means end of stream; tag 4 carries one
+//! DNS message on a DNS relay connection. Frames larger
 //! than [`MAX_FRAME`] are rejected, so a hostile peer cannot make the other side allocate
 //! without bound.
 
@@ -23,6 +24,8 @@ pub const AGENT_PORT: u32 = 1024;
 pub const HOST_CID: u32 = 2;
 /// Largest accepted frame (tag + payload), in bytes.
 pub const MAX_FRAME: usize = 1 << 20;
+/// Frame tag of [`Frame::Dns`].
+const DNS_TAG: u8 = 4;
 /// Largest stdio chunk a sender puts into one frame.
 pub const MAX_DATA_CHUNK: usize = 64 * 1024;
 
@@ -61,6 +64,9 @@ pub enum Frame {
     Msg(Message),
     /// Stdio bytes; empty means end of that stream.
     Data(Stream, Vec<u8>),
+    /// One DNS message (query guest -> host, reply host -> guest) on a
+    /// [`Message::DnsRelay`] connection. Tag 4.
+    Dns(Vec<u8>),
 }
 
 /// Control messages, in both directions.
@@ -85,6 +91,12 @@ pub enum Message {
     Started { pid: i32 },
     /// Guest -> host: the process ended; the last message of a connection.
     Exited(ExitStatus),
+    /// Host -> guest, first frame of a DNS relay connection: listen for DNS queries (UDP) on
+    /// `address`:53 inside the guest and relay each one to the host as a [`Frame::Dns`]; the
+    /// host answers with [`Frame::Dns`] replies. The agent answers [`Message::Ready`].
+    DnsRelay { address: String },
+    /// Guest -> host: a [`Message::DnsRelay`] listens.
+    Ready,
     /// Guest -> host: the request failed. For a start failure `exit_code` is what a runc user
     /// would see (127 for a missing binary, 126 for one that cannot be executed).
     Error {
@@ -104,6 +116,70 @@ pub struct StartRequest {
     /// When true the VM powers off once this process exits (the container's init process).
     #[serde(default)]
     pub init: bool,
+    /// Network of the guest, applied before the init process starts (init only).
+    #[serde(default)]
+    pub network: Option<NetworkSpec>,
+    /// Mounts set up in the container root after the rootfs, in order (init only).
+    #[serde(default)]
+    pub mounts: Vec<MountSpec>,
+}
+
+/// The guest's network: interfaces (matched by MAC address) and routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    pub interfaces: Vec<InterfaceSpec>,
+    /// Routes, added after every interface is up, in order.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+}
+
+/// One guest interface: the virtio-net device with `mac` gets `name`, `mtu` and `addresses`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceSpec {
+    /// Name inside the guest, e.g. `eth0`.
+    pub name: String,
+    /// MAC address, `aa:bb:cc:dd:ee:ff`.
+    pub mac: String,
+    pub mtu: u32,
+    /// Addresses in CIDR form, IPv4 or IPv6, e.g. `172.17.0.2/16`.
+    #[serde(default)]
+    pub addresses: Vec<String>,
+}
+
+/// One route. `destination` is CIDR, or `default` (IPv4) / `default6` (IPv6).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteSpec {
+    pub destination: String,
+    #[serde(default)]
+    pub gateway: Option<String>,
+    /// Guest interface name.
+    pub device: String,
+}
+
+/// One mount in the container root. `destination` is an absolute path in the container.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountSpec {
+    pub destination: String,
+    pub source: MountSource,
+    #[serde(default)]
+    pub readonly: bool,
+}
+
+/// Where a [`MountSpec`]'s content comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum MountSource {
+    /// A host directory shared over virtio-9p with this mount tag; `options` as in
+    /// [`RootfsSpec::options`].
+    Share { tag: String, options: String },
+    /// A small host file (`/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`), copied: the
+    /// agent writes `content` to a file of its own and bind-mounts it on `destination`.
+    File { content: String, mode: u32 },
+    /// A tmpfs with mount(2) `data` options, e.g. `size=65536k,mode=1777`.
+    Tmpfs {
+        #[serde(default)]
+        options: Option<String>,
+    },
 }
 
 /// The container's root filesystem: a block device or a shared directory seen by the guest.
@@ -218,6 +294,7 @@ impl Frame {
                     .into(),
             ),
             Frame::Data(s, b) => (*s as u8, b.as_slice().into()),
+            Frame::Dns(b) => (DNS_TAG, b.as_slice().into()),
         };
         let len = u32::try_from(payload.len() + 1).expect("frame length fits in u32");
         let mut out = Vec::with_capacity(payload.len() + 5);
@@ -235,6 +312,7 @@ impl Frame {
             1 => Frame::Data(Stream::Stdin, payload.to_vec()),
             2 => Frame::Data(Stream::Stdout, payload.to_vec()),
             3 => Frame::Data(Stream::Stderr, payload.to_vec()),
+            DNS_TAG => Frame::Dns(payload.to_vec()),
             t => return Err(ProtocolError::UnknownTag(t)),
         })
     }
@@ -363,7 +441,48 @@ mod tests {
             },
             hostname: Some("box".into()),
             init: true,
+            network: Some(NetworkSpec {
+                interfaces: vec![InterfaceSpec {
+                    name: "eth0".into(),
+                    mac: "02:42:ac:11:00:02".into(),
+                    mtu: 1500,
+                    addresses: vec!["172.17.0.2/16".into()],
+                }],
+                routes: vec![RouteSpec {
+                    destination: "default".into(),
+                    gateway: Some("172.17.0.1".into()),
+                    device: "eth0".into(),
+                }],
+            }),
+            mounts: vec![
+                MountSpec {
+                    destination: "/etc/hosts".into(),
+                    source: MountSource::File {
+                        content: "127.0.0.1 localhost\n".into(),
+                        mode: 0o644,
+                    },
+                    readonly: false,
+                },
+                MountSpec {
+                    destination: "/data".into(),
+                    source: MountSource::Share {
+                        tag: "m0".into(),
+                        options: "trans=virtio".into(),
+                    },
+                    readonly: true,
+                },
+                MountSpec {
+                    destination: "/run".into(),
+                    source: MountSource::Tmpfs { options: None },
+                    readonly: false,
+                },
+            ],
         }))));
+        roundtrip(Frame::Msg(Message::DnsRelay {
+            address: "127.0.0.11".into(),
+        }));
+        roundtrip(Frame::Msg(Message::Ready));
+        roundtrip(Frame::Dns(vec![0x12, 0x34, 1, 0]));
         roundtrip(Frame::Msg(Message::Exited(ExitStatus::signaled(9))));
         roundtrip(Frame::Data(Stream::Stdout, b"hello\n".to_vec()));
         roundtrip(Frame::Data(Stream::Stdin, Vec::new()));

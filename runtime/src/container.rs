@@ -132,6 +132,8 @@ impl Container {
             process: cfg.process,
             hostname: cfg.hostname,
             init: true,
+            network: None,
+            mounts: Vec::new(),
         };
         Ok(Container {
             sandbox,
@@ -316,6 +318,8 @@ impl Running {
             process,
             hostname: None,
             init: false,
+            network: None,
+            mounts: Vec::new(),
         };
         launch(
             conn,

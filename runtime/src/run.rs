@@ -164,6 +164,8 @@ async fn drive(
         process: opts.process.clone(),
         hostname: None,
         init: true,
+        network: None,
+        mounts: Vec::new(),
     };
     let t_start = Instant::now();
     tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Start(Box::new(start)))).await?;
