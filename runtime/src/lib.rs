@@ -8,6 +8,7 @@ pub mod container;
 pub mod error;
 pub mod image;
 pub mod install;
+pub mod netns;
 pub mod oci;
 pub mod run;
 pub mod sandbox;
