@@ -6,6 +6,7 @@ pub mod assets;
 pub mod check;
 pub mod container;
 pub mod error;
+pub mod hooks;
 pub mod image;
 pub mod install;
 pub mod netns;
