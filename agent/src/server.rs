@@ -24,7 +24,7 @@ use crate::process::spawn::{open_pty, resize, spawn, SpawnError};
 use crate::process::Plan;
 use crate::reaper::Reaper;
 use crate::vsock::Listener;
-use crate::{boot, debug, info, power, rootfs};
+use crate::{boot, debug, info, net, power, rootfs};
 
 /// How long stdout/stderr may stay open after the process exited (an orphan holding them)
 /// before `Exited` is reported anyway.
@@ -283,6 +283,18 @@ async fn run(
             let _ = out.send(error(e.to_string(), None)).await;
             return failed;
         }
+    }
+    if req.init {
+        if let Some(network) = &req.network {
+            if let Err(e) = net::configure(network) {
+                info!("{e}");
+                let _ = out.send(error(e.to_string(), None)).await;
+                return failed;
+            }
+            debug!("network configured: {network:?}");
+        }
+    } else if req.network.is_some() {
+        debug!("ignoring the network of a process that is not the init process");
     }
     let plan = match Plan::new(&req.process, &agent.root, agent.last_cap) {
         Ok(p) => Arc::new(p),
