@@ -13,6 +13,7 @@ pub mod boot;
 pub mod cmdline;
 pub mod fdio;
 pub mod log;
+pub mod mounts;
 pub mod net;
 pub mod power;
 pub mod process;

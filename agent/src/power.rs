@@ -10,7 +10,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{getpid, sync, Pid};
 
-use crate::rootfs;
+use crate::{mounts, rootfs};
 
 /// Whether this process is the VM's init.
 pub fn is_init() -> bool {
@@ -27,7 +27,8 @@ pub fn power_off(reason: &str) -> ! {
     let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
     reap_for(Duration::from_millis(500));
     sync();
-    for target in rootfs::unmount_order() {
+    let container_mounts = mounts::mounted().into_iter().rev();
+    for target in container_mounts.chain(rootfs::unmount_order()) {
         match umount2(target.as_str(), MntFlags::empty()) {
             Ok(()) | Err(Errno::EINVAL) | Err(Errno::ENOENT) => {}
             Err(e) => {

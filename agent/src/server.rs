@@ -24,7 +24,7 @@ use crate::process::spawn::{open_pty, resize, spawn, SpawnError};
 use crate::process::Plan;
 use crate::reaper::Reaper;
 use crate::vsock::Listener;
-use crate::{boot, debug, info, net, power, rootfs};
+use crate::{boot, debug, info, mounts, net, power, rootfs};
 
 /// How long stdout/stderr may stay open after the process exited (an orphan holding them)
 /// before `Exited` is reported anyway.
@@ -293,8 +293,13 @@ async fn run(
             }
             debug!("network configured: {network:?}");
         }
-    } else if req.network.is_some() {
-        debug!("ignoring the network of a process that is not the init process");
+        if let Err(e) = mounts::apply(&req.mounts, &agent.root) {
+            info!("{e}");
+            let _ = out.send(error(e.to_string(), None)).await;
+            return failed;
+        }
+    } else if req.network.is_some() || !req.mounts.is_empty() {
+        debug!("ignoring the network and mounts of a process that is not the init process");
     }
     let plan = match Plan::new(&req.process, &agent.root, agent.last_cap) {
         Ok(p) => Arc::new(p),
