@@ -11,6 +11,7 @@
 
 pub mod boot;
 pub mod cmdline;
+pub mod dns;
 pub mod fdio;
 pub mod log;
 pub mod mounts;

@@ -980,6 +980,8 @@ mod tests {
             );
             return;
         }
+        // `ip` is a child of this process: no reaper of another test may wait for it.
+        let _guard = crate::testutil::child_lock();
         // unshare(CLONE_NEWNET) moves only the calling thread; the namespace dies with it.
         std::thread::spawn(|| {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");

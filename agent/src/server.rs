@@ -2,6 +2,7 @@
 //!
 //! Per connection: `Hello`, then `Start` (or `Shutdown`); the process is spawned, stdio is
 //! relayed as `Data` frames, `Signal`/`Resize` are applied, and `Exited` is the last frame.
+//! A connection that starts with `DnsRelay` instead carries DNS messages (see [`crate::dns`]).
 //! Every connection runs as its own task; all tasks share one thread (see the crate docs).
 
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,7 @@ use crate::process::spawn::{open_pty, resize, spawn, SpawnError};
 use crate::process::Plan;
 use crate::reaper::Reaper;
 use crate::vsock::Listener;
-use crate::{boot, debug, info, mounts, net, power, rootfs};
+use crate::{boot, debug, dns, info, mounts, net, power, rootfs};
 
 /// How long stdout/stderr may stay open after the process exited (an orphan holding them)
 /// before `Exited` is reported anyway.
@@ -44,6 +45,8 @@ pub struct Agent {
     root: String,
     /// The root was prepared by someone else (tests): never mount.
     preset_root: bool,
+    /// The port of DNS relays ([`dns::DNS_PORT`]; tests use another).
+    dns_port: u16,
 }
 
 impl Agent {
@@ -54,6 +57,16 @@ impl Agent {
             last_cap,
             root: rootfs::ROOT.to_string(),
             preset_root: false,
+            dns_port: dns::DNS_PORT,
+        }
+    }
+
+    /// The same agent with DNS relays on `port`, so tests need not bind port 53.
+    #[cfg(test)]
+    fn with_dns_port(self, port: u16) -> Self {
+        Self {
+            dns_port: port,
+            ..self
         }
     }
 
@@ -146,6 +159,9 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
 
     let after = match host.recv().await {
         Some(Ok(Frame::Msg(Message::Start(req)))) => run(&agent, *req, &out, &mut host).await,
+        Some(Ok(Frame::Msg(Message::DnsRelay { address }))) => {
+            dns_relay(&agent, &address, &out, &mut host).await
+        }
         Some(Ok(Frame::Msg(Message::Shutdown))) => {
             After::PowerOffNow("shutdown requested by the host")
         }
@@ -181,6 +197,33 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
         power::power_off("the container's init process exited");
     }
     reader.abort();
+}
+
+/// Serves a DNS relay connection: `Ready` once the UDP socket is bound, then DNS frames
+/// until the host closes the connection.
+async fn dns_relay(
+    agent: &Agent,
+    address: &str,
+    out: &mpsc::Sender<Frame>,
+    host: &mut HostFrames,
+) -> After {
+    let socket = match dns::bind(address, agent.dns_port).await {
+        Ok(s) => s,
+        Err(e) => {
+            info!("{e}");
+            let _ = out.send(error(e, None)).await;
+            return After::Close;
+        }
+    };
+    debug!("DNS relay on {address}:{}", agent.dns_port);
+    let _ = out.send(msg(Message::Ready)).await;
+    match dns::relay(socket, out, host).await {
+        dns::RelayEnd::HostGone => {
+            debug!("DNS relay on {address} ended");
+            After::Close
+        }
+        dns::RelayEnd::Shutdown => After::PowerOffNow("shutdown requested by the host"),
+    }
 }
 
 fn describe(f: &Frame) -> String {
@@ -604,6 +647,133 @@ mod tests {
             Some(Frame::Msg(Message::Exited(s))) => *s,
             other => panic!("last frame is not Exited: {other:?} in {frames:?}"),
         }
+    }
+
+    /// A UDP port on `ip` that is free right now.
+    fn free_udp_port(ip: &str) -> u16 {
+        std::net::UdpSocket::bind((ip, 0))
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn dns_query(id: u16, name: u8) -> Vec<u8> {
+        let mut q = id.to_be_bytes().to_vec();
+        q.extend_from_slice(&[1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 1, name, 0, 0, 1, 0, 1]);
+        q
+    }
+
+    async fn recv_reply(s: &tokio::net::UdpSocket, buf: &mut [u8]) -> usize {
+        tokio::time::timeout(Duration::from_secs(5), s.recv(buf))
+            .await
+            .expect("reply within 5 s")
+            .unwrap()
+    }
+
+    /// A DNS relay over a socketpair: ids are rewritten on the way out and restored on the
+    /// way back, per client; short and unknown messages are dropped; the relay (and its
+    /// socket) ends with the connection. Needs no root: 127.0.0.211 is on lo already.
+    #[tokio::test(flavor = "current_thread")]
+    async fn dns_relay_session() {
+        const IP: &str = "127.0.0.211";
+        let port = free_udp_port(IP);
+        // Not started: a DNS relay spawns nothing, and a running reaper would wait for the
+        // children of other tests.
+        let agent =
+            Arc::new(Agent::with_root(Arc::new(Reaper::default()), 40, "/").with_dns_port(port));
+        let open = |address: &str| {
+            let (a, b) = UnixStream::pair().unwrap();
+            tokio::spawn(connection(
+                Arc::clone(&agent),
+                FdStream::new(a.into()).unwrap(),
+            ));
+            let address = address.to_string();
+            async move {
+                let mut h = Host {
+                    stream: FdStream::new(b.into()).unwrap(),
+                    pid: None,
+                };
+                assert!(matches!(
+                    h.recv().await,
+                    Some(Frame::Msg(Message::Hello { .. }))
+                ));
+                h.send(msg(Message::DnsRelay { address })).await;
+                h
+            }
+        };
+
+        // An address that is not one: Error, connection closed.
+        let f = open("dns.invalid").await.rest().await;
+        assert!(
+            matches!(&f[..], [Frame::Msg(Message::Error { message, exit_code: None })] if message.contains("not an IP address")),
+            "{f:?}"
+        );
+
+        let mut h = open(IP).await;
+        assert_eq!(h.recv().await, Some(msg(Message::Ready)));
+        // The port is taken now: a second relay on it fails to bind.
+        let f = open(IP).await.rest().await;
+        assert!(
+            matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("bind UDP")),
+            "{f:?}"
+        );
+
+        let relay = format!("{IP}:{port}");
+        let a = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let b = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        a.send_to(&[1, 2, 3], &relay).await.unwrap(); // too short: dropped
+        a.send_to(&dns_query(0x1234, b'a'), &relay).await.unwrap();
+        b.send_to(&dns_query(0x1234, b'b'), &relay).await.unwrap();
+        let mut relayed = Vec::new();
+        for _ in 0..2 {
+            match h.recv().await {
+                Some(Frame::Dns(q)) => relayed.push(q),
+                other => panic!("expected a DNS query, got {other:?}"),
+            }
+        }
+        let (qa, qb) = (relayed[0].clone(), relayed[1].clone());
+        assert_eq!(qa[2..], dns_query(0, b'a')[2..]);
+        assert_eq!(qb[2..], dns_query(0, b'b')[2..]);
+        assert_ne!(qa[..2], qb[..2], "same client id, different relay ids");
+
+        // Unknown and short replies are dropped; real ones reach their client with its id.
+        let mut unknown = qa.clone();
+        unknown[0] ^= 0x80;
+        h.send(Frame::Dns(unknown)).await;
+        h.send(Frame::Dns(vec![0; 5])).await;
+        let mut reply_b = qb.clone();
+        reply_b[2] |= 0x80; // QR: a response
+        h.send(Frame::Dns(reply_b.clone())).await;
+        let mut reply_a = qa.clone();
+        reply_a[2] |= 0x80;
+        h.send(Frame::Dns(reply_a.clone())).await;
+        h.send(Frame::Dns(reply_a.clone())).await; // a duplicate: dropped
+        let mut buf = [0u8; 512];
+        let n = recv_reply(&b, &mut buf).await;
+        assert_eq!(buf[..2], 0x1234u16.to_be_bytes());
+        assert_eq!(buf[2..n], reply_b[2..]);
+        let n = recv_reply(&a, &mut buf).await;
+        assert_eq!(buf[..2], 0x1234u16.to_be_bytes());
+        assert_eq!(buf[2..n], reply_a[2..]);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), a.recv(&mut buf))
+                .await
+                .is_err(),
+            "only one reply per query"
+        );
+
+        // Closing the connection ends the relay and frees its socket.
+        drop(h);
+        let mut rebound = false;
+        for _ in 0..100 {
+            if std::net::UdpSocket::bind((IP, port)).is_ok() {
+                rebound = true;
+                break;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+        assert!(rebound, "the relay's socket was closed with its connection");
     }
 
     /// End-to-end over a socketpair, with `/` as the container root. Needs root (`chroot`).
