@@ -3,7 +3,9 @@
 //! The binary (`main.rs`) is thin: it does the early boot ([`boot`]), then serves the host
 //! protocol ([`server`]) on AF_VSOCK. Each connection runs one process in the container root
 //! filesystem ([`rootfs`]), set up through [`process`], whose syscalls go through a seam so
-//! that the setup logic is tested without root or a VM.
+//! that the setup logic is tested without root or a VM. Before the container's init process
+//! starts, the agent configures the guest network ([`net`]) and the container's own mounts
+//! ([`mounts`]); a connection that asks for it relays DNS queries to the host ([`dns`]).
 //!
 //! The agent is single-threaded on purpose (a current-thread tokio runtime): processes are
 //! spawned with `fork`, and only a single-threaded parent makes the code between `fork` and
