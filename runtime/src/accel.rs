@@ -138,6 +138,8 @@ pub async fn probe(assets: &Assets) -> Result<Verdict> {
         id: format!("kvm-probe-{}", new_id()),
         disks: Vec::new(),
         shares: Vec::new(),
+        nics: Vec::new(),
+        netns: None,
         memory_mib: 256,
         vcpus: 1,
         accel: Accel::Kvm,

@@ -9,21 +9,25 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use agentvm_protocol::{tokio_io, Frame, Message, ProcessSpec, RootfsSpec, StartRequest, Stream};
+use std::collections::HashMap;
+
+use agentvm_protocol::{
+    tokio_io, Frame, Message, MountSpec, NetworkSpec, ProcessSpec, RootfsSpec, StartRequest, Stream,
+};
+use oci_spec::runtime::Hooks;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::accel::{self, AccelChoice};
 use crate::assets::Assets;
 use crate::error::{Error, Result};
+use crate::netns::{Netns, NetnsMode};
 use crate::sandbox::{spawn_frame_reader, spawn_input_pump, AgentConn, Sandbox, SandboxConfig};
-use crate::vmm::Share;
+use crate::vmm::{Accel, Nic, Share};
+use crate::{dns, hooks, mounts};
 
 /// The 9p mount tag of the container's root directory.
 const ROOT_TAG: &str = "rootfs";
-/// How the guest mounts a shared root: 9p2000.L over virtio, 512 KiB messages, and
-/// `cache=mmap` so that mmap'd files (shared libraries, databases) work.
-const ROOT_9P_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=524288,cache=mmap";
 /// How long the VM may take to power off by itself before it is killed.
 const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
 /// After a SIGKILL is forwarded, how long the agent gets to report the exit before the VM
@@ -47,6 +51,16 @@ pub struct ContainerConfig {
     pub accel: AccelChoice,
     pub boot_timeout: Duration,
     pub debug: bool,
+    /// The container's network namespace.
+    pub netns: NetnsMode,
+    /// The spec's mounts (mapped by [`crate::mounts::plan`] at start).
+    pub mounts: Vec<oci_spec::runtime::Mount>,
+    /// The spec's hooks.
+    pub hooks: Option<Hooks>,
+    /// For hook states: the container id, bundle and annotations.
+    pub container_id: String,
+    pub bundle: String,
+    pub annotations: HashMap<String, String>,
 }
 
 /// The stdio of a process; `None` streams are not connected.
@@ -75,18 +89,29 @@ pub struct Exit {
     pub at: SystemTime,
 }
 
-/// A booted VM whose init process has not started yet.
+/// A created container: its state dir and network namespace exist and the create hooks ran;
+/// the VM boots at [`Container::start`], once the namespace holds its interfaces (Docker 28
+/// plumbs them only after create returns).
 #[derive(Debug)]
 pub struct Container {
     sandbox: Sandbox,
-    conn: AgentConn,
-    request: StartRequest,
-    pid: u32,
+    netns: Netns,
+    cfg: ContainerConfig,
+    assets: Assets,
+    accel: Accel,
+}
+
+/// What the init process's driver owns and tears down after the exit.
+struct Owner {
+    sandbox: Sandbox,
+    netns: Option<Netns>,
+    down: watch::Sender<bool>,
 }
 
 impl Container {
-    /// Boots the VM with the root directory shared, and waits for the agent. Nothing is left
-    /// running on failure.
+    /// Checks the assets, creates the state dir and the network namespace (with its holder
+    /// process, the task pid) and runs the `createRuntime` and `prestart` hooks. Nothing is
+    /// left behind on failure.
     pub async fn create(cfg: ContainerConfig) -> Result<Container> {
         let assets = Assets::locate()?;
         if !cfg.root.is_dir() {
@@ -99,84 +124,170 @@ impl Container {
         if let Some(w) = warning {
             tracing::warn!("{w}");
         }
-        let sandbox_cfg = SandboxConfig {
-            id: cfg.id.clone(),
-            disks: Vec::new(),
-            shares: vec![Share {
-                tag: ROOT_TAG.into(),
-                path: cfg.root.clone(),
-                readonly: cfg.root_readonly,
-            }],
-            memory_mib: cfg.memory_mib,
-            vcpus: cfg.vcpus,
-            accel,
-            boot_timeout: cfg.boot_timeout,
-            icount: false,
-            debug: cfg.debug,
-        };
-        let (sandbox, conn) = Sandbox::boot(&sandbox_cfg, &assets).await?;
-        let pid = sandbox
-            .vmm_pid()
-            .ok_or_else(|| Error::Agent("the VMM exited right after boot".into()))?;
-        let mut options = ROOT_9P_OPTIONS.to_string();
-        if cfg.root_readonly {
-            options.push_str(",ro");
-        }
-        let request = StartRequest {
-            rootfs: RootfsSpec {
-                device: ROOT_TAG.into(),
-                fstype: "9p".into(),
-                overlay: false,
-                options: Some(options),
-            },
-            process: cfg.process,
-            hostname: cfg.hostname,
-            init: true,
-            network: None,
-            mounts: Vec::new(),
-        };
-        Ok(Container {
+        let sandbox = Sandbox::prepare(&cfg.id)?;
+        let netns = Netns::create(&cfg.netns, &sandbox.state_dir)?;
+        let container = Container {
             sandbox,
-            conn,
-            request,
-            pid,
-        })
+            netns,
+            cfg,
+            assets,
+            accel,
+        };
+        if let Err(e) = container.setup().await {
+            container.destroy().await;
+            return Err(e);
+        }
+        Ok(container)
     }
 
-    /// Host pid of the VMM: the container's task pid as containerd and Docker see it.
+    async fn setup(&self) -> Result<()> {
+        self.sandbox.record_pids(&[self.netns.pid()])?;
+        if let Some(h) = &self.cfg.hooks {
+            hooks::warn_unsupported(h);
+        }
+        let ctx = self.hook_context();
+        hooks::run(self.cfg.hooks.as_ref(), hooks::Phase::CreateRuntime, &ctx).await?;
+        hooks::run(self.cfg.hooks.as_ref(), hooks::Phase::Prestart, &ctx).await
+    }
+
+    fn hook_context(&self) -> hooks::HookContext {
+        hooks::HookContext {
+            id: self.cfg.container_id.clone(),
+            bundle: self.cfg.bundle.clone(),
+            pid: self.netns.pid(),
+            annotations: self.cfg.annotations.clone(),
+        }
+    }
+
+    /// The task pid containerd and Docker see: the network namespace holder, a host process
+    /// living in the container's network namespace.
     pub fn pid(&self) -> u32 {
-        self.pid
+        self.netns.pid()
     }
 
-    /// Starts the init process with `io`. On success the process runs; on failure (the
-    /// agent could not start it) the error carries the agent's message, and the returned
+    /// Boots the VM wired to the namespace's interfaces, with the bundle's mounts, and starts
+    /// the init process with `io`. On success the process runs; on failure (the VM did not
+    /// boot, the agent could not start the process) the error says why, and the returned
     /// handle still reports the exit (e.g. 127) and the teardown.
     pub async fn start(self, io: ProcessIo) -> (Running, Result<i32>) {
         let Container {
-            sandbox,
-            conn,
-            request,
-            pid,
+            mut sandbox,
+            netns,
+            cfg,
+            assets,
+            accel,
         } = self;
-        let (down_tx, down_rx) = watch::channel(false);
-        launch(
-            Ok(conn),
-            request,
-            io,
+        let pid = netns.pid();
+        let hook_ctx = hooks::HookContext {
+            id: cfg.container_id.clone(),
+            bundle: cfg.bundle.clone(),
             pid,
-            Some((sandbox, down_tx)),
-            down_rx,
-            None,
-        )
-        .await
+            annotations: cfg.annotations.clone(),
+        };
+        let prepared = boot(&mut sandbox, &netns, &cfg, &assets, accel).await;
+        let (down_tx, down_rx) = watch::channel(false);
+        let owner = Owner {
+            sandbox,
+            netns: Some(netns),
+            down: down_tx,
+        };
+        let (conn, request) = match prepared {
+            Ok((conn, request)) => (Ok(conn), request),
+            Err(e) => {
+                tracing::error!("start: {e}");
+                (Err(e), start_request(&cfg, None, Vec::new()))
+            }
+        };
+        let r = launch(conn, request, io, pid, Some(owner), down_rx, None).await;
+        if r.1.is_ok() {
+            hooks::run(cfg.hooks.as_ref(), hooks::Phase::Poststart, &hook_ctx)
+                .await
+                .ok();
+        }
+        r
     }
 
-    /// Tears the VM down without running anything (delete before start).
-    pub async fn destroy(mut self) {
-        let _ = self.conn.send(&Frame::Msg(Message::Shutdown)).await;
-        drop(self.conn);
+    /// Tears down what create made without running anything (delete before start).
+    pub async fn destroy(self) {
+        self.netns.destroy().await;
         self.sandbox.destroy(TEARDOWN_GRACE).await;
     }
+}
+
+/// The init process's start request.
+fn start_request(
+    cfg: &ContainerConfig,
+    network: Option<NetworkSpec>,
+    mounts: Vec<MountSpec>,
+) -> StartRequest {
+    let mut options = mounts::NINEP_OPTIONS.to_string();
+    if cfg.root_readonly {
+        options.push_str(",ro");
+    }
+    StartRequest {
+        rootfs: RootfsSpec {
+            device: ROOT_TAG.into(),
+            fstype: "9p".into(),
+            overlay: false,
+            options: Some(options),
+        },
+        process: cfg.process.clone(),
+        hostname: cfg.hostname.clone(),
+        init: true,
+        network,
+        mounts,
+    }
+}
+
+/// Wires the namespace, maps the mounts, boots the VM and starts the DNS relay when the
+/// container uses Docker's resolver.
+async fn boot(
+    sandbox: &mut Sandbox,
+    netns: &Netns,
+    cfg: &ContainerConfig,
+    assets: &Assets,
+    accel: Accel,
+) -> Result<(AgentConn, StartRequest)> {
+    let plan = mounts::plan(&cfg.mounts)?;
+    let mut wiring = netns.scan().await?;
+    netns.wire(&mut wiring).await?;
+    let mut shares = vec![Share {
+        tag: ROOT_TAG.into(),
+        path: cfg.root.clone(),
+        readonly: cfg.root_readonly,
+    }];
+    shares.extend(plan.shares.iter().cloned());
+    let sandbox_cfg = SandboxConfig {
+        id: cfg.id.clone(),
+        disks: Vec::new(),
+        shares,
+        nics: wiring
+            .interfaces
+            .iter()
+            .zip(&wiring.taps)
+            .map(|(i, tap)| Nic {
+                tap: tap.clone(),
+                mac: i.mac.clone(),
+            })
+            .collect(),
+        netns: Some(netns.fd()),
+        memory_mib: cfg.memory_mib,
+        vcpus: cfg.vcpus,
+        accel,
+        boot_timeout: cfg.boot_timeout,
+        icount: false,
+        debug: cfg.debug,
+    };
+    let conn = sandbox.launch(&sandbox_cfg, assets).await?;
+    if plan.uses_docker_dns() {
+        let relay_conn = sandbox.connect().await?;
+        let socket = netns.udp_socket()?;
+        let upstream = std::net::SocketAddr::from(([127, 0, 0, 11], 53));
+        // The relay task ends when its agent connection closes with the VM.
+        dns::start_relay(relay_conn, socket, upstream).await?;
+    }
+    let network = (!wiring.interfaces.is_empty()).then(|| wiring.network_spec());
+    Ok((conn, start_request(cfg, network, plan.mounts)))
 }
 
 /// Runs `request` over `conn` in a driver task. The driver of the init process owns the
@@ -187,7 +298,7 @@ async fn launch(
     request: StartRequest,
     io: ProcessIo,
     pid: u32,
-    owner: Option<(Sandbox, watch::Sender<bool>)>,
+    owner: Option<Owner>,
     torn_down: watch::Receiver<bool>,
     vm: Option<mpsc::UnboundedSender<Control>>,
 ) -> (Running, Result<i32>) {
@@ -203,7 +314,10 @@ async fn launch(
     };
     let (started_tx, started_rx) = oneshot::channel();
     tokio::spawn(async move {
-        let (mut sandbox, down_tx) = owner.unzip();
+        let (mut sandbox, netns, down_tx) = match owner {
+            Some(o) => (Some(o.sandbox), o.netns, Some(o.down)),
+            None => (None, None, None),
+        };
         let send = match conn {
             Ok(mut conn) => conn
                 .send(&Frame::Msg(Message::Start(Box::new(request))))
@@ -224,6 +338,9 @@ async fn launch(
         }));
         if let Some(sandbox) = sandbox {
             sandbox.destroy(TEARDOWN_GRACE).await;
+        }
+        if let Some(netns) = netns {
+            netns.destroy().await;
         }
         if let Some(down_tx) = down_tx {
             let _ = down_tx.send(true);

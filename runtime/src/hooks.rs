@@ -12,7 +12,8 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use oci_spec::runtime::{Hook, Hooks};
+use oci_spec::runtime::Hook;
+pub use oci_spec::runtime::Hooks;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
 
@@ -225,7 +226,10 @@ mod tests {
             .await
             .unwrap_err()
             .to_string();
-        assert!(e.contains("createRuntime hook #0") && e.contains("no network"), "{e}");
+        assert!(
+            e.contains("createRuntime hook #0") && e.contains("no network"),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -86,21 +86,20 @@ impl Netns {
     /// Starts the holder in a new namespace or in `join`'s. `label` goes into the holder's
     /// command line (the state dir), so a cleanup after a crash can recognise it.
     pub fn create(mode: &NetnsMode, label: &Path) -> Result<Netns> {
-        let join_fd = match mode {
-            NetnsMode::Host => {
-                return Err(Error::Invalid(
+        let join_fd =
+            match mode {
+                NetnsMode::Host => return Err(Error::Invalid(
                     "agentvm cannot run a container on the host's network (--network host): the \
                      container runs in its own VM with its own kernel and network stack. Use a \
                      bridge or user-defined network and publish ports with -p instead."
                         .into(),
-                ))
-            }
-            NetnsMode::New => None,
-            NetnsMode::Join(path) => Some(
-                std::fs::File::open(path)
-                    .map_err(|e| Error::io("open network namespace", path, e))?,
-            ),
-        };
+                )),
+                NetnsMode::New => None,
+                NetnsMode::Join(path) => Some(
+                    std::fs::File::open(path)
+                        .map_err(|e| Error::io("open network namespace", path, e))?,
+                ),
+            };
         let mut cmd = std::process::Command::new("sleep");
         cmd.arg0(format!("agentvm-netns {}", label.display()))
             .arg("infinity")
@@ -239,7 +238,13 @@ impl Netns {
         })
         .join()
         .map_err(|_| Error::Invalid("the namespace socket thread panicked".into()))?
-        .map_err(|e| Error::io("create a UDP socket in", format!("/proc/{}/ns/net", self.pid), e))
+        .map_err(|e| {
+            Error::io(
+                "create a UDP socket in",
+                format!("/proc/{}/ns/net", self.pid),
+                e,
+            )
+        })
     }
 
     /// Kills the holder; the namespace goes with the last process in it.
@@ -418,7 +423,9 @@ mod tests {
 
     #[test]
     fn garbage_from_ip_is_a_clear_error() {
-        let e = parse_wiring("not json", "[]", "[]").unwrap_err().to_string();
+        let e = parse_wiring("not json", "[]", "[]")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot parse `ip -j addr`"), "{e}");
     }
 
@@ -440,12 +447,23 @@ mod tests {
         let ns = Netns::create(&NetnsMode::New, Path::new("/test")).unwrap();
         let own = std::fs::read_link("/proc/self/ns/net").unwrap();
         let theirs = std::fs::read_link(format!("/proc/{}/ns/net", ns.pid())).unwrap();
-        assert_ne!(own, theirs, "the holder must live in a namespace of its own");
+        assert_ne!(
+            own, theirs,
+            "the holder must live in a namespace of its own"
+        );
         ns.run(
             "ip",
             [
-                "link", "add", "eth0", "address", "02:00:00:00:00:07", "type", "veth", "peer",
-                "name", "peer0",
+                "link",
+                "add",
+                "eth0",
+                "address",
+                "02:00:00:00:00:07",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "peer0",
             ],
         )
         .await

@@ -4,7 +4,11 @@
 use std::path::{Path, PathBuf};
 
 use agentvm_protocol::{Capabilities, ProcessSpec, Rlimit, User};
-use oci_spec::runtime::{Process, Spec};
+use std::collections::HashMap;
+
+use oci_spec::runtime::{Hooks, LinuxNamespaceType, Mount, Process, Spec};
+
+use crate::netns::NetnsMode;
 
 use crate::error::{Error, Result};
 
@@ -28,6 +32,11 @@ pub struct BundleSpec {
     pub memory_mib: u32,
     /// The OCI CPU quota rounded up to whole vCPUs, or the default.
     pub vcpus: u32,
+    /// The network namespace entry of `linux.namespaces`.
+    pub netns: NetnsMode,
+    pub mounts: Vec<Mount>,
+    pub hooks: Option<Hooks>,
+    pub annotations: HashMap<String, String>,
 }
 
 /// Reads and maps `<bundle>/config.json`.
@@ -64,7 +73,20 @@ pub fn map_spec(
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit());
     let cpu = resources.and_then(|r| r.cpu().as_ref());
+    let netns = spec
+        .linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Network))
+        .map_or(NetnsMode::Host, |n| match n.path() {
+            Some(p) if !p.as_os_str().is_empty() => NetnsMode::Join(p.clone()),
+            _ => NetnsMode::New,
+        });
     Ok(BundleSpec {
+        netns,
+        mounts: spec.mounts().clone().unwrap_or_default(),
+        hooks: spec.hooks().clone(),
+        annotations: spec.annotations().clone().unwrap_or_default(),
         process,
         hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
         root,
@@ -235,6 +257,26 @@ mod tests {
         assert!(b.root_readonly);
         assert_eq!(b.memory_mib, 256 + MEMORY_OVERHEAD_MIB);
         assert_eq!(b.vcpus, 2);
+        assert_eq!(b.netns, NetnsMode::New);
+    }
+
+    #[test]
+    fn network_namespace_modes() {
+        let with = |ns: &str| {
+            spec(&format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"user":{{"uid":0,"gid":0}},"args":["true"],"cwd":"/"}},"linux":{{"namespaces":[{ns}]}}}}"#
+            ))
+        };
+        let b = map_spec(
+            &with(r#"{"type":"network","path":"/var/run/netns/cni-1"}"#),
+            Path::new("/b"),
+            512,
+            1,
+        )
+        .unwrap();
+        assert_eq!(b.netns, NetnsMode::Join("/var/run/netns/cni-1".into()));
+        let b = map_spec(&with(r#"{"type":"pid"}"#), Path::new("/b"), 512, 1).unwrap();
+        assert_eq!(b.netns, NetnsMode::Host);
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
             readonly: true,
         }],
         shares: Vec::new(),
+        nics: Vec::new(),
+        netns: None,
         memory_mib: opts.memory_mib,
         vcpus: opts.vcpus,
         accel,

@@ -1,6 +1,8 @@
 //! A sandbox: one VM with its state directory, booted until the agent answers.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentvm_protocol::{self as proto, tokio_io, Frame, Message};
@@ -10,7 +12,7 @@ use tokio::task::JoinHandle;
 
 use crate::assets::{self, Assets};
 use crate::error::{Error, Result};
-use crate::vmm::{Accel, AgentIo, Disk, Qemu, Share, Vm, VmConfig, VmmBackend};
+use crate::vmm::{Accel, AgentIo, Disk, Nic, Qemu, Share, Vm, VmConfig, VmmBackend};
 
 /// Root of per-sandbox state directories.
 pub const STATE_ROOT: &str = "/run/agentvm";
@@ -23,6 +25,10 @@ pub struct SandboxConfig {
     pub id: String,
     pub disks: Vec<Disk>,
     pub shares: Vec<Share>,
+    /// Network devices, backed by taps in `netns`.
+    pub nics: Vec<Nic>,
+    /// The network namespace QEMU starts in (none: the caller's).
+    pub netns: Option<Arc<OwnedFd>>,
     pub memory_mib: u32,
     pub vcpus: u32,
     pub accel: Accel,
@@ -50,6 +56,8 @@ pub struct Sandbox {
     pub id: String,
     pub state_dir: PathBuf,
     vm: Option<Vm>,
+    /// The state dir is gone (destroyed).
+    removed: bool,
     pub timings: BootTimings,
 }
 
@@ -152,24 +160,54 @@ impl Sandbox {
     /// Creates the state dir, starts the VM and waits until the agent greets. On any failure
     /// everything started so far is stopped and removed.
     pub async fn boot(cfg: &SandboxConfig, assets: &Assets) -> Result<(Sandbox, AgentConn)> {
-        validate_id(&cfg.id)?;
+        let mut sandbox = Sandbox::prepare(&cfg.id)?;
+        let conn = sandbox.launch(cfg, assets).await?;
+        Ok((sandbox, conn))
+    }
+
+    /// Creates the state directory of sandbox `id`, without a VM yet. Dropping the result
+    /// removes the directory.
+    pub fn prepare(id: &str) -> Result<Sandbox> {
+        validate_id(id)?;
         let started = Instant::now();
-        let initrd = assets::initramfs_for(&assets.agent)?;
         let root = state_root();
         std::fs::create_dir_all(&root).map_err(|e| Error::io("create", &root, e))?;
-        let state_dir = root.join(&cfg.id);
+        let state_dir = root.join(id);
         std::fs::create_dir(&state_dir).map_err(|e| Error::io("create", &state_dir, e))?;
-        let mut sandbox = Sandbox {
-            id: cfg.id.clone(),
-            state_dir: state_dir.clone(),
+        Ok(Sandbox {
+            id: id.to_string(),
+            state_dir,
             vm: None,
+            removed: false,
             timings: BootTimings {
                 started,
                 vmm_spawned: started,
                 agent_ready: started,
                 guest_uptime_ms: 0,
             },
-        };
+        })
+    }
+
+    /// Appends host pids to the state dir, so that a cleanup after a crash of this process
+    /// finds them (each process's command line must name the state dir).
+    pub fn record_pids(&self, pids: &[u32]) -> Result<()> {
+        use std::io::Write;
+        let path = self.state_dir.join(PIDS_FILE);
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))?;
+        let text: String = pids.iter().map(|p| format!("{p}\n")).collect();
+        f.write_all(text.as_bytes())
+            .map_err(|e| Error::io("write", &path, e))
+    }
+
+    /// Starts the VM of a prepared sandbox and waits until the agent greets. On failure the
+    /// VM is stopped; the state dir stays until the sandbox is dropped or destroyed.
+    pub async fn launch(&mut self, cfg: &SandboxConfig, assets: &Assets) -> Result<AgentConn> {
+        self.timings.started = Instant::now();
+        let initrd = assets::initramfs_for(&assets.agent)?;
         let mut cmdline = vec![format!("agentvm.port={}", proto::AGENT_PORT)];
         if cfg.debug {
             cmdline.push("agentvm.debug=1".into());
@@ -179,10 +217,12 @@ impl Sandbox {
             initrd,
             disks: cfg.disks.clone(),
             shares: cfg.shares.clone(),
+            nics: cfg.nics.clone(),
+            netns: cfg.netns.clone(),
             memory_mib: cfg.memory_mib,
             vcpus: cfg.vcpus,
             accel: cfg.accel,
-            state_dir,
+            state_dir: self.state_dir.clone(),
             cmdline,
             icount: cfg.icount,
         };
@@ -190,19 +230,22 @@ impl Sandbox {
             qemu: assets.qemu.clone(),
         };
         let vm = backend.launch(&vm_cfg).await?;
-        sandbox.timings.vmm_spawned = Instant::now();
-        let pids: Vec<String> = std::iter::once(&vm.vmm)
+        self.timings.vmm_spawned = Instant::now();
+        let pids: Vec<u32> = std::iter::once(&vm.vmm)
             .chain(&vm.helpers)
             .filter_map(|c| c.id())
-            .map(|p| p.to_string())
             .collect();
-        sandbox.vm = Some(vm);
-        // Recorded so that a cleanup after a crash of this process finds the VM.
-        let pids_file = sandbox.state_dir.join(PIDS_FILE);
-        std::fs::write(&pids_file, pids.join("\n") + "\n")
-            .map_err(|e| Error::io("write", &pids_file, e))?;
-        let conn = sandbox.wait_agent(cfg.boot_timeout).await?;
-        Ok((sandbox, conn))
+        self.vm = Some(vm);
+        self.record_pids(&pids)?;
+        match self.wait_agent(cfg.boot_timeout).await {
+            Ok(conn) => Ok(conn),
+            Err(e) => {
+                if let Some(mut vm) = self.vm.take() {
+                    vm.stop(Duration::ZERO).await;
+                }
+                Err(e)
+            }
+        }
     }
 
     fn vm_mut(&mut self) -> &mut Vm {
@@ -321,6 +364,7 @@ impl Sandbox {
             vm.stop(grace).await;
         }
         remove_state_dir(&self.state_dir);
+        self.removed = true;
     }
 }
 
@@ -333,7 +377,7 @@ impl Drop for Sandbox {
                 let _ = h.start_kill();
             }
         }
-        if self.vm.is_some() {
+        if !self.removed {
             remove_state_dir(&self.state_dir);
         }
     }

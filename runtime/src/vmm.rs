@@ -1,8 +1,10 @@
 //! The VMM boundary: one small trait, the QEMU microvm backend behind it, and the channel to
 //! the guest agent.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
@@ -35,6 +37,15 @@ pub struct Share {
     pub readonly: bool,
 }
 
+/// A virtio-net device backed by a tap device that already exists (in the VMM's network
+/// namespace).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    pub tap: String,
+    /// The guest-visible MAC address.
+    pub mac: String,
+}
+
 /// Everything a backend needs to start one VM.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -43,6 +54,9 @@ pub struct VmConfig {
     pub disks: Vec<Disk>,
     /// Directories shared over virtio-9p (`-fsdev local`, passthrough security model).
     pub shares: Vec<Share>,
+    pub nics: Vec<Nic>,
+    /// Network namespace the VMM starts in; none keeps the caller's.
+    pub netns: Option<Arc<OwnedFd>>,
     pub memory_mib: u32,
     pub vcpus: u32,
     pub accel: Accel,
@@ -238,6 +252,8 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
         "panic=-1",
         "quiet",
         "rdinit=/init",
+        // The kernel has the dummy driver (for nested networking); no dummy0 by default.
+        "dummy.numdummies=0",
     ]
     .into_iter()
     .map(String::from)
@@ -268,6 +284,20 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
             &format!(
                 "virtio-9p-device,fsdev=fs{i},mount_tag={}",
                 qemu_escape(Path::new(&sh.tag))
+            ),
+        ]);
+    }
+    for (i, nic) in cfg.nics.iter().enumerate() {
+        push(&[
+            "-netdev",
+            &format!(
+                "tap,id=net{i},ifname={},script=no,downscript=no",
+                qemu_escape(Path::new(&nic.tap))
+            ),
+            "-device",
+            &format!(
+                "virtio-net-device,netdev=net{i},mac={}",
+                qemu_escape(Path::new(&nic.mac))
             ),
         ]);
     }
@@ -374,6 +404,9 @@ impl VmmBackend for Qemu {
             .stderr(log_file(&vmm_log)?)
             .kill_on_drop(true);
         die_with_parent(&mut cmd);
+        if let Some(fd) = &cfg.netns {
+            crate::netns::enter(cmd.as_std_mut(), fd);
+        }
         let vmm = match cmd.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -414,6 +447,11 @@ mod tests {
                 path: "/var/lib/docker/x/merged".into(),
                 readonly: false,
             }],
+            nics: vec![Nic {
+                tap: "avmtap0".into(),
+                mac: "02:42:ac:11:00:02".into(),
+            }],
+            netns: None,
             memory_mib: 512,
             vcpus: 2,
             accel,
@@ -475,6 +513,10 @@ mod tests {
             "-fsdev local,id=fs0,path=/var/lib/docker/x/merged,security_model=passthrough -device"
         ));
         assert!(s.contains("virtio-9p-device,fsdev=fs0,mount_tag=rootfs"));
+        assert!(s.contains(
+            "-netdev tap,id=net0,ifname=avmtap0,script=no,downscript=no -device \
+             virtio-net-device,netdev=net0,mac=02:42:ac:11:00:02"
+        ));
         let mut ro = cfg(Accel::Tcg);
         ro.shares[0].readonly = true;
         let s = joined(&qemu_args(&ro, &VsockTransport::Kernel { cid: 3 }));

@@ -237,6 +237,9 @@ struct Entry {
     bundle: String,
     /// The shim mounted `<bundle>/rootfs` (snapshotter mounts) and must unmount it.
     mounted_rootfs: bool,
+    /// The spec's hooks and annotations, for the poststop hooks at delete.
+    hooks: Option<agentvm::hooks::Hooks>,
+    annotations: HashMap<String, String>,
     init: Proc<Box<Container>>,
     execs: Mutex<HashMap<String, Arc<ExecProc>>>,
 }
@@ -471,6 +474,12 @@ impl Task for TaskService {
             accel: AccelChoice::Auto,
             boot_timeout: BOOT_TIMEOUT,
             debug: false,
+            netns: spec.netns,
+            mounts: spec.mounts,
+            hooks: spec.hooks.clone(),
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            annotations: spec.annotations.clone(),
         };
         let container = match Container::create(cfg).await {
             Ok(c) => c,
@@ -493,6 +502,8 @@ impl Task for TaskService {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
             mounted_rootfs,
+            hooks: spec.hooks,
+            annotations: spec.annotations,
             init: Proc::new(req.id.clone(), io, pid, Box::new(container)),
             execs: Mutex::new(HashMap::new()),
         });
@@ -695,6 +706,15 @@ impl Task for TaskService {
             at: SystemTime::now(),
         });
         let pid = entry.init.pid();
+        let ctx = agentvm::hooks::HookContext {
+            id: entry.id.clone(),
+            bundle: entry.bundle.clone(),
+            pid,
+            annotations: entry.annotations.clone(),
+        };
+        // Failures of poststop hooks are logged, never fatal.
+        let _ =
+            agentvm::hooks::run(entry.hooks.as_ref(), agentvm::hooks::Phase::Poststop, &ctx).await;
         let ev = TaskDelete {
             container_id: entry.id.clone(),
             id: entry.id.clone(),

@@ -1,0 +1,82 @@
+//! The host end of the DNS relay for Docker's embedded DNS server.
+//!
+//! On user-defined networks Docker writes `nameserver 127.0.0.11` into the container's
+//! `/etc/resolv.conf` and answers there from inside the container's network namespace on the
+//! host (an iptables DNAT in that namespace points 127.0.0.11:53 at dockerd's resolver). The
+//! guest's 127.0.0.11 is its own loopback, so the agent listens there and relays each query
+//! over vsock; this side sends it from a UDP socket that lives in the container's namespace,
+//! where Docker's rules apply, and relays the answer back. Names of other containers and
+//! Compose services resolve in the VM exactly as under runc.
+
+use std::time::Duration;
+
+use agentvm_protocol::{tokio_io, Frame, Message};
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Result};
+use crate::sandbox::{spawn_frame_reader, AgentConn};
+
+/// Docker's embedded DNS server address.
+pub const DOCKER_DNS: &str = "127.0.0.11";
+/// How long the agent may take to bind its end.
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks the agent to listen on [`DOCKER_DNS`]:53 and relays its queries through `socket`
+/// (created in the container's network namespace) until the connection closes.
+pub async fn start_relay(
+    mut conn: AgentConn,
+    socket: std::net::UdpSocket,
+    upstream: std::net::SocketAddr,
+) -> Result<JoinHandle<()>> {
+    conn.send(&Frame::Msg(Message::DnsRelay {
+        address: DOCKER_DNS.into(),
+    }))
+    .await?;
+    match tokio::time::timeout(READY_TIMEOUT, conn.recv()).await {
+        Ok(Ok(Some(Frame::Msg(Message::Ready)))) => {}
+        Ok(Ok(Some(Frame::Msg(Message::Error { message, .. })))) => {
+            return Err(Error::Agent(format!("DNS relay: {message}")))
+        }
+        Ok(other) => {
+            return Err(Error::Agent(format!(
+                "DNS relay: expected Ready, got {other:?}"
+            )))
+        }
+        Err(_) => return Err(Error::Agent("DNS relay: the agent did not answer".into())),
+    }
+    socket
+        .connect(upstream)
+        .and_then(|()| socket.set_nonblocking(true))
+        .map_err(|e| Error::Agent(format!("DNS relay: connect to {upstream}: {e}")))?;
+    let socket = tokio::net::UdpSocket::from_std(socket)
+        .map_err(|e| Error::Agent(format!("DNS relay socket: {e}")))?;
+    let AgentConn { reader, mut writer } = conn;
+    Ok(tokio::spawn(async move {
+        let (mut frames, reader_task) = spawn_frame_reader(reader);
+        let mut buf = vec![0u8; 65536];
+        loop {
+            tokio::select! {
+                f = frames.recv() => match f {
+                    Some(Ok(Some(Frame::Dns(query)))) => {
+                        if let Err(e) = socket.send(&query).await {
+                            tracing::debug!("DNS relay: send to {upstream}: {e}");
+                        }
+                    }
+                    Some(Ok(Some(other))) => tracing::debug!("DNS relay: ignoring {other:?}"),
+                    _ => break,
+                },
+                r = socket.recv(&mut buf) => match r {
+                    Ok(n) => {
+                        let reply = Frame::Dns(buf[..n].to_vec());
+                        if tokio_io::write_frame(&mut writer, &reply).await.is_err() {
+                            break;
+                        }
+                    }
+                    // Nothing listening (yet): ICMP unreachable surfaces here; keep going.
+                    Err(e) => tracing::debug!("DNS relay: receive from {upstream}: {e}"),
+                },
+            }
+        }
+        reader_task.abort();
+    }))
+}

@@ -1,0 +1,307 @@
+//! The OCI `mounts` of a bundle mapped onto what crosses the VM boundary.
+//!
+//! - Kernel filesystems (`/proc`, `/sys`, `/dev`, `/dev/pts`, `/dev/mqueue`, cgroups) are the
+//!   guest's own: the agent mounts them, nothing of the host's is passed.
+//! - `/dev/shm` becomes a tmpfs in the guest (shared memory cannot cross a VM boundary).
+//! - `tmpfs` mounts become guest tmpfs mounts with the same size/mode options.
+//! - Bind mounts of directories (volumes, `-v /host:/ctr`) are shared over virtio-9p, one
+//!   device each; `ro` is enforced by QEMU (`readonly=on`) as well as by the guest mount, so
+//!   not even root in the guest can write through it.
+//! - Bind mounts of small regular files (Docker's `/etc/hosts`, `/etc/resolv.conf`,
+//!   `/etc/hostname`) are copied into the guest when the container starts.
+//! - Anything else (sockets, devices, large single files, other filesystem types) is refused
+//!   with an error naming the mount.
+
+use std::path::{Path, PathBuf};
+
+use agentvm_protocol::{MountSource, MountSpec};
+use oci_spec::runtime::Mount;
+
+use crate::error::{Error, Result};
+use crate::vmm::Share;
+
+/// How the guest mounts a shared directory: 9p2000.L over virtio, 512 KiB messages, and
+/// `cache=mmap` so that mmap'd files (shared libraries, databases) work.
+pub const NINEP_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=524288,cache=mmap";
+/// Largest single file copied into the guest for a file bind mount.
+pub const MAX_FILE_BIND: u64 = 1 << 20;
+/// Most directory shares per VM (each is a virtio-mmio device).
+pub const MAX_SHARES: usize = 16;
+/// `/dev/shm` of the guest when the spec gives no size (Docker's default).
+const SHM_DEFAULT: &str = "mode=1777,size=65536k";
+
+/// Destinations the agent provides itself.
+const GUEST_OWN: &[&str] = &[
+    "/proc",
+    "/sys",
+    "/sys/fs/cgroup",
+    "/dev",
+    "/dev/pts",
+    "/dev/mqueue",
+    "/dev/console",
+];
+/// Filesystem types the guest kernel provides itself.
+const GUEST_OWN_TYPES: &[&str] = &["proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2"];
+
+/// What the VM gets for the bundle's mounts.
+#[derive(Debug, Clone, Default)]
+pub struct MountPlan {
+    /// Extra 9p shares (tags `vol0`, `vol1`, ...).
+    pub shares: Vec<Share>,
+    /// What the agent mounts, in spec order.
+    pub mounts: Vec<MountSpec>,
+    /// The content of the `/etc/resolv.conf` the container gets, when one is bound.
+    pub resolv_conf: Option<String>,
+}
+
+impl MountPlan {
+    /// Whether the container's resolver is Docker's embedded DNS server, which only answers
+    /// inside the container's network namespace on the host.
+    pub fn uses_docker_dns(&self) -> bool {
+        self.resolv_conf.as_deref().is_some_and(|r| {
+            r.lines().any(|l| {
+                let mut w = l.split_whitespace();
+                w.next() == Some("nameserver") && w.next() == Some(crate::dns::DOCKER_DNS)
+            })
+        })
+    }
+}
+
+/// Maps the spec's mounts; reads file binds now (call it when the container starts, after
+/// Docker has written `/etc/hosts` and `/etc/resolv.conf`).
+pub fn plan(mounts: &[Mount]) -> Result<MountPlan> {
+    let mut out = MountPlan::default();
+    for m in mounts {
+        let dest = m.destination();
+        let dest_str = dest.display().to_string();
+        if !dest.is_absolute() || dest.components().any(|c| c.as_os_str() == "..") {
+            return Err(Error::Invalid(format!(
+                "mount destination {dest_str:?} must be an absolute path without `..`"
+            )));
+        }
+        let typ = m.typ().as_deref().unwrap_or("");
+        let options = m.options().as_deref().unwrap_or_default();
+        let has = |o: &str| options.iter().any(|x| x == o);
+        let readonly = has("ro");
+        let bind = typ == "bind" || has("bind") || has("rbind");
+        if dest_str == "/dev/shm" {
+            let opts = if typ == "tmpfs" {
+                data_options(options)
+            } else {
+                None
+            };
+            out.mounts.push(MountSpec {
+                destination: dest_str,
+                source: MountSource::Tmpfs {
+                    options: Some(opts.unwrap_or_else(|| SHM_DEFAULT.into())),
+                },
+                readonly: false,
+            });
+            continue;
+        }
+        if GUEST_OWN.contains(&dest_str.as_str()) || GUEST_OWN_TYPES.contains(&typ) {
+            continue;
+        }
+        if typ == "tmpfs" && !bind {
+            out.mounts.push(MountSpec {
+                destination: dest_str,
+                source: MountSource::Tmpfs {
+                    options: data_options(options),
+                },
+                readonly,
+            });
+            continue;
+        }
+        if !bind {
+            return Err(Error::Invalid(format!(
+                "mount of type {typ:?} on {dest_str} is not supported by agentvm: only bind \
+                 mounts of directories and small files, and tmpfs, cross the VM boundary"
+            )));
+        }
+        let source = m
+            .source()
+            .as_deref()
+            .ok_or_else(|| Error::Invalid(format!("bind mount on {dest_str} has no source")))?;
+        let meta =
+            std::fs::metadata(source).map_err(|e| Error::io("bind mount source", source, e))?;
+        if meta.is_dir() {
+            if out.shares.len() >= MAX_SHARES {
+                return Err(Error::Invalid(format!(
+                    "too many directory mounts: agentvm shares at most {MAX_SHARES} per container"
+                )));
+            }
+            let tag = format!("vol{}", out.shares.len());
+            out.shares.push(Share {
+                tag: tag.clone(),
+                path: source.to_path_buf(),
+                readonly,
+            });
+            let mut options = NINEP_OPTIONS.to_string();
+            if readonly {
+                options.push_str(",ro");
+            }
+            out.mounts.push(MountSpec {
+                destination: dest_str,
+                source: MountSource::Share { tag, options },
+                readonly,
+            });
+        } else if meta.is_file() {
+            let content = read_small_file(source, meta.len(), &dest_str)?;
+            if dest_str == "/etc/resolv.conf" {
+                out.resolv_conf = Some(content.clone());
+            }
+            use std::os::unix::fs::PermissionsExt;
+            out.mounts.push(MountSpec {
+                destination: dest_str,
+                source: MountSource::File {
+                    content,
+                    mode: meta.permissions().mode() & 0o7777,
+                },
+                readonly,
+            });
+        } else {
+            return Err(Error::Invalid(format!(
+                "cannot bind-mount {} on {dest_str}: only directories and regular files cross \
+                 the VM boundary (sockets and devices of the host stay on the host)",
+                source.display()
+            )));
+        }
+    }
+    Ok(out)
+}
+
+fn read_small_file(source: &Path, len: u64, dest: &str) -> Result<String> {
+    if len > MAX_FILE_BIND {
+        return Err(Error::Invalid(format!(
+            "cannot bind-mount the file {} on {dest}: single files are copied into the VM and \
+             are limited to {} KiB; mount its directory instead",
+            source.display(),
+            MAX_FILE_BIND >> 10
+        )));
+    }
+    let bytes = std::fs::read(source).map_err(|e| Error::io("read", PathBuf::from(source), e))?;
+    String::from_utf8(bytes).map_err(|_| {
+        Error::Invalid(format!(
+            "cannot bind-mount the file {} on {dest}: single files are copied into the VM as \
+             text; mount its directory instead",
+            source.display()
+        ))
+    })
+}
+
+/// mount(2) data options (`size=`, `mode=`, `uid=`...) among OCI mount options; flags like
+/// `nosuid` are left out.
+fn data_options(options: &[String]) -> Option<String> {
+    let data: Vec<&str> = options
+        .iter()
+        .map(String::as_str)
+        .filter(|o| o.contains('='))
+        .collect();
+    (!data.is_empty()).then(|| data.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mounts(json: &str) -> Vec<Mount> {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn docker_default_mounts() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = dir.path();
+        std::fs::write(
+            c.join("resolv.conf"),
+            "nameserver 127.0.0.11\noptions ndots:0\n",
+        )
+        .unwrap();
+        std::fs::write(c.join("hosts"), "127.0.0.1 localhost\n172.18.0.2 abc\n").unwrap();
+        std::fs::create_dir(c.join("shm")).unwrap();
+        let json = format!(
+            r#"[
+            {{"destination":"/proc","type":"proc","source":"proc","options":["nosuid","noexec","nodev"]}},
+            {{"destination":"/dev","type":"tmpfs","source":"tmpfs","options":["nosuid","strictatime","mode=755","size=65536k"]}},
+            {{"destination":"/dev/pts","type":"devpts","source":"devpts","options":["nosuid","noexec","newinstance","ptmxmode=0666","mode=0620","gid=5"]}},
+            {{"destination":"/sys","type":"sysfs","source":"sysfs","options":["nosuid","noexec","nodev","ro"]}},
+            {{"destination":"/sys/fs/cgroup","type":"cgroup","source":"cgroup","options":["ro","nosuid","noexec","nodev"]}},
+            {{"destination":"/dev/mqueue","type":"mqueue","source":"mqueue","options":["nosuid","noexec","nodev"]}},
+            {{"destination":"/dev/shm","type":"bind","source":"{0}/shm","options":["rbind","rprivate"]}},
+            {{"destination":"/etc/resolv.conf","type":"bind","source":"{0}/resolv.conf","options":["rbind","rprivate"]}},
+            {{"destination":"/etc/hosts","type":"bind","source":"{0}/hosts","options":["rbind","rprivate"]}}
+        ]"#,
+            c.display()
+        );
+        let p = plan(&mounts(&json)).unwrap();
+        assert!(p.shares.is_empty());
+        let dests: Vec<_> = p.mounts.iter().map(|m| m.destination.as_str()).collect();
+        assert_eq!(dests, ["/dev/shm", "/etc/resolv.conf", "/etc/hosts"]);
+        assert_eq!(
+            p.mounts[0].source,
+            MountSource::Tmpfs {
+                options: Some(SHM_DEFAULT.into())
+            }
+        );
+        assert!(
+            matches!(&p.mounts[2].source, MountSource::File { content, .. } if content.contains("172.18.0.2 abc"))
+        );
+        assert!(p.uses_docker_dns());
+    }
+
+    #[test]
+    fn volumes_are_shares_and_ro_is_carried_both_ways() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().display().to_string();
+        let json = format!(
+            r#"[{{"destination":"/work","type":"bind","source":"{src}","options":["rbind"]}},
+                {{"destination":"/ro","type":"bind","source":"{src}","options":["rbind","ro"]}},
+                {{"destination":"/scratch","type":"tmpfs","source":"tmpfs","options":["nosuid","size=1m","ro"]}}]"#
+        );
+        let p = plan(&mounts(&json)).unwrap();
+        assert_eq!(p.shares.len(), 2);
+        assert_eq!(
+            (p.shares[0].tag.as_str(), p.shares[0].readonly),
+            ("vol0", false)
+        );
+        assert_eq!(
+            (p.shares[1].tag.as_str(), p.shares[1].readonly),
+            ("vol1", true)
+        );
+        assert!(
+            matches!(&p.mounts[1].source, MountSource::Share { tag, options } if tag == "vol1" && options.ends_with(",ro"))
+        );
+        assert!(p.mounts[1].readonly);
+        assert_eq!(
+            p.mounts[2].source,
+            MountSource::Tmpfs {
+                options: Some("size=1m".into())
+            }
+        );
+        assert!(p.mounts[2].readonly);
+        assert!(!p.uses_docker_dns());
+    }
+
+    #[test]
+    fn unsupported_sources_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("docker.sock");
+        let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let big = dir.path().join("big");
+        std::fs::write(&big, vec![b'x'; (MAX_FILE_BIND + 1) as usize]).unwrap();
+        for (src, typ, want) in [
+            (sock.display().to_string(), "bind", "sockets and devices"),
+            (big.display().to_string(), "bind", "limited to 1024 KiB"),
+            ("/nonexistent/x".to_string(), "bind", "bind mount source"),
+            ("/dev/sda".to_string(), "ext4", "not supported"),
+        ] {
+            let json = format!(r#"[{{"destination":"/x","type":"{typ}","source":"{src}"}}]"#);
+            let e = plan(&mounts(&json)).unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        let e = plan(&mounts(r#"[{"destination":"x/../y","type":"tmpfs"}]"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("absolute"), "{e}");
+    }
+}
