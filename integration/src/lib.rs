@@ -223,6 +223,14 @@ pub struct DockerEnv {
 /// The image hack/docker-up.sh imports from busybox-static.
 pub const DOCKER_TEST_IMAGE: &str = "agentvm-test/busybox:latest";
 
+/// Deadline of one docker command in the tests (TCG boots, parallel tests on two cores).
+pub const DOCKER_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// A name unique to this test process, so tests can run in parallel and find their objects.
+pub fn unique_name(test: &str) -> String {
+    format!("agentvm-it-{test}-{}", std::process::id())
+}
+
 impl DockerEnv {
     /// The environment for a Docker test, or `None` (after printing why) when this host has
     /// no usable dockerd with the agentvm runtime. Fails instead under AGENTVM_REQUIRE_VM=1.
@@ -288,6 +296,20 @@ impl DockerEnv {
             s.write_all(data).expect("write stdin");
         }
         wait_with_deadline(child, timeout)
+    }
+
+    /// `docker run --runtime=agentvm --name <unique> --cidfile ... ARGS` with [`DOCKER_TIMEOUT`];
+    /// returns the output and the container id.
+    pub fn run(&self, test: &str, args: &[&str], input: Option<&[u8]>) -> (Output, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cidfile = dir.path().join("cid");
+        let cid = cidfile.to_str().expect("utf-8 path").to_string();
+        let n = unique_name(test);
+        let mut all = vec!["run", "--runtime=agentvm", "--name", &n, "--cidfile", &cid];
+        all.extend_from_slice(args);
+        let out = self.docker(&all, input, DOCKER_TIMEOUT);
+        let id = std::fs::read_to_string(&cidfile).unwrap_or_default();
+        (out, id)
     }
 
     /// Asserts that no VM of `container_id` survives: no process names its state dir and the

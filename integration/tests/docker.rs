@@ -5,44 +5,16 @@
 
 use std::time::Duration;
 
-use agentvm_integration::{processes_mentioning, text, DockerEnv};
+use agentvm_integration::{processes_mentioning, text, unique_name, DockerEnv, DOCKER_TIMEOUT};
 
-const T: Duration = Duration::from_secs(180);
-
-/// A unique container name, so tests can run in parallel and find their container's id.
-fn name(test: &str) -> String {
-    format!("agentvm-it-{test}-{}", std::process::id())
-}
-
-/// Runs `docker run --runtime=agentvm --cidfile ... ARGS`, returns the output and the id.
-fn run(
-    env: &DockerEnv,
-    test: &str,
-    args: &[&str],
-    input: Option<&[u8]>,
-) -> (std::process::Output, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let cidfile = dir.path().join("cid");
-    let cid = cidfile.to_str().unwrap().to_string();
-    let n = name(test);
-    let mut all = vec!["run", "--runtime=agentvm", "--name", &n, "--cidfile", &cid];
-    all.extend_from_slice(args);
-    let out = env.docker(&all, input, T);
-    let id = std::fs::read_to_string(&cidfile).unwrap_or_default();
-    (out, id)
-}
+const T: Duration = DOCKER_TIMEOUT;
 
 #[test]
 fn docker_run_echo_prints_hi() {
     let Some(env) = DockerEnv::get("docker_run_echo_prints_hi") else {
         return;
     };
-    let (out, id) = run(
-        &env,
-        "echo",
-        &["--rm", &env.image.clone(), "echo", "hi"],
-        None,
-    );
+    let (out, id) = env.run("echo", &["--rm", &env.image.clone(), "echo", "hi"], None);
     let (so, se) = text(&out);
     assert_eq!(out.status.code(), Some(0), "stderr: {se}");
     assert_eq!(so, "hi\n");
@@ -54,8 +26,7 @@ fn docker_run_exit_code_comes_back() {
     let Some(env) = DockerEnv::get("docker_run_exit_code_comes_back") else {
         return;
     };
-    let (out, id) = run(
-        &env,
+    let (out, id) = env.run(
         "exit3",
         &[
             "--rm",
@@ -77,8 +48,7 @@ fn docker_run_interactive_stdin() {
     let Some(env) = DockerEnv::get("docker_run_interactive_stdin") else {
         return;
     };
-    let (out, id) = run(
-        &env,
+    let (out, id) = env.run(
         "stdin",
         &[
             "--rm",
@@ -101,11 +71,9 @@ fn docker_stop_logs_wait_and_rm() {
     let Some(env) = DockerEnv::get("docker_stop_logs_wait_and_rm") else {
         return;
     };
-    let n = name("stop");
+    let n = unique_name("stop");
     let image = env.image.clone();
-    let (out, id) = run(
-        &env,
-        "stop",
+    let (out, id) = env.run("stop",
         &["-d", &image, "sh", "-c", "echo started; echo data > /tmp/written; trap 'exit 143' TERM; while :; do sleep 1; done"],
         None,
     );
@@ -146,9 +114,9 @@ fn docker_rm_force_kills_a_running_container() {
     let Some(env) = DockerEnv::get("docker_rm_force_kills_a_running_container") else {
         return;
     };
-    let n = name("rmf");
+    let n = unique_name("rmf");
     let image = env.image.clone();
-    let (out, id) = run(&env, "rmf", &["-d", &image, "sleep", "1000"], None);
+    let (out, id) = env.run("rmf", &["-d", &image, "sleep", "1000"], None);
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     let rm = env.docker(&["rm", "-f", &n], None, T);
     assert_eq!(rm.status.code(), Some(0), "{:?}", text(&rm));
@@ -160,8 +128,7 @@ fn docker_run_missing_binary_is_127() {
     let Some(env) = DockerEnv::get("docker_run_missing_binary_is_127") else {
         return;
     };
-    let (out, id) = run(
-        &env,
+    let (out, id) = env.run(
         "missing",
         &["--rm", &env.image.clone(), "no-such-binary"],
         None,
@@ -179,9 +146,9 @@ fn docker_exec_runs_processes_in_the_running_container() {
     let Some(env) = DockerEnv::get("docker_exec_runs_processes_in_the_running_container") else {
         return;
     };
-    let n = name("exec");
+    let n = unique_name("exec");
     let image = env.image.clone();
-    let (out, id) = run(&env, "exec", &["-d", &image, "sleep", "300"], None);
+    let (out, id) = env.run("exec", &["-d", &image, "sleep", "300"], None);
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     let echo = env.docker(&["exec", &n, "echo", "hi"], None, T);
     let (so, se) = text(&echo);
@@ -211,7 +178,7 @@ fn five_containers_at_once() {
                 s.spawn(move || {
                     let msg = format!("container-{i}");
                     let args = ["--rm", env.image.as_str(), "echo", msg.as_str()];
-                    let (out, id) = run(env, &format!("five{i}"), &args, None);
+                    let (out, id) = env.run(&format!("five{i}"), &args, None);
                     (msg, out, id)
                 })
             })
@@ -231,9 +198,9 @@ fn killed_vmm_ends_the_container_and_leaks_nothing() {
     let Some(env) = DockerEnv::get("killed_vmm_ends_the_container_and_leaks_nothing") else {
         return;
     };
-    let n = name("vmmkill");
+    let n = unique_name("vmmkill");
     let image = env.image.clone();
-    let (out, id) = run(&env, "vmmkill", &["-d", &image, "sleep", "1000"], None);
+    let (out, id) = env.run("vmmkill", &["-d", &image, "sleep", "1000"], None);
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
     let id = id.trim().to_string();
     let qemu: Vec<i32> = processes_mentioning(&format!("/run/agentvm/{id}"))
