@@ -13,6 +13,7 @@ pub mod install;
 pub mod mounts;
 pub mod netns;
 pub mod oci;
+pub mod qmp;
 pub mod run;
 pub mod sandbox;
 pub mod vmm;

@@ -72,6 +72,11 @@ impl VmConfig {
     pub fn console_log(&self) -> PathBuf {
         self.state_dir.join("console.log")
     }
+
+    /// The QMP control socket of the VMM (pause, resume).
+    pub fn qmp_socket(&self) -> PathBuf {
+        self.state_dir.join("qmp.sock")
+    }
 }
 
 /// A VMM implementation. Backends start the VM and hand back its processes and agent channel.
@@ -239,6 +244,8 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
         "none",
         "-monitor",
         "none",
+        "-qmp",
+        &format!("unix:{},server=on,wait=off", qemu_escape(&cfg.qmp_socket())),
         "-serial",
         &format!("file:{}", cfg.console_log().display()),
         "-kernel",
