@@ -226,3 +226,77 @@ fn killed_vmm_ends_the_container_and_leaks_nothing() {
     assert_eq!(rm.status.code(), Some(0), "{:?}", text(&rm));
     env.assert_vm_gone(&id);
 }
+
+/// Reads a counter file the container rewrites every 0.1 s.
+fn counter(path: &std::path::Path) -> u64 {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn docker_pause_freezes_the_vm_and_unpause_resumes_it() {
+    let Some(env) = DockerEnv::get("docker_pause_freezes_the_vm_and_unpause_resumes_it") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let v = format!("{}:/data", dir.path().display());
+    let n = unique_name("pause");
+    let out = env.docker(
+        &[
+            "run",
+            "--runtime=agentvm",
+            "-d",
+            "--name",
+            &n,
+            "-v",
+            &v,
+            &env.image,
+            "sh",
+            "-c",
+            "i=0; while true; do i=$((i+1)); echo $i > /data/c; sleep 0.1; done",
+        ],
+        None,
+        T,
+    );
+    let (id, se) = text(&out);
+    assert!(out.status.success(), "{se}");
+    let c = dir.path().join("c");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while counter(&c) < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the counter never ran"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = env.docker(&["pause", &n], None, T);
+    assert!(out.status.success(), "pause: {:?}", text(&out));
+    let out = env.docker(&["inspect", "-f", "{{.State.Status}}", &n], None, T);
+    assert_eq!(text(&out).0.trim(), "paused");
+    std::thread::sleep(Duration::from_millis(300));
+    let frozen = counter(&c);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(counter(&c), frozen, "the counter moved while paused");
+    let out = env.docker(&["unpause", &n], None, T);
+    assert!(out.status.success(), "unpause: {:?}", text(&out));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while counter(&c) <= frozen + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the counter did not resume"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Paused again, then removed by force: the kill must land in a frozen VM too.
+    let out = env.docker(&["pause", &n], None, T);
+    assert!(out.status.success(), "pause: {:?}", text(&out));
+    let out = env.docker(&["rm", "-f", &n], None, T);
+    assert!(
+        out.status.success(),
+        "rm -f of a paused container: {:?}",
+        text(&out)
+    );
+    env.assert_vm_gone(id.trim());
+}

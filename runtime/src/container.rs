@@ -10,6 +10,8 @@ use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use agentvm_protocol::{
     tokio_io, Frame, Message, MountSpec, NetworkSpec, ProcessSpec, RootfsSpec, StartRequest, Stream,
@@ -198,7 +200,16 @@ impl Container {
                 (Err(e), start_request(&cfg, None, Vec::new()))
             }
         };
-        let r = launch(conn, request, io, pid, Some(owner), down_rx, None).await;
+        let shared = Arc::new(VmShared {
+            qmp: owner.sandbox.state_dir.join("qmp.sock"),
+            paused: AtomicBool::new(false),
+        });
+        let link = VmLink {
+            vm: None,
+            torn_down: down_rx,
+            shared,
+        };
+        let r = launch(conn, request, io, pid, Some(owner), link).await;
         if r.1.is_ok() {
             hooks::run(cfg.hooks.as_ref(), hooks::Phase::Poststart, &hook_ctx)
                 .await
@@ -290,18 +301,30 @@ async fn boot(
     Ok((conn, start_request(cfg, network, plan.mounts)))
 }
 
+/// How a process reaches the VM it runs in.
+struct VmLink {
+    /// Control channel of the init process's driver (none: this is the init process).
+    vm: Option<mpsc::UnboundedSender<Control>>,
+    torn_down: watch::Receiver<bool>,
+    shared: Arc<VmShared>,
+}
+
 /// Runs `request` over `conn` in a driver task. The driver of the init process owns the
 /// sandbox (`owner`): it tears the VM down after the exit and opens the connections of exec
-/// processes; `vm` is the control channel of that driver (none: this is the init process).
+/// processes.
 async fn launch(
     conn: Result<AgentConn>,
     request: StartRequest,
     io: ProcessIo,
     pid: u32,
     owner: Option<Owner>,
-    torn_down: watch::Receiver<bool>,
-    vm: Option<mpsc::UnboundedSender<Control>>,
+    link: VmLink,
 ) -> (Running, Result<i32>) {
+    let VmLink {
+        vm,
+        torn_down,
+        shared,
+    } = link;
     let (exit_tx, exit_rx) = watch::channel(None);
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let running = Running {
@@ -311,6 +334,7 @@ async fn launch(
         ctl: ctl_tx,
         exit: exit_rx,
         torn_down,
+        shared,
     };
     let (started_tx, started_rx) = oneshot::channel();
     tokio::spawn(async move {
@@ -373,6 +397,15 @@ pub struct Running {
     ctl: mpsc::UnboundedSender<Control>,
     exit: watch::Receiver<Option<Exit>>,
     torn_down: watch::Receiver<bool>,
+    shared: Arc<VmShared>,
+}
+
+/// State of the VM shared by its init and exec processes.
+#[derive(Debug)]
+struct VmShared {
+    /// The VMM's QMP socket.
+    qmp: PathBuf,
+    paused: AtomicBool,
 }
 
 impl std::fmt::Debug for Control {
@@ -444,10 +477,36 @@ impl Running {
             io,
             self.pid,
             None,
-            self.torn_down.clone(),
-            Some(self.vm.clone()),
+            VmLink {
+                vm: Some(self.vm.clone()),
+                torn_down: self.torn_down.clone(),
+                shared: Arc::clone(&self.shared),
+            },
         )
         .await
+    }
+
+    /// Freezes the whole VM (every vCPU), as `docker pause` freezes a runc container's
+    /// processes. Signals sent meanwhile are delivered on resume.
+    pub async fn pause(&self) -> Result<()> {
+        if self.exited().is_some() {
+            return Err(Error::Invalid("the process has already exited".into()));
+        }
+        crate::qmp::execute(&self.shared.qmp, "stop").await?;
+        self.shared.paused.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Lets a paused VM run again.
+    pub async fn resume(&self) -> Result<()> {
+        crate::qmp::execute(&self.shared.qmp, "cont").await?;
+        self.shared.paused.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether the VM is paused.
+    pub fn is_paused(&self) -> bool {
+        self.shared.paused.load(Ordering::SeqCst)
     }
 
     /// Resolves with the exit (at once if it has happened).

@@ -18,7 +18,8 @@ use async_trait::async_trait;
 use containerd_shim::api;
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskStart,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim::protos::protobuf::{MessageDyn, MessageField};
@@ -171,6 +172,7 @@ impl<C> Proc<C> {
             (Some(_), _) => api::Status::STOPPED,
             (None, Ok(Phase::Created(_))) => api::Status::CREATED,
             (None, Ok(Phase::Stopped)) => api::Status::STOPPED,
+            (None, Ok(Phase::Running(r))) if r.is_paused() => api::Status::PAUSED,
             _ => api::Status::RUNNING,
         };
         api::StateResponse {
@@ -623,6 +625,13 @@ impl Task for TaskService {
         let mut phase = entry.init.phase.lock().await;
         match std::mem::replace(&mut *phase, Phase::Stopped) {
             Phase::Running(r) => {
+                // A paused VM cannot act on SIGKILL: let it run so the kill lands (a
+                // frozen runc container is killable too).
+                if req.signal as i32 == libc::SIGKILL && r.is_paused() {
+                    if let Err(e) = r.resume().await {
+                        tracing::warn!("resume before SIGKILL: {e}");
+                    }
+                }
                 let sent = r.signal(req.signal as i32);
                 *phase = Phase::Running(r);
                 sent.map_err(|_| finished())?;
@@ -856,17 +865,45 @@ impl Task for TaskService {
     async fn pause(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::PauseRequest,
+        req: api::PauseRequest,
     ) -> ttrpc::Result<api::Empty> {
-        Err(unimplemented("pause"))
+        let entry = self.get(&req.id)?;
+        let running = entry.init.running().await.ok_or_else(|| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not running", req.id),
+            )
+        })?;
+        running.pause().await.map_err(internal)?;
+        let ev = TaskPaused {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_PAUSED_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::Empty::default())
     }
 
     async fn resume(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::ResumeRequest,
+        req: api::ResumeRequest,
     ) -> ttrpc::Result<api::Empty> {
-        Err(unimplemented("resume"))
+        let entry = self.get(&req.id)?;
+        let running = entry.init.running().await.ok_or_else(|| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is not running", req.id),
+            )
+        })?;
+        running.resume().await.map_err(internal)?;
+        let ev = TaskResumed {
+            container_id: req.id.clone(),
+            ..Default::default()
+        };
+        self.publish(topics::TASK_RESUMED_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::Empty::default())
     }
 
     async fn checkpoint(
