@@ -23,6 +23,7 @@ pub mod process;
 pub mod reaper;
 pub mod rootfs;
 pub mod server;
+pub mod stats;
 pub mod vsock;
 
 #[cfg(test)]

@@ -165,6 +165,11 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
         Some(Ok(Frame::Msg(Message::Shutdown))) => {
             After::PowerOffNow("shutdown requested by the host")
         }
+        Some(Ok(Frame::Msg(Message::Stats))) => {
+            let stats = crate::stats::collect();
+            let _ = out.send(msg(Message::StatsReply(stats))).await;
+            After::Close
+        }
         Some(Ok(other)) => {
             let _ = out
                 .send(error(
@@ -669,6 +674,28 @@ mod tests {
             .await
             .expect("reply within 5 s")
             .unwrap()
+    }
+
+    /// A stats connection answers one StatsReply with live figures and closes.
+    #[tokio::test(flavor = "current_thread")]
+    async fn stats_session() {
+        let agent = Arc::new(Agent::with_root(Arc::new(Reaper::default()), 40, "/"));
+        let (a, b) = UnixStream::pair().unwrap();
+        tokio::spawn(connection(agent, FdStream::new(a.into()).unwrap()));
+        let mut h = Host {
+            stream: FdStream::new(b.into()).unwrap(),
+            pid: None,
+        };
+        assert!(matches!(
+            h.recv().await,
+            Some(Frame::Msg(Message::Hello { .. }))
+        ));
+        h.send(msg(Message::Stats)).await;
+        let frames = h.rest().await;
+        assert!(
+            matches!(&frames[..], [Frame::Msg(Message::StatsReply(s))] if s.memory_limit > 0),
+            "{frames:?}"
+        );
     }
 
     /// A DNS relay over a socketpair: ids are rewritten on the way out and restored on the

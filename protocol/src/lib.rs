@@ -97,6 +97,11 @@ pub enum Message {
     DnsRelay { address: String },
     /// Guest -> host: a [`Message::DnsRelay`] listens.
     Ready,
+    /// Host -> guest, first frame of a stats connection: report the guest's resource usage;
+    /// the agent answers [`Message::StatsReply`] and closes.
+    Stats,
+    /// Guest -> host: resource usage of the whole guest (the container's VM).
+    StatsReply(GuestStats),
     /// Guest -> host: the request failed. For a start failure `exit_code` is what a runc user
     /// would see (127 for a missing binary, 126 for one that cannot be executed).
     Error {
@@ -122,6 +127,27 @@ pub struct StartRequest {
     /// Mounts set up in the container root after the rootfs, in order (init only).
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
+}
+
+/// Resource usage of the guest, in the units of cgroup v2 (`cpu.stat`, `memory.stat`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestStats {
+    pub cpu_usage_usec: u64,
+    pub cpu_user_usec: u64,
+    pub cpu_system_usec: u64,
+    /// Memory in use (total minus free), bytes.
+    pub memory_usage: u64,
+    /// Memory of the guest (its limit), bytes.
+    pub memory_limit: u64,
+    pub memory_anon: u64,
+    /// Page cache, bytes.
+    pub memory_file: u64,
+    pub memory_active_file: u64,
+    pub memory_inactive_file: u64,
+    /// Processes in the guest, the agent excluded.
+    pub pids: u64,
+    /// OOM kills since boot.
+    pub oom_kills: u64,
 }
 
 /// The guest's network: interfaces (matched by MAC address) and routes.
@@ -482,6 +508,13 @@ mod tests {
             address: "127.0.0.11".into(),
         }));
         roundtrip(Frame::Msg(Message::Ready));
+        roundtrip(Frame::Msg(Message::Stats));
+        roundtrip(Frame::Msg(Message::StatsReply(GuestStats {
+            cpu_usage_usec: 12,
+            memory_usage: 1 << 20,
+            pids: 3,
+            ..Default::default()
+        })));
         roundtrip(Frame::Dns(vec![0x12, 0x34, 1, 0]));
         roundtrip(Frame::Msg(Message::Exited(ExitStatus::signaled(9))));
         roundtrip(Frame::Data(Stream::Stdout, b"hello\n".to_vec()));

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use agentvm_protocol::{
-    tokio_io, Frame, Message, MountSpec, NetworkSpec, ProcessSpec, RootfsSpec, StartRequest, Stream,
+    tokio_io, Frame, GuestStats, Message, MountSpec, NetworkSpec, ProcessSpec, RootfsSpec, StartRequest, Stream,
 };
 use oci_spec::runtime::Hooks;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -502,6 +502,20 @@ impl Running {
         crate::qmp::execute(&self.shared.qmp, "cont").await?;
         self.shared.paused.store(false, Ordering::SeqCst);
         Ok(())
+    }
+
+    /// Resource usage of the whole VM, asked of the agent over a connection of its own.
+    pub async fn stats(&self) -> Result<GuestStats> {
+        let gone = || Error::Invalid("the container's init process has exited".into());
+        let (tx, rx) = oneshot::channel();
+        self.vm.send(Control::Connect(tx)).map_err(|_| gone())?;
+        let mut conn = rx.await.unwrap_or_else(|_| Err(gone()))?;
+        conn.send(&Frame::Msg(Message::Stats)).await?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, conn.recv()).await {
+            Ok(Ok(Some(Frame::Msg(Message::StatsReply(s))))) => Ok(s),
+            Ok(other) => Err(Error::Agent(format!("expected stats, got {other:?}"))),
+            Err(_) => Err(Error::Agent("the agent did not answer a stats request".into())),
+        }
     }
 
     /// Whether the VM is paused.

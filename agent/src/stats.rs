@@ -1,0 +1,134 @@
+//! Resource usage of the whole guest for `docker stats`: CPU from the root cgroup's
+//! `cpu.stat` (or `/proc/stat`), memory from `/proc/meminfo`, processes from `/proc`, OOM
+//! kills from `/proc/vmstat`. The VM is the container, so the guest's totals are its figures.
+
+use agentvm_protocol::GuestStats;
+
+/// Reads the guest's figures; missing sources leave zeros.
+pub fn collect() -> GuestStats {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let mut s = GuestStats::default();
+    let cpu = read("/sys/fs/cgroup/cpu.stat");
+    if cpu.is_empty() {
+        apply_proc_stat(&mut s, &read("/proc/stat"), clock_ticks());
+    } else {
+        apply_cpu_stat(&mut s, &cpu);
+    }
+    apply_meminfo(&mut s, &read("/proc/meminfo"));
+    s.oom_kills = field(&read("/proc/vmstat"), "oom_kill").unwrap_or(0);
+    s.pids = count_processes();
+    s
+}
+
+/// `key value` lines (`cpu.stat`, `vmstat`) or `Key: value kB` lines (`meminfo`).
+fn field(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        let k = w.next()?.trim_end_matches(':');
+        (k == key).then(|| w.next()?.parse().ok())?
+    })
+}
+
+fn apply_cpu_stat(s: &mut GuestStats, text: &str) {
+    s.cpu_usage_usec = field(text, "usage_usec").unwrap_or(0);
+    s.cpu_user_usec = field(text, "user_usec").unwrap_or(0);
+    s.cpu_system_usec = field(text, "system_usec").unwrap_or(0);
+}
+
+/// The `cpu` line of `/proc/stat` in clock ticks: user nice system idle iowait irq softirq
+/// steal ...
+fn apply_proc_stat(s: &mut GuestStats, text: &str, hz: u64) {
+    let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
+        return;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let get = |i: usize| v.get(i).copied().unwrap_or(0);
+    let usec = |ticks: u64| ticks.saturating_mul(1_000_000) / hz.max(1);
+    let user = get(0) + get(1);
+    let system = get(2) + get(5) + get(6);
+    s.cpu_user_usec = usec(user);
+    s.cpu_system_usec = usec(system);
+    s.cpu_usage_usec = usec(user + system + get(7));
+}
+
+fn apply_meminfo(s: &mut GuestStats, text: &str) {
+    let kib = |k: &str| field(text, k).unwrap_or(0).saturating_mul(1024);
+    s.memory_limit = kib("MemTotal");
+    s.memory_usage = s.memory_limit.saturating_sub(kib("MemFree"));
+    s.memory_anon = kib("AnonPages");
+    s.memory_file = kib("Cached");
+    s.memory_active_file = kib("Active(file)");
+    s.memory_inactive_file = kib("Inactive(file)");
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(hz).unwrap_or(100).max(1)
+}
+
+/// User processes: numeric `/proc` entries with a command line, the agent (pid 1) excluded.
+/// Kernel threads have an empty command line.
+fn count_processes() -> u64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != 1)
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| !c.is_empty()))
+        .count() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cgroup_cpu_stat_and_meminfo_are_parsed() {
+        let mut s = GuestStats::default();
+        apply_cpu_stat(
+            &mut s,
+            "usage_usec 2500000\nuser_usec 2000000\nsystem_usec 500000\nnr_periods 0\n",
+        );
+        apply_meminfo(
+            &mut s,
+            "MemTotal:         500000 kB\nMemFree:          300000 kB\nMemAvailable:     400000 kB\n\
+             Cached:            50000 kB\nActive(file):      20000 kB\nInactive(file):    30000 kB\n\
+             AnonPages:         10000 kB\n",
+        );
+        assert_eq!(
+            (s.cpu_usage_usec, s.cpu_user_usec, s.cpu_system_usec),
+            (2_500_000, 2_000_000, 500_000)
+        );
+        assert_eq!(s.memory_limit, 500_000 * 1024);
+        assert_eq!(s.memory_usage, 200_000 * 1024);
+        assert_eq!(s.memory_inactive_file, 30_000 * 1024);
+        assert_eq!(s.memory_anon, 10_000 * 1024);
+        assert_eq!(field("oom_kill 3\npgfault 9\n", "oom_kill"), Some(3));
+    }
+
+    #[test]
+    fn proc_stat_fallback_counts_busy_ticks() {
+        let mut s = GuestStats::default();
+        apply_proc_stat(
+            &mut s,
+            "cpu  100 0 50 1000 0 0 0 0 0 0\ncpu0 100 0 50 1000\n",
+            100,
+        );
+        assert_eq!(s.cpu_user_usec, 1_000_000);
+        assert_eq!(s.cpu_system_usec, 500_000);
+        assert_eq!(s.cpu_usage_usec, 1_500_000);
+    }
+
+    #[test]
+    fn live_figures_are_plausible() {
+        let s = collect();
+        assert!(s.memory_limit > 0 && s.memory_usage <= s.memory_limit);
+        assert!(s.pids >= 1, "at least the test process");
+    }
+}
