@@ -300,3 +300,60 @@ fn docker_pause_freezes_the_vm_and_unpause_resumes_it() {
     );
     env.assert_vm_gone(id.trim());
 }
+
+#[test]
+fn docker_stats_shows_the_vms_figures() {
+    let Some(env) = DockerEnv::get("docker_stats_shows_the_vms_figures") else {
+        return;
+    };
+    let n = unique_name("stats");
+    let out = env.docker(
+        &[
+            "run",
+            "--runtime=agentvm",
+            "-d",
+            "--name",
+            &n,
+            "-m",
+            "200m",
+            &env.image,
+            "sh",
+            "-c",
+            "sleep 1000 & while true; do :; done",
+        ],
+        None,
+        T,
+    );
+    let (id, se) = text(&out);
+    assert!(out.status.success(), "{se}");
+    // The first sample may come before the VM booted; the figures arrive once it runs.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let line = loop {
+        let out = env.docker(
+            &[
+                "stats",
+                "--no-stream",
+                "--format",
+                "{{.MemUsage}}|{{.PIDs}}|{{.CPUPerc}}",
+                &n,
+            ],
+            None,
+            T,
+        );
+        let line = text(&out).0.trim().to_string();
+        if line.split('|').nth(1).is_some_and(|p| p.trim() != "0") {
+            break line;
+        }
+        assert!(std::time::Instant::now() < deadline, "no figures: {line}");
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    env.docker(&["rm", "-f", &n], None, T);
+    let parts: Vec<&str> = line.split('|').collect();
+    let (usage, limit) = parts[0].split_once(" / ").expect("usage / limit");
+    assert!(!usage.starts_with("0B"), "memory usage: {line}");
+    // --memory 200m sizes the VM: 200 MiB + the documented overhead, minus the kernel's own.
+    let limit_mib: f64 = limit.trim_end_matches("MiB").parse().expect("MiB limit");
+    assert!(limit_mib > 200.0 && limit_mib < 300.0, "limit: {line}");
+    assert!(parts[1].trim().parse::<u32>().unwrap() >= 2, "pids: {line}");
+    env.assert_vm_gone(id.trim());
+}

@@ -26,6 +26,15 @@ fn main() {
         );
         return;
     }
+    // `delete` is answered here: containerd-shim 0.11 writes the response through tokio's
+    // stdout without flushing it, so containerd read nothing and reported exit 0 for a
+    // container whose shim had died.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Ok(flags) = containerd_shim::parse(&args) {
+        if flags.action == "delete" {
+            std::process::exit(service::delete_action(&flags));
+        }
+    }
     // One thread: QEMU is spawned with PR_SET_PDEATHSIG, which fires when the spawning
     // *thread* ends, so every VM must be spawned from the thread that lives as long as the
     // shim (see docs/decisions.md, "Tokio current-thread runtime").

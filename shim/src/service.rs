@@ -89,16 +89,10 @@ impl containerd_shim::Shim for Service {
         Ok(address)
     }
 
-    /// `delete`: containerd lost (or closed) the server; remove whatever the container left.
+    /// `delete` is handled by [`delete_action`] before the crate's `run` (see main.rs).
     async fn delete_shim(&mut self) -> containerd_shim::Result<DeleteResponse> {
         let bundle = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-        cleanup(&self.id, &bundle);
-        Ok(DeleteResponse {
-            pid: 0,
-            exit_status: 128 + libc::SIGKILL as u32,
-            exited_at: protobuf::MessageField::some(timestamp(std::time::SystemTime::now())),
-            ..Default::default()
-        })
+        Ok(delete_response(&self.id, &bundle))
     }
 
     async fn wait(&mut self) {
@@ -107,6 +101,52 @@ impl containerd_shim::Shim for Service {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> TaskService {
         TaskService::new(self.namespace.clone(), publisher, Arc::clone(&self.exit))
+    }
+}
+
+/// In the bundle: the init process's exit code, written when it is known, so that `delete`
+/// after a dead shim reports the real exit (reference P15).
+pub const EXIT_FILE: &str = "agentvm-exit-status";
+
+/// `delete`: containerd lost (or closed) the server; remove whatever the container left and
+/// print the exit as a `DeleteResponse` on stdout. Returns the process exit code.
+pub fn delete_action(flags: &containerd_shim::Flags) -> i32 {
+    use containerd_shim::protos::protobuf::Message as _;
+    let bundle = if flags.bundle.is_empty() {
+        std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."))
+    } else {
+        PathBuf::from(&flags.bundle)
+    };
+    let response = delete_response(&flags.id, &bundle);
+    let bytes = match response.write_to_bytes() {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("encode delete response: {e}");
+            return 1;
+        }
+    };
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(&bytes).and_then(|()| out.flush()) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("write delete response: {e}");
+            1
+        }
+    }
+}
+
+/// Cleans up and reports the recorded exit, or 137 (the container was killed with its shim).
+fn delete_response(id: &str, bundle: &Path) -> DeleteResponse {
+    cleanup(id, bundle);
+    let recorded = std::fs::read_to_string(bundle.join(EXIT_FILE))
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok());
+    DeleteResponse {
+        pid: 0,
+        exit_status: recorded.unwrap_or(128 + libc::SIGKILL as u32),
+        exited_at: protobuf::MessageField::some(timestamp(std::time::SystemTime::now())),
+        ..Default::default()
     }
 }
 

@@ -393,6 +393,10 @@ impl TaskService {
             };
             if exec.is_none() {
                 exit_tx.send_replace(Some(exit));
+                let file = PathBuf::from(&entry.bundle).join(crate::service::EXIT_FILE);
+                if let Err(e) = tokio::fs::write(&file, format!("{}\n", exit.code)).await {
+                    tracing::warn!("record the exit in {}: {e}", file.display());
+                }
             }
             if announce {
                 publish(&publisher, &ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
