@@ -357,3 +357,56 @@ fn docker_stats_shows_the_vms_figures() {
     assert!(parts[1].trim().parse::<u32>().unwrap() >= 2, "pids: {line}");
     env.assert_vm_gone(id.trim());
 }
+
+#[test]
+fn docker_restart_and_cp_both_ways() {
+    let Some(env) = DockerEnv::get("docker_restart_and_cp_both_ways") else {
+        return;
+    };
+    let n = unique_name("restart");
+    let out = env.docker(
+        &[
+            "run",
+            "--runtime=agentvm",
+            "-d",
+            "--name",
+            &n,
+            &env.image,
+            "sh",
+            "-c",
+            "echo boot >> /tmp/boots; exec sleep 1000",
+        ],
+        None,
+        T,
+    );
+    let (id, se) = text(&out);
+    assert!(out.status.success(), "{se}");
+    let id = id.trim().to_string();
+    // Into the container, then read back by the workload and out again.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("in.txt");
+    std::fs::write(&src, "copied in\n").unwrap();
+    let dest = format!("{n}:/tmp/in.txt");
+    let out = env.docker(&["cp", src.to_str().unwrap(), &dest], None, T);
+    assert!(out.status.success(), "cp in: {:?}", text(&out));
+    let out = env.docker(&["exec", &n, "cat", "/tmp/in.txt"], None, T);
+    assert_eq!(text(&out).0, "copied in\n");
+    let back = dir.path().join("boots");
+    let from = format!("{n}:/tmp/boots");
+    let out = env.docker(&["cp", &from, back.to_str().unwrap()], None, T);
+    assert!(out.status.success(), "cp out: {:?}", text(&out));
+    assert_eq!(std::fs::read_to_string(&back).unwrap(), "boot\n");
+    // A restart boots a new VM on the same container filesystem.
+    let out = env.docker(&["restart", "-t", "1", &n], None, T);
+    assert!(out.status.success(), "restart: {:?}", text(&out));
+    let out = env.docker(&["exec", &n, "cat", "/tmp/boots"], None, T);
+    assert_eq!(text(&out).0, "boot\nboot\n", "{:?}", text(&out));
+    let out = env.docker(
+        &["inspect", "-f", "{{.State.Status}} {{.RestartCount}}", &n],
+        None,
+        T,
+    );
+    assert_eq!(text(&out).0.trim().split(' ').next(), Some("running"));
+    env.docker(&["rm", "-f", &n], None, T);
+    env.assert_vm_gone(&id);
+}

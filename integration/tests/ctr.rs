@@ -1,0 +1,112 @@
+//! containerd's own client: `ctr run --runtime io.containerd.agentvm.v1` with an image from
+//! containerd's content store and snapshotter (the shim mounts the snapshot and shares it),
+//! `ctr task exec` and `ctr task kill`. Needs hack/docker-up.sh (containerd with the shim on
+//! its PATH and the test image in Docker, which is exported to containerd here).
+
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use agentvm_integration::{text, unique_name, wait_with_deadline, DockerEnv, DOCKER_TIMEOUT};
+
+/// The containerd namespace of these tests (not Docker's `moby`).
+const NS: &str = "agentvm-it";
+const IMAGE: &str = "docker.io/agentvm-test/busybox:latest";
+
+fn ctr(args: &[&str]) -> Output {
+    let mut c = Command::new("ctr");
+    c.arg("-n")
+        .arg(NS)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    wait_with_deadline(c.spawn().expect("spawn ctr"), DOCKER_TIMEOUT)
+}
+
+/// Imports the Docker test image into containerd's store (idempotent).
+fn import_image(env: &DockerEnv) {
+    if ctr(&["image", "inspect", IMAGE]).status.success() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("img.tar");
+    let out = env.docker(
+        &["save", "-o", tar.to_str().unwrap(), &env.image],
+        None,
+        DOCKER_TIMEOUT,
+    );
+    assert!(out.status.success(), "docker save: {:?}", text(&out));
+    let out = ctr(&["image", "import", tar.to_str().unwrap()]);
+    assert!(out.status.success(), "ctr image import: {:?}", text(&out));
+}
+
+#[test]
+fn ctr_run_exec_and_kill_with_containerd_snapshots() {
+    let Some(env) = DockerEnv::get("ctr_run_exec_and_kill_with_containerd_snapshots") else {
+        return;
+    };
+    import_image(&env);
+    let rt = "io.containerd.agentvm.v1";
+    let id = unique_name("ctr");
+    let out = ctr(&[
+        "run",
+        "--runtime",
+        rt,
+        "--rm",
+        IMAGE,
+        &id,
+        "sh",
+        "-c",
+        "echo hi from the vm; exit 3",
+    ]);
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(3), "{so} {se}");
+    assert_eq!(so, "hi from the vm\n");
+
+    let id2 = unique_name("ctrd");
+    let out = ctr(&["run", "--runtime", rt, "-d", IMAGE, &id2, "sleep", "1000"]);
+    assert!(out.status.success(), "ctr run -d: {:?}", text(&out));
+    let exec_id = "e1";
+    let out = ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        exec_id,
+        &id2,
+        "sh",
+        "-c",
+        "echo exec-ok; exit 4",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{:?}", text(&out));
+    assert_eq!(text(&out).0, "exec-ok\n");
+    let out = ctr(&["task", "kill", "-s", "SIGKILL", &id2]);
+    assert!(out.status.success(), "ctr task kill: {:?}", text(&out));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = ctr(&["task", "ls"]);
+        let listing = text(&out).0;
+        let line = listing
+            .lines()
+            .find(|l| l.starts_with(&id2))
+            .unwrap_or("")
+            .to_string();
+        if line.contains("STOPPED") || line.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "task not stopped: {line}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = ctr(&["task", "rm", &id2]);
+    assert!(out.status.success(), "ctr task rm: {:?}", text(&out));
+    let out = ctr(&["container", "rm", &id2]);
+    assert!(out.status.success(), "ctr container rm: {:?}", text(&out));
+    // The snapshot the shim mounted is unmounted, and no VM is left.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&id2), "rootfs still mounted");
+    for cid in [&id, &id2] {
+        env.assert_vm_gone(cid);
+    }
+}
