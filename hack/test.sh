@@ -37,6 +37,9 @@ if [ "$(id -u)" = 0 ] && command -v dockerd >/dev/null 2>&1; then
   log "containerd and dockerd for the Docker tests"
   install -m 0755 target/debug/containerd-shim-agentvm-v1 /usr/local/bin/containerd-shim-agentvm-v1
   AGENTVM_BIN="$PWD/target/debug/agentvm" hack/docker-up.sh /usr/local/bin
+  log "the nested-Docker test image (cached by its inputs)"
+  AGENTVM_NESTED_IMAGE=$(hack/make-nested-image.sh)
+  export AGENTVM_NESTED_IMAGE
 else
   log "not root or no dockerd (hack/install-deps.sh installs it): the Docker tests will skip"
 fi
