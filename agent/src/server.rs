@@ -397,7 +397,10 @@ async fn run(
     let _ = out.send(msg(Message::Started { pid })).await;
 
     match supervise(spawned, exit_rx, out, host).await {
-        Supervised::Exited(status) => {
+        Supervised::Exited(mut status) => {
+            // A SIGKILL the kernel log attributes to the OOM killer: the memory limit.
+            status.oom =
+                status.signal == Some(libc::SIGKILL) && crate::stats::oom_killed(pid);
             debug!("pid {pid} exited: {status:?}");
             let _ = out.send(msg(Message::Exited(status))).await;
             if req.init {

@@ -15,9 +15,45 @@ pub fn collect() -> GuestStats {
         apply_cpu_stat(&mut s, &cpu);
     }
     apply_meminfo(&mut s, &read("/proc/meminfo"));
-    s.oom_kills = field(&read("/proc/vmstat"), "oom_kill").unwrap_or(0);
+    s.oom_kills = oom_kills();
     s.pids = count_processes();
     s
+}
+
+/// Whether the kernel log says the OOM killer killed `pid` (`Killed process <pid> (`): the
+/// guest kernel has no VM event counters, so the log is the record. Reads the whole ring
+/// buffer with syslog(2), which needs no device node.
+pub fn oom_killed(pid: i32) -> bool {
+    const SYSLOG_ACTION_READ_ALL: libc::c_int = 3;
+    const SYSLOG_ACTION_SIZE_BUFFER: libc::c_int = 10;
+    // SAFETY: SIZE_BUFFER takes no buffer and returns the ring buffer's size.
+    let size = unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0) };
+    let Ok(size) = usize::try_from(size) else {
+        return false;
+    };
+    let mut buf = vec![0u8; size.clamp(4096, 1 << 22)];
+    let len = libc::c_int::try_from(buf.len()).unwrap_or(libc::c_int::MAX);
+    // SAFETY: READ_ALL writes at most `len` bytes into `buf`, which is that long.
+    let n = unsafe { libc::klogctl(SYSLOG_ACTION_READ_ALL, buf.as_mut_ptr().cast(), len) };
+    let Ok(n) = usize::try_from(n) else {
+        return false;
+    };
+    kmsg_says(&buf[..n.min(buf.len())], &format!("Killed process {pid} ("))
+}
+
+fn kmsg_says(record: &[u8], needle: &str) -> bool {
+    record
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+/// OOM kills since boot (`/proc/vmstat`; zero when the kernel keeps no event counters).
+pub fn oom_kills() -> u64 {
+    field(
+        &std::fs::read_to_string("/proc/vmstat").unwrap_or_default(),
+        "oom_kill",
+    )
+    .unwrap_or(0)
 }
 
 /// `key value` lines (`cpu.stat`, `vmstat`) or `Key: value kB` lines (`meminfo`).
@@ -110,6 +146,13 @@ mod tests {
         assert_eq!(s.memory_inactive_file, 30_000 * 1024);
         assert_eq!(s.memory_anon, 10_000 * 1024);
         assert_eq!(field("oom_kill 3\npgfault 9\n", "oom_kill"), Some(3));
+    }
+
+    #[test]
+    fn kernel_oom_records_name_the_pid() {
+        let rec = b"3,613,1234567,-;Out of memory: Killed process 42 (sh) total-vm:1000kB";
+        assert!(kmsg_says(rec, "Killed process 42 ("));
+        assert!(!kmsg_says(rec, "Killed process 4 ("));
     }
 
     #[test]

@@ -309,6 +309,15 @@ impl DockerEnv {
         all.extend_from_slice(args);
         let out = self.docker(&all, input, DOCKER_TIMEOUT);
         let id = std::fs::read_to_string(&cidfile).unwrap_or_default();
+        if args.contains(&"--rm") {
+            // A container whose task never started stays "Created" despite --rm.
+            let mut c = Command::new("docker");
+            c.args(["rm", "-f", &n])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            let _ = c.status();
+        }
         (out, id)
     }
 

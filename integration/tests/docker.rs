@@ -410,3 +410,34 @@ fn docker_restart_and_cp_both_ways() {
     env.docker(&["rm", "-f", &n], None, T);
     env.assert_vm_gone(&id);
 }
+
+#[test]
+fn out_of_memory_is_137_and_oom_killed() {
+    let Some(env) = DockerEnv::get("out_of_memory_is_137_and_oom_killed") else {
+        return;
+    };
+    let n = unique_name("oomrun");
+    // The shell doubles a string until the guest's OOM killer ends it.
+    let (out, id) = env.run(
+        "oomrun",
+        &[
+            "-m",
+            "32m",
+            &env.image,
+            "sh",
+            "-c",
+            "x=$(head -c 1000000 /dev/zero | tr '\\0' a); while true; do x=\"$x$x\"; done",
+        ],
+        None,
+    );
+    let code = out.status.code();
+    let inspect = env.docker(&["inspect", "-f", "{{.State.OOMKilled}}", &n], None, T);
+    env.docker(&["rm", "-f", &n], None, T);
+    assert_eq!(code, Some(137), "{:?}", text(&out));
+    assert_eq!(
+        text(&inspect).0.trim(),
+        "true",
+        "Docker must see the OOM kill"
+    );
+    env.assert_vm_gone(&id);
+}

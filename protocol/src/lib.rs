@@ -294,17 +294,25 @@ pub struct ExitStatus {
     /// The signal that killed the process, if one did.
     #[serde(default)]
     pub signal: Option<i32>,
+    /// The guest kernel's OOM killer ended it (the container hit its memory limit).
+    #[serde(default)]
+    pub oom: bool,
 }
 
 impl ExitStatus {
     pub fn exited(code: i32) -> Self {
-        Self { code, signal: None }
+        Self {
+            code,
+            signal: None,
+            oom: false,
+        }
     }
 
     pub fn signaled(signal: i32) -> Self {
         Self {
             code: 128 + signal,
             signal: Some(signal),
+            oom: false,
         }
     }
 }

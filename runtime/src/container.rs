@@ -89,6 +89,8 @@ pub struct Exit {
     /// Shell-style: the exit code, or 128 + the signal number.
     pub code: i32,
     pub at: SystemTime,
+    /// The guest's OOM killer ended the process.
+    pub oom: bool,
 }
 
 /// A created container: its state dir and network namespace exist and the create hooks ran;
@@ -349,16 +351,17 @@ async fn launch(
                 .map(|()| conn),
             Err(e) => Err(e),
         };
-        let code = match send {
+        let (code, oom) = match send {
             Ok(conn) => drive(sandbox.as_mut(), conn, io, ctl_rx, started_tx).await,
             Err(e) => {
                 let _ = started_tx.send(Err(e));
-                255
+                (255, false)
             }
         };
         let _ = exit_tx.send(Some(Exit {
             code,
             at: SystemTime::now(),
+            oom,
         }));
         if let Some(sandbox) = sandbox {
             sandbox.destroy(TEARDOWN_GRACE).await;
@@ -533,6 +536,7 @@ impl Running {
             _ => Exit {
                 code: 255,
                 at: SystemTime::now(),
+                oom: false,
             },
         }
     }
@@ -560,7 +564,7 @@ async fn drive(
     io: ProcessIo,
     mut ctl: mpsc::UnboundedReceiver<Control>,
     started: oneshot::Sender<Result<i32>>,
-) -> i32 {
+) -> (i32, bool) {
     let AgentConn { reader, mut writer } = conn;
     let mut started = Some(started);
     let report = |started: &mut Option<oneshot::Sender<Result<i32>>>, r: Result<i32>| {
@@ -586,7 +590,7 @@ async fn drive(
     let mut kill_deadline: Option<tokio::time::Instant> = None;
     let mut ctl_open = true;
     let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
-    let code = loop {
+    let (code, oom) = loop {
         let deadline = kill_deadline.unwrap_or(far);
         tokio::select! {
             f = frames.recv() => match f {
@@ -611,7 +615,7 @@ async fn drive(
                         setup_error = Some(message);
                     }
                 }
-                Some(Ok(Some(Frame::Msg(Message::Exited(st))))) => break st.code,
+                Some(Ok(Some(Frame::Msg(Message::Exited(st))))) => break (st.code, st.oom),
                 Some(Ok(Some(other))) => tracing::debug!("ignoring frame {other:?}"),
                 Some(Ok(None)) | Some(Err(_)) | None => {
                     if let Some(sandbox) = sandbox.as_deref_mut() {
@@ -622,7 +626,7 @@ async fn drive(
                     } else {
                         tracing::info!("the agent connection of an exec process closed without an exit");
                     }
-                    break if kill_deadline.is_some() { 128 + libc::SIGKILL } else { 255 };
+                    break (if kill_deadline.is_some() { 128 + libc::SIGKILL } else { 255 }, false);
                 }
             },
             chunk = stdin_rx.recv(), if stdin_open => {
@@ -661,7 +665,7 @@ async fn drive(
             st = vmm_exited(&mut sandbox) => {
                 let diagnostics = sandbox.as_deref().map(Sandbox::diagnostics).unwrap_or_default();
                 tracing::warn!("QEMU exited ({st}) before the process reported an exit:\n{diagnostics}");
-                break if kill_deadline.is_some() { 128 + libc::SIGKILL } else { 255 };
+                break (if kill_deadline.is_some() { 128 + libc::SIGKILL } else { 255 }, false);
             }
             () = tokio::time::sleep_until(deadline), if kill_deadline.is_some() => {
                 match sandbox.as_deref_mut() {
@@ -671,7 +675,7 @@ async fn drive(
                         kill_deadline = Some(far);
                     }
                     // Closing an exec process's connection makes the agent kill it.
-                    None => break 128 + libc::SIGKILL,
+                    None => break (128 + libc::SIGKILL, false),
                 }
             }
         }
@@ -686,5 +690,5 @@ async fn drive(
     reader_task.abort();
     let _ = reader_task.await;
     drop(writer);
-    code
+    (code, oom)
 }

@@ -22,7 +22,7 @@ use containerd_shim::protos::cgroups_v2::metrics::{
     CPUStat, MemoryEvents, MemoryStat, Metrics, PidsStat,
 };
 use containerd_shim::protos::events::task::{
-    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskPaused,
+    TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskIO, TaskOOM, TaskPaused,
     TaskResumed, TaskStart,
 };
 use containerd_shim::protos::protobuf::well_known_types::any::Any;
@@ -233,6 +233,7 @@ impl<C> Proc<C> {
         self.exit.send_replace(Some(Exit {
             code: 255,
             at: SystemTime::now(),
+            oom: false,
         }));
     }
 }
@@ -398,6 +399,14 @@ impl TaskService {
                     tracing::warn!("record the exit in {}: {e}", file.display());
                 }
             }
+            if exit.oom {
+                // Before the exit, as runc's shim does: Docker marks OOMKilled on it.
+                let oom = TaskOOM {
+                    container_id: entry.id.clone(),
+                    ..Default::default()
+                };
+                publish(&publisher, &ns, topics::TASK_OOM_EVENT_TOPIC, Box::new(oom)).await;
+            }
             if announce {
                 publish(&publisher, &ns, topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev)).await;
             }
@@ -424,6 +433,7 @@ async fn delete_exec(entry: &Entry, exec_id: &str) -> ttrpc::Result<api::DeleteR
             Exit {
                 code: 0,
                 at: SystemTime::now(),
+                oom: false,
             }
         }
     };
@@ -610,6 +620,7 @@ impl Task for TaskService {
         let killed = Exit {
             code: 128 + req.signal as i32,
             at: SystemTime::now(),
+            oom: false,
         };
         if !req.exec_id.is_empty() {
             let exec = entry.exec(&req.exec_id)?;
@@ -706,6 +717,7 @@ impl Task for TaskService {
                 entry.init.exit.send_replace(Some(Exit {
                     code: 0,
                     at: SystemTime::now(),
+                    oom: false,
                 }));
             }
             Phase::Busy | Phase::Stopped => {}
@@ -722,6 +734,7 @@ impl Task for TaskService {
         let exit = entry.exited().unwrap_or(Exit {
             code: 255,
             at: SystemTime::now(),
+            oom: false,
         });
         let pid = entry.init.pid();
         let ctx = agentvm::hooks::HookContext {
