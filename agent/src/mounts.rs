@@ -1,5 +1,5 @@
-//! The container's own mounts from the start request ([`MountSpec`]): 9p shares of host
-//! directories, small host files (`/etc/hosts`, `/etc/resolv.conf`) copied into the guest and
+//! The container's own mounts from the start request ([`MountSpec`]): shares of host
+//! directories (virtio-9p or virtio-fs), small host files (`/etc/hosts`, `/etc/resolv.conf`) copied into the guest and
 //! bind-mounted, and tmpfs, set up in the container root after the root filesystem and in the
 //! order given.
 //!
@@ -19,6 +19,10 @@ use nix::mount::{mount, MsFlags};
 /// Where the agent keeps the content of `File` mounts: on its own `/run` tmpfs, outside the
 /// container root (see [`crate::rootfs::ROOT`]), so the container sees only the bind mounts.
 pub const FILES: &str = "/run/agentvm/files";
+
+/// The filesystems a [`MountSource::Share`] may be mounted as: the host's shared-directory
+/// transports (never a block device or anything else a tag could be mistaken for).
+const SHARE_FSTYPES: &[&str] = &["9p", "virtiofs"];
 
 /// How many symlinks one destination may pass through, as the kernel's `MAXSYMLINKS`.
 const MAX_SYMLINKS: u32 = 40;
@@ -157,7 +161,17 @@ pub fn plan(mounts: &[MountSpec], files_dir: &str) -> Result<Vec<Op>, MountError
             MsFlags::empty()
         };
         match &m.source {
-            MountSource::Share { tag, options } => {
+            MountSource::Share {
+                tag,
+                options,
+                fstype,
+            } => {
+                if !SHARE_FSTYPES.contains(&fstype.as_str()) {
+                    return Err(MountError::Invalid {
+                        destination: dest,
+                        reason: "a share's filesystem type must be 9p or virtiofs",
+                    });
+                }
                 let (flags, data) = split_options(options);
                 ops.push(Op::MountPoint {
                     dest: dest.clone(),
@@ -166,7 +180,7 @@ pub fn plan(mounts: &[MountSpec], files_dir: &str) -> Result<Vec<Op>, MountError
                 ops.push(Op::Mount {
                     source: tag.clone(),
                     dest,
-                    fstype: "9p".into(),
+                    fstype: fstype.clone(),
                     flags: flags | readonly,
                     data,
                 });
@@ -442,8 +456,42 @@ mod tests {
             source: MountSource::Share {
                 tag: "m0".into(),
                 options: "trans=virtio,version=9p2000.L".into(),
+                fstype: "9p".into(),
             },
             readonly,
+        }
+    }
+
+    #[test]
+    fn virtiofs_shares_mount_by_tag_and_other_types_are_refused() {
+        let spec = |fstype: &str, options: &str| MountSpec {
+            destination: "/work".into(),
+            source: MountSource::Share {
+                tag: "vol0".into(),
+                options: options.into(),
+                fstype: fstype.into(),
+            },
+            readonly: false,
+        };
+        let ops = plan(&[spec("virtiofs", "")], "/f").unwrap();
+        assert_eq!(
+            ops[1],
+            Op::Mount {
+                source: "vol0".into(),
+                dest: "/work".into(),
+                fstype: "virtiofs".into(),
+                flags: MsFlags::empty(),
+                data: None,
+            }
+        );
+        let (flags, data) = plan(&[spec("virtiofs", "ro")], "/f")
+            .unwrap()
+            .remove(1)
+            .flags_data();
+        assert_eq!((flags, data), (MsFlags::MS_RDONLY, None));
+        for bad in ["ext4", "", "bind"] {
+            let e = plan(&[spec(bad, "")], "/f").unwrap_err();
+            assert!(matches!(e, MountError::Invalid { .. }), "{bad}: {e}");
         }
     }
 

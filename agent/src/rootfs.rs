@@ -95,8 +95,9 @@ pub fn plan(spec: &RootfsSpec) -> Vec<Op> {
             ),
         ]);
     } else {
-        // Mounted read-write as is: a 9p share of the host's container rootfs (Docker's
-        // overlay2 `merged` dir) takes the writes, so `docker diff`/`docker cp` see them.
+        // Mounted read-write as is: a share (9p or virtio-fs) of the host's container rootfs
+        // (Docker's overlay2 `merged` dir) takes the writes, so `docker diff`/`docker cp` see
+        // them.
         ops.extend([
             mkdir(ROOT, 0o755),
             mnt(
@@ -355,6 +356,20 @@ mod tests {
                 MsFlags::empty(),
                 Some("trans=virtio,version=9p2000.L")
             )
+        );
+    }
+
+    #[test]
+    fn virtiofs_root_is_mounted_by_tag() {
+        let ops = plan(&RootfsSpec {
+            device: "rootfs".into(),
+            fstype: "virtiofs".into(),
+            overlay: false,
+            options: None,
+        });
+        assert_eq!(
+            ops[1],
+            mnt("rootfs", ROOT, "virtiofs", MsFlags::empty(), None)
         );
     }
 

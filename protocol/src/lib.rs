@@ -195,9 +195,15 @@ pub struct MountSpec {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum MountSource {
-    /// A host directory shared over virtio-9p with this mount tag; `options` as in
-    /// [`RootfsSpec::options`].
-    Share { tag: String, options: String },
+    /// A host directory shared with this mount tag; `options` as in [`RootfsSpec::options`].
+    /// `fstype` is the transport's filesystem: `9p` (virtio-9p, the default, which is what a
+    /// host that predates the field means) or `virtiofs`.
+    Share {
+        tag: String,
+        options: String,
+        #[serde(default = "default_share_fstype")]
+        fstype: String,
+    },
     /// A small host file (`/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`), copied: the
     /// agent writes `content` to a file of its own and bind-mounts it on `destination`.
     File { content: String, mode: u32 },
@@ -208,12 +214,16 @@ pub enum MountSource {
     },
 }
 
+fn default_share_fstype() -> String {
+    "9p".into()
+}
+
 /// The container's root filesystem: a block device or a shared directory seen by the guest.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RootfsSpec {
-    /// Guest device path, e.g. `/dev/vda`, or the mount tag of a shared directory (9p).
+    /// Guest device path, e.g. `/dev/vda`, or the mount tag of a shared directory.
     pub device: String,
-    /// Filesystem type, e.g. `ext4` or `9p`.
+    /// Filesystem type, e.g. `ext4`, `9p` or `virtiofs`.
     pub fstype: String,
     /// Put a tmpfs-backed overlay on top so the workload can write while the disk stays
     /// read-only.
@@ -502,6 +512,16 @@ mod tests {
                     source: MountSource::Share {
                         tag: "m0".into(),
                         options: "trans=virtio".into(),
+                        fstype: "9p".into(),
+                    },
+                    readonly: true,
+                },
+                MountSpec {
+                    destination: "/work".into(),
+                    source: MountSource::Share {
+                        tag: "m1".into(),
+                        options: String::new(),
+                        fstype: "virtiofs".into(),
                     },
                     readonly: true,
                 },
@@ -535,6 +555,23 @@ mod tests {
             serde_json::from_str(r#"{"device":"/dev/vda","fstype":"ext4"}"#).unwrap();
         assert_eq!(old.options, None);
         assert!(!old.overlay);
+    }
+
+    #[test]
+    fn shares_without_fstype_are_9p() {
+        // What a host from before the field sends.
+        let old: MountSpec = serde_json::from_str(
+            r#"{"destination":"/d","source":{"kind":"share","tag":"vol0","options":"trans=virtio"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            old.source,
+            MountSource::Share {
+                tag: "vol0".into(),
+                options: "trans=virtio".into(),
+                fstype: "9p".into(),
+            }
+        );
     }
 
     #[test]

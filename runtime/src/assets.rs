@@ -1,5 +1,5 @@
-//! Locating what a sandbox boots from: the guest kernel, the agent, QEMU and the vsock
-//! daemon, and building the agent's initramfs.
+//! Locating what a sandbox boots from: the guest kernel, the agent, QEMU, the vsock daemon
+//! and virtiofsd, and building the agent's initramfs.
 
 use std::io::{Cursor, Read, Write};
 use std::path::{Path, PathBuf};
@@ -123,6 +123,26 @@ pub fn vhost_vsock_daemon() -> Result<PathBuf> {
                cargo install vhost-device-vsock (or run hack/install-deps.sh)"
             .into(),
     })
+}
+
+/// virtiofsd, the daemon behind virtio-fs shares: `$AGENTVM_VIRTIOFSD`, or `virtiofsd` on
+/// `$PATH` or in cargo's install dir (hack/install-deps.sh), or Debian's
+/// `/usr/libexec/virtiofsd`. Without it shares use virtio-9p.
+pub fn virtiofsd() -> Result<PathBuf> {
+    if let Some(p) = env_path("AGENTVM_VIRTIOFSD") {
+        return existing("AGENTVM_VIRTIOFSD", p, "virtiofsd", "");
+    }
+    find_program("virtiofsd")
+        .or_else(|| {
+            let debian = PathBuf::from("/usr/libexec/virtiofsd");
+            debian.is_file().then_some(debian)
+        })
+        .ok_or_else(|| Error::Missing {
+            what: "virtiofsd".into(),
+            hint: "volumes and bind mounts fall back to virtio-9p (slower on small files): \
+                   cargo install virtiofsd (or run hack/install-deps.sh)"
+                .into(),
+        })
 }
 
 /// True when an ELF image has no program interpreter, i.e. runs without a dynamic loader.

@@ -81,6 +81,13 @@ pub async fn check(probe: bool) -> Vec<Finding> {
             .map(|p| p.display().to_string())
             .map_err(|e| e.to_string()),
     ));
+    out.push(finding(
+        "virtiofsd",
+        false,
+        assets::virtiofsd()
+            .map(|p| format!("{}: volumes and bind mounts use virtio-fs", p.display()))
+            .map_err(|e| e.to_string()),
+    ));
     let kvm = match accel::kvm_device_usable() {
         Err(e) => Err(format!("{e}; VMs run under TCG emulation (slow)")),
         Ok(()) if !probe => match Assets::locate().ok().and_then(|a| accel::cached(&a)) {

@@ -25,10 +25,10 @@ use crate::assets::Assets;
 use crate::error::{Error, Result};
 use crate::netns::{Netns, NetnsMode};
 use crate::sandbox::{spawn_frame_reader, spawn_input_pump, AgentConn, Sandbox, SandboxConfig};
-use crate::vmm::{Accel, Nic, Share};
+use crate::vmm::{Accel, Nic};
 use crate::{dns, hooks, mounts};
 
-/// The 9p mount tag of the container's root directory.
+/// The mount tag of the container's root directory share.
 const ROOT_TAG: &str = "rootfs";
 /// How long the VM may take to power off by itself before it is killed.
 const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -199,7 +199,14 @@ impl Container {
             Ok((conn, request)) => (Ok(conn), request),
             Err(e) => {
                 tracing::error!("start: {e}");
-                (Err(e), start_request(&cfg, None, Vec::new()))
+                // Never sent: the VM is not there.
+                let (_, rootfs) = mounts::root_share(
+                    ROOT_TAG,
+                    &cfg.root,
+                    cfg.root_readonly,
+                    &mounts::SharePolicy::nine_p(),
+                );
+                (Err(e), start_request(&cfg, None, Vec::new(), rootfs))
             }
         };
         let shared = Arc::new(VmShared {
@@ -232,18 +239,10 @@ fn start_request(
     cfg: &ContainerConfig,
     network: Option<NetworkSpec>,
     mounts: Vec<MountSpec>,
+    rootfs: RootfsSpec,
 ) -> StartRequest {
-    let mut options = mounts::NINEP_OPTIONS.to_string();
-    if cfg.root_readonly {
-        options.push_str(",ro");
-    }
     StartRequest {
-        rootfs: RootfsSpec {
-            device: ROOT_TAG.into(),
-            fstype: "9p".into(),
-            overlay: false,
-            options: Some(options),
-        },
+        rootfs,
         process: cfg.process.clone(),
         hostname: cfg.hostname.clone(),
         init: true,
@@ -261,14 +260,12 @@ async fn boot(
     assets: &Assets,
     accel: Accel,
 ) -> Result<(AgentConn, StartRequest)> {
-    let plan = mounts::plan(&cfg.mounts)?;
+    let policy = mounts::SharePolicy::detect(&cfg.annotations)?;
+    let plan = mounts::plan(&cfg.mounts, &policy)?;
     let mut wiring = netns.scan().await?;
     netns.wire(&mut wiring).await?;
-    let mut shares = vec![Share {
-        tag: ROOT_TAG.into(),
-        path: cfg.root.clone(),
-        readonly: cfg.root_readonly,
-    }];
+    let (root, rootfs) = mounts::root_share(ROOT_TAG, &cfg.root, cfg.root_readonly, &policy);
+    let mut shares = vec![root];
     shares.extend(plan.shares.iter().cloned());
     let sandbox_cfg = SandboxConfig {
         id: cfg.id.clone(),
@@ -300,7 +297,7 @@ async fn boot(
         dns::start_relay(relay_conn, socket, upstream).await?;
     }
     let network = (!wiring.interfaces.is_empty()).then(|| wiring.network_spec());
-    Ok((conn, start_request(cfg, network, plan.mounts)))
+    Ok((conn, start_request(cfg, network, plan.mounts, rootfs)))
 }
 
 /// How a process reaches the VM it runs in.

@@ -4,25 +4,39 @@
 //!   guest's own: the agent mounts them, nothing of the host's is passed.
 //! - `/dev/shm` becomes a tmpfs in the guest (shared memory cannot cross a VM boundary).
 //! - `tmpfs` mounts become guest tmpfs mounts with the same size/mode options.
-//! - Bind mounts of directories (volumes, `-v /host:/ctr`) are shared over virtio-9p, one
-//!   device each; `ro` is enforced by QEMU (`readonly=on`) as well as by the guest mount, so
-//!   not even root in the guest can write through it.
+//! - Bind mounts of directories (volumes, `-v /host:/ctr`) are shared one device each, over
+//!   virtio-fs when virtiofsd is installed and over virtio-9p otherwise ([`SharePolicy`];
+//!   docs/decisions.md has the measurements). `ro` is enforced on the host (virtiofsd
+//!   `--readonly`, QEMU's 9p `readonly=on`) as well as by the guest mount, so not even root in
+//!   the guest can write through it.
 //! - Bind mounts of small regular files (Docker's `/etc/hosts`, `/etc/resolv.conf`,
 //!   `/etc/hostname`) are copied into the guest when the container starts.
 //! - Anything else (sockets, devices, large single files, other filesystem types) is refused
 //!   with an error naming the mount.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use agentvm_protocol::{MountSource, MountSpec};
+use agentvm_protocol::{MountSource, MountSpec, RootfsSpec};
 use oci_spec::runtime::Mount;
 
+use crate::assets;
 use crate::error::{Error, Result};
-use crate::vmm::Share;
+use crate::vmm::{FsCache, Share, ShareTransport, VirtioFs};
 
 /// How the guest mounts a shared directory: 9p2000.L over virtio, 512 KiB messages, and
 /// `cache=mmap` so that mmap'd files (shared libraries, databases) work.
 pub const NINEP_OPTIONS: &str = "trans=virtio,version=9p2000.L,msize=524288,cache=mmap";
+/// Annotation (`docker run --annotation`) choosing the transport of the container's volumes
+/// and bind mounts: `virtiofs` or `9p`.
+pub const SHARES_ANNOTATION: &str = "io.agentvm.shares";
+/// Annotation choosing the transport of the container root: `virtiofs` or `9p`.
+pub const ROOT_ANNOTATION: &str = "io.agentvm.root-share";
+/// Annotation choosing virtiofsd's `--cache` policy: `never`, `auto`, `metadata`, `always`.
+pub const CACHE_ANNOTATION: &str = "io.agentvm.virtiofs-cache";
+/// virtiofsd's cache policy unless annotated: host and guest see each other's writes at once.
+pub const DEFAULT_CACHE: FsCache = FsCache::Never;
+
 /// Largest single file copied into the guest for a file bind mount.
 pub const MAX_FILE_BIND: u64 = 1 << 20;
 /// Most directory shares per VM (each is a virtio-mmio device).
@@ -43,10 +57,137 @@ const GUEST_OWN: &[&str] = &[
 /// Filesystem types the guest kernel provides itself.
 const GUEST_OWN_TYPES: &[&str] = &["proc", "sysfs", "devpts", "mqueue", "cgroup", "cgroup2"];
 
+/// Which transport a container's shares use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharePolicy {
+    /// Volumes and bind mounts.
+    pub volumes: ShareTransport,
+    /// The container root (Docker's overlay2 `merged` dir or the snapshotter mount).
+    pub root: ShareTransport,
+}
+
+/// What a transport annotation asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Wanted {
+    NineP,
+    VirtioFs,
+}
+
+fn wanted(annotations: &HashMap<String, String>, key: &str) -> Result<Option<Wanted>> {
+    match annotations.get(key).map(|v| v.trim()) {
+        None | Some("") => Ok(None),
+        Some("9p") => Ok(Some(Wanted::NineP)),
+        Some("virtiofs" | "virtio-fs") => Ok(Some(Wanted::VirtioFs)),
+        Some(other) => Err(Error::Invalid(format!(
+            "annotation {key}={other:?}: use \"virtiofs\" or \"9p\""
+        ))),
+    }
+}
+
+impl SharePolicy {
+    /// Every share over virtio-9p.
+    pub fn nine_p() -> Self {
+        SharePolicy {
+            volumes: ShareTransport::NineP,
+            root: ShareTransport::NineP,
+        }
+    }
+
+    /// This host's policy for a container with `annotations`: volumes over virtio-fs when
+    /// virtiofsd is installed, else virtio-9p; the root over virtio-9p. Annotations override
+    /// either ([`SHARES_ANNOTATION`], [`ROOT_ANNOTATION`], [`CACHE_ANNOTATION`]).
+    pub fn detect(annotations: &HashMap<String, String>) -> Result<Self> {
+        Self::resolve(annotations, || assets::virtiofsd().ok())
+    }
+
+    /// [`SharePolicy::detect`] with `virtiofsd` as the lookup of the daemon (a seam for
+    /// tests). Asking for virtio-fs by annotation on a host without virtiofsd is an error.
+    pub fn resolve(
+        annotations: &HashMap<String, String>,
+        virtiofsd: impl FnOnce() -> Option<PathBuf>,
+    ) -> Result<Self> {
+        let cache = match annotations.get(CACHE_ANNOTATION).map(|v| v.trim()) {
+            None | Some("") => DEFAULT_CACHE,
+            Some(v) => FsCache::parse(v).ok_or_else(|| {
+                Error::Invalid(format!(
+                    "annotation {CACHE_ANNOTATION}={v:?}: use never, auto, metadata or always"
+                ))
+            })?,
+        };
+        let volumes = wanted(annotations, SHARES_ANNOTATION)?;
+        let root = wanted(annotations, ROOT_ANNOTATION)?.unwrap_or(Wanted::NineP);
+        let daemon = virtiofsd();
+        let virtio_fs = |key: &str| -> Result<ShareTransport> {
+            match &daemon {
+                Some(d) => Ok(ShareTransport::VirtioFs(VirtioFs {
+                    daemon: d.clone(),
+                    cache,
+                })),
+                None => Err(Error::Missing {
+                    what: "virtiofsd".into(),
+                    hint: format!(
+                        "annotation {key} asks for virtio-fs: cargo install virtiofsd (or run \
+                         hack/install-deps.sh)"
+                    ),
+                }),
+            }
+        };
+        let volumes = match volumes {
+            Some(Wanted::NineP) => ShareTransport::NineP,
+            Some(Wanted::VirtioFs) => virtio_fs(SHARES_ANNOTATION)?,
+            None if daemon.is_some() => virtio_fs(SHARES_ANNOTATION)?,
+            None => ShareTransport::NineP,
+        };
+        let root = match root {
+            Wanted::NineP => ShareTransport::NineP,
+            Wanted::VirtioFs => virtio_fs(ROOT_ANNOTATION)?,
+        };
+        Ok(SharePolicy { volumes, root })
+    }
+}
+
+/// How the guest mounts `share`: the filesystem type and the mount(2) data options.
+pub fn guest_mount(share: &Share) -> (&'static str, String) {
+    let (fstype, mut options) = match share.transport {
+        ShareTransport::NineP => ("9p", NINEP_OPTIONS.to_string()),
+        ShareTransport::VirtioFs(_) => ("virtiofs", String::new()),
+    };
+    if share.readonly {
+        if !options.is_empty() {
+            options.push(',');
+        }
+        options.push_str("ro");
+    }
+    (fstype, options)
+}
+
+/// The share holding the container root at `path` and how the guest mounts it.
+pub fn root_share(
+    tag: &str,
+    path: &Path,
+    readonly: bool,
+    policy: &SharePolicy,
+) -> (Share, RootfsSpec) {
+    let share = Share {
+        tag: tag.into(),
+        path: path.to_path_buf(),
+        readonly,
+        transport: policy.root.clone(),
+    };
+    let (fstype, options) = guest_mount(&share);
+    let spec = RootfsSpec {
+        device: tag.into(),
+        fstype: fstype.into(),
+        overlay: false,
+        options: (!options.is_empty()).then_some(options),
+    };
+    (share, spec)
+}
+
 /// What the VM gets for the bundle's mounts.
 #[derive(Debug, Clone, Default)]
 pub struct MountPlan {
-    /// Extra 9p shares (tags `vol0`, `vol1`, ...).
+    /// Directory shares (tags `vol0`, `vol1`, ...).
     pub shares: Vec<Share>,
     /// What the agent mounts, in spec order.
     pub mounts: Vec<MountSpec>,
@@ -67,9 +208,10 @@ impl MountPlan {
     }
 }
 
-/// Maps the spec's mounts; reads file binds now (call it when the container starts, after
-/// Docker has written `/etc/hosts` and `/etc/resolv.conf`).
-pub fn plan(mounts: &[Mount]) -> Result<MountPlan> {
+/// Maps the spec's mounts, sharing directories as `policy` says; reads file binds now (call
+/// it when the container starts, after Docker has written `/etc/hosts` and
+/// `/etc/resolv.conf`).
+pub fn plan(mounts: &[Mount], policy: &SharePolicy) -> Result<MountPlan> {
     let mut out = MountPlan::default();
     for m in mounts {
         let dest = m.destination();
@@ -130,21 +272,23 @@ pub fn plan(mounts: &[Mount]) -> Result<MountPlan> {
                     "too many directory mounts: agentvm shares at most {MAX_SHARES} per container"
                 )));
             }
-            let tag = format!("vol{}", out.shares.len());
-            out.shares.push(Share {
-                tag: tag.clone(),
+            let share = Share {
+                tag: format!("vol{}", out.shares.len()),
                 path: source.to_path_buf(),
                 readonly,
-            });
-            let mut options = NINEP_OPTIONS.to_string();
-            if readonly {
-                options.push_str(",ro");
-            }
+                transport: policy.volumes.clone(),
+            };
+            let (fstype, options) = guest_mount(&share);
             out.mounts.push(MountSpec {
                 destination: dest_str,
-                source: MountSource::Share { tag, options },
+                source: MountSource::Share {
+                    tag: share.tag.clone(),
+                    options,
+                    fstype: fstype.into(),
+                },
                 readonly,
             });
+            out.shares.push(share);
         } else if meta.is_file() {
             let content = read_small_file(source, meta.len(), &dest_str)?;
             if dest_str == "/etc/resolv.conf" {
@@ -208,6 +352,117 @@ mod tests {
         serde_json::from_str(json).unwrap()
     }
 
+    fn ninep() -> SharePolicy {
+        SharePolicy::nine_p()
+    }
+
+    fn annotations(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn virtiofs(cache: FsCache) -> ShareTransport {
+        ShareTransport::VirtioFs(VirtioFs {
+            daemon: "/opt/virtiofsd".into(),
+            cache,
+        })
+    }
+
+    #[test]
+    fn virtio_fs_for_volumes_when_virtiofsd_is_found_9p_otherwise() {
+        let none = HashMap::new();
+        let found = || Some(PathBuf::from("/opt/virtiofsd"));
+        let p = SharePolicy::resolve(&none, found).unwrap();
+        assert_eq!(p.volumes, virtiofs(DEFAULT_CACHE));
+        assert_eq!(p.root, ShareTransport::NineP);
+        // The fallback: no virtiofsd, every share on 9p, no error.
+        let p = SharePolicy::resolve(&none, || None).unwrap();
+        assert_eq!(p, ninep());
+    }
+
+    #[test]
+    fn annotations_choose_transports_and_cache() {
+        let found = || Some(PathBuf::from("/opt/virtiofsd"));
+        let a = annotations(&[
+            (SHARES_ANNOTATION, "9p"),
+            (ROOT_ANNOTATION, "virtiofs"),
+            (CACHE_ANNOTATION, "auto"),
+        ]);
+        let p = SharePolicy::resolve(&a, found).unwrap();
+        assert_eq!(p.volumes, ShareTransport::NineP);
+        assert_eq!(p.root, virtiofs(FsCache::Auto));
+        // Asking for virtio-fs where there is no virtiofsd says so.
+        let a = annotations(&[(ROOT_ANNOTATION, "virtiofs")]);
+        let e = SharePolicy::resolve(&a, || None).unwrap_err().to_string();
+        assert!(e.contains("virtiofsd not found"), "{e}");
+        for (k, v) in [(SHARES_ANNOTATION, "nfs"), (CACHE_ANNOTATION, "sometimes")] {
+            let e = SharePolicy::resolve(&annotations(&[(k, v)]), found)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(k), "{e}");
+        }
+    }
+
+    #[test]
+    fn virtio_fs_volumes_are_mounted_as_virtiofs() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().display().to_string();
+        let json = format!(
+            r#"[{{"destination":"/work","type":"bind","source":"{src}","options":["rbind"]}},
+                {{"destination":"/ro","type":"bind","source":"{src}","options":["rbind","ro"]}}]"#
+        );
+        let policy = SharePolicy {
+            volumes: virtiofs(FsCache::Never),
+            root: ShareTransport::NineP,
+        };
+        let p = plan(&mounts(&json), &policy).unwrap();
+        assert!(p.shares.iter().all(Share::is_virtio_fs));
+        assert!(p.shares[1].readonly, "virtiofsd gets --readonly");
+        let MountSource::Share {
+            tag,
+            options,
+            fstype,
+        } = &p.mounts[0].source
+        else {
+            panic!("{:?}", p.mounts[0]);
+        };
+        assert_eq!(
+            (tag.as_str(), options.as_str(), fstype.as_str()),
+            ("vol0", "", "virtiofs")
+        );
+        assert!(
+            matches!(&p.mounts[1].source, MountSource::Share { options, fstype, .. } if options == "ro" && fstype == "virtiofs")
+        );
+    }
+
+    #[test]
+    fn root_share_spec_follows_the_transport() {
+        let (share, spec) = root_share("rootfs", Path::new("/m"), false, &ninep());
+        assert_eq!(share.transport, ShareTransport::NineP);
+        assert_eq!(
+            (spec.device.as_str(), spec.fstype.as_str()),
+            ("rootfs", "9p")
+        );
+        assert_eq!(spec.options.as_deref(), Some(NINEP_OPTIONS));
+        let policy = SharePolicy {
+            volumes: ShareTransport::NineP,
+            root: virtiofs(FsCache::Never),
+        };
+        let (share, spec) = root_share("rootfs", Path::new("/m"), false, &policy);
+        assert!(share.is_virtio_fs());
+        assert_eq!(spec.fstype, "virtiofs");
+        assert_eq!(spec.options, None);
+        let (_, spec) = root_share("rootfs", Path::new("/m"), true, &policy);
+        assert_eq!(spec.options.as_deref(), Some("ro"));
+        let (_, spec) = root_share("rootfs", Path::new("/m"), true, &ninep());
+        assert_eq!(
+            spec.options.as_deref(),
+            Some(format!("{NINEP_OPTIONS},ro").as_str())
+        );
+    }
+
     #[test]
     fn docker_default_mounts() {
         let dir = tempfile::tempdir().unwrap();
@@ -233,7 +488,7 @@ mod tests {
         ]"#,
             c.display()
         );
-        let p = plan(&mounts(&json)).unwrap();
+        let p = plan(&mounts(&json), &ninep()).unwrap();
         assert!(p.shares.is_empty());
         let dests: Vec<_> = p.mounts.iter().map(|m| m.destination.as_str()).collect();
         assert_eq!(dests, ["/dev/shm", "/etc/resolv.conf", "/etc/hosts"]);
@@ -258,7 +513,7 @@ mod tests {
                 {{"destination":"/ro","type":"bind","source":"{src}","options":["rbind","ro"]}},
                 {{"destination":"/scratch","type":"tmpfs","source":"tmpfs","options":["nosuid","size=1m","ro"]}}]"#
         );
-        let p = plan(&mounts(&json)).unwrap();
+        let p = plan(&mounts(&json), &ninep()).unwrap();
         assert_eq!(p.shares.len(), 2);
         assert_eq!(
             (p.shares[0].tag.as_str(), p.shares[0].readonly),
@@ -269,7 +524,7 @@ mod tests {
             ("vol1", true)
         );
         assert!(
-            matches!(&p.mounts[1].source, MountSource::Share { tag, options } if tag == "vol1" && options.ends_with(",ro"))
+            matches!(&p.mounts[1].source, MountSource::Share { tag, options, fstype } if tag == "vol1" && options.ends_with(",ro") && fstype == "9p")
         );
         assert!(p.mounts[1].readonly);
         assert_eq!(
@@ -296,12 +551,15 @@ mod tests {
             ("/dev/sda".to_string(), "ext4", "not supported"),
         ] {
             let json = format!(r#"[{{"destination":"/x","type":"{typ}","source":"{src}"}}]"#);
-            let e = plan(&mounts(&json)).unwrap_err().to_string();
+            let e = plan(&mounts(&json), &ninep()).unwrap_err().to_string();
             assert!(e.contains(want), "{e}");
         }
-        let e = plan(&mounts(r#"[{"destination":"x/../y","type":"tmpfs"}]"#))
-            .unwrap_err()
-            .to_string();
+        let e = plan(
+            &mounts(r#"[{"destination":"x/../y","type":"tmpfs"}]"#),
+            &ninep(),
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("absolute"), "{e}");
     }
 }

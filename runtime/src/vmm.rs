@@ -29,12 +29,78 @@ pub struct Disk {
     pub readonly: bool,
 }
 
-/// A host directory shared with the guest over virtio-9p, mounted there by its `tag`.
-#[derive(Debug, Clone)]
+/// A host directory shared with the guest, mounted there by its `tag`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Share {
     pub tag: String,
     pub path: PathBuf,
     pub readonly: bool,
+    pub transport: ShareTransport,
+}
+
+/// How a shared directory crosses the VM boundary.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ShareTransport {
+    /// QEMU's built-in virtio-9p server (`-fsdev local`, passthrough security model);
+    /// `readonly=on` makes QEMU refuse writes.
+    NineP,
+    /// virtio-fs: a `vhost-user-fs-device` served by a virtiofsd process of its own, a helper
+    /// of the VM like vhost-device-vsock; `--readonly` makes virtiofsd refuse writes.
+    VirtioFs(VirtioFs),
+}
+
+/// The virtiofsd serving one virtio-fs share.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VirtioFs {
+    pub daemon: PathBuf,
+    pub cache: FsCache,
+}
+
+/// virtiofsd's `--cache` policy: how long the guest may trust what it cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsCache {
+    /// Nothing cached (direct I/O, zero timeouts): host changes are seen at once.
+    Never,
+    /// Attributes and names trusted for 1 s, file data kept while the mtime is unchanged.
+    Auto,
+    /// Metadata cached for long, data never.
+    Metadata,
+    /// Everything cached for long: only for directories nobody else writes.
+    Always,
+}
+
+impl FsCache {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsCache::Never => "never",
+            FsCache::Auto => "auto",
+            FsCache::Metadata => "metadata",
+            FsCache::Always => "always",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            FsCache::Never,
+            FsCache::Auto,
+            FsCache::Metadata,
+            FsCache::Always,
+        ]
+        .into_iter()
+        .find(|c| c.as_str() == s)
+    }
+}
+
+impl Share {
+    pub fn is_virtio_fs(&self) -> bool {
+        matches!(self.transport, ShareTransport::VirtioFs(_))
+    }
+
+    /// The vhost-user socket between QEMU and this share's virtiofsd, in the state dir (so
+    /// that virtiofsd's command line names the state dir, as cleanup requires).
+    pub fn socket(&self, state_dir: &Path) -> PathBuf {
+        state_dir.join(format!("fs-{}.sock", self.tag))
+    }
 }
 
 /// A virtio-net device backed by a tap device that already exists (in the VMM's network
@@ -52,7 +118,7 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub disks: Vec<Disk>,
-    /// Directories shared over virtio-9p (`-fsdev local`, passthrough security model).
+    /// Directories shared with the guest (virtio-9p or virtio-fs, per share).
     pub shares: Vec<Share>,
     pub nics: Vec<Nic>,
     /// Network namespace the VMM starts in; none keeps the caller's.
@@ -215,8 +281,10 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
     let mem = format!("{}M", cfg.memory_mib);
     let user_vsock = matches!(vsock, VsockTransport::User { .. });
-    // vhost-user devices need guest RAM the daemon can map: a shared memfd backend.
-    let machine = if user_vsock {
+    // vhost-user devices (vsock, virtio-fs) need guest RAM their daemons can map: a shared
+    // memfd backend.
+    let shared_memory = user_vsock || cfg.shares.iter().any(Share::is_virtio_fs);
+    let machine = if shared_memory {
         "microvm,acpi=off,x-option-roms=off,memory-backend=mem"
     } else {
         "microvm,acpi=off,x-option-roms=off"
@@ -230,7 +298,7 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
         push(&["-icount", "shift=3,sleep=off"]);
     }
     push(&["-m", &mem, "-smp", &cfg.vcpus.to_string()]);
-    if user_vsock {
+    if shared_memory {
         push(&[
             "-object",
             &format!("memory-backend-memfd,id=mem,size={mem},share=on"),
@@ -280,19 +348,31 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
         ]);
     }
     for (i, sh) in cfg.shares.iter().enumerate() {
-        let ro = if sh.readonly { ",readonly=on" } else { "" };
-        push(&[
-            "-fsdev",
-            &format!(
-                "local,id=fs{i},path={},security_model=passthrough{ro}",
-                qemu_escape(&sh.path)
-            ),
-            "-device",
-            &format!(
-                "virtio-9p-device,fsdev=fs{i},mount_tag={}",
-                qemu_escape(Path::new(&sh.tag))
-            ),
-        ]);
+        let tag = qemu_escape(Path::new(&sh.tag));
+        match &sh.transport {
+            ShareTransport::NineP => {
+                let ro = if sh.readonly { ",readonly=on" } else { "" };
+                push(&[
+                    "-fsdev",
+                    &format!(
+                        "local,id=fs{i},path={},security_model=passthrough{ro}",
+                        qemu_escape(&sh.path)
+                    ),
+                    "-device",
+                    &format!("virtio-9p-device,fsdev=fs{i},mount_tag={tag}"),
+                ]);
+            }
+            // Read-only is virtiofsd's job (`--readonly`): QEMU only relays.
+            ShareTransport::VirtioFs(_) => push(&[
+                "-chardev",
+                &format!(
+                    "socket,id=fs{i},path={}",
+                    qemu_escape(&sh.socket(&cfg.state_dir))
+                ),
+                "-device",
+                &format!("vhost-user-fs-device,chardev=fs{i},tag={tag}"),
+            ]),
+        }
     }
     for (i, nic) in cfg.nics.iter().enumerate() {
         push(&[
@@ -325,9 +405,111 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
     a
 }
 
+/// virtiofsd's arguments for one share. Pure, so the command line is unit-tested.
+///
+/// - `--sandbox namespace`: virtiofsd moves into new mount, pid and network namespaces with
+///   the shared directory as its root, so no path the guest sends (`..`, symlinks) can leave
+///   the share (the runtime runs as root, which that needs).
+/// - `--cache`: see [`FsCache`]; with `never`, `--allow-mmap` keeps shared mmap working (9p's
+///   `cache=mmap` does the same).
+/// - `--xattr`: extended attributes pass through, as with 9p's passthrough model (file
+///   capabilities in images).
+/// - `--readonly` for read-only shares: virtiofsd refuses every write, whatever the guest
+///   mounts.
+/// - The socket lives in the state dir, so the command line names it (cleanup relies on that).
+pub fn virtiofsd_args(share: &Share, fs: &VirtioFs, state_dir: &Path) -> Vec<String> {
+    let mut a = vec![
+        "--socket-path".to_string(),
+        share.socket(state_dir).display().to_string(),
+        "--shared-dir".into(),
+        share.path.display().to_string(),
+        "--sandbox".into(),
+        "namespace".into(),
+        "--cache".into(),
+        fs.cache.as_str().into(),
+        "--xattr".into(),
+        "--log-level".into(),
+        "warn".into(),
+    ];
+    if fs.cache == FsCache::Never {
+        a.push("--allow-mmap".into());
+    }
+    if share.readonly {
+        a.push("--readonly".into());
+    }
+    a
+}
+
 /// QEMU option values separate with `,`; a literal comma is written `,,`.
 fn qemu_escape(p: &Path) -> String {
     p.display().to_string().replace(',', ",,")
+}
+
+/// A vhost-user backend daemon (vhost-device-vsock, virtiofsd) started for one VM; QEMU
+/// connects to its socket as a client, so the socket must exist before QEMU starts.
+struct VhostUserDaemon {
+    name: &'static str,
+    child: Child,
+    socket: PathBuf,
+    log: PathBuf,
+}
+
+/// How long a vhost-user daemon may take to create its socket.
+const DAEMON_LISTEN_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl VhostUserDaemon {
+    fn spawn(
+        name: &'static str,
+        program: &Path,
+        args: &[String],
+        socket: PathBuf,
+        log: PathBuf,
+    ) -> Result<Self> {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log_file(&log)?)
+            .stderr(log_file(&log)?)
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().map_err(|e| Error::Spawn {
+            program: program.display().to_string(),
+            source: e,
+        })?;
+        Ok(Self {
+            name,
+            child,
+            socket,
+            log,
+        })
+    }
+
+    /// Waits until the daemon's socket exists; fails (and kills it) if it exits first or
+    /// takes too long.
+    async fn listening(mut self) -> Result<Child> {
+        let deadline = Instant::now() + DAEMON_LISTEN_TIMEOUT;
+        while !self.socket.exists() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Err(Error::Boot {
+                    reason: format!("{} exited ({st}) before listening", self.name),
+                    console: assets::tail(&self.log, 10),
+                });
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.start_kill();
+                return Err(Error::Boot {
+                    reason: format!(
+                        "{} did not create its socket within {} s",
+                        self.name,
+                        DAEMON_LISTEN_TIMEOUT.as_secs()
+                    ),
+                    console: assets::tail(&self.log, 10),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Ok(self.child)
+    }
 }
 
 /// Makes a spawned helper die with the process that started it, so a killed `agentvm` or
@@ -357,52 +539,49 @@ impl VmmBackend for Qemu {
     async fn launch(&self, cfg: &VmConfig) -> Result<Vm> {
         let vsock = VsockTransport::detect()?;
         let spawned_at = Instant::now();
-        let mut helpers = Vec::new();
+        // vhost-user daemons: all started first, then waited for together.
+        let mut daemons = Vec::new();
         let channel = match &vsock {
             VsockTransport::User { daemon } => {
                 let sock = cfg.state_dir.join("vhost-vsock.sock");
                 let uds = cfg.state_dir.join("vsock.sock");
+                let args = [
+                    "--guest-cid".to_string(),
+                    USER_VSOCK_CID.to_string(),
+                    "--socket".into(),
+                    sock.display().to_string(),
+                    "--uds-path".into(),
+                    uds.display().to_string(),
+                ];
                 let log = cfg.state_dir.join("vhost-device-vsock.log");
-                let mut cmd = Command::new(daemon);
-                cmd.arg("--guest-cid")
-                    .arg(USER_VSOCK_CID.to_string())
-                    .arg("--socket")
-                    .arg(&sock)
-                    .arg("--uds-path")
-                    .arg(&uds)
-                    .stdin(Stdio::null())
-                    .stdout(log_file(&log)?)
-                    .stderr(log_file(&log)?)
-                    .kill_on_drop(true);
-                die_with_parent(&mut cmd);
-                let mut child = cmd.spawn().map_err(|e| Error::Spawn {
-                    program: daemon.display().to_string(),
-                    source: e,
-                })?;
-                // QEMU connects to the daemon's socket as a client: wait until it exists.
-                let deadline = Instant::now() + Duration::from_secs(5);
-                while !sock.exists() {
-                    if let Ok(Some(st)) = child.try_wait() {
-                        return Err(Error::Boot {
-                            reason: format!("vhost-device-vsock exited ({st}) before listening"),
-                            console: assets::tail(&log, 10),
-                        });
-                    }
-                    if Instant::now() > deadline {
-                        let _ = child.start_kill();
-                        return Err(Error::Boot {
-                            reason: "vhost-device-vsock did not create its socket within 5 s"
-                                .into(),
-                            console: assets::tail(&log, 10),
-                        });
-                    }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-                helpers.push(child);
+                daemons.push(VhostUserDaemon::spawn(
+                    "vhost-device-vsock",
+                    daemon,
+                    &args,
+                    sock,
+                    log,
+                )?);
                 AgentChannel::VhostUser { uds }
             }
             VsockTransport::Kernel { cid } => AgentChannel::Vsock { cid: *cid },
         };
+        for sh in &cfg.shares {
+            if let ShareTransport::VirtioFs(fs) = &sh.transport {
+                let log = cfg.state_dir.join(format!("virtiofsd-{}.log", sh.tag));
+                daemons.push(VhostUserDaemon::spawn(
+                    "virtiofsd",
+                    &fs.daemon,
+                    &virtiofsd_args(sh, fs, &cfg.state_dir),
+                    sh.socket(&cfg.state_dir),
+                    log,
+                )?);
+            }
+        }
+        let mut helpers = Vec::new();
+        for d in daemons {
+            // On an error the remaining daemons are dropped, which kills them (kill_on_drop).
+            helpers.push(d.listening().await?);
+        }
         let vmm_log = cfg.state_dir.join("qemu.log");
         let mut cmd = Command::new(&self.qemu);
         cmd.args(qemu_args(cfg, &vsock))
@@ -453,6 +632,7 @@ mod tests {
                 tag: "rootfs".into(),
                 path: "/var/lib/docker/x/merged".into(),
                 readonly: false,
+                transport: ShareTransport::NineP,
             }],
             nics: vec![Nic {
                 tap: "avmtap0".into(),
@@ -528,6 +708,92 @@ mod tests {
         ro.shares[0].readonly = true;
         let s = joined(&qemu_args(&ro, &VsockTransport::Kernel { cid: 3 }));
         assert!(s.contains("security_model=passthrough,readonly=on"));
+    }
+
+    fn virtio_fs(cache: FsCache) -> ShareTransport {
+        ShareTransport::VirtioFs(VirtioFs {
+            daemon: "/usr/bin/virtiofsd".into(),
+            cache,
+        })
+    }
+
+    #[test]
+    fn virtio_fs_shares_are_vhost_user_devices_on_shared_memory() {
+        let mut c = cfg(Accel::Tcg);
+        c.shares.push(Share {
+            tag: "vol0".into(),
+            path: "/home/u/project".into(),
+            readonly: true,
+            transport: virtio_fs(FsCache::Never),
+        });
+        // Kernel vsock alone needs no shared memory; a virtio-fs share does.
+        let a = qemu_args(&c, &VsockTransport::Kernel { cid: 3 });
+        let s = joined(&a);
+        assert!(s.contains("-M microvm,acpi=off,x-option-roms=off,memory-backend=mem"));
+        assert!(s.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
+        // The 9p root stays 9p next to it, device indexes stay per share.
+        assert!(s.contains("virtio-9p-device,fsdev=fs0,mount_tag=rootfs"));
+        assert!(s.contains(
+            "-chardev socket,id=fs1,path=/run/agentvm/x/fs-vol0.sock \
+             -device vhost-user-fs-device,chardev=fs1,tag=vol0"
+        ));
+        // Read-only is virtiofsd's job, not QEMU's (vhost-user-fs has no readonly option).
+        assert!(!a
+            .iter()
+            .any(|x| x.contains("fs1") && x.contains("readonly")));
+        // One memory backend even with vhost-user vsock as well.
+        let a = qemu_args(
+            &c,
+            &VsockTransport::User {
+                daemon: "/bin/true".into(),
+            },
+        );
+        assert_eq!(
+            a.iter()
+                .filter(|x| x.contains("memory-backend-memfd"))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn virtiofsd_command_line() {
+        let mut share = Share {
+            tag: "vol3".into(),
+            path: "/srv/data".into(),
+            readonly: false,
+            transport: virtio_fs(FsCache::Never),
+        };
+        let fs = VirtioFs {
+            daemon: "/usr/bin/virtiofsd".into(),
+            cache: FsCache::Never,
+        };
+        let state = Path::new("/run/agentvm/abc");
+        let a = virtiofsd_args(&share, &fs, state).join(" ");
+        assert_eq!(
+            a,
+            "--socket-path /run/agentvm/abc/fs-vol3.sock --shared-dir /srv/data \
+             --sandbox namespace --cache never --xattr --log-level warn --allow-mmap"
+        );
+        // The state dir is on the command line: cleanup_stale only kills what names it.
+        assert!(a.contains(state.to_str().unwrap()));
+        share.readonly = true;
+        let auto = VirtioFs {
+            cache: FsCache::Auto,
+            ..fs
+        };
+        let a = virtiofsd_args(&share, &auto, state);
+        assert!(a.ends_with(&["--readonly".to_string()]));
+        assert!(a.windows(2).any(|w| w == ["--cache", "auto"]));
+        assert!(!a.contains(&"--allow-mmap".to_string()));
+    }
+
+    #[test]
+    fn cache_policies_parse() {
+        for c in ["never", "auto", "metadata", "always"] {
+            assert_eq!(FsCache::parse(c).unwrap().as_str(), c);
+        }
+        assert_eq!(FsCache::parse("sometimes"), None);
     }
 
     #[test]
