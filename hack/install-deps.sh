@@ -2,7 +2,7 @@
 # Installs every host dependency agentvm needs on Debian bookworm: QEMU, e2fsprogs, the kernel
 # build toolchain and Debian's linux-source-6.12, busybox-static (test rootfs), Docker 26 and
 # containerd 1.7 from Debian trixie (pinned low, installed by name), and the vhost-device-vsock
-# daemon from crates.io. Idempotent; safe to re-run.
+# and virtiofsd daemons from crates.io. Idempotent; safe to re-run.
 set -euo pipefail
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -17,6 +17,7 @@ PKGS=(
   build-essential bc bison flex libelf-dev libssl-dev dwarves kmod xz-utils
   linux-source-6.12
   iproute2 procps psmisc docker-registry skopeo debootstrap umoci
+  libseccomp-dev libcap-ng-dev
 )
 
 export DEBIAN_FRONTEND=noninteractive
@@ -41,6 +42,14 @@ VSOCK_VERSION=0.3.0
 if ! command -v vhost-device-vsock >/dev/null 2>&1; then
   log "cargo install vhost-device-vsock@${VSOCK_VERSION}"
   cargo install --locked --quiet "vhost-device-vsock@${VSOCK_VERSION}"
+fi
+# virtiofsd: serves volumes and bind mounts over virtio-fs (docs/decisions.md); without it they
+# fall back to virtio-9p. From crates.io: trixie's package would upgrade libc. Builds against
+# libseccomp and libcap-ng (their -dev packages are in PKGS).
+VIRTIOFSD_VERSION=1.14.0
+if ! command -v virtiofsd >/dev/null 2>&1; then
+  log "cargo install virtiofsd@${VIRTIOFSD_VERSION}"
+  cargo install --locked --quiet "virtiofsd@${VIRTIOFSD_VERSION}"
 fi
 # Docker and containerd for the shim's integration tests: bookworm's docker.io (20.10) predates
 # daemon.json `runtimeType`, so take trixie's docker.io 26 + containerd 1.7. Trixie is pinned at
