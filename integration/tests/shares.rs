@@ -41,10 +41,7 @@ fn volumes_use_virtio_fs_or_9p_as_annotated() {
     } else {
         "9p"
     };
-    for (annotation, want) in [
-        (None, default),
-        (Some("io.agentvm.shares=9p"), "9p"),
-    ] {
+    for (annotation, want) in [(None, default), (Some("io.agentvm.shares=9p"), "9p")] {
         let mut args = vec!["--rm", "-v", &v];
         if let Some(a) = annotation {
             args.extend(["--annotation", a]);
