@@ -24,6 +24,7 @@ pub mod reaper;
 pub mod rootfs;
 pub mod server;
 pub mod stats;
+pub mod sysctl;
 pub mod vsock;
 
 #[cfg(test)]

@@ -341,12 +341,18 @@ async fn run(
             }
             debug!("network configured: {network:?}");
         }
+        // After the network: per-interface parameters need their interface. The guest kernel
+        // may lack a parameter a runtime on the host would have: the VM is the boundary, so a
+        // missing one is reported, not fatal.
+        for e in crate::sysctl::apply(&req.sysctls) {
+            info!("{e}");
+        }
         if let Err(e) = mounts::apply(&req.mounts, &agent.root) {
             info!("{e}");
             let _ = out.send(error(e.to_string(), None)).await;
             return failed;
         }
-    } else if req.network.is_some() || !req.mounts.is_empty() {
+    } else if req.network.is_some() || !req.mounts.is_empty() || !req.sysctls.is_empty() {
         debug!("ignoring the network and mounts of a process that is not the init process");
     }
     let plan = match Plan::new(&req.process, &agent.root, agent.last_cap) {
@@ -399,8 +405,7 @@ async fn run(
     match supervise(spawned, exit_rx, out, host).await {
         Supervised::Exited(mut status) => {
             // A SIGKILL the kernel log attributes to the OOM killer: the memory limit.
-            status.oom =
-                status.signal == Some(libc::SIGKILL) && crate::stats::oom_killed(pid);
+            status.oom = status.signal == Some(libc::SIGKILL) && crate::stats::oom_killed(pid);
             debug!("pid {pid} exited: {status:?}");
             let _ = out.send(msg(Message::Exited(status))).await;
             if req.init {
@@ -579,6 +584,7 @@ mod tests {
             init: false,
             network: None,
             mounts: Vec::new(),
+            sysctls: Default::default(),
         }
     }
 

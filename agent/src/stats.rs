@@ -42,9 +42,7 @@ pub fn oom_killed(pid: i32) -> bool {
 }
 
 fn kmsg_says(record: &[u8], needle: &str) -> bool {
-    record
-        .windows(needle.len())
-        .any(|w| w == needle.as_bytes())
+    record.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
 /// OOM kills since boot (`/proc/vmstat`; zero when the kernel keeps no event counters).

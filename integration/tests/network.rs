@@ -120,6 +120,19 @@ fn published_port_guest_address_and_names_on_a_user_network() {
     assert!(out.status.success(), "{se}");
     assert!(addr.contains(&format!("inet {ip}/")), "want {ip} in {addr}");
     assert!(addr.contains(mac), "want {mac} in {addr}");
+    // Docker's sysctls (spec) and its per-veth IPv6 switch (namespace) hold in the guest.
+    let out = env.docker(
+        &[
+            "exec",
+            &web,
+            "cat",
+            "/proc/sys/net/ipv4/ip_unprivileged_port_start",
+            "/proc/sys/net/ipv6/conf/eth0/disable_ipv6",
+        ],
+        None,
+        T,
+    );
+    assert_eq!(text(&out).0, "0\n1\n", "{:?}", text(&out));
 
     // Another container on the network reaches it by name (Docker's DNS via the relay).
     let (out, client_id) = env.run(

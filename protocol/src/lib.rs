@@ -127,6 +127,10 @@ pub struct StartRequest {
     /// Mounts set up in the container root after the rootfs, in order (init only).
     #[serde(default)]
     pub mounts: Vec<MountSpec>,
+    /// Kernel parameters (`net.ipv4.ping_group_range`), written to `/proc/sys` once the
+    /// network is configured (init only).
+    #[serde(default)]
+    pub sysctls: std::collections::BTreeMap<String, String>,
 }
 
 /// Resource usage of the guest, in the units of cgroup v2 (`cpu.stat`, `memory.stat`).
@@ -531,6 +535,7 @@ mod tests {
                     readonly: false,
                 },
             ],
+            sysctls: Default::default(),
         }))));
         roundtrip(Frame::Msg(Message::DnsRelay {
             address: "127.0.0.11".into(),

@@ -9,12 +9,13 @@
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use agentvm_protocol::{
-    tokio_io, Frame, GuestStats, Message, MountSpec, NetworkSpec, ProcessSpec, RootfsSpec, StartRequest, Stream,
+    tokio_io, Frame, GuestStats, Message, MountSpec, NetworkSpec, ProcessSpec, RootfsSpec,
+    StartRequest, Stream,
 };
 use oci_spec::runtime::Hooks;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -59,6 +60,8 @@ pub struct ContainerConfig {
     pub mounts: Vec<oci_spec::runtime::Mount>,
     /// The spec's hooks.
     pub hooks: Option<Hooks>,
+    /// The spec's `linux.sysctl`, applied in the guest.
+    pub sysctls: BTreeMap<String, String>,
     /// For hook states: the container id, bundle and annotations.
     pub container_id: String,
     pub bundle: String,
@@ -248,6 +251,7 @@ fn start_request(
         init: true,
         network,
         mounts,
+        sysctls: cfg.sysctls.clone(),
     }
 }
 
@@ -297,7 +301,17 @@ async fn boot(
         dns::start_relay(relay_conn, socket, upstream).await?;
     }
     let network = (!wiring.interfaces.is_empty()).then(|| wiring.network_spec());
-    Ok((conn, start_request(cfg, network, plan.mounts, rootfs)))
+    let mut request = start_request(cfg, network, plan.mounts, rootfs);
+    for iface in &wiring.interfaces {
+        // Docker turns IPv6 off on the veth of a network without it; so does the guest.
+        if !iface.name.contains('.') && netns.ipv6_disabled(&iface.name).await {
+            request.sysctls.insert(
+                format!("net.ipv6.conf.{}.disable_ipv6", iface.name),
+                "1".into(),
+            );
+        }
+    }
+    Ok((conn, request))
 }
 
 /// How a process reaches the VM it runs in.
@@ -470,6 +484,7 @@ impl Running {
             init: false,
             network: None,
             mounts: Vec::new(),
+            sysctls: Default::default(),
         };
         launch(
             conn,
@@ -514,7 +529,9 @@ impl Running {
         match tokio::time::timeout(CONNECT_TIMEOUT, conn.recv()).await {
             Ok(Ok(Some(Frame::Msg(Message::StatsReply(s))))) => Ok(s),
             Ok(other) => Err(Error::Agent(format!("expected stats, got {other:?}"))),
-            Err(_) => Err(Error::Agent("the agent did not answer a stats request".into())),
+            Err(_) => Err(Error::Agent(
+                "the agent did not answer a stats request".into(),
+            )),
         }
     }
 

@@ -197,6 +197,14 @@ impl Netns {
         parse_wiring(&links, &v4, &v6)
     }
 
+    /// Whether IPv6 is switched off on `iface` (`net.ipv6.conf.<iface>.disable_ipv6`).
+    pub async fn ipv6_disabled(&self, iface: &str) -> bool {
+        let path = format!("/proc/sys/net/ipv6/conf/{iface}/disable_ipv6");
+        self.run("cat", [path.as_str()])
+            .await
+            .is_ok_and(|v| v.trim() == "1")
+    }
+
     /// Creates a tap per interface and joins the two with tc redirects both ways.
     pub async fn wire(&self, wiring: &mut Wiring) -> Result<()> {
         wiring.taps.clear();
@@ -492,6 +500,11 @@ mod tests {
             .await
             .unwrap();
         assert!(filters.contains("avmtap0"), "{filters}");
+        assert!(!ns.ipv6_disabled("eth0").await, "a fresh veth has IPv6 on");
+        ns.run("sysctl", ["-qw", "net.ipv6.conf.eth0.disable_ipv6=1"])
+            .await
+            .unwrap();
+        assert!(ns.ipv6_disabled("eth0").await);
         let sock = ns.udp_socket().unwrap();
         assert!(sock.local_addr().is_ok());
         let path = format!("/proc/{}/ns/net", ns.pid());

@@ -168,6 +168,7 @@ async fn drive(
         init: true,
         network: None,
         mounts: Vec::new(),
+        sysctls: Default::default(),
     };
     let t_start = Instant::now();
     tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Start(Box::new(start)))).await?;
