@@ -19,11 +19,6 @@ use agentvm_integration::{text, unique_name, DockerEnv};
 /// shared 2-core machine (about 3 minutes when measured).
 const NESTED_TIMEOUT: Duration = Duration::from_secs(900);
 
-/// What the outer container needs today on top of Docker's default capability set: the mounts
-/// of dockerd and runc need CAP_SYS_ADMIN, the nested bridge and its sysctls CAP_NET_ADMIN. No
-/// `--privileged`: nothing of the host is passed to the VM either way (docs/decisions.md).
-const OUTER_CAPS: &[&str] = &["--cap-add", "SYS_ADMIN", "--cap-add", "NET_ADMIN"];
-
 /// The checks, run by bash in the outer container after the image's entrypoint has started
 /// dockerd. Every step prints `STEP <name> ok` or `STEP <name> FAILED` after its output.
 const SCRIPT: &str = r#"
@@ -175,8 +170,9 @@ fn nested_docker_runs_publishes_and_builds() {
     };
     let host_url = host_server(&env);
     let host_env = format!("HOST_URL={}", host_url.as_deref().unwrap_or(""));
-    let mut args: Vec<&str> = OUTER_CAPS.to_vec();
-    args.extend(["-e", &host_env, &image, "bash", "-c", SCRIPT]);
+    // No --privileged, no --cap-add: root in the VM holds every capability
+    // (docs/decisions.md, "Nested Docker").
+    let args = ["-e", &host_env, &image, "bash", "-c", SCRIPT];
     let (out, id) = run_outer(&env, "nested", &args);
     let (so, se) = text(&out);
     let mut steps = vec![
@@ -208,25 +204,5 @@ fn nested_docker_runs_publishes_and_builds() {
         !se.contains("agentvm-entrypoint:"),
         "the entrypoint complained: {se}"
     );
-    env.assert_vm_gone(id.trim());
-}
-
-/// The goal of issue 6: no flag at all on the outer container. Today Docker's default
-/// capability set (no CAP_SYS_ADMIN, no CAP_NET_ADMIN) reaches the VM unchanged and dockerd
-/// cannot mount its storage; it passes once the runtime gives root in the VM every capability
-/// (docs/decisions.md, "Nested Docker").
-#[test]
-#[ignore = "needs the runtime to give root in the VM the full capability set (issue 6)"]
-fn nested_docker_needs_no_extra_privileges() {
-    let test = "nested_docker_needs_no_extra_privileges";
-    let Some((env, image)) = nested_env(test) else {
-        return;
-    };
-    let script = "docker load -i /opt/agentvm/nested-images.tar >/dev/null && \
-                  docker run --rm busybox echo nested-ok";
-    let (out, id) = run_outer(&env, "nested-plain", &[&image, "bash", "-c", script]);
-    let (so, se) = text(&out);
-    assert_eq!(out.status.code(), Some(0), "{so}\n{se}");
-    assert_eq!(so, "nested-ok\n", "{se}");
     env.assert_vm_gone(id.trim());
 }

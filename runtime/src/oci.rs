@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use agentvm_protocol::{Capabilities, ProcessSpec, Rlimit, User};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use oci_spec::runtime::{Hooks, LinuxNamespaceType, Mount, Process, Spec};
 
@@ -19,6 +19,39 @@ pub const MEMORY_OVERHEAD_MIB: u32 = 64;
 pub const MIN_MEMORY_MIB: u32 = 128;
 /// vCPUs are capped here: each is a host thread (and under TCG a busy one).
 pub const MAX_VCPUS: u32 = 16;
+
+/// Annotation choosing the capabilities of root in the VM: `vm` (default) or `spec`.
+pub const CAPABILITIES_ANNOTATION: &str = "io.agentvm.capabilities";
+
+/// Which capabilities a root process gets inside the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CapPolicy {
+    /// Root in the VM holds every capability: the VM, not the capability set, is the
+    /// boundary, so Docker-in-Docker, mounts and iptables work without `--privileged`.
+    Vm,
+    /// The spec's capability sets, as runc would apply them.
+    Spec,
+}
+
+/// The policy named by [`CAPABILITIES_ANNOTATION`] in `annotations`.
+pub fn cap_policy(annotations: &HashMap<String, String>) -> Result<CapPolicy> {
+    match annotations.get(CAPABILITIES_ANNOTATION).map(String::as_str) {
+        None | Some("vm") => Ok(CapPolicy::Vm),
+        Some("spec") => Ok(CapPolicy::Spec),
+        Some(other) => Err(Error::Invalid(format!(
+            "annotation {CAPABILITIES_ANNOTATION}={other:?}: use \"vm\" (root in the VM gets \
+             every capability, the default) or \"spec\" (the container's capability sets)"
+        ))),
+    }
+}
+
+/// Applies `policy` to a process: under [`CapPolicy::Vm`] a process running as uid 0 keeps
+/// the agent's full capability set; everything else keeps the spec's sets.
+pub fn apply_cap_policy(process: &mut ProcessSpec, policy: CapPolicy) {
+    if policy == CapPolicy::Vm && process.user.uid == 0 {
+        process.capabilities = None;
+    }
+}
 
 /// What agentvm takes from a bundle's `config.json`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +70,8 @@ pub struct BundleSpec {
     pub mounts: Vec<Mount>,
     pub hooks: Option<Hooks>,
     pub annotations: HashMap<String, String>,
+    /// `linux.sysctl`.
+    pub sysctls: BTreeMap<String, String>,
 }
 
 /// Reads and maps `<bundle>/config.json`.
@@ -62,7 +97,9 @@ pub fn map_spec(
         .process()
         .as_ref()
         .ok_or_else(|| Error::Invalid("config.json has no process".into()))?;
-    let process = process_spec(process)?;
+    let mut process = process_spec(process)?;
+    let annotations = spec.annotations().clone().unwrap_or_default();
+    apply_cap_policy(&mut process, cap_policy(&annotations)?);
     let (root, root_readonly) = match spec.root() {
         Some(r) if r.path().is_absolute() => (r.path().clone(), r.readonly().unwrap_or(false)),
         Some(r) => (bundle.join(r.path()), r.readonly().unwrap_or(false)),
@@ -86,7 +123,13 @@ pub fn map_spec(
         netns,
         mounts: spec.mounts().clone().unwrap_or_default(),
         hooks: spec.hooks().clone(),
-        annotations: spec.annotations().clone().unwrap_or_default(),
+        annotations,
+        sysctls: spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.sysctl().clone())
+            .map(|m| m.into_iter().collect())
+            .unwrap_or_default(),
         process,
         hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
         root,
@@ -258,6 +301,40 @@ mod tests {
         assert_eq!(b.memory_mib, 256 + MEMORY_OVERHEAD_MIB);
         assert_eq!(b.vcpus, 2);
         assert_eq!(b.netns, NetnsMode::New);
+    }
+
+    #[test]
+    fn root_in_the_vm_gets_every_capability_unless_the_annotation_says_spec() {
+        let docker = spec(DOCKER_LIKE);
+        let mut root = docker.clone();
+        let mut p = root.process().clone().unwrap();
+        p.user_mut().set_uid(0);
+        root.set_process(Some(p));
+        let b = map_spec(&root, Path::new("/b"), 512, 1).unwrap();
+        assert_eq!(b.process.capabilities, None, "root keeps the full set");
+        // uid 1000 keeps the spec's sets.
+        let b = map_spec(&docker, Path::new("/b"), 512, 1).unwrap();
+        assert!(b.process.capabilities.is_some());
+        root.set_annotations(Some(HashMap::from([(
+            CAPABILITIES_ANNOTATION.to_string(),
+            "spec".to_string(),
+        )])));
+        let b = map_spec(&root, Path::new("/b"), 512, 1).unwrap();
+        assert_eq!(
+            b.process.capabilities.unwrap().bounding,
+            ["CAP_CHOWN", "CAP_KILL"]
+        );
+        root.set_annotations(Some(HashMap::from([(
+            CAPABILITIES_ANNOTATION.to_string(),
+            "all".to_string(),
+        )])));
+        let e = map_spec(&root, Path::new("/b"), 512, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("io.agentvm.capabilities") && e.contains("\"spec\""),
+            "{e}"
+        );
     }
 
     #[test]

@@ -498,6 +498,7 @@ impl Task for TaskService {
             netns: spec.netns,
             mounts: spec.mounts,
             hooks: spec.hooks.clone(),
+            sysctls: spec.sysctls.clone(),
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
             annotations: spec.annotations.clone(),
@@ -856,6 +857,9 @@ impl Task for TaskService {
             .unwrap_or(b"{}");
         let mut spec = agentvm::oci::process_spec_json(spec_json)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        let policy = agentvm::oci::cap_policy(&entry.annotations)
+            .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        agentvm::oci::apply_cap_policy(&mut spec, policy);
         spec.terminal = req.terminal;
         let io = Stdio {
             stdin: req.stdin.clone(),
