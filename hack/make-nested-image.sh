@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds the nested-Docker test image agentvm-test/dind:<key> (also tagged :latest) without
 # internet: a Debian bookworm root made by debootstrap from the mirror apt uses, with Debian's
-# docker.io (20.10), containerd, runc, iptables, ca-certificates and busybox, the agentvm
-# entrypoint (hack/rootfs/agentvm-entrypoint.sh: starts dockerd, /var/lib/docker on tmpfs), and
+# docker.io (20.10), containerd, runc, iptables, ca-certificates, busybox, git and make (for the
+# agent-workspace test), the agentvm entrypoint (hack/rootfs/agentvm-entrypoint.sh: starts
+# dockerd, /var/lib/docker on tmpfs), and
 # /opt/agentvm/nested-images.tar: a `docker save` of busybox:latest (imported from the host's
 # busybox-static) for `docker load` inside, since nothing can be pulled.
 #
@@ -23,7 +24,7 @@ entrypoint=$here/rootfs/agentvm-entrypoint.sh
 bb=/bin/busybox
 file -L "$bb" 2>/dev/null | grep -q 'statically linked' \
   || die "$bb is not busybox-static (apt-get install busybox-static)"
-PKGS=docker.io,containerd,runc,iptables,ca-certificates,busybox,procps
+PKGS=docker.io,containerd,runc,iptables,ca-certificates,busybox,procps,git,make
 REPO=agentvm-test/dind
 key=$(sha256sum "$0" "$entrypoint" "$bb" | cut -d' ' -f1 | sha256sum | cut -c1-16)
 image=$REPO:$key

@@ -186,3 +186,78 @@ fn named_volume_persists_across_containers() {
     env.assert_vm_gone(&id1);
     env.assert_vm_gone(&id2);
 }
+
+/// The agent workspace pattern: `docker run -v "$PWD":/workspace -w /workspace IMG make`, and
+/// git on a real repository inside, seen by the host's git afterwards. Needs an image with git
+/// and make: the nested-Docker test image (hack/make-nested-image.sh, AGENTVM_NESTED_IMAGE).
+#[test]
+fn workspace_make_and_git_on_a_bind_mount() {
+    let test = "workspace_make_and_git_on_a_bind_mount";
+    let Some(env) = DockerEnv::get(test) else {
+        return;
+    };
+    let Some(image) = std::env::var("AGENTVM_NESTED_IMAGE")
+        .ok()
+        .filter(|v| !v.is_empty())
+    else {
+        if std::env::var("AGENTVM_REQUIRE_VM").as_deref() == Ok("1") {
+            panic!("{test}: AGENTVM_NESTED_IMAGE is unset (hack/test.sh builds the image)");
+        }
+        eprintln!("SKIP {test}: AGENTVM_NESTED_IMAGE is unset (run hack/make-nested-image.sh)");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path();
+    let git = |args: &[&str]| {
+        let out = std::process::Command::new("git")
+            .arg("-C")
+            .arg(ws)
+            .args(["-c", "user.name=host", "-c", "user.email=host@example.com"])
+            .args(args)
+            .output()
+            .expect("git on the host");
+        assert!(out.status.success(), "host git {args:?}: {:?}", text(&out));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    git(&["init", "-q", "-b", "main"]);
+    std::fs::write(
+        ws.join("Makefile"),
+        "out.txt: in.txt\n\ttr a-z A-Z < in.txt > out.txt\n",
+    )
+    .unwrap();
+    std::fs::write(ws.join("in.txt"), "made in the vm\n").unwrap();
+    git(&["add", "."]);
+    git(&["commit", "-q", "-m", "from the host"]);
+    let v = format!("{}:/workspace", ws.display());
+    let script = "set -e; make -s; cat out.txt; git status --short; \
+                  git -c user.name=vm -c user.email=vm@example.com add out.txt; \
+                  git -c user.name=vm -c user.email=vm@example.com commit -q -m 'from the vm'; \
+                  git log --format=%s | tr '\\n' ' '; echo";
+    let (out, id) = env.run(
+        "workspace",
+        &[
+            "--rm",
+            "-e",
+            "AGENTVM_DOCKERD=0",
+            "-v",
+            &v,
+            "-w",
+            "/workspace",
+            &image,
+            "bash",
+            "-c",
+            script,
+        ],
+        None,
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{so}\n{se}");
+    assert_eq!(
+        so, "MADE IN THE VM\n?? out.txt\nfrom the vm from the host \n",
+        "{se}"
+    );
+    // The host's git sees the VM's commit and a clean tree.
+    assert_eq!(git(&["log", "--format=%s"]), "from the vm\nfrom the host\n");
+    assert_eq!(git(&["status", "--porcelain"]), "");
+    env.assert_vm_gone(&id);
+}
