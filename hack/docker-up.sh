@@ -28,14 +28,20 @@ wait_for() { # what, seconds, command...
   exit 1
 }
 
+# The daemons outlive this script (and the checkout it runs from): they must not inherit
+# AGENTVM_* settings that point into it, or every later shim would use them.
+clean_env=(env)
+for v in ${!AGENTVM_@}; do clean_env+=(-u "$v"); done
+
 if ! ctr version >/dev/null 2>&1; then
   log "starting containerd (log: $logs/containerd.log)"
-  PATH="$shim_dir:$PATH" setsid nohup containerd >"$logs/containerd.log" 2>&1 </dev/null &
+  "${clean_env[@]}" PATH="$shim_dir:$PATH" setsid nohup containerd \
+    >"$logs/containerd.log" 2>&1 </dev/null &
   wait_for containerd 30 ctr version
 fi
 if ! docker version >/dev/null 2>&1; then
   log "starting dockerd (log: $logs/dockerd.log)"
-  setsid nohup dockerd --containerd=/run/containerd/containerd.sock \
+  "${clean_env[@]}" setsid nohup dockerd --containerd=/run/containerd/containerd.sock \
     >"$logs/dockerd.log" 2>&1 </dev/null &
   wait_for dockerd 60 docker version
 elif ! docker info --format '{{json .Runtimes}}' | grep -q '"agentvm"'; then
