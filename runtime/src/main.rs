@@ -1,6 +1,6 @@
 //! `agentvm`: run processes in microVMs and inspect the host.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use agentvm::accel::AccelChoice;
@@ -26,13 +26,22 @@ enum Command {
         #[arg(long)]
         probe: bool,
     },
-    /// Register the agentvm runtime with Docker (merges it into /etc/docker/daemon.json;
-    /// restarts nothing: send dockerd SIGHUP or restart it).
-    Install {
-        /// The daemon.json to update.
-        #[arg(long, default_value = agentvm::install::DOCKER_DAEMON_JSON)]
-        docker_config: PathBuf,
-    },
+    /// Register the agentvm runtime with Docker (/etc/docker/daemon.json) and containerd's CRI
+    /// plugin (/etc/containerd/config.toml). Restarts nothing: it says what to reload.
+    Install(InstallArgs),
+    /// Remove what `install` added from both files. Restarts nothing.
+    Uninstall(InstallArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InstallArgs {
+    /// The Docker daemon.json to update.
+    #[arg(long, value_name = "PATH", default_value = agentvm::install::DOCKER_DAEMON_JSON)]
+    docker_config: PathBuf,
+    /// The containerd config.toml to update (the CRI runtime table is picked by its
+    /// `version`).
+    #[arg(long, value_name = "PATH", default_value = agentvm::install::CONTAINERD_CONFIG_TOML)]
+    containerd_config: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -112,32 +121,101 @@ fn main() {
                 print!("{text}");
                 i32::from(!ready)
             }
-            Command::Install { docker_config } => {
-                match agentvm::install::install_docker_runtime(&docker_config) {
-                    Ok(changed) => {
-                        let what = if changed {
-                            "registered"
-                        } else {
-                            "already registered"
-                        };
-                        println!(
-                            "agentvm: runtime {:?} ({}) {what} in {}",
-                            agentvm::install::RUNTIME_NAME,
-                            agentvm::install::RUNTIME_TYPE,
-                            docker_config.display()
-                        );
-                        0
-                    }
-                    Err(e) => {
-                        eprintln!("agentvm: error: {e}");
-                        1
-                    }
-                }
-            }
+            Command::Install(a) => install_cmd(&a, true),
+            Command::Uninstall(a) => install_cmd(&a, false),
         }
     });
     // Exit without waiting for the blocking stdin reader, which may sit in read(2).
     std::process::exit(code);
+}
+
+/// `agentvm install` / `uninstall`: one line per file (what changed, what to reload), an
+/// error naming the file for each that could not be updated; exit status 1 if any failed.
+fn install_cmd(a: &InstallArgs, install: bool) -> i32 {
+    use agentvm::install::{self as inst, RUNTIME_NAME, RUNTIME_TYPE};
+    let mut failed = false;
+    let mut fail = |file: &Path, flag: &str, e: agentvm::Error| {
+        let hint = match &e {
+            agentvm::Error::Io { source, .. }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                format!("run as root, or pass {flag} PATH")
+            }
+            agentvm::Error::Invalid(_) => format!(
+                "the file was not changed: fix it by hand and run `agentvm {}` again",
+                if install { "install" } else { "uninstall" }
+            ),
+            _ => format!("check {} and run again", file.display()),
+        };
+        // TOML parse errors span several lines (with a caret under the spot).
+        let msg = e.to_string();
+        let msg = msg.trim_end();
+        let sep = if msg.contains('\n') { "\n" } else { "; " };
+        eprintln!("agentvm: error: {msg}{sep}{hint}");
+        failed = true;
+    };
+
+    let docker = &a.docker_config;
+    let docker_result = if install {
+        inst::install_docker_runtime(docker)
+    } else {
+        inst::uninstall_docker_runtime(docker)
+    };
+    match docker_result {
+        Ok(changed) => println!(
+            "agentvm: docker: runtime {RUNTIME_NAME:?} ({RUNTIME_TYPE}) {} {}{}",
+            match (install, changed) {
+                (true, true) => "registered in",
+                (true, false) => "already registered in",
+                (false, true) => "removed from",
+                (false, false) => "not registered in",
+            },
+            docker.display(),
+            if changed {
+                "; to take effect: kill -HUP $(pidof dockerd), or restart dockerd"
+            } else {
+                ""
+            }
+        ),
+        Err(e) => fail(docker, "--docker-config", e),
+    }
+
+    let containerd = &a.containerd_config;
+    let containerd_result = if install {
+        inst::install_containerd_runtime(containerd)
+    } else {
+        inst::uninstall_containerd_runtime(containerd)
+    };
+    match containerd_result {
+        Ok(edit) => {
+            let changed = edit.text.is_some();
+            println!(
+                "agentvm: containerd: CRI runtime {RUNTIME_NAME:?} {} {}{}",
+                match (install, changed) {
+                    (true, true) => "registered in",
+                    (true, false) => "already registered in",
+                    (false, true) => "removed from",
+                    (false, false) => "not registered in",
+                },
+                containerd.display(),
+                if changed {
+                    format!(
+                        " ([{}]{}); to take effect: restart containerd",
+                        edit.schema.table(),
+                        match (edit.default_runc, install) {
+                            (false, _) => "",
+                            (true, true) => ", with containerd's default runc runtime written out",
+                            (true, false) => ", with the runc runtime install wrote out",
+                        }
+                    )
+                } else {
+                    String::new()
+                }
+            )
+        }
+        Err(e) => fail(containerd, "--containerd-config", e),
+    }
+    i32::from(failed)
 }
 
 async fn run_cmd(a: RunArgs) -> anyhow::Result<i32> {
