@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes containerd and dockerd available for the shim's integration tests, with the agentvm
 # runtime registered and a local test image, without internet and without systemd:
-#   - registers `agentvm` in /etc/docker/daemon.json (`agentvm install`),
+#   - registers `agentvm` with Docker (/etc/docker/daemon.json) and containerd's CRI
+#     (/etc/containerd/config.toml) (`agentvm install`),
 #   - starts containerd and dockerd as background processes when they are not running
 #     (logs in $AGENTVM_DOCKER_LOGS, default /tmp/agentvm-docker-logs), containerd with the
 #     directory of the shim binary given as $1 first on its PATH,
