@@ -214,3 +214,37 @@ fn network_host_is_refused_with_a_reason() {
         env.assert_vm_gone(id.trim());
     }
 }
+
+#[test]
+fn dns_add_host_and_hostname_options_apply() {
+    let Some(env) = DockerEnv::get("dns_add_host_and_hostname_options_apply") else {
+        return;
+    };
+    let (out, id) = env.run(
+        "dnsopts",
+        &[
+            "--rm",
+            "--dns",
+            "192.0.2.53",
+            "--add-host",
+            "db.example:192.0.2.7",
+            "--hostname",
+            "agent-box",
+            &env.image,
+            "sh",
+            "-c",
+            "grep ^nameserver /etc/resolv.conf; grep db.example /etc/hosts; hostname",
+        ],
+        None,
+    );
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{so} {se}");
+    let lines: Vec<&str> = so.lines().collect();
+    assert_eq!(lines[0], "nameserver 192.0.2.53", "{so}");
+    assert!(
+        lines[1].starts_with("192.0.2.7") && lines[1].ends_with("db.example"),
+        "{so}"
+    );
+    assert_eq!(lines[2], "agent-box", "{so}");
+    env.assert_vm_gone(&id);
+}
