@@ -441,3 +441,109 @@ fn out_of_memory_is_137_and_oom_killed() {
     );
     env.assert_vm_gone(&id);
 }
+
+/// `docker run -t` on a real terminal: the guest's tty starts at the terminal's size and
+/// follows a resize (SIGWINCH -> docker -> ResizePty -> the agent's pty).
+#[test]
+fn docker_run_tty_follows_a_resize() {
+    let Some(env) = DockerEnv::get("docker_run_tty_follows_a_resize") else {
+        return;
+    };
+    use std::io::Read;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+    let set_size = |fd: i32, rows: u16, cols: u16| {
+        let ws = libc::winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ reads a valid winsize from the pointer.
+        assert_eq!(unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) }, 0);
+    };
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two fds into the given pointers; the rest are null (defaults).
+    let r = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(r, 0, "openpty");
+    // SAFETY: both fds were just returned by openpty and are owned here.
+    let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+    set_size(master.as_raw_fd(), 20, 70);
+    let n = unique_name("tty");
+    let mut cmd = std::process::Command::new("docker");
+    cmd.args([
+        "run",
+        "--runtime=agentvm",
+        "--rm",
+        "-t",
+        "--name",
+        &n,
+        &env.image,
+        "sh",
+        "-c",
+        "stty size; i=0; while [ $i -lt 300 ] && [ ! -f /tmp/go ]; do sleep 0.1; i=$((i+1)); done; \
+         sleep 0.5; stty size",
+    ])
+    .stdin(slave.try_clone().unwrap())
+    .stdout(slave.try_clone().unwrap())
+    .stderr(slave.try_clone().unwrap());
+    // SAFETY: setsid and TIOCSCTTY between fork and exec make the pty the controlling
+    // terminal of docker; both are async-signal-safe syscalls.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().expect("spawn docker run -t");
+    drop(slave);
+    // Read the terminal in a thread (docker blocks if nobody drains it).
+    let mut reader = std::fs::File::from(master.try_clone().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(k) = reader.read(&mut buf) {
+            if k == 0 || tx.send(String::from_utf8_lossy(&buf[..k]).into()).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while !seen.contains("20 70") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no first size: {seen:?}"
+        );
+        if let Ok(s) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push_str(&s);
+        }
+    }
+    set_size(master.as_raw_fd(), 33, 99);
+    // SAFETY: kill(2) with the child's pid; SIGWINCH tells docker to forward the new size.
+    unsafe { libc::kill(child.id() as i32, libc::SIGWINCH) };
+    std::thread::sleep(Duration::from_millis(500));
+    let out = env.docker(&["exec", &n, "touch", "/tmp/go"], None, T);
+    assert!(out.status.success(), "{:?}", text(&out));
+    while !seen.contains("33 99") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "size not followed: {seen:?}"
+        );
+        if let Ok(s) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push_str(&s);
+        }
+    }
+    let status = child.wait().expect("docker run -t");
+    assert!(status.success(), "{status:?}: {seen:?}");
+}
