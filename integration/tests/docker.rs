@@ -399,8 +399,20 @@ fn docker_restart_and_cp_both_ways() {
     // A restart boots a new VM on the same container filesystem.
     let out = env.docker(&["restart", "-t", "1", &n], None, T);
     assert!(out.status.success(), "restart: {:?}", text(&out));
-    let out = env.docker(&["exec", &n, "cat", "/tmp/boots"], None, T);
-    assert_eq!(text(&out).0, "boot\nboot\n", "{:?}", text(&out));
+    // Running means started: the new init's first line may land a moment later.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = env.docker(&["exec", &n, "cat", "/tmp/boots"], None, T);
+        if text(&out).0 == "boot\nboot\n" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "after the restart: {:?}",
+            text(&out)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let out = env.docker(
         &["inspect", "-f", "{{.State.Status}} {{.RestartCount}}", &n],
         None,
