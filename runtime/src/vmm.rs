@@ -416,6 +416,8 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
 ///   capabilities in images).
 /// - `--readonly` for read-only shares: virtiofsd refuses every write, whatever the guest
 ///   mounts.
+/// - Submounts under a share are announced to the guest (virtiofsd's default), so they keep
+///   their own `st_dev` there.
 /// - The socket lives in the state dir, so the command line names it (cleanup relies on that).
 pub fn virtiofsd_args(share: &Share, fs: &VirtioFs, state_dir: &Path) -> Vec<String> {
     let mut a = vec![
