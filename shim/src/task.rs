@@ -328,6 +328,18 @@ impl TaskService {
     }
 
     /// Starts exec process `exec_id` of `entry` in the container's VM.
+    /// The running init process of container `id` (FAILED_PRECONDITION when it does not run).
+    async fn running_init(&self, id: &str) -> ttrpc::Result<Running> {
+        let entry = self.get(id)?;
+        let running = entry.init.running().await;
+        running.ok_or_else(|| {
+            status(
+                Code::FAILED_PRECONDITION,
+                format!("container {id} is not running"),
+            )
+        })
+    }
+
     async fn start_exec(&self, entry: Arc<Entry>, exec_id: &str) -> ttrpc::Result<u32> {
         let exec = entry.exec(exec_id)?;
         let init = entry.init.running().await;
@@ -893,13 +905,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::PauseRequest,
     ) -> ttrpc::Result<api::Empty> {
-        let entry = self.get(&req.id)?;
-        let running = entry.init.running().await.ok_or_else(|| {
-            status(
-                Code::FAILED_PRECONDITION,
-                format!("container {} is not running", req.id),
-            )
-        })?;
+        let running = self.running_init(&req.id).await?;
         running.pause().await.map_err(internal)?;
         let ev = TaskPaused {
             container_id: req.id.clone(),
@@ -915,13 +921,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::ResumeRequest,
     ) -> ttrpc::Result<api::Empty> {
-        let entry = self.get(&req.id)?;
-        let running = entry.init.running().await.ok_or_else(|| {
-            status(
-                Code::FAILED_PRECONDITION,
-                format!("container {} is not running", req.id),
-            )
-        })?;
+        let running = self.running_init(&req.id).await?;
         running.resume().await.map_err(internal)?;
         let ev = TaskResumed {
             container_id: req.id.clone(),
@@ -953,13 +953,7 @@ impl Task for TaskService {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> ttrpc::Result<api::StatsResponse> {
-        let entry = self.get(&req.id)?;
-        let running = entry.init.running().await.ok_or_else(|| {
-            status(
-                Code::FAILED_PRECONDITION,
-                format!("container {} is not running", req.id),
-            )
-        })?;
+        let running = self.running_init(&req.id).await?;
         if running.is_paused() {
             return Err(status(
                 Code::FAILED_PRECONDITION,
