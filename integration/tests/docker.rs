@@ -243,13 +243,10 @@ fn docker_pause_freezes_the_vm_and_unpause_resumes_it() {
     let dir = tempfile::tempdir().unwrap();
     let v = format!("{}:/data", dir.path().display());
     let n = unique_name("pause");
-    let out = env.docker(
+    let (out, id) = env.run(
+        "pause",
         &[
-            "run",
-            "--runtime=agentvm",
             "-d",
-            "--name",
-            &n,
             "-v",
             &v,
             &env.image,
@@ -258,10 +255,8 @@ fn docker_pause_freezes_the_vm_and_unpause_resumes_it() {
             "i=0; while true; do i=$((i+1)); echo $i > /data/c; sleep 0.1; done",
         ],
         None,
-        T,
     );
-    let (id, se) = text(&out);
-    assert!(out.status.success(), "{se}");
+    assert!(out.status.success(), "{:?}", text(&out));
     let c = dir.path().join("c");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while counter(&c) < 3 {
@@ -307,13 +302,10 @@ fn docker_stats_shows_the_vms_figures() {
         return;
     };
     let n = unique_name("stats");
-    let out = env.docker(
+    let (out, id) = env.run(
+        "stats",
         &[
-            "run",
-            "--runtime=agentvm",
             "-d",
-            "--name",
-            &n,
             "-m",
             "200m",
             &env.image,
@@ -322,10 +314,8 @@ fn docker_stats_shows_the_vms_figures() {
             "sleep 1000 & while true; do :; done",
         ],
         None,
-        T,
     );
-    let (id, se) = text(&out);
-    assert!(out.status.success(), "{se}");
+    assert!(out.status.success(), "{:?}", text(&out));
     // The first sample may come before the VM booted; the figures arrive once it runs.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let line = loop {
@@ -364,23 +354,18 @@ fn docker_restart_and_cp_both_ways() {
         return;
     };
     let n = unique_name("restart");
-    let out = env.docker(
+    let (out, id) = env.run(
+        "restart",
         &[
-            "run",
-            "--runtime=agentvm",
             "-d",
-            "--name",
-            &n,
             &env.image,
             "sh",
             "-c",
             "echo boot >> /tmp/boots; exec sleep 1000",
         ],
         None,
-        T,
     );
-    let (id, se) = text(&out);
-    assert!(out.status.success(), "{se}");
+    assert!(out.status.success(), "{:?}", text(&out));
     let id = id.trim().to_string();
     // Into the container, then read back by the workload and out again.
     let dir = tempfile::tempdir().unwrap();
