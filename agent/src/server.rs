@@ -618,7 +618,8 @@ mod tests {
         }
     }
 
-    async fn connect(agent: &Arc<Agent>, req: StartRequest) -> Host {
+    /// A connection to `agent` over a socketpair, past the agent's Hello.
+    async fn greeted(agent: &Arc<Agent>) -> Host {
         let (a, b) = UnixStream::pair().unwrap();
         tokio::spawn(connection(
             Arc::clone(agent),
@@ -632,6 +633,11 @@ mod tests {
             panic!("no hello");
         };
         assert_eq!(version, VERSION);
+        host
+    }
+
+    async fn connect(agent: &Arc<Agent>, req: StartRequest) -> Host {
+        let mut host = greeted(agent).await;
         host.send(msg(Message::Start(Box::new(req)))).await;
         host
     }
@@ -689,16 +695,7 @@ mod tests {
     #[tokio::test(flavor = "current_thread")]
     async fn stats_session() {
         let agent = Arc::new(Agent::with_root(Arc::new(Reaper::default()), 40, "/"));
-        let (a, b) = UnixStream::pair().unwrap();
-        tokio::spawn(connection(agent, FdStream::new(a.into()).unwrap()));
-        let mut h = Host {
-            stream: FdStream::new(b.into()).unwrap(),
-            pid: None,
-        };
-        assert!(matches!(
-            h.recv().await,
-            Some(Frame::Msg(Message::Hello { .. }))
-        ));
+        let mut h = greeted(&agent).await;
         h.send(msg(Message::Stats)).await;
         let frames = h.rest().await;
         assert!(
@@ -719,21 +716,10 @@ mod tests {
         let agent =
             Arc::new(Agent::with_root(Arc::new(Reaper::default()), 40, "/").with_dns_port(port));
         let open = |address: &str| {
-            let (a, b) = UnixStream::pair().unwrap();
-            tokio::spawn(connection(
-                Arc::clone(&agent),
-                FdStream::new(a.into()).unwrap(),
-            ));
+            let agent = Arc::clone(&agent);
             let address = address.to_string();
             async move {
-                let mut h = Host {
-                    stream: FdStream::new(b.into()).unwrap(),
-                    pid: None,
-                };
-                assert!(matches!(
-                    h.recv().await,
-                    Some(Frame::Msg(Message::Hello { .. }))
-                ));
+                let mut h = greeted(&agent).await;
                 h.send(msg(Message::DnsRelay { address })).await;
                 h
             }
