@@ -66,7 +66,11 @@ fn root_on_virtio_fs_keeps_docker_diff_and_cp_true() {
         return;
     };
     if !virtiofsd_installed() {
-        eprintln!("skipped: no virtiofsd (hack/install-deps.sh installs it)");
+        let reason = "no virtiofsd (hack/install-deps.sh installs it)";
+        if std::env::var("AGENTVM_REQUIRE_VM").as_deref() == Ok("1") {
+            panic!("root_on_virtio_fs_keeps_docker_diff_and_cp_true: {reason}");
+        }
+        eprintln!("SKIP root_on_virtio_fs_keeps_docker_diff_and_cp_true: {reason}");
         return;
     }
     let name = agentvm_integration::unique_name("vfsroot");
