@@ -102,6 +102,32 @@ pub fn build(
     let mut fixups = stage(tree, blobs, &staging, work)?;
 
     let (auto_size, inodes) = estimate(tree);
+    let size = mkfs_from_dir(&mkfs, &staging, out, opts, auto_size, inodes, "0:0")?;
+
+    if !tree
+        .children(ROOT)
+        .any(|(n, _)| n.as_slice() == b"lost+found")
+    {
+        fixups.cmds.insert(0, "rmdir /lost+found".to_owned());
+    }
+    let root = &tree.node(ROOT).meta;
+    fixups.meta(b"/", 0o040000, root, true);
+    debugfs_script(&debugfs, &work.join("debugfs.cmds"), &fixups.cmds, out)?;
+    Ok(Ext4Stats { size, inodes })
+}
+
+/// Runs `mkfs.ext4 -d src` into a fresh sparse file `out` of `size` bytes (grown by half, up
+/// to three times, when the content does not fit and the size was not given). Returns the
+/// final size.
+fn mkfs_from_dir(
+    mkfs: &Path,
+    src: &Path,
+    out: &Path,
+    opts: &Ext4Options,
+    auto_size: u64,
+    inodes: u64,
+    root_owner: &str,
+) -> Result<u64> {
     let mut size = opts.size.unwrap_or(auto_size);
     let mut attempt = 0;
     loop {
@@ -114,24 +140,25 @@ pub fn build(
         file.set_len(size)
             .map_err(|e| Error::io(format!("size {}", out.display()), e))?;
         drop(file);
-        let mut cmd = Command::new(&mkfs);
+        let mut cmd = Command::new(mkfs);
         cmd.args([
             "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
         ])
         // The disk is attached read-only: a journal would only cost space.
         .args(["-O", "^has_journal"])
-        .args(["-E", "root_owner=0:0,nodiscard"])
+        .arg("-E")
+        .arg(format!("root_owner={root_owner},nodiscard"))
         .args(["-L", "agentvm-root"])
         .arg("-N")
         .arg(inodes.to_string())
         .arg("-d")
-        .arg(&staging);
+        .arg(src);
         if let Some(uuid) = &opts.uuid {
             cmd.arg("-U").arg(uuid);
         }
         cmd.arg(out).env("MKE2FS_SYNC", "0");
         match run(cmd, "mkfs.ext4") {
-            Ok(_) => break,
+            Ok(_) => return Ok(size),
             Err(Error::Tool { stderr, .. })
                 if opts.size.is_none()
                     && attempt < 3
@@ -152,20 +179,91 @@ pub fn build(
             Err(e) => return Err(e),
         }
     }
+}
 
-    if !tree
-        .children(ROOT)
-        .any(|(n, _)| n.as_slice() == b"lost+found")
-    {
-        fixups.cmds.insert(0, "rmdir /lost+found".to_owned());
+/// Estimates the ext4 size and inode count for the host directory tree at `src`, like
+/// [`estimate`] does for a [`Tree`]: symlinks are not followed, hard links count once.
+pub fn estimate_dir(src: &Path) -> Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut blocks = 0u64;
+    let mut inodes = 0u64;
+    let mut linked = std::collections::HashSet::new();
+    let mut work = vec![src.to_path_buf()];
+    while let Some(dir) = work.pop() {
+        inodes += 1;
+        let mut names = 0u64;
+        let entries =
+            std::fs::read_dir(&dir).map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+        for e in entries {
+            let e = e.map_err(|e| Error::io(format!("list {}", dir.display()), e))?;
+            names += 12 + e.file_name().len() as u64;
+            let m = e
+                .metadata()
+                .map_err(|err| Error::io(format!("stat {}", e.path().display()), err))?;
+            if m.is_dir() {
+                work.push(e.path());
+                continue;
+            }
+            if m.nlink() > 1 && !linked.insert((m.dev(), m.ino())) {
+                continue;
+            }
+            inodes += 1;
+            if m.is_file() {
+                let b = m.len().div_ceil(BLOCK);
+                blocks += b + b / 1024;
+            } else if m.file_type().is_symlink() && m.len() >= 60 {
+                blocks += 1;
+            }
+        }
+        blocks += 1 + names / BLOCK;
     }
-    let root = &tree.node(ROOT).meta;
-    fixups.meta(b"/", 0o040000, root, true);
-    let script = work.join("debugfs.cmds");
-    std::fs::write(&script, fixups.cmds.join("\n") + "\n")
+    // Extended attributes (file capabilities, ACLs) may take a block per inode.
+    blocks += inodes / 16;
+    let inodes = inodes + inodes / 10 + 256;
+    let raw = blocks * BLOCK + inodes * INODE_SIZE;
+    let size = raw + raw / 5 + (32 << 20);
+    Ok((size.div_ceil(1 << 20) * (1 << 20), inodes))
+}
+
+/// Builds an ext4 image at `out` (which must not exist) holding a copy of the host
+/// directory `src`, as `mkfs.ext4 -d` copies it: ownership, modes, times, device nodes,
+/// FIFOs, hard links, symlinks (never followed) and extended attributes. For trusted trees
+/// (a container engine's unpacked image layers); untrusted layers go through [`build`].
+pub fn build_from_dir(src: &Path, out: &Path, opts: &Ext4Options) -> Result<Ext4Stats> {
+    use std::os::unix::fs::MetadataExt;
+    let mkfs = find_tool("mkfs.ext4")?;
+    let debugfs = find_tool("debugfs")?;
+    let root =
+        std::fs::metadata(src).map_err(|e| Error::io(format!("stat {}", src.display()), e))?;
+    let (auto_size, inodes) = estimate_dir(src)?;
+    let owner = format!("{}:{}", root.uid(), root.gid());
+    let size = mkfs_from_dir(&mkfs, src, out, opts, auto_size, inodes, &owner)?;
+    // mkfs makes /lost+found and gives the root its own mode and times; the copy should
+    // match the source.
+    let mut cmds = Vec::new();
+    if std::fs::symlink_metadata(src.join("lost+found")).is_err() {
+        cmds.push("rmdir /lost+found".to_owned());
+    }
+    cmds.push(format!(
+        "sif / mode 0{:o}",
+        0o040000 | (root.mode() & 0o7777)
+    ));
+    for field in ["mtime", "atime", "ctime"] {
+        cmds.push(format!("sif / {field} @{}", root.mtime()));
+    }
+    let script = out.with_extension("debugfs");
+    let result = debugfs_script(&debugfs, &script, &cmds, out);
+    let _ = std::fs::remove_file(&script);
+    result?;
+    Ok(Ext4Stats { size, inodes })
+}
+
+/// Writes `cmds` to `script` and runs them with `debugfs -w` on `image`.
+fn debugfs_script(debugfs: &Path, script: &Path, cmds: &[String], image: &Path) -> Result<()> {
+    std::fs::write(script, cmds.join("\n") + "\n")
         .map_err(|e| Error::io(format!("write {}", script.display()), e))?;
-    let mut cmd = Command::new(&debugfs);
-    cmd.arg("-w").arg("-f").arg(&script).arg(out);
+    let mut cmd = Command::new(debugfs);
+    cmd.arg("-w").arg("-f").arg(script).arg(image);
     let output = run(cmd, "debugfs")?;
     // debugfs exits 0 even when a command fails; its diagnostics go to stderr.
     let errors: Vec<&str> = output
@@ -179,7 +277,7 @@ pub fn build(
             stderr: errors.join("; "),
         });
     }
-    Ok(Ext4Stats { size, inodes })
+    Ok(())
 }
 
 /// Commands for debugfs, built while staging.

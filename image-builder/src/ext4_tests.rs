@@ -175,3 +175,37 @@ fn estimate_grows_with_content() {
 fn quoting_doubles_quotes() {
     assert_eq!(quote(b"a\"b c"), "\"a\"\"b c\"");
 }
+
+#[test]
+fn copies_a_host_directory_with_links_and_ownership() {
+    if !tools_or_skip("copies_a_host_directory_with_links_and_ownership") {
+        return;
+    }
+    use std::os::unix::fs::{symlink, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(src.join("etc/sub")).unwrap();
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o750)).unwrap();
+    std::fs::write(src.join("etc/hostname"), "layered\n").unwrap();
+    std::fs::hard_link(src.join("etc/hostname"), src.join("etc/sub/again")).unwrap();
+    symlink("/etc/passwd", src.join("etc/link")).unwrap();
+    std::fs::write(src.join("big"), vec![7u8; 3 << 20]).unwrap();
+    let out = dir.path().join("layers.ext4");
+    let stats = build_from_dir(&src, &out, &Ext4Options::default()).unwrap();
+    assert!(stats.size >= 3 << 20, "{stats:?}");
+    assert_eq!(
+        debugfs(&out, "cat /etc/hostname").lines().next(),
+        Some("layered")
+    );
+    // One inode behind both names.
+    let a = debugfs(&out, "stat /etc/hostname");
+    assert!(a.contains("Links: 2"), "{a}");
+    assert!(debugfs(&out, "stat /etc/link").contains("Fast link dest: \"/etc/passwd\""));
+    let root = debugfs(&out, "stat /");
+    assert!(root.contains("Mode:  0750"), "{root}");
+    assert!(!debugfs(&out, "ls -p /").contains("/lost+found/"));
+    assert!(!out.with_extension("debugfs").exists());
+    // The estimate covers the content.
+    let (size, inodes) = estimate_dir(&src).unwrap();
+    assert!(size >= 3 << 20 && inodes >= 6, "{size} {inodes}");
+}
