@@ -5,7 +5,7 @@
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 
-use agentvm_protocol::RootfsSpec;
+use agentvm_protocol::{LayeredRoot, RootfsSpec};
 use nix::errno::Errno;
 use nix::mount::{mount, MsFlags};
 use nix::sys::stat::{makedev, mknod, Mode, SFlag};
@@ -75,7 +75,9 @@ pub fn plan(spec: &RootfsSpec) -> Vec<Op> {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     let r = |p: &str| format!("{ROOT}{p}");
     let mut ops = Vec::new();
-    if spec.overlay {
+    if let Some(layers) = &spec.layers {
+        ops.extend(layered(layers));
+    } else if spec.overlay {
         let upper = format!("{RW}/upper");
         let work = format!("{RW}/work");
         ops.extend([
@@ -179,6 +181,59 @@ pub fn plan(spec: &RootfsSpec) -> Vec<Op> {
     ops
 }
 
+/// Options of a layered root's overlay, as Docker's overlay2 driver mounts its own: renamed
+/// directories are copied up whole instead of leaving redirect xattrs, and copy-up copies
+/// data, so the writable layer means the same to the engine reading it on the host.
+pub const OVERLAY_COMPAT: &str = "redirect_dir=off,index=off,metacopy=off";
+
+/// Most lower-layer devices of a layered root.
+pub const MAX_LOWER: usize = 4;
+
+fn lower_dir(i: usize) -> String {
+    format!("{LOWER}{i}")
+}
+
+/// The steps of a layered root: each device read-only at `lower<i>`, the share at [`RW`],
+/// and the overlay at [`ROOT`].
+fn layered(l: &LayeredRoot) -> Vec<Op> {
+    let mut ops = Vec::new();
+    let mut lowers = Vec::new();
+    for (i, dev) in l.lower.iter().take(MAX_LOWER).enumerate() {
+        let dir = lower_dir(i);
+        ops.push(mkdir(&dir, 0o755));
+        ops.push(mnt(dev, &dir, "ext4", MsFlags::MS_RDONLY, None));
+        lowers.push(dir);
+    }
+    ops.push(mkdir(RW, 0o755));
+    ops.push(mnt(
+        &l.tag,
+        RW,
+        &l.fstype,
+        MsFlags::empty(),
+        l.options.as_deref(),
+    ));
+    let upper = format!("{RW}/{}", l.upper);
+    let (flags, data) = if l.readonly {
+        (
+            MsFlags::MS_RDONLY,
+            format!("lowerdir={upper}:{}", lowers.join(":")),
+        )
+    } else {
+        let work = format!("{RW}/{}", l.work);
+        ops.push(mkdir(&work, 0o700));
+        (
+            MsFlags::empty(),
+            format!(
+                "lowerdir={},upperdir={upper},workdir={work},{OVERLAY_COMPAT}",
+                lowers.join(":")
+            ),
+        )
+    };
+    ops.push(mkdir(ROOT, 0o755));
+    ops.push(mnt("overlay", ROOT, "overlay", flags, Some(&data)));
+    ops
+}
+
 /// What to unmount when powering off, innermost first.
 pub fn unmount_order() -> Vec<String> {
     let r = |p: &str| format!("{ROOT}{p}");
@@ -193,6 +248,9 @@ pub fn unmount_order() -> Vec<String> {
         RW.to_string(),
         LOWER.to_string(),
     ]
+    .into_iter()
+    .chain((0..MAX_LOWER).map(lower_dir))
+    .collect()
 }
 
 fn errno_io(e: Errno) -> std::io::Error {
@@ -282,6 +340,7 @@ mod tests {
             fstype: "ext4".into(),
             overlay,
             options: None,
+            layers: None,
         }
     }
 
@@ -318,6 +377,89 @@ mod tests {
         );
     }
 
+    fn layered_spec(readonly: bool) -> RootfsSpec {
+        RootfsSpec {
+            layers: Some(LayeredRoot {
+                lower: vec!["/dev/vdb".into(), "/dev/vda".into()],
+                tag: "rootfs".into(),
+                fstype: "virtiofs".into(),
+                options: None,
+                upper: "diff".into(),
+                work: "agentvm-work".into(),
+                readonly,
+            }),
+            ..spec(false)
+        }
+    }
+
+    fn overlay_mount(ops: &[Op]) -> (MsFlags, String) {
+        ops.iter()
+            .find_map(|o| match o {
+                Op::Mount {
+                    target,
+                    fstype,
+                    flags,
+                    data,
+                    ..
+                } if target == ROOT && fstype == "overlay" => {
+                    Some((*flags, data.clone().unwrap_or_default()))
+                }
+                _ => None,
+            })
+            .expect("an overlay on the root")
+    }
+
+    #[test]
+    fn layered_root_stacks_the_devices_under_the_shared_upper() {
+        let ops = plan(&layered_spec(false));
+        assert_eq!(
+            &mount_targets(&ops)[..4],
+            ["/run/agentvm/lower0", "/run/agentvm/lower1", RW, ROOT]
+        );
+        assert_eq!(
+            ops[1],
+            mnt(
+                "/dev/vdb",
+                "/run/agentvm/lower0",
+                "ext4",
+                MsFlags::MS_RDONLY,
+                None
+            )
+        );
+        assert_eq!(
+            ops[5],
+            mnt("rootfs", RW, "virtiofs", MsFlags::empty(), None)
+        );
+        assert!(ops.contains(&mkdir("/run/agentvm/rw/agentvm-work", 0o700)));
+        let (flags, data) = overlay_mount(&ops);
+        assert_eq!(flags, MsFlags::empty());
+        assert_eq!(
+            data,
+            "lowerdir=/run/agentvm/lower0:/run/agentvm/lower1,upperdir=/run/agentvm/rw/diff,\
+             workdir=/run/agentvm/rw/agentvm-work,redirect_dir=off,index=off,metacopy=off"
+        );
+        // The devices are unmounted at power-off.
+        let order = unmount_order();
+        assert!(
+            order.iter().position(|t| t == ROOT)
+                < order.iter().position(|t| t == "/run/agentvm/lower1")
+        );
+    }
+
+    #[test]
+    fn read_only_layered_root_has_no_upper() {
+        let ops = plan(&layered_spec(true));
+        let (flags, data) = overlay_mount(&ops);
+        assert_eq!(flags, MsFlags::MS_RDONLY);
+        assert_eq!(
+            data,
+            "lowerdir=/run/agentvm/rw/diff:/run/agentvm/lower0:/run/agentvm/lower1"
+        );
+        assert!(!ops
+            .iter()
+            .any(|o| matches!(o, Op::Mkdir { path, .. } if path.ends_with("agentvm-work"))));
+    }
+
     #[test]
     fn plain_layout_is_rw_and_mounts_in_order() {
         let ops = plan(&spec(false));
@@ -346,6 +488,7 @@ mod tests {
             fstype: "9p".into(),
             overlay: false,
             options: Some("trans=virtio,version=9p2000.L".into()),
+            layers: None,
         });
         assert_eq!(
             ops[1],
@@ -366,6 +509,7 @@ mod tests {
             fstype: "virtiofs".into(),
             overlay: false,
             options: None,
+            layers: None,
         });
         assert_eq!(
             ops[1],

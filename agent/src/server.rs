@@ -573,6 +573,7 @@ mod tests {
                 fstype: "none".into(),
                 overlay: false,
                 options: None,
+                layers: None,
             },
             process: ProcessSpec {
                 args: args.iter().map(|s| s.to_string()).collect(),

@@ -237,6 +237,33 @@ pub struct RootfsSpec {
     /// `trans=virtio,version=9p2000.L` for a 9p share.
     #[serde(default)]
     pub options: Option<String>,
+    /// When set, the root is this overlay instead, and the fields above are not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<LayeredRoot>,
+}
+
+/// A container root assembled in the guest from read-only image layers on block devices and
+/// a writable layer in a shared host directory (the container engine's own upper dir, so the
+/// engine sees every write: `docker diff`, `docker commit`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LayeredRoot {
+    /// ext4 block devices (`/dev/vda`), mounted read-only: the overlay's lower layers, top
+    /// first.
+    pub lower: Vec<String>,
+    /// Mount tag of the share holding the writable layer and the overlay's work directory.
+    pub tag: String,
+    /// The share's filesystem type (`virtiofs`).
+    pub fstype: String,
+    /// The share's mount(2) data options.
+    #[serde(default)]
+    pub options: Option<String>,
+    /// The writable layer: a directory of the share (relative path).
+    pub upper: String,
+    /// The overlay's work directory: a directory of the share, made if missing.
+    pub work: String,
+    /// Mount the root read-only: the writable layer becomes the top lower layer.
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 /// The OCI `process` object, as far as the agent applies it.
@@ -464,6 +491,7 @@ mod tests {
                 fstype: "ext4".into(),
                 overlay: true,
                 options: None,
+                layers: None,
             },
             process: ProcessSpec {
                 args: vec!["sh".into(), "-c".into(), "exit 7".into()],

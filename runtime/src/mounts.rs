@@ -180,6 +180,7 @@ pub fn root_share(
         fstype: fstype.into(),
         overlay: false,
         options: (!options.is_empty()).then_some(options),
+        layers: None,
     };
     (share, spec)
 }

@@ -162,6 +162,7 @@ async fn drive(
             fstype: "ext4".into(),
             overlay: true,
             options: None,
+            layers: None,
         },
         process: opts.process.clone(),
         hostname: None,
