@@ -56,6 +56,25 @@ pub fn key(diff_ids: &[String], size: Option<u64>) -> String {
         .to_owned()
 }
 
+/// Prefix of the chain ids of an image built from host layer directories (a container
+/// engine's unpacked layers) rather than from registry layers.
+pub const DIR_LAYER: &str = "dir:";
+
+/// The chain id of host layer directory `path`: its device, inode and change time as well
+/// as its path, so a directory removed and made again under the same name is a new layer.
+pub fn dir_layer_id(path: &Path) -> Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = fs::metadata(path).map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+    Ok(format!(
+        "{DIR_LAYER}{}:{}:{}.{}:{}",
+        m.dev(),
+        m.ino(),
+        m.ctime(),
+        m.ctime_nsec(),
+        path.display()
+    ))
+}
+
 /// What `images/<key>/image.json` records.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ImageRecord {
@@ -67,6 +86,25 @@ pub struct ImageRecord {
     pub size: u64,
     /// Seconds since the epoch.
     pub built_at: u64,
+}
+
+impl ImageRecord {
+    /// Whether this image was built from host layer directories of which one is gone or
+    /// changed: nothing can use it any more.
+    pub fn dir_layers_gone(&self) -> bool {
+        self.diff_ids.iter().any(|id| {
+            let Some(rest) = id.strip_prefix(DIR_LAYER) else {
+                return false;
+            };
+            let path = rest.splitn(4, ':').nth(3).unwrap_or("");
+            dir_layer_id(Path::new(path)).ok().as_deref() != Some(id.as_str())
+        })
+    }
+
+    /// Whether this image was built from host layer directories.
+    pub fn from_dirs(&self) -> bool {
+        self.diff_ids.iter().any(|id| id.starts_with(DIR_LAYER))
+    }
 }
 
 /// What `refs/<hex>.json` records.
@@ -310,7 +348,8 @@ impl Cache {
         Ok(true)
     }
 
-    fn remove_image(&self, key: &str) -> Result<()> {
+    /// Removes a published image (readers that opened it keep their copy).
+    pub fn remove_image(&self, key: &str) -> Result<()> {
         let _lock = self.lock_key(key)?;
         let dir = self.image_dir(key);
         if dir.exists() {
@@ -339,7 +378,11 @@ impl Cache {
         for e in fs::read_dir(&images).map_err(|e| Error::io("list images", e))? {
             let e = e.map_err(|e| Error::io("list images", e))?;
             let key = e.file_name().to_string_lossy().into_owned();
-            if !refs.iter().any(|r| r.key == key) {
+            // Images of host layer dirs have no reference: they live as long as their layers.
+            let live_dirs = self
+                .image_record(&key)
+                .is_some_and(|r| r.from_dirs() && !r.dir_layers_gone());
+            if !live_dirs && !refs.iter().any(|r| r.key == key) {
                 self.remove_image(&key)?;
                 removed += 1;
             }
@@ -362,6 +405,25 @@ impl Cache {
             });
             if !used {
                 let _ = fs::remove_file(e.path());
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Removes the images built from host layer directories that are gone (the engine
+    /// removed the image), except `keep`. Returns how many were removed.
+    pub fn evict_gone_dir_layers(&self, keep: &str) -> Result<usize> {
+        let images = self.root.join("images");
+        let mut removed = 0;
+        for e in fs::read_dir(&images).map_err(|e| Error::io("list images", e))? {
+            let Ok(e) = e else { continue };
+            let key = e.file_name().to_string_lossy().into_owned();
+            if key == keep {
+                continue;
+            }
+            if self.image_record(&key).is_some_and(|r| r.dir_layers_gone()) {
+                self.remove_image(&key)?;
                 removed += 1;
             }
         }
@@ -440,6 +502,55 @@ mod tests {
         let one = std::slice::from_ref(&a);
         assert_ne!(key(one, None), key(one, Some(1 << 30)));
         assert_eq!(key(one, None), key(&[a.clone()][..], None));
+    }
+
+    #[test]
+    fn images_of_host_layer_dirs_live_as_long_as_their_layers() {
+        let t = tempfile::tempdir().unwrap();
+        let c = Cache::open(&t.path().join("cache")).unwrap();
+        let layers: Vec<PathBuf> = ["a:1", "b"].iter().map(|n| t.path().join(n)).collect();
+        let publish = |ids: Vec<String>| {
+            let k = key(&ids, None);
+            let w = c.work_dir().unwrap();
+            fs::write(w.path().join("rootfs.ext4"), b"").unwrap();
+            let rec = ImageRecord {
+                key: k.clone(),
+                diff_ids: ids,
+                size: 0,
+                built_at: 0,
+            };
+            fs::write(
+                w.path().join("image.json"),
+                serde_json::to_vec(&rec).unwrap(),
+            )
+            .unwrap();
+            c.publish(&k, w.path()).unwrap();
+            k
+        };
+        for l in &layers {
+            fs::create_dir(l).unwrap();
+        }
+        let ids: Vec<String> = layers.iter().map(|l| dir_layer_id(l).unwrap()).collect();
+        assert!(ids[0].starts_with(DIR_LAYER) && ids[0].ends_with("/a:1"));
+        let both = publish(ids.clone());
+        let just_b = publish(ids[1..].to_vec());
+        let rec = c.image_record(&both).unwrap();
+        assert!(rec.from_dirs() && !rec.dir_layers_gone());
+        // Not referenced, but its layers exist: prune keeps it.
+        c.prune().unwrap();
+        assert!(c.lookup(&both).is_some());
+        // The engine removes layer a: the image of a+b goes, b's stays.
+        fs::remove_dir(&layers[0]).unwrap();
+        assert!(c.image_record(&both).unwrap().dir_layers_gone());
+        assert_eq!(c.evict_gone_dir_layers("").unwrap(), 1);
+        assert!(c.lookup(&both).is_none());
+        assert!(c.lookup(&just_b).is_some());
+        // A layer made again under the same name is a different layer.
+        fs::remove_dir(&layers[1]).unwrap();
+        fs::create_dir(&layers[1]).unwrap();
+        assert_ne!(dir_layer_id(&layers[1]).unwrap(), ids[1]);
+        assert_eq!(c.evict_gone_dir_layers(&just_b).unwrap(), 0, "kept");
+        assert_eq!(c.evict_gone_dir_layers("").unwrap(), 1);
     }
 
     #[test]

@@ -102,7 +102,16 @@ pub fn build(
     let mut fixups = stage(tree, blobs, &staging, work)?;
 
     let (auto_size, inodes) = estimate(tree);
-    let size = mkfs_from_dir(&mkfs, &staging, out, opts, auto_size, inodes, "0:0")?;
+    let size = mkfs_from_dir(
+        &mkfs,
+        &staging,
+        out,
+        opts,
+        auto_size,
+        inodes,
+        "0:0",
+        &|_| {},
+    )?;
 
     if !tree
         .children(ROOT)
@@ -127,6 +136,7 @@ fn mkfs_from_dir(
     auto_size: u64,
     inodes: u64,
     root_owner: &str,
+    prepare: &dyn Fn(&mut Command),
 ) -> Result<u64> {
     let mut size = opts.size.unwrap_or(auto_size);
     let mut attempt = 0;
@@ -157,6 +167,7 @@ fn mkfs_from_dir(
             cmd.arg("-U").arg(uuid);
         }
         cmd.arg(out).env("MKE2FS_SYNC", "0");
+        prepare(&mut cmd);
         match run(cmd, "mkfs.ext4") {
             Ok(_) => return Ok(size),
             Err(Error::Tool { stderr, .. })
@@ -225,23 +236,56 @@ pub fn estimate_dir(src: &Path) -> Result<(u64, u64)> {
     Ok((size.div_ceil(1 << 20) * (1 << 20), inodes))
 }
 
+/// A host directory tree to copy into ext4 with [`build_dir_image`].
+#[derive(Debug, Clone)]
+pub struct DirImage<'a> {
+    /// The directory `mkfs.ext4 -d` copies. It may exist only where mkfs runs (a mount in
+    /// mkfs's own mount namespace, made by the `prepare` hook).
+    pub src: &'a Path,
+    /// The directory whose owner, mode and mtime the image's root gets.
+    pub root: &'a Path,
+    /// Whether the tree has a `/lost+found` of its own (mkfs's is removed otherwise).
+    pub lost_found: bool,
+    /// Size and inode count, e.g. from [`estimate_dir`].
+    pub estimate: (u64, u64),
+}
+
 /// Builds an ext4 image at `out` (which must not exist) holding a copy of the host
 /// directory `src`, as `mkfs.ext4 -d` copies it: ownership, modes, times, device nodes,
 /// FIFOs, hard links, symlinks (never followed) and extended attributes. For trusted trees
 /// (a container engine's unpacked image layers); untrusted layers go through [`build`].
 pub fn build_from_dir(src: &Path, out: &Path, opts: &Ext4Options) -> Result<Ext4Stats> {
+    let image = DirImage {
+        src,
+        root: src,
+        lost_found: std::fs::symlink_metadata(src.join("lost+found")).is_ok(),
+        estimate: estimate_dir(src)?,
+    };
+    build_dir_image(&image, out, opts, &|_| {})
+}
+
+/// [`build_from_dir`] with everything explicit; `prepare` adjusts the mkfs command before
+/// it runs (e.g. a `pre_exec` that mounts `src` in a mount namespace of mkfs's own).
+pub fn build_dir_image(
+    image: &DirImage<'_>,
+    out: &Path,
+    opts: &Ext4Options,
+    prepare: &dyn Fn(&mut Command),
+) -> Result<Ext4Stats> {
     use std::os::unix::fs::MetadataExt;
     let mkfs = find_tool("mkfs.ext4")?;
     let debugfs = find_tool("debugfs")?;
-    let root =
-        std::fs::metadata(src).map_err(|e| Error::io(format!("stat {}", src.display()), e))?;
-    let (auto_size, inodes) = estimate_dir(src)?;
+    let root = std::fs::metadata(image.root)
+        .map_err(|e| Error::io(format!("stat {}", image.root.display()), e))?;
+    let (auto_size, inodes) = image.estimate;
     let owner = format!("{}:{}", root.uid(), root.gid());
-    let size = mkfs_from_dir(&mkfs, src, out, opts, auto_size, inodes, &owner)?;
+    let size = mkfs_from_dir(
+        &mkfs, image.src, out, opts, auto_size, inodes, &owner, prepare,
+    )?;
     // mkfs makes /lost+found and gives the root its own mode and times; the copy should
     // match the source.
     let mut cmds = Vec::new();
-    if std::fs::symlink_metadata(src.join("lost+found")).is_err() {
+    if !image.lost_found {
         cmds.push("rmdir /lost+found".to_owned());
     }
     cmds.push(format!(
