@@ -10,6 +10,7 @@ pub mod error;
 pub mod hooks;
 pub mod image;
 pub mod install;
+pub mod layers;
 pub mod mounts;
 pub mod netns;
 pub mod oci;
