@@ -12,6 +12,7 @@
 //! `exec` safe.
 
 pub mod boot;
+pub mod cgroup;
 pub mod cmdline;
 pub mod dns;
 pub mod fdio;

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use agentvm_agent::cgroup::Cgroup;
 use agentvm_agent::cmdline::Options;
 use agentvm_agent::reaper::Reaper;
 use agentvm_agent::server::{serve, Agent};
@@ -65,7 +66,7 @@ fn run() -> Box<dyn std::error::Error> {
             Err(e) => return format!("listen on vsock port {}: {e}", opts.port).into(),
         };
         info!("ready on vsock port {}", opts.port);
-        let agent = Arc::new(Agent::new(reaper, last_cap));
+        let agent = Arc::new(Agent::new(reaper, last_cap).with_cgroup(Cgroup::system()));
         serve(listener, agent).await.into()
     })
 }

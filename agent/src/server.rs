@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep, Instant};
 
+use crate::cgroup::Cgroup;
 use crate::fdio::FdStream;
 use crate::process::spawn::{open_pty, resize, spawn, SpawnError};
 use crate::process::Plan;
@@ -47,6 +48,9 @@ pub struct Agent {
     preset_root: bool,
     /// The port of DNS relays ([`dns::DNS_PORT`]; tests use another).
     dns_port: u16,
+    /// The container's cgroup, which started processes join and `Update` limits; `None`
+    /// keeps them in the agent's cgroup and refuses updates.
+    cgroup: Option<Cgroup>,
 }
 
 impl Agent {
@@ -58,7 +62,13 @@ impl Agent {
             root: rootfs::ROOT.to_string(),
             preset_root: false,
             dns_port: dns::DNS_PORT,
+            cgroup: None,
         }
+    }
+
+    /// The same agent with processes in `cgroup` ([`Cgroup::system`] in the guest).
+    pub fn with_cgroup(self, cgroup: Option<Cgroup>) -> Self {
+        Self { cgroup, ..self }
     }
 
     /// The same agent with DNS relays on `port`, so tests need not bind port 53.
@@ -166,8 +176,32 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
             After::PowerOffNow("shutdown requested by the host")
         }
         Some(Ok(Frame::Msg(Message::Stats))) => {
-            let stats = crate::stats::collect();
+            let mut stats = crate::stats::collect();
+            if let Some(cg) = &agent.cgroup {
+                cg.limit_stats(&mut stats);
+            }
             let _ = out.send(msg(Message::StatsReply(stats))).await;
+            After::Close
+        }
+        Some(Ok(Frame::Msg(Message::Update(limits)))) => {
+            let reply = match &agent.cgroup {
+                None => error(
+                    "the guest has no cgroup for the container's processes (see the VM's \
+                     console log); limits cannot be changed",
+                    None,
+                ),
+                Some(cg) => match cg.apply(&limits) {
+                    Ok(skipped) => {
+                        debug!("limits applied: {limits:?}, skipped {skipped:?}");
+                        msg(Message::Updated { skipped })
+                    }
+                    Err(e) => {
+                        info!("update {limits:?}: {e}");
+                        error(e.to_string(), None)
+                    }
+                },
+            };
+            let _ = out.send(reply).await;
             After::Close
         }
         Some(Ok(other)) => {
@@ -356,7 +390,10 @@ async fn run(
         debug!("ignoring the network and mounts of a process that is not the init process");
     }
     let plan = match Plan::new(&req.process, &agent.root, agent.last_cap) {
-        Ok(p) => Arc::new(p),
+        Ok(mut p) => {
+            p.cgroup_procs = agent.cgroup.as_ref().and_then(Cgroup::procs_path);
+            Arc::new(p)
+        }
         Err(e) => {
             let _ = out
                 .send(error(format!("invalid process spec: {e}"), None))
@@ -702,6 +739,48 @@ mod tests {
         assert!(
             matches!(&frames[..], [Frame::Msg(Message::StatsReply(s))] if s.memory_limit > 0),
             "{frames:?}"
+        );
+    }
+
+    /// An update connection writes the limits into the agent's cgroup and answers Updated,
+    /// naming what the guest lacks; an agent without a cgroup answers an error.
+    #[tokio::test(flavor = "current_thread")]
+    async fn update_session() {
+        let t = tempfile::tempdir().unwrap();
+        std::fs::write(t.path().join("cgroup.subtree_control"), "").unwrap();
+        let cg = Cgroup::prepare(t.path()).unwrap();
+        std::fs::write(cg.dir().join("memory.max"), "max").unwrap();
+        std::fs::write(cg.dir().join("pids.max"), "max").unwrap();
+        let limits = agentvm_protocol::ResourceLimits {
+            memory_max: Some(64 << 20),
+            memory_swap_max: Some(0),
+            pids_max: Some(50),
+            ..Default::default()
+        };
+        let agent = Arc::new(
+            Agent::with_root(Arc::new(Reaper::default()), 40, "/").with_cgroup(Some(cg.clone())),
+        );
+        let mut h = greeted(&agent).await;
+        h.send(msg(Message::Update(limits))).await;
+        assert_eq!(
+            h.rest().await,
+            [msg(Message::Updated {
+                skipped: vec!["memory.swap.max".into()]
+            })]
+        );
+        let read = |f: &str| std::fs::read_to_string(cg.dir().join(f)).unwrap();
+        assert_eq!(
+            (read("memory.max"), read("pids.max")),
+            ("67108864".into(), "50".into())
+        );
+
+        let bare = Arc::new(Agent::with_root(Arc::new(Reaper::default()), 40, "/"));
+        let mut h = greeted(&bare).await;
+        h.send(msg(Message::Update(limits))).await;
+        let f = h.rest().await;
+        assert!(
+            matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("no cgroup")),
+            "{f:?}"
         );
     }
 

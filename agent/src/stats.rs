@@ -99,6 +99,25 @@ fn apply_meminfo(s: &mut GuestStats, text: &str) {
     s.memory_inactive_file = kib("Inactive(file)");
 }
 
+/// Memory of the container's cgroup (`memory.max`, `memory.current`, `memory.stat`) in
+/// place of the guest's, when `memory.max` is a number below the guest's size: after
+/// `docker update --memory` the figures are the container's against its limit, as under
+/// runc. `max` (no limit) or unreadable files leave the guest's figures.
+pub fn apply_cgroup_memory(s: &mut GuestStats, max: &str, current: &str, stat: &str) {
+    let (Ok(max), Ok(current)) = (max.trim().parse::<u64>(), current.trim().parse::<u64>()) else {
+        return;
+    };
+    if max >= s.memory_limit {
+        return;
+    }
+    s.memory_limit = max;
+    s.memory_usage = current;
+    s.memory_anon = field(stat, "anon").unwrap_or(0);
+    s.memory_file = field(stat, "file").unwrap_or(0);
+    s.memory_active_file = field(stat, "active_file").unwrap_or(0);
+    s.memory_inactive_file = field(stat, "inactive_file").unwrap_or(0);
+}
+
 fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -144,6 +163,31 @@ mod tests {
         assert_eq!(s.memory_inactive_file, 30_000 * 1024);
         assert_eq!(s.memory_anon, 10_000 * 1024);
         assert_eq!(field("oom_kill 3\npgfault 9\n", "oom_kill"), Some(3));
+    }
+
+    #[test]
+    fn a_cgroup_limit_below_the_guest_replaces_its_memory_figures() {
+        let guest = GuestStats {
+            memory_limit: 512 << 20,
+            memory_usage: 100 << 20,
+            ..Default::default()
+        };
+        let stat = "anon 1000\nfile 2000\nkernel 5\nactive_file 300\ninactive_file 1700\n";
+        let mut s = guest;
+        apply_cgroup_memory(&mut s, "67108864\n", "4096\n", stat);
+        assert_eq!((s.memory_limit, s.memory_usage), (64 << 20, 4096));
+        assert_eq!((s.memory_anon, s.memory_file), (1000, 2000));
+        assert_eq!((s.memory_active_file, s.memory_inactive_file), (300, 1700));
+        for (max, current) in [
+            ("max\n", "4096"),
+            ("1073741824", "4096"),
+            ("", ""),
+            ("1", "x"),
+        ] {
+            let mut s = guest;
+            apply_cgroup_memory(&mut s, max, current, stat);
+            assert_eq!(s, guest, "{max:?} {current:?}");
+        }
     }
 
     #[test]

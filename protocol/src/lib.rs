@@ -102,6 +102,16 @@ pub enum Message {
     Stats,
     /// Guest -> host: resource usage of the whole guest (the container's VM).
     StatsReply(GuestStats),
+    /// Host -> guest, first frame of an update connection (`docker update`): apply these
+    /// limits to the container's cgroup; the agent answers [`Message::Updated`] or
+    /// [`Message::Error`] and closes.
+    Update(ResourceLimits),
+    /// Guest -> host: the limits of a [`Message::Update`] are in place, except the ones named
+    /// in `skipped` (files the guest kernel does not have, e.g. `memory.swap.max` without swap).
+    Updated {
+        #[serde(default)]
+        skipped: Vec<String>,
+    },
     /// Guest -> host: the request failed. For a start failure `exit_code` is what a runc user
     /// would see (127 for a missing binary, 126 for one that cannot be executed).
     Error {
@@ -152,6 +162,38 @@ pub struct GuestStats {
     pub pids: u64,
     /// OOM kills since boot.
     pub oom_kills: u64,
+}
+
+/// Limits of the container's cgroup, in cgroup v2 terms (the host converts the OCI values).
+/// `None` leaves a limit as it is; a negative value removes it (`max`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResourceLimits {
+    /// `memory.max`, bytes.
+    #[serde(default)]
+    pub memory_max: Option<i64>,
+    /// `memory.low`, bytes (the OCI memory reservation).
+    #[serde(default)]
+    pub memory_low: Option<i64>,
+    /// `memory.swap.max`, bytes of swap on top of `memory.max`.
+    #[serde(default)]
+    pub memory_swap_max: Option<i64>,
+    /// `cpu.max`.
+    #[serde(default)]
+    pub cpu_max: Option<CpuMax>,
+    /// `cpu.weight`, 1..=10000.
+    #[serde(default)]
+    pub cpu_weight: Option<u64>,
+    /// `pids.max`.
+    #[serde(default)]
+    pub pids_max: Option<i64>,
+}
+
+/// `cpu.max`: `quota` microseconds of CPU time per `period` microseconds (negative quota: no
+/// limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CpuMax {
+    pub quota: i64,
+    pub period: u64,
 }
 
 /// The guest's network: interfaces (matched by MAC address) and routes.
@@ -576,6 +618,20 @@ mod tests {
             pids: 3,
             ..Default::default()
         })));
+        roundtrip(Frame::Msg(Message::Update(ResourceLimits {
+            memory_max: Some(64 << 20),
+            memory_swap_max: Some(0),
+            cpu_max: Some(CpuMax {
+                quota: 50_000,
+                period: 100_000,
+            }),
+            cpu_weight: Some(100),
+            pids_max: Some(-1),
+            ..Default::default()
+        })));
+        roundtrip(Frame::Msg(Message::Updated {
+            skipped: vec!["memory.swap.max".into()],
+        }));
         roundtrip(Frame::Dns(vec![0x12, 0x34, 1, 0]));
         roundtrip(Frame::Msg(Message::Exited(ExitStatus::signaled(9))));
         roundtrip(Frame::Data(Stream::Stdout, b"hello\n".to_vec()));
@@ -605,6 +661,20 @@ mod tests {
                 fstype: "9p".into(),
             }
         );
+    }
+
+    #[test]
+    fn absent_limits_are_left_alone() {
+        let m: Message = serde_json::from_str(r#"{"type":"update","pids_max":50}"#).unwrap();
+        assert_eq!(
+            m,
+            Message::Update(ResourceLimits {
+                pids_max: Some(50),
+                ..Default::default()
+            })
+        );
+        let m: Message = serde_json::from_str(r#"{"type":"updated"}"#).unwrap();
+        assert_eq!(m, Message::Updated { skipped: vec![] });
     }
 
     #[test]

@@ -161,6 +161,11 @@ fn setup<S: Syscalls>(plan: &Plan, sys: &mut S) -> Result<(), StepError> {
         sys.set_controlling_tty()
             .map_err(at(Step::ControllingTty))?;
     }
+    if let Some(procs) = &plan.cgroup_procs {
+        // Best effort: a process outside the container's cgroup only escapes `docker
+        // update`'s limits, while a failed start would break `docker exec` for good.
+        let _ = sys.join_cgroup(procs);
+    }
     sys.chroot(&plan.root).map_err(at(Step::Chroot))?;
     sys.chdir(&plan.cwd).map_err(at(Step::Chdir))?;
     for r in &plan.rlimits {
@@ -300,6 +305,24 @@ mod tests {
         assert_eq!(r.calls[0], Call::Setsid);
         assert_eq!(r.calls[1], Call::ControllingTty);
         assert_eq!(r.calls[2], Call::Chroot("/run/agentvm/rootfs".into()));
+    }
+
+    #[test]
+    fn the_cgroup_is_joined_before_chroot_and_a_failure_is_not_fatal() {
+        let mut plan = Plan::new(&spec(), "/run/agentvm/rootfs", 40).unwrap();
+        plan.cgroup_procs = Some(c"/sys/fs/cgroup/agentvm/cgroup.procs".into());
+        let mut r = Recorder::default();
+        let err = apply(&plan, &mut r);
+        assert_eq!(
+            err.step,
+            Step::Exec,
+            "the recorder's join fails; exec is still tried"
+        );
+        let join = r.pos(|c| *c == Call::JoinCgroup("/sys/fs/cgroup/agentvm/cgroup.procs".into()));
+        assert_eq!(join + 1, r.pos(|c| matches!(c, Call::Chroot(_))));
+        let mut r = Recorder::default();
+        run(&spec(), &mut r);
+        assert!(!r.calls.iter().any(|c| matches!(c, Call::JoinCgroup(_))));
     }
 
     #[test]

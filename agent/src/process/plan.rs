@@ -102,6 +102,9 @@ impl ExecPlan {
 pub struct Plan {
     /// Give the process a controlling terminal (its stdio is a pty slave).
     pub terminal: bool,
+    /// `cgroup.procs` of the cgroup to join before `chroot` (the container's, see
+    /// [`crate::cgroup`]); `None` stays in the agent's.
+    pub cgroup_procs: Option<CString>,
     /// The new root directory.
     pub root: CString,
     /// The working directory, inside the new root.
@@ -255,6 +258,7 @@ impl Plan {
 
         Ok(Self {
             terminal: spec.terminal,
+            cgroup_procs: None,
             root: cstring(root, "the root path")?,
             cwd: cstring(&spec.cwd, "cwd")?,
             cwd_display: spec.cwd.clone(),

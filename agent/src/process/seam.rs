@@ -17,6 +17,8 @@ pub trait Syscalls {
     fn setsid(&mut self) -> Result<(), Errno>;
     /// `ioctl(0, TIOCSCTTY)`: stdin (a pty slave) becomes the controlling terminal.
     fn set_controlling_tty(&mut self) -> Result<(), Errno>;
+    /// Writes `0` to the `cgroup.procs` file at `procs`: the calling process joins that cgroup.
+    fn join_cgroup(&mut self, procs: &CStr) -> Result<(), Errno>;
     fn chroot(&mut self, path: &CStr) -> Result<(), Errno>;
     fn chdir(&mut self, path: &CStr) -> Result<(), Errno>;
     fn setrlimit(&mut self, resource: Resource, soft: u64, hard: u64) -> Result<(), Errno>;
@@ -159,6 +161,24 @@ impl Syscalls for Real {
         })
     }
 
+    fn join_cgroup(&mut self, procs: &CStr) -> Result<(), Errno> {
+        // SAFETY: `procs` is NUL-terminated; the flags are constants.
+        let fd = unsafe { libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) };
+        if fd < 0 {
+            return Err(Errno::last());
+        }
+        // SAFETY: writes one byte from a static buffer to the descriptor opened above.
+        let n = unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) };
+        let err = Errno::last();
+        // SAFETY: closes the descriptor opened above, once.
+        unsafe { libc::close(fd) };
+        if n == 1 {
+            Ok(())
+        } else {
+            Err(err)
+        }
+    }
+
     fn set_no_new_privs(&mut self) -> Result<(), Errno> {
         // SAFETY: prctl with integer arguments only.
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
@@ -184,6 +204,7 @@ pub mod recorder {
     pub enum Call {
         Setsid,
         ControllingTty,
+        JoinCgroup(String),
         Chroot(String),
         Chdir(String),
         Setrlimit(Resource, u64, u64),
@@ -233,6 +254,11 @@ pub mod recorder {
         }
         fn set_controlling_tty(&mut self) -> Result<(), Errno> {
             self.ok(Call::ControllingTty)
+        }
+        fn join_cgroup(&mut self, procs: &CStr) -> Result<(), Errno> {
+            self.calls.push(Call::JoinCgroup(s(procs)));
+            // As in a guest whose cgroup a workload removed: the start goes on.
+            Err(Errno::ENOENT)
         }
         fn chroot(&mut self, path: &CStr) -> Result<(), Errno> {
             self.ok(Call::Chroot(s(path)))
