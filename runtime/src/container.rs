@@ -215,6 +215,7 @@ impl Container {
         let shared = Arc::new(VmShared {
             qmp: owner.sandbox.state_dir.join("qmp.sock"),
             paused: AtomicBool::new(false),
+            memory_mib: cfg.memory_mib,
         });
         let link = VmLink {
             vm: None,
@@ -420,6 +421,8 @@ struct VmShared {
     /// The VMM's QMP socket.
     qmp: PathBuf,
     paused: AtomicBool,
+    /// The VM's RAM, fixed at boot: the ceiling of `docker update --memory`.
+    memory_mib: u32,
 }
 
 impl std::fmt::Debug for Control {
@@ -531,6 +534,26 @@ impl Running {
             Ok(other) => Err(Error::Agent(format!("expected stats, got {other:?}"))),
             Err(_) => Err(Error::Agent(
                 "the agent did not answer a stats request".into(),
+            )),
+        }
+    }
+
+    /// Sets the cgroup limits of the container's processes in the guest (`docker update`).
+    /// A memory limit above the VM's RAM is refused: that is fixed at boot. Returns the
+    /// limits the guest has no file for (`memory.swap.max` without swap).
+    pub async fn update(&self, limits: agentvm_protocol::ResourceLimits) -> Result<Vec<String>> {
+        crate::resources::check_memory(&limits, self.shared.memory_mib)?;
+        let gone = || Error::Invalid("the container's init process has exited".into());
+        let (tx, rx) = oneshot::channel();
+        self.vm.send(Control::Connect(tx)).map_err(|_| gone())?;
+        let mut conn = rx.await.unwrap_or_else(|_| Err(gone()))?;
+        conn.send(&Frame::Msg(Message::Update(limits))).await?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, conn.recv()).await {
+            Ok(Ok(Some(Frame::Msg(Message::Updated { skipped })))) => Ok(skipped),
+            Ok(Ok(Some(Frame::Msg(Message::Error { message, .. })))) => Err(Error::Agent(message)),
+            Ok(other) => Err(Error::Agent(format!("expected updated, got {other:?}"))),
+            Err(_) => Err(Error::Agent(
+                "the agent did not answer an update request".into(),
             )),
         }
     }

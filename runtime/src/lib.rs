@@ -15,6 +15,7 @@ pub mod mounts;
 pub mod netns;
 pub mod oci;
 pub mod qmp;
+pub mod resources;
 pub mod run;
 pub mod sandbox;
 pub mod vmm;

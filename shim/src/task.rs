@@ -940,12 +940,35 @@ impl Task for TaskService {
         Err(unimplemented("checkpoint"))
     }
 
+    /// `docker update`: the container's cgroup limits in the guest; what the VM cannot
+    /// change (cpuset, block I/O, ...) is logged and skipped, memory above the VM refused.
     async fn update(
         &self,
         _ctx: &TtrpcContext,
-        _req: api::UpdateTaskRequest,
+        req: api::UpdateTaskRequest,
     ) -> ttrpc::Result<api::Empty> {
-        Err(unimplemented("update"))
+        let running = self.running_init(&req.id).await?;
+        let Some(update) = parse_update(&req)? else {
+            return Ok(api::Empty::default());
+        };
+        if running.is_paused() {
+            // The frozen agent could not answer.
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!("container {} is paused: unpause it to update it", req.id),
+            ));
+        }
+        for what in &update.ignored {
+            tracing::warn!(
+                "container {}: update ignores {what}: a running VM cannot change it",
+                req.id
+            );
+        }
+        let skipped = running.update(update.limits).await.map_err(update_error)?;
+        for file in skipped {
+            tracing::info!("container {}: the guest has no {file}; skipped", req.id);
+        }
+        Ok(api::Empty::default())
     }
 
     async fn stats(
@@ -965,6 +988,26 @@ impl Task for TaskService {
             stats: MessageField::some(metrics_any(&s).map_err(internal)?),
             ..Default::default()
         })
+    }
+}
+
+/// The limits of an `UpdateTaskRequest`; `None` when it carries no resources.
+fn parse_update(req: &api::UpdateTaskRequest) -> ttrpc::Result<Option<agentvm::resources::Update>> {
+    match req.resources.as_ref() {
+        Some(any) if !any.type_url.is_empty() || !any.value.is_empty() => {
+            agentvm::resources::parse(&any.type_url, &any.value)
+                .map(Some)
+                .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// A refused update (memory above the VM) is the caller's to fix; anything else is ours.
+fn update_error(e: agentvm::Error) -> ttrpc::Error {
+    match e {
+        agentvm::Error::Invalid(m) => status(Code::INVALID_ARGUMENT, m),
+        other => internal(other),
     }
 }
 
@@ -1026,6 +1069,42 @@ mod tests {
         assert_eq!(m.cpu.usage_usec, 7);
         assert_eq!((m.memory.usage, m.memory.usage_limit), (100, 1000));
         assert_eq!(m.pids.current, 4);
+    }
+
+    #[test]
+    fn update_requests_carry_oci_linux_resources() {
+        let req = |type_url: &str, json: &str| api::UpdateTaskRequest {
+            id: "c".into(),
+            resources: MessageField::some(Any {
+                type_url: type_url.into(),
+                value: json.as_bytes().to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let u = parse_update(&req(
+            agentvm::resources::LINUX_RESOURCES_TYPE_URL,
+            r#"{"memory":{"limit":67108864},"pids":{"limit":50},"cpu":{"cpus":"0"}}"#,
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(u.limits.memory_max, Some(64 << 20));
+        assert_eq!(u.limits.pids_max, Some(50));
+        assert_eq!(u.ignored.len(), 1);
+        let code = |e: ttrpc::Error| match e {
+            ttrpc::Error::RpcStatus(s) => s.code(),
+            other => panic!("not a status: {other:?}"),
+        };
+        let bad = parse_update(&req("types.example/Other", "{}")).unwrap_err();
+        assert_eq!(code(bad), Code::INVALID_ARGUMENT);
+        let none = api::UpdateTaskRequest::default();
+        assert!(parse_update(&none).unwrap().is_none());
+        let refused = update_error(agentvm::Error::Invalid("above the VM".into()));
+        assert_eq!(code(refused), Code::INVALID_ARGUMENT);
+        assert_eq!(
+            code(update_error(agentvm::Error::Agent("x".into()))),
+            Code::UNKNOWN
+        );
     }
 
     #[test]
