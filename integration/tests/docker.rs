@@ -348,6 +348,82 @@ fn docker_stats_shows_the_vms_figures() {
     env.assert_vm_gone(id.trim());
 }
 
+/// `docker update` sets the limits of the container's cgroup in the guest
+/// (`/sys/fs/cgroup/agentvm`, which the container sees), `docker stats` reports memory against
+/// the new limit, and a memory limit above the VM's size is refused with advice.
+#[test]
+fn docker_update_sets_the_guests_cgroup_limits() {
+    let Some(env) = DockerEnv::get("docker_update_sets_the_guests_cgroup_limits") else {
+        return;
+    };
+    let n = unique_name("update");
+    let (out, id) = env.run("update", &["-d", &env.image, "sleep", "1000"], None);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let read_limits = || {
+        let cat = env.docker(
+            &[
+                "exec",
+                &n,
+                "cat",
+                "/proc/self/cgroup",
+                "/sys/fs/cgroup/agentvm/memory.max",
+                "/sys/fs/cgroup/agentvm/cpu.max",
+                "/sys/fs/cgroup/agentvm/pids.max",
+            ],
+            None,
+            T,
+        );
+        assert!(cat.status.success(), "{:?}", text(&cat));
+        text(&cat).0
+    };
+    assert_eq!(read_limits(), "0::/agentvm\nmax\nmax 100000\nmax\n");
+    let update = env.docker(
+        &[
+            "update",
+            "--memory",
+            "64m",
+            "--memory-swap",
+            "64m",
+            "--cpus",
+            "0.5",
+            "--pids-limit",
+            "50",
+            &n,
+        ],
+        None,
+        T,
+    );
+    assert!(update.status.success(), "{:?}", text(&update));
+    assert_eq!(read_limits(), "0::/agentvm\n67108864\n50000 100000\n50\n");
+    let stats = env.docker(
+        &["stats", "--no-stream", "--format", "{{.MemUsage}}", &n],
+        None,
+        T,
+    );
+    let line = text(&stats).0;
+    assert!(line.trim().ends_with("/ 64MiB"), "docker stats: {line:?}");
+
+    // No --memory at run: the VM has the default 512 MiB, which it cannot outgrow.
+    let too_much = env.docker(
+        &["update", "--memory", "2g", "--memory-swap", "2g", &n],
+        None,
+        T,
+    );
+    let (_, se) = text(&too_much);
+    assert!(!too_much.status.success(), "update above the VM succeeded");
+    assert!(
+        se.contains("cannot raise the memory limit above the VM's 512 MiB"),
+        "stderr: {se}"
+    );
+    assert_eq!(
+        read_limits(),
+        "0::/agentvm\n67108864\n50000 100000\n50\n",
+        "a refused update changes nothing"
+    );
+    env.docker(&["rm", "-f", &n], None, T);
+    env.assert_vm_gone(id.trim());
+}
+
 #[test]
 fn docker_restart_and_cp_both_ways() {
     let Some(env) = DockerEnv::get("docker_restart_and_cp_both_ways") else {
