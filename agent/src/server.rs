@@ -175,6 +175,14 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
         Some(Ok(Frame::Msg(Message::Shutdown))) => {
             After::PowerOffNow("shutdown requested by the host")
         }
+        Some(Ok(Frame::Msg(Message::ForgetCaches))) => {
+            // 2: dentries and inodes; file data of inodes still in use stays cached.
+            if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "2") {
+                info!("drop caches: {e}");
+            }
+            let _ = out.send(msg(Message::Ready)).await;
+            After::Close
+        }
         Some(Ok(Frame::Msg(Message::Stats))) => {
             let mut stats = crate::stats::collect();
             if let Some(cg) = &agent.cgroup {
@@ -738,6 +746,20 @@ mod tests {
         let frames = h.rest().await;
         assert!(
             matches!(&frames[..], [Frame::Msg(Message::StatsReply(s))] if s.memory_limit > 0),
+            "{frames:?}"
+        );
+    }
+
+    /// A forget-caches connection answers Ready and closes (dropping the kernel's cached
+    /// directory entries, which only costs lookups).
+    #[tokio::test(flavor = "current_thread")]
+    async fn forget_caches_session() {
+        let agent = Arc::new(Agent::with_root(Arc::new(Reaper::default()), 40, "/"));
+        let mut h = greeted(&agent).await;
+        h.send(msg(Message::ForgetCaches)).await;
+        let frames = h.rest().await;
+        assert!(
+            matches!(&frames[..], [Frame::Msg(Message::Ready)]),
             "{frames:?}"
         );
     }

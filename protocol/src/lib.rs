@@ -112,6 +112,10 @@ pub enum Message {
         #[serde(default)]
         skipped: Vec<String>,
     },
+    /// Host -> guest, first frame of a connection: the host changed the container's root
+    /// behind the guest's back (`docker cp` into a running container): drop the cached
+    /// directory entries so the guest looks again. The agent answers [`Message::Ready`].
+    ForgetCaches,
     /// Guest -> host: the request failed. For a start failure `exit_code` is what a runc user
     /// would see (127 for a missing binary, 126 for one that cannot be executed).
     Error {
@@ -612,6 +616,7 @@ mod tests {
         }));
         roundtrip(Frame::Msg(Message::Ready));
         roundtrip(Frame::Msg(Message::Stats));
+        roundtrip(Frame::Msg(Message::ForgetCaches));
         roundtrip(Frame::Msg(Message::StatsReply(GuestStats {
             cpu_usage_usec: 12,
             memory_usage: 1 << 20,

@@ -26,8 +26,8 @@ use crate::assets::Assets;
 use crate::error::{Error, Result};
 use crate::netns::{Netns, NetnsMode};
 use crate::sandbox::{spawn_frame_reader, spawn_input_pump, AgentConn, Sandbox, SandboxConfig};
-use crate::vmm::{Accel, Nic};
-use crate::{dns, hooks, mounts};
+use crate::vmm::{Accel, Disk, Nic, Share, ShareTransport, VirtioFs};
+use crate::{assets, dns, hooks, layers, mounts};
 
 /// The mount tag of the container's root directory share.
 const ROOT_TAG: &str = "rootfs";
@@ -113,6 +113,77 @@ struct Owner {
     sandbox: Sandbox,
     netns: Option<Netns>,
     down: watch::Sender<bool>,
+    /// The host's mount of a layered root, kept fresh while the VM runs.
+    host_view: Option<layers::HostView>,
+}
+
+/// How often the host's mount of a layered root is made afresh while the VM runs: the
+/// longest a `docker diff`, `docker cp` or `docker export` of a running container can lag
+/// behind what the workload wrote.
+const HOST_VIEW_REFRESH: Duration = Duration::from_secs(2);
+
+/// A task keeping both views of a layered root fresh while the VM runs: every
+/// [`HOST_VIEW_REFRESH`] it mounts the host's view afresh (guest writes show in `docker
+/// diff`), and when the host itself changed the root since the last round (`docker cp`
+/// into the container: the host overlay's work dir changes with every copy-up) it has the
+/// guest forget its cached directory entries.
+struct Refresher {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Refresher {
+    fn spawn(view: layers::HostView, vm: mpsc::UnboundedSender<Control>) -> Refresher {
+        let (stop, mut stopped) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut seen = view.host_writes();
+            loop {
+                tokio::select! {
+                    _ = stopped.changed() => break,
+                    _ = tokio::time::sleep(HOST_VIEW_REFRESH) => {}
+                }
+                let host_wrote = view.host_writes() != seen;
+                refresh_view(&view).await;
+                // After the refresh, which remakes the work dir itself.
+                seen = view.host_writes();
+                if host_wrote {
+                    if let Err(e) = forget_guest_caches(&vm).await {
+                        tracing::warn!("have the guest forget its cached root: {e}");
+                    }
+                }
+            }
+        });
+        Refresher { stop, task }
+    }
+
+    /// Stops refreshing; returns once no refresh is in flight, so the engine can unmount
+    /// the root after the exit without a refresh mounting it again.
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn forget_guest_caches(vm: &mpsc::UnboundedSender<Control>) -> Result<()> {
+    let gone = || Error::Invalid("the container's init process has exited".into());
+    let (tx, rx) = oneshot::channel();
+    vm.send(Control::Connect(tx)).map_err(|_| gone())?;
+    let mut conn = rx.await.unwrap_or_else(|_| Err(gone()))?;
+    conn.send(&Frame::Msg(Message::ForgetCaches)).await?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, conn.recv()).await {
+        Ok(Ok(Some(Frame::Msg(Message::Ready)))) => Ok(()),
+        Ok(other) => Err(Error::Agent(format!("expected ready, got {other:?}"))),
+        Err(_) => Err(Error::Agent("the agent did not answer".into())),
+    }
+}
+
+async fn refresh_view(view: &layers::HostView) {
+    let v = view.clone();
+    match tokio::task::spawn_blocking(move || v.refresh()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("refresh the host view of the container root: {e}"),
+        Err(e) => tracing::warn!("refresh the host view of the container root: {e}"),
+    }
 }
 
 impl Container {
@@ -193,13 +264,15 @@ impl Container {
         };
         let prepared = boot(&mut sandbox, &netns, &cfg, &assets, accel).await;
         let (down_tx, down_rx) = watch::channel(false);
+        let host_view = prepared.as_ref().ok().and_then(|p| p.2.clone());
         let owner = Owner {
             sandbox,
             netns: Some(netns),
             down: down_tx,
+            host_view: host_view.clone(),
         };
         let (conn, request) = match prepared {
-            Ok((conn, request)) => (Ok(conn), request),
+            Ok((conn, request, _)) => (Ok(conn), request),
             Err(e) => {
                 tracing::error!("start: {e}");
                 // Never sent: the VM is not there.
@@ -216,6 +289,7 @@ impl Container {
             qmp: owner.sandbox.state_dir.join("qmp.sock"),
             paused: AtomicBool::new(false),
             memory_mib: cfg.memory_mib,
+            host_view,
         });
         let link = VmLink {
             vm: None,
@@ -264,17 +338,17 @@ async fn boot(
     cfg: &ContainerConfig,
     assets: &Assets,
     accel: Accel,
-) -> Result<(AgentConn, StartRequest)> {
+) -> Result<(AgentConn, StartRequest, Option<layers::HostView>)> {
     let policy = mounts::SharePolicy::detect(&cfg.annotations)?;
     let plan = mounts::plan(&cfg.mounts, &policy)?;
     let mut wiring = netns.scan().await?;
     netns.wire(&mut wiring).await?;
-    let (root, rootfs) = mounts::root_share(ROOT_TAG, &cfg.root, cfg.root_readonly, &policy);
+    let (root, disks, rootfs, host_view) = root_setup(cfg, &policy, &sandbox.state_dir).await?;
     let mut shares = vec![root];
     shares.extend(plan.shares.iter().cloned());
     let sandbox_cfg = SandboxConfig {
         id: cfg.id.clone(),
-        disks: Vec::new(),
+        disks,
         shares,
         nics: wiring
             .interfaces
@@ -312,7 +386,119 @@ async fn boot(
             );
         }
     }
-    Ok((conn, request))
+    Ok((conn, request, host_view))
+}
+
+/// How the container root reaches the VM: image layers on disks under the shared writable
+/// layer ([`layers`]) where the root is an overlay and virtiofsd is installed (or the
+/// annotation asks for it), else the whole root shared.
+async fn root_setup(
+    cfg: &ContainerConfig,
+    policy: &mounts::SharePolicy,
+    state_dir: &std::path::Path,
+) -> Result<(Share, Vec<Disk>, RootfsSpec, Option<layers::HostView>)> {
+    let mode = layers::RootMode::from_annotations(&cfg.annotations)?;
+    if mode != layers::RootMode::Share {
+        let daemon = assets::virtiofsd().ok();
+        let prepared = match daemon {
+            Some(_) => {
+                let (root, state) = (cfg.root.clone(), state_dir.to_path_buf());
+                let cache = agentvm_image::cache::default_dir();
+                // Building an image's layers takes seconds the first time: off the runtime.
+                tokio::task::spawn_blocking(move || {
+                    let layered = layers::prepare(&root, &cache, &state)?;
+                    // The engine looked into its mount of the root while creating the
+                    // container (/etc, the working dir): start the VM with a fresh one.
+                    let view = layered.as_ref().and_then(|_| layers::HostView::find(&root));
+                    if let Some(v) = &view {
+                        v.refresh()?;
+                    }
+                    Ok(layered.map(|l| (l, view)))
+                })
+                .await
+                .map_err(|e| Error::Invalid(format!("layers image build: {e}")))?
+            }
+            None => Err(Error::Missing {
+                what: "virtiofsd".into(),
+                hint: format!(
+                    "annotation {}=layers shares the writable layer over virtio-fs: cargo \
+                     install virtiofsd (or run hack/install-deps.sh)",
+                    layers::ROOTFS_ANNOTATION
+                ),
+            }),
+        };
+        match (prepared, mode) {
+            (Ok(Some((l, view))), _) => {
+                let (share, disks, spec) = layered_root(cfg, policy, l, daemon);
+                return Ok((share, disks, spec, view));
+            }
+            (Ok(None), layers::RootMode::Layers) => {
+                return Err(Error::Invalid(format!(
+                    "annotation {}=layers: the container root {} is not an overlay with a \
+                     writable layer",
+                    layers::ROOTFS_ANNOTATION,
+                    cfg.root.display()
+                )))
+            }
+            (Err(e), layers::RootMode::Layers) => return Err(e),
+            (Err(e), _) if daemon.is_some() => {
+                tracing::warn!("container root: sharing the whole root instead of layers: {e}")
+            }
+            _ => {}
+        }
+    }
+    let (share, spec) = mounts::root_share(ROOT_TAG, &cfg.root, cfg.root_readonly, policy);
+    Ok((share, Vec::new(), spec, None))
+}
+
+/// The share, disks and guest spec of a layered root.
+fn layered_root(
+    cfg: &ContainerConfig,
+    policy: &mounts::SharePolicy,
+    l: layers::LayeredRoot,
+    daemon: Option<std::path::PathBuf>,
+) -> (Share, Vec<Disk>, RootfsSpec) {
+    let cache = match &policy.volumes {
+        ShareTransport::VirtioFs(v) => v.cache,
+        ShareTransport::NineP => mounts::DEFAULT_CACHE,
+    };
+    let share = Share {
+        tag: ROOT_TAG.into(),
+        path: l.share_dir,
+        readonly: cfg.root_readonly,
+        transport: ShareTransport::VirtioFs(VirtioFs {
+            daemon: daemon.unwrap_or_default(),
+            cache,
+        }),
+        overlay_upper: !cfg.root_readonly,
+    };
+    let lower = (0..l.disks.len())
+        .map(|i| format!("/dev/vd{}", (b'a' + i as u8) as char))
+        .collect();
+    let disks = l
+        .disks
+        .into_iter()
+        .map(|path| Disk {
+            path,
+            readonly: true,
+        })
+        .collect();
+    let spec = RootfsSpec {
+        device: "layers".into(),
+        fstype: "overlay".into(),
+        overlay: false,
+        options: None,
+        layers: Some(agentvm_protocol::LayeredRoot {
+            lower,
+            tag: ROOT_TAG.into(),
+            fstype: "virtiofs".into(),
+            options: None,
+            upper: l.upper,
+            work: layers::GUEST_WORKDIR.into(),
+            readonly: cfg.root_readonly,
+        }),
+    };
+    (share, disks, spec)
 }
 
 /// How a process reaches the VM it runs in.
@@ -341,6 +527,7 @@ async fn launch(
     } = link;
     let (exit_tx, exit_rx) = watch::channel(None);
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let refresher_ctl = ctl_tx.clone();
     let running = Running {
         pid,
         rootfs: request.rootfs.clone(),
@@ -352,10 +539,11 @@ async fn launch(
     };
     let (started_tx, started_rx) = oneshot::channel();
     tokio::spawn(async move {
-        let (mut sandbox, netns, down_tx) = match owner {
-            Some(o) => (Some(o.sandbox), o.netns, Some(o.down)),
-            None => (None, None, None),
+        let (mut sandbox, netns, down_tx, host_view) = match owner {
+            Some(o) => (Some(o.sandbox), o.netns, Some(o.down), o.host_view),
+            None => (None, None, None, None),
         };
+        let refresher = host_view.map(|v| Refresher::spawn(v, refresher_ctl));
         let send = match conn {
             Ok(mut conn) => conn
                 .send(&Frame::Msg(Message::Start(Box::new(request))))
@@ -370,6 +558,10 @@ async fn launch(
                 (255, false)
             }
         };
+        // Before the exit is known: the engine unmounts the root after it.
+        if let Some(r) = refresher {
+            r.stop().await;
+        }
         let _ = exit_tx.send(Some(Exit {
             code,
             at: SystemTime::now(),
@@ -423,6 +615,8 @@ struct VmShared {
     paused: AtomicBool,
     /// The VM's RAM, fixed at boot: the ceiling of `docker update --memory`.
     memory_mib: u32,
+    /// The host's mount of a layered root, refreshed when the VM pauses.
+    host_view: Option<layers::HostView>,
 }
 
 impl std::fmt::Debug for Control {
@@ -512,6 +706,10 @@ impl Running {
         }
         crate::qmp::execute(&self.shared.qmp, "stop").await?;
         self.shared.paused.store(true, Ordering::SeqCst);
+        // `docker commit` pauses, then reads the root: show it everything written so far.
+        if let Some(v) = &self.shared.host_view {
+            refresh_view(v).await;
+        }
         Ok(())
     }
 

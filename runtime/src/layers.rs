@@ -152,6 +152,17 @@ fn parse_options(opts: &str) -> Option<Overlay> {
 /// layer paths (Docker mounts from its overlay2 dir when the options would be too long) are
 /// resolved against `base`.
 pub fn parse_mountinfo(text: &str, mount_point: &Path, base: &Path) -> Option<Overlay> {
+    let mut o = parse_options(&overlay_options(text, mount_point)?)?;
+    let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+    o.lower = o.lower.into_iter().map(abs).collect();
+    o.upper = abs(o.upper);
+    o.work = abs(o.work);
+    Some(o)
+}
+
+/// The super options of the overlay on top at `mount_point` (as mountinfo shows them, still
+/// escaped), or `None` when the mount on top there is not an overlay.
+fn overlay_options(text: &str, mount_point: &Path) -> Option<String> {
     let mut found = None;
     for line in text.lines() {
         let Some((pre, post)) = line.split_once(" - ") else {
@@ -166,16 +177,92 @@ pub fn parse_mountinfo(text: &str, mount_point: &Path, base: &Path) -> Option<Ov
         // The last mount on a path is the one on top.
         let mut post = post.split(' ');
         found = match (post.next(), post.nth(1)) {
-            (Some("overlay"), Some(opts)) => parse_options(opts),
+            (Some("overlay"), Some(opts)) => Some(opts.to_owned()),
             _ => None,
         };
     }
-    let mut o = found?;
-    let abs = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
-    o.lower = o.lower.into_iter().map(abs).collect();
-    o.upper = abs(o.upper);
-    o.work = abs(o.work);
-    Some(o)
+    found
+}
+
+/// The host's own mount of a layered container root: Docker's `merged` dir (or the shim's
+/// mount of a snapshotter's layers), which Docker reads for `docker diff`, `docker cp` and
+/// `docker export`. The guest writes the same upper dir from another kernel, so this host
+/// overlay's cached view of a directory it looked at before the guest changed it goes stale;
+/// [`HostView::refresh`] mounts it afresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostView {
+    pub mount_point: PathBuf,
+    /// The overlay's options as mounted (relative paths resolve against `base`).
+    pub options: String,
+    pub base: PathBuf,
+    pub upper: PathBuf,
+    /// The overlay's work dir.
+    pub work: PathBuf,
+}
+
+impl HostView {
+    /// The overlay at `root`, if there is one.
+    pub fn find(root: &Path) -> Option<HostView> {
+        let mount_point = std::fs::canonicalize(root).ok()?;
+        let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        let base = mount_point
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/"))
+            .to_path_buf();
+        let raw = overlay_options(&text, &mount_point)?;
+        let Overlay { upper, work, .. } = parse_mountinfo(&text, &mount_point, &base)?;
+        let options = String::from_utf8(unescape(&raw)).ok()?;
+        Some(HostView {
+            mount_point,
+            options,
+            base,
+            upper,
+            work,
+        })
+    }
+
+    /// A token that changes when the host overlay copies something up or deletes something
+    /// from the image (its `work/work` dir holds every such operation for an instant): the
+    /// host changed the root (`docker cp` into the container). A mount remakes the dir too.
+    pub fn host_writes(&self) -> Option<(u64, i64, i64)> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(self.work.join("work")).ok()?;
+        Some((m.ino(), m.mtime(), m.mtime_nsec()))
+    }
+
+    /// Replaces the overlay at the mount point by a fresh mount of the same layers, which
+    /// drops the cached view. Does nothing when the overlay is no longer there (the engine
+    /// unmounted it). The path is empty for the instant between the two.
+    pub fn refresh(&self) -> Result<()> {
+        let text = std::fs::read_to_string("/proc/self/mountinfo")
+            .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
+        let still = parse_mountinfo(&text, &self.mount_point, &self.base)
+            .is_some_and(|o| o.upper == self.upper);
+        if !still {
+            return Ok(());
+        }
+        nix::mount::umount2(&self.mount_point, nix::mount::MntFlags::MNT_DETACH)
+            .map_err(|e| Error::io("unmount", &self.mount_point, std::io::Error::from(e)))?;
+        // mount(8) from the base dir: the options may name layers relative to it.
+        let out = Command::new("mount")
+            .args(["-t", "overlay", "overlay", "-o", &self.options])
+            .arg(&self.mount_point)
+            .current_dir(&self.base)
+            .output()
+            .map_err(|e| Error::Spawn {
+                program: "mount".into(),
+                source: e,
+            })?;
+        if !out.status.success() {
+            return Err(Error::Invalid(format!(
+                "remount the container root at {}: {}",
+                self.mount_point.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The overlay mounted at `root` on this host, if it is one.
@@ -537,6 +624,63 @@ mod tests {
         let one = chain_image(&cache, std::slice::from_ref(&bottom)).unwrap();
         assert_ne!(one, img);
         assert!(debugfs(&one, "cat /etc/gone").starts_with('x'));
+    }
+
+    /// Needs root (mounts).
+    #[test]
+    fn host_view_refresh_sees_what_another_writer_put_in_the_upper_dir() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!(
+                "SKIP host_view_refresh_sees_what_another_writer_put_in_the_upper_dir: needs root"
+            );
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let d = |p: &str| {
+            let d = t.path().join(p);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let (lower, upper, work, merged) =
+            (d("lower/etc"), d("c/diff"), d("c/work"), d("c/merged"));
+        let lower = lower.parent().unwrap().to_path_buf();
+        std::fs::create_dir(lower.join("srv")).unwrap();
+        std::fs::write(lower.join("srv/file"), "image").unwrap();
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .unwrap();
+        let view = HostView::find(&merged).unwrap();
+        assert_eq!(view.upper, upper);
+        // The host looks at /etc while it is only in the image; then the guest (another
+        // kernel, here: a direct write) copies it up and adds a file.
+        assert!(!merged.join("etc/new").exists());
+        std::fs::create_dir(upper.join("etc")).unwrap();
+        std::fs::write(upper.join("etc/new"), "x").unwrap();
+        let before = view.host_writes();
+        assert!(before.is_some());
+        view.refresh().unwrap();
+        assert!(merged.join("etc/new").exists());
+        // A remount remakes the work dir; a copy-up by the host changes it.
+        let after = view.host_writes();
+        assert_ne!(before, after);
+        // The host copies a file of the image up (docker cp into the container).
+        std::fs::write(merged.join("srv/file"), "changed").unwrap();
+        assert_ne!(view.host_writes(), after);
+        nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        // Gone: refresh leaves the path alone.
+        view.refresh().unwrap();
+        assert!(!merged.join("etc").exists());
     }
 
     fn ext4_tools_missing() -> bool {

@@ -173,6 +173,7 @@ pub fn root_share(
         path: path.to_path_buf(),
         readonly,
         transport: policy.root.clone(),
+        overlay_upper: false,
     };
     let (fstype, options) = guest_mount(&share);
     let spec = RootfsSpec {
@@ -278,6 +279,7 @@ pub fn plan(mounts: &[Mount], policy: &SharePolicy) -> Result<MountPlan> {
                 path: source.to_path_buf(),
                 readonly,
                 transport: policy.volumes.clone(),
+                overlay_upper: false,
             };
             let (fstype, options) = guest_mount(&share);
             out.mounts.push(MountSpec {

@@ -36,6 +36,10 @@ pub struct Share {
     pub path: PathBuf,
     pub readonly: bool,
     pub transport: ShareTransport,
+    /// The guest stacks an overlay on this share (a container's writable layer): virtio-fs
+    /// must store overlayfs's `trusted.overlay.*` attributes (opaque directories), which
+    /// takes CAP_SYS_ADMIN in virtiofsd.
+    pub overlay_upper: bool,
 }
 
 /// How a shared directory crosses the VM boundary.
@@ -439,6 +443,11 @@ pub fn virtiofsd_args(share: &Share, fs: &VirtioFs, state_dir: &Path) -> Vec<Str
     if share.readonly {
         a.push("--readonly".into());
     }
+    if share.overlay_upper {
+        // trusted.* xattrs need CAP_SYS_ADMIN, which virtiofsd drops by default; it stays
+        // confined to the share by its sandbox.
+        a.push("--modcaps=+sys_admin".into());
+    }
     a
 }
 
@@ -635,6 +644,7 @@ mod tests {
                 path: "/var/lib/docker/x/merged".into(),
                 readonly: false,
                 transport: ShareTransport::NineP,
+                overlay_upper: false,
             }],
             nics: vec![Nic {
                 tap: "avmtap0".into(),
@@ -727,6 +737,7 @@ mod tests {
             path: "/home/u/project".into(),
             readonly: true,
             transport: virtio_fs(FsCache::Never),
+            overlay_upper: false,
         });
         // Kernel vsock alone needs no shared memory; a virtio-fs share does.
         let a = qemu_args(&c, &VsockTransport::Kernel { cid: 3 });
@@ -765,6 +776,7 @@ mod tests {
             path: "/srv/data".into(),
             readonly: false,
             transport: virtio_fs(FsCache::Never),
+            overlay_upper: false,
         };
         let fs = VirtioFs {
             daemon: "/usr/bin/virtiofsd".into(),
@@ -788,6 +800,12 @@ mod tests {
         assert!(a.ends_with(&["--readonly".to_string()]));
         assert!(a.windows(2).any(|w| w == ["--cache", "auto"]));
         assert!(!a.contains(&"--allow-mmap".to_string()));
+        assert!(!a.iter().any(|x| x.starts_with("--modcaps")));
+        // A writable layer's share keeps CAP_SYS_ADMIN for overlayfs's trusted xattrs.
+        share.readonly = false;
+        share.overlay_upper = true;
+        let a = virtiofsd_args(&share, &auto, state);
+        assert!(a.ends_with(&["--modcaps=+sys_admin".to_string()]));
     }
 
     #[test]
