@@ -620,3 +620,127 @@ fn docker_run_tty_follows_a_resize() {
     let status = child.wait().expect("docker run -t");
     assert!(status.success(), "{status:?}: {seen:?}");
 }
+
+/// Polls `check` until it holds or `secs` pass; returns the last value.
+fn eventually<T>(secs: u64, mut check: impl FnMut() -> (bool, T)) -> (bool, T) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (ok, v) = check();
+        if ok || std::time::Instant::now() > deadline {
+            return (ok, v);
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// What the workload writes reaches Docker while the container runs, in both root modes:
+/// `layers` (the default: image layers on a block device, the writable layer shared, the
+/// host's view refreshed every 2 s) and `share` (the whole root shared).
+fn workload_writes_reach_docker(test: &str, mode: &str) {
+    let Some(env) = DockerEnv::get(test) else {
+        return;
+    };
+    let n = unique_name(test);
+    let annotation = format!("io.agentvm.rootfs={mode}");
+    let (out, id) = env.run(
+        test,
+        &[
+            "-d",
+            "--annotation",
+            &annotation,
+            &env.image,
+            "sleep",
+            "1000",
+        ],
+        None,
+    );
+    assert!(out.status.success(), "{:?}", text(&out));
+    let id = id.trim().to_string();
+    let exec = |script: &str| env.docker(&["exec", &n, "sh", "-c", script], None, T);
+    let root = text(&exec("head -1 /proc/mounts")).0;
+    let layered = root.contains("lowerdir=/run/agentvm/lower0");
+    assert_eq!(layered, mode == "layers", "root: {root}");
+    // Docker looks first (the host caches what it saw), then the workload writes.
+    let diff = |n: &str| text(&env.docker(&["diff", n], None, T)).0;
+    assert!(!diff(&n).contains("/srv"));
+    let out = exec("mkdir -p /srv/out && echo result > /srv/out/file && rm /etc/group");
+    assert!(out.status.success(), "{:?}", text(&out));
+    let (ok, d) = eventually(10, || {
+        let d = diff(&n);
+        (
+            d.contains("A /srv/out/file") && d.contains("D /etc/group"),
+            d,
+        )
+    });
+    assert!(ok, "docker diff: {d}");
+    // docker cp out of the running container.
+    let dir = tempfile::tempdir().unwrap();
+    let got = dir.path().join("file");
+    let out = env.docker(
+        &["cp", &format!("{n}:/srv/out/file"), got.to_str().unwrap()],
+        None,
+        T,
+    );
+    assert!(out.status.success(), "cp out: {:?}", text(&out));
+    assert_eq!(std::fs::read_to_string(&got).unwrap(), "result\n");
+    // docker cp into a directory the workload never touched: the workload sees it.
+    let src = dir.path().join("in.txt");
+    std::fs::write(&src, "from the host\n").unwrap();
+    let out = env.docker(
+        &["cp", src.to_str().unwrap(), &format!("{n}:/root/in.txt")],
+        None,
+        T,
+    );
+    assert!(out.status.success(), "cp in: {:?}", text(&out));
+    let (ok, seen) = eventually(10, || {
+        let s = text(&exec("cat /root/in.txt 2>&1")).0;
+        (s == "from the host\n", s)
+    });
+    assert!(ok, "the workload reads the copied file: {seen:?}");
+    // docker export of the running container.
+    let tar = dir.path().join("root.tar");
+    let out = env.docker(&["export", "-o", tar.to_str().unwrap(), &n], None, T);
+    assert!(out.status.success(), "export: {:?}", text(&out));
+    let list = std::process::Command::new("tar")
+        .arg("tf")
+        .arg(&tar)
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout).into_owned();
+    assert!(list.lines().any(|l| l == "srv/out/file"), "export lacks the file");
+    assert!(!list.lines().any(|l| l == "etc/group"), "export has a deleted file");
+    // docker commit (pauses the VM), then a container of the new image.
+    let image = format!("agentvm-test/commit-{}", n.to_lowercase());
+    let out = env.docker(&["commit", &n, &image], None, T);
+    assert!(out.status.success(), "commit: {:?}", text(&out));
+    let (out, _) = env.run(
+        &format!("{test}-commit"),
+        &[
+            "--rm",
+            &image,
+            "sh",
+            "-c",
+            "cat /srv/out/file /root/in.txt; test -e /etc/group || echo no-group",
+        ],
+        None,
+    );
+    assert_eq!(
+        text(&out).0,
+        "result\nfrom the host\nno-group\n",
+        "{:?}",
+        text(&out)
+    );
+    env.docker(&["rmi", "-f", &image], None, T);
+    env.docker(&["rm", "-f", &n], None, T);
+    env.assert_vm_gone(&id);
+}
+
+#[test]
+fn workload_writes_reach_docker_with_layers() {
+    workload_writes_reach_docker("writes-layers", "layers");
+}
+
+#[test]
+fn workload_writes_reach_docker_with_a_shared_root() {
+    workload_writes_reach_docker("writes-share", "share");
+}
