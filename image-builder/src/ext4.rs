@@ -107,8 +107,7 @@ pub fn build(
         &staging,
         out,
         opts,
-        auto_size,
-        inodes,
+        (auto_size, inodes),
         "0:0",
         &|_| {},
     )?;
@@ -133,8 +132,7 @@ fn mkfs_from_dir(
     src: &Path,
     out: &Path,
     opts: &Ext4Options,
-    auto_size: u64,
-    inodes: u64,
+    (auto_size, inodes): (u64, u64),
     root_owner: &str,
     prepare: &dyn Fn(&mut Command),
 ) -> Result<u64> {
@@ -277,11 +275,9 @@ pub fn build_dir_image(
     let debugfs = find_tool("debugfs")?;
     let root = std::fs::metadata(image.root)
         .map_err(|e| Error::io(format!("stat {}", image.root.display()), e))?;
-    let (auto_size, inodes) = image.estimate;
+    let (_, inodes) = image.estimate;
     let owner = format!("{}:{}", root.uid(), root.gid());
-    let size = mkfs_from_dir(
-        &mkfs, image.src, out, opts, auto_size, inodes, &owner, prepare,
-    )?;
+    let size = mkfs_from_dir(&mkfs, image.src, out, opts, image.estimate, &owner, prepare)?;
     // mkfs makes /lost+found and gives the root its own mode and times; the copy should
     // match the source.
     let mut cmds = Vec::new();

@@ -530,7 +530,7 @@ async fn launch(
     let refresher_ctl = ctl_tx.clone();
     let running = Running {
         pid,
-        rootfs: request.rootfs.clone(),
+        rootfs: Arc::new(request.rootfs.clone()),
         vm: vm.unwrap_or_else(|| ctl_tx.clone()),
         ctl: ctl_tx,
         exit: exit_rx,
@@ -598,7 +598,7 @@ enum Control {
 #[derive(Debug, Clone)]
 pub struct Running {
     pid: u32,
-    rootfs: RootfsSpec,
+    rootfs: Arc<RootfsSpec>,
     /// Control channel of the init process's driver, which owns the sandbox.
     vm: mpsc::UnboundedSender<Control>,
     ctl: mpsc::UnboundedSender<Control>,
@@ -675,7 +675,7 @@ impl Running {
             Err(_) => Err(gone()),
         };
         let request = StartRequest {
-            rootfs: self.rootfs.clone(),
+            rootfs: (*self.rootfs).clone(),
             process,
             hostname: None,
             init: false,

@@ -51,9 +51,19 @@ pub enum RootMode {
 }
 
 impl RootMode {
+    /// The mode [`ROOTFS_ANNOTATION`] asks for; naming a transport for the shared root
+    /// ([`crate::mounts::ROOT_ANNOTATION`]) asks for the share.
     pub fn from_annotations(annotations: &HashMap<String, String>) -> Result<Self> {
+        let share_transport = annotations
+            .get(crate::mounts::ROOT_ANNOTATION)
+            .is_some_and(|v| !v.trim().is_empty());
         match annotations.get(ROOTFS_ANNOTATION).map(|v| v.trim()) {
+            None | Some("") if share_transport => Ok(RootMode::Share),
             None | Some("") => Ok(RootMode::Auto),
+            Some("layers") if share_transport => Err(Error::Invalid(format!(
+                "annotation {} applies to a shared root: drop it or use {ROOTFS_ANNOTATION}=share",
+                crate::mounts::ROOT_ANNOTATION
+            ))),
             Some("layers") => Ok(RootMode::Layers),
             Some("share") => Ok(RootMode::Share),
             Some(other) => Err(Error::Invalid(format!(
@@ -581,6 +591,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("use \"layers\" or \"share\""), "{e}");
+        // A transport for the shared root means the shared root.
+        let mut ann =
+            HashMap::from([(crate::mounts::ROOT_ANNOTATION.to_string(), "9p".to_string())]);
+        assert_eq!(RootMode::from_annotations(&ann).unwrap(), RootMode::Share);
+        ann.insert(ROOTFS_ANNOTATION.into(), "layers".into());
+        assert!(RootMode::from_annotations(&ann).is_err());
     }
 
     /// Needs root (mounts, ownership) and e2fsprogs.
