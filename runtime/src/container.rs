@@ -117,16 +117,17 @@ struct Owner {
     host_view: Option<layers::HostView>,
 }
 
-/// How often the host's mount of a layered root is made afresh while the VM runs: the
-/// longest a `docker diff`, `docker cp` or `docker export` of a running container can lag
-/// behind what the workload wrote.
-const HOST_VIEW_REFRESH: Duration = Duration::from_secs(2);
+/// How often the refresher looks whether the guest or the host changed a layered root behind
+/// the other's back: about the longest a `docker diff`, `docker cp` or `docker export` of a
+/// running container lags behind what the workload wrote, and a `docker cp` into it behind
+/// what the workload sees.
+const HOST_VIEW_REFRESH: Duration = Duration::from_secs(1);
 
-/// A task keeping both views of a layered root fresh while the VM runs: every
-/// [`HOST_VIEW_REFRESH`] it mounts the host's view afresh (guest writes show in `docker
-/// diff`), and when the host itself changed the root since the last round (`docker cp`
-/// into the container: the host overlay's work dir changes with every copy-up) it has the
-/// guest forget its cached directory entries.
+/// A task keeping both views of a layered root fresh while the VM runs. Every
+/// [`HOST_VIEW_REFRESH`] it looks at both overlays' work dirs, which change with every
+/// copy-up or deletion of an image file: when the guest's changed, it mounts the host's view
+/// afresh (so `docker diff` sees the guest's writes); when the host's changed (`docker cp`
+/// into the container), it has the guest forget its cached directory entries.
 struct Refresher {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
@@ -136,16 +137,20 @@ impl Refresher {
     fn spawn(view: layers::HostView, vm: mpsc::UnboundedSender<Control>) -> Refresher {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
-            let mut seen = view.host_writes();
+            let (mut host_seen, mut guest_seen) = (view.host_writes(), view.guest_writes());
             loop {
                 tokio::select! {
                     _ = stopped.changed() => break,
                     _ = tokio::time::sleep(HOST_VIEW_REFRESH) => {}
                 }
-                let host_wrote = view.host_writes() != seen;
-                refresh_view(&view).await;
-                // After the refresh, which remakes the work dir itself.
-                seen = view.host_writes();
+                let host_wrote = view.host_writes() != host_seen;
+                let guest = view.guest_writes();
+                if guest != guest_seen {
+                    guest_seen = guest;
+                    refresh_view(&view).await;
+                }
+                // After a refresh, which remakes the host's work dir itself.
+                host_seen = view.host_writes();
                 if host_wrote {
                     if let Err(e) = forget_guest_caches(&vm).await {
                         tracing::warn!("have the guest forget its cached root: {e}");

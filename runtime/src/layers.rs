@@ -17,7 +17,7 @@
 //!   (whiteouts, opaque dirs), so `docker diff`, `docker commit`, `docker export` and
 //!   `docker cp` see what the workload wrote.
 //!
-//! docs/decisions.md ("Container root: image layers on a block device") has the design and
+//! docs/decisions.md ("Container root: image layers on a cached ext4 disk ...") has the design and
 //! the measurements.
 
 use std::collections::HashMap;
@@ -236,9 +236,15 @@ impl HostView {
     /// from the image (its `work/work` dir holds every such operation for an instant): the
     /// host changed the root (`docker cp` into the container). A mount remakes the dir too.
     pub fn host_writes(&self) -> Option<(u64, i64, i64)> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(self.work.join("work")).ok()?;
-        Some((m.ino(), m.mtime(), m.mtime_nsec()))
+        dir_token(&self.work.join("work"))
+    }
+
+    /// The same token for the guest's overlay ([`GUEST_WORKDIR`] beside the writable layer):
+    /// it changes when the guest copies a directory or file of the image up, or deletes one,
+    /// which is what a host overlay that looked there before cannot see.
+    pub fn guest_writes(&self) -> Option<(u64, i64, i64)> {
+        let share = self.upper.parent()?;
+        dir_token(&share.join(GUEST_WORKDIR).join("work"))
     }
 
     /// Replaces the overlay at the mount point by a fresh mount of the same layers, which
@@ -252,27 +258,52 @@ impl HostView {
         if !still {
             return Ok(());
         }
+        let mount = ["/usr/bin/mount", "/bin/mount"]
+            .into_iter()
+            .map(Path::new)
+            .find(|p| p.is_file())
+            .ok_or_else(|| Error::Missing {
+                what: "mount".into(),
+                hint: "apt-get install mount".into(),
+            })?;
         nix::mount::umount2(&self.mount_point, nix::mount::MntFlags::MNT_DETACH)
             .map_err(|e| Error::io("unmount", &self.mount_point, std::io::Error::from(e)))?;
         // mount(8) from the base dir: the options may name layers relative to it.
-        let out = Command::new("mount")
+        let out = Command::new(mount)
             .args(["-t", "overlay", "overlay", "-o", &self.options])
             .arg(&self.mount_point)
             .current_dir(&self.base)
-            .output()
-            .map_err(|e| Error::Spawn {
-                program: "mount".into(),
-                source: e,
-            })?;
-        if !out.status.success() {
-            return Err(Error::Invalid(format!(
-                "remount the container root at {}: {}",
-                self.mount_point.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Ok(()),
+            other => {
+                // The engine's root must not stay unmounted: once more, directly.
+                let direct = nix::mount::mount(
+                    Some("overlay"),
+                    &self.mount_point,
+                    Some("overlay"),
+                    nix::mount::MsFlags::empty(),
+                    Some(self.options.as_str()),
+                );
+                let why = match other {
+                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
+                    Err(e) => e.to_string(),
+                };
+                direct.map_err(|e| {
+                    Error::Invalid(format!(
+                        "remount the container root at {}: {why}; {e}",
+                        self.mount_point.display()
+                    ))
+                })
+            }
         }
-        Ok(())
     }
+}
+
+fn dir_token(dir: &Path) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(dir).ok()?;
+    Some((m.ino(), m.mtime(), m.mtime_nsec()))
 }
 
 /// The overlay mounted at `root` on this host, if it is one.
