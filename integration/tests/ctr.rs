@@ -57,11 +57,12 @@ fn ctr_run_exec_and_kill_with_containerd_snapshots() {
         &id,
         "sh",
         "-c",
-        "echo hi from the vm; exit 3",
+        // The snapshotter's layers reach the VM as a disk under the shared writable layer.
+        "echo hi from the vm; grep -c lowerdir=/run/agentvm/lower0 /proc/mounts; exit 3",
     ]);
     let (so, se) = text(&out);
     assert_eq!(out.status.code(), Some(3), "{so} {se}");
-    assert_eq!(so, "hi from the vm\n");
+    assert_eq!(so, "hi from the vm\n1\n");
 
     let id2 = unique_name("ctrd");
     let out = ctr(&["run", "--runtime", rt, "-d", IMAGE, &id2, "sleep", "1000"]);

@@ -635,7 +635,7 @@ fn eventually<T>(secs: u64, mut check: impl FnMut() -> (bool, T)) -> (bool, T) {
 
 /// What the workload writes reaches Docker while the container runs, in both root modes:
 /// `layers` (the default: image layers on a block device, the writable layer shared, the
-/// host's view refreshed every 2 s) and `share` (the whole root shared).
+/// host's view refreshed after guest copy-ups) and `share` (the whole root shared).
 fn workload_writes_reach_docker(test: &str, mode: &str) {
     let Some(env) = DockerEnv::get(test) else {
         return;
