@@ -3,6 +3,9 @@
 (`layers`, the default) against the whole root shared over virtio-9p or virtio-fs (`share`),
 with runc as the baseline, all configurations interleaved in one run.
 
+The layered root's writable layer is shared with virtiofsd `--cache auto` unless annotated;
+one configuration shows `never`.
+
 The workload, inside the container (times from /proc/uptime, 10 ms resolution):
   walk    ls -lR /usr (metadata of every file of the image's /usr)
   read    cat of up to 4,000 small files (< 32 KiB) of /usr/lib and /usr/share
@@ -22,9 +25,9 @@ PHASES = ["walk", "read", "exec", "write"]
 AVM = ["--runtime=agentvm"]
 CONFIGS = {
     "runc (overlay2)": ["--runtime=runc"],
-    "agentvm layers (ext4 disk + shared upper)": AVM + ["--annotation", "io.agentvm.rootfs=layers"],
-    "agentvm layers, upper cache=auto": AVM + ["--annotation", "io.agentvm.rootfs=layers",
-                                               "--annotation", "io.agentvm.virtiofs-cache=auto"],
+    "agentvm layers (default: upper cache=auto)": AVM + ["--annotation", "io.agentvm.rootfs=layers"],
+    "agentvm layers (upper cache=never)": AVM + ["--annotation", "io.agentvm.rootfs=layers",
+                                                "--annotation", "io.agentvm.virtiofs-cache=never"],
     "agentvm share 9p": AVM + ["--annotation", "io.agentvm.rootfs=share",
                                "--annotation", "io.agentvm.root-share=9p"],
     "agentvm share virtio-fs": AVM + ["--annotation", "io.agentvm.rootfs=share",

@@ -26,7 +26,7 @@ use crate::assets::Assets;
 use crate::error::{Error, Result};
 use crate::netns::{Netns, NetnsMode};
 use crate::sandbox::{spawn_frame_reader, spawn_input_pump, AgentConn, Sandbox, SandboxConfig};
-use crate::vmm::{Accel, Disk, Nic, Share, ShareTransport, VirtioFs};
+use crate::vmm::{Accel, Disk, FsCache, Nic, Share, ShareTransport, VirtioFs};
 use crate::{assets, dns, hooks, layers, mounts};
 
 /// The mount tag of the container's root directory share.
@@ -134,26 +134,42 @@ struct Refresher {
 }
 
 impl Refresher {
-    fn spawn(view: layers::HostView, vm: mpsc::UnboundedSender<Control>) -> Refresher {
+    fn spawn(
+        view: layers::HostView,
+        vm: mpsc::UnboundedSender<Control>,
+        shared: Arc<VmShared>,
+    ) -> Refresher {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
             let (mut host_seen, mut guest_seen) = (view.host_writes(), view.guest_writes());
+            let mut forget = false;
             loop {
                 tokio::select! {
                     _ = stopped.changed() => break,
                     _ = tokio::time::sleep(HOST_VIEW_REFRESH) => {}
                 }
-                let host_wrote = view.host_writes() != host_seen;
+                // A copy-up by the host changes its work dir's mtime; a remount (ours, at a
+                // pause too) makes the dir anew, another inode: no host write.
+                let host = view.host_writes();
+                if let (Some(seen), Some(now)) = (host_seen, host) {
+                    forget |= seen.0 == now.0 && seen != now;
+                }
                 let guest = view.guest_writes();
                 if guest != guest_seen {
                     guest_seen = guest;
                     refresh_view(&view).await;
                 }
-                // After a refresh, which remakes the host's work dir itself.
                 host_seen = view.host_writes();
-                if host_wrote {
-                    if let Err(e) = forget_guest_caches(&vm).await {
-                        tracing::warn!("have the guest forget its cached root: {e}");
+                // A paused guest cannot answer: after the resume.
+                if forget && !shared.paused.load(Ordering::SeqCst) {
+                    tokio::select! {
+                        _ = stopped.changed() => break,
+                        r = forget_guest_caches(&vm) => {
+                            if let Err(e) = r {
+                                tracing::warn!("have the guest forget its cached root: {e}");
+                            }
+                            forget = false;
+                        }
                     }
                 }
             }
@@ -463,9 +479,15 @@ fn layered_root(
     l: layers::LayeredRoot,
     daemon: Option<std::path::PathBuf>,
 ) -> (Share, Vec<Disk>, RootfsSpec) {
+    // `auto` unless annotated: the guest's writes still reach the host at once (virtiofsd
+    // writes through), and the host's rarely come, are seen within its 1 s timeouts, and
+    // make the guest forget its cache (Refresher). `never` made every lookup a round trip:
+    // `ls -lR /usr` took 4.7x as long (docs/benchmarks.md).
     let cache = match &policy.volumes {
-        ShareTransport::VirtioFs(v) => v.cache,
-        ShareTransport::NineP => mounts::DEFAULT_CACHE,
+        ShareTransport::VirtioFs(v) if cfg.annotations.contains_key(mounts::CACHE_ANNOTATION) => {
+            v.cache
+        }
+        _ => FsCache::Auto,
     };
     let share = Share {
         tag: ROOT_TAG.into(),
@@ -533,6 +555,7 @@ async fn launch(
     let (exit_tx, exit_rx) = watch::channel(None);
     let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
     let refresher_ctl = ctl_tx.clone();
+    let refresher_shared = shared.clone();
     let running = Running {
         pid,
         rootfs: Arc::new(request.rootfs.clone()),
@@ -548,7 +571,7 @@ async fn launch(
             Some(o) => (Some(o.sandbox), o.netns, Some(o.down), o.host_view),
             None => (None, None, None, None),
         };
-        let refresher = host_view.map(|v| Refresher::spawn(v, refresher_ctl));
+        let refresher = host_view.map(|v| Refresher::spawn(v, refresher_ctl, refresher_shared));
         let send = match conn {
             Ok(mut conn) => conn
                 .send(&Frame::Msg(Message::Start(Box::new(request))))
