@@ -707,8 +707,14 @@ fn workload_writes_reach_docker(test: &str, mode: &str) {
         .output()
         .unwrap();
     let list = String::from_utf8_lossy(&list.stdout).into_owned();
-    assert!(list.lines().any(|l| l == "srv/out/file"), "export lacks the file");
-    assert!(!list.lines().any(|l| l == "etc/group"), "export has a deleted file");
+    assert!(
+        list.lines().any(|l| l == "srv/out/file"),
+        "export lacks the file"
+    );
+    assert!(
+        !list.lines().any(|l| l == "etc/group"),
+        "export has a deleted file"
+    );
     // docker commit (pauses the VM), then a container of the new image.
     let image = format!("agentvm-test/commit-{}", n.to_lowercase());
     let out = env.docker(&["commit", &n, &image], None, T);
