@@ -427,14 +427,16 @@ async fn root_setup(
                 let cache = agentvm_image::cache::default_dir();
                 // Building an image's layers takes seconds the first time: off the runtime.
                 tokio::task::spawn_blocking(move || {
-                    let layered = layers::prepare(&root, &cache, &state)?;
+                    let Some(view) = layers::HostView::find(&root) else {
+                        return Ok(None);
+                    };
+                    let Some(layered) = layers::prepare(&view, &cache, &state)? else {
+                        return Ok(None);
+                    };
                     // The engine looked into its mount of the root while creating the
                     // container (/etc, the working dir): start the VM with a fresh one.
-                    let view = layered.as_ref().and_then(|_| layers::HostView::find(&root));
-                    if let Some(v) = &view {
-                        v.refresh()?;
-                    }
-                    Ok(layered.map(|l| (l, view)))
+                    view.refresh()?;
+                    Ok(Some((layered, Some(view))))
                 })
                 .await
                 .map_err(|e| Error::Invalid(format!("layers image build: {e}")))?

@@ -205,6 +205,8 @@ pub struct HostView {
     /// The overlay's options as mounted (relative paths resolve against `base`).
     pub options: String,
     pub base: PathBuf,
+    /// The image's layers (and Docker's init layer), top first, as mounted.
+    pub lower: Vec<PathBuf>,
     pub upper: PathBuf,
     /// The overlay's work dir.
     pub work: PathBuf,
@@ -215,18 +217,20 @@ impl HostView {
     pub fn find(root: &Path) -> Option<HostView> {
         let mount_point = std::fs::canonicalize(root).ok()?;
         let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+        // Docker: <root>/overlay2/<id>/merged, relative layers are under <root>/overlay2.
         let base = mount_point
             .parent()
             .and_then(Path::parent)
             .unwrap_or(Path::new("/"))
             .to_path_buf();
         let raw = overlay_options(&text, &mount_point)?;
-        let Overlay { upper, work, .. } = parse_mountinfo(&text, &mount_point, &base)?;
+        let Overlay { lower, upper, work } = parse_mountinfo(&text, &mount_point, &base)?;
         let options = String::from_utf8(unescape(&raw)).ok()?;
         Some(HostView {
             mount_point,
             options,
             base,
+            lower,
             upper,
             work,
         })
@@ -304,18 +308,6 @@ fn dir_token(dir: &Path) -> Option<(u64, i64, i64)> {
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(dir).ok()?;
     Some((m.ino(), m.mtime(), m.mtime_nsec()))
-}
-
-/// The overlay mounted at `root` on this host, if it is one.
-pub fn find_overlay(root: &Path) -> Option<Overlay> {
-    let root = std::fs::canonicalize(root).ok()?;
-    let text = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    // Docker: <root>/overlay2/<id>/merged, relative layers are under <root>/overlay2.
-    let base = root
-        .parent()
-        .and_then(Path::parent)
-        .unwrap_or(Path::new("/"));
-    parse_mountinfo(&text, &root, base)
 }
 
 /// Whether `layer` (a resolved lower dir) is Docker's per-container init layer
@@ -480,16 +472,13 @@ pub struct LayeredRoot {
     pub upper: String,
 }
 
-/// Prepares the layered root of the overlay at `root`: finds its layers, builds (or finds
-/// cached) the images, and says what to attach. `Ok(None)` when `root` is not an overlay
-/// with a writable layer (a plain directory, a bind-mounted snapshot).
-pub fn prepare(root: &Path, cache_dir: &Path, state_dir: &Path) -> Result<Option<LayeredRoot>> {
-    let Some(overlay) = find_overlay(root) else {
-        return Ok(None);
-    };
-    let (private, chain) = split_layers(&overlay.lower)?;
-    let upper = std::fs::canonicalize(&overlay.upper)
-        .map_err(|e| Error::io("resolve upper dir", &overlay.upper, e))?;
+/// Prepares the layered root of the overlay `view` (found with [`HostView::find`]): builds (or
+/// finds cached) the images of its layers and says what to attach. `Ok(None)` when its
+/// writable layer has no parent directory to share.
+pub fn prepare(view: &HostView, cache_dir: &Path, state_dir: &Path) -> Result<Option<LayeredRoot>> {
+    let (private, chain) = split_layers(&view.lower)?;
+    let upper = std::fs::canonicalize(&view.upper)
+        .map_err(|e| Error::io("resolve upper dir", &view.upper, e))?;
     let (Some(share_dir), Some(name)) = (upper.parent(), upper.file_name()) else {
         return Ok(None);
     };
