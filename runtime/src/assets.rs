@@ -1,7 +1,7 @@
 //! Locating what a sandbox boots from: the guest kernel, the agent, QEMU, the vsock daemon
 //! and virtiofsd, and building the agent's initramfs.
 
-use std::io::{Cursor, Read, Write};
+use std::io::{Cursor, Write};
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
@@ -243,14 +243,11 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Reads the last `lines` lines of a (console) log; empty if it cannot be read.
+/// Reads the last `lines` lines of a (console) log, from its last 64 KiB (both halves of a
+/// capped log, [`crate::ringlog`]); empty if it cannot be read.
 pub fn tail(path: &Path, lines: usize) -> String {
-    let mut text = String::new();
-    if let Ok(mut f) = std::fs::File::open(path) {
-        let mut buf = Vec::new();
-        let _ = f.read_to_end(&mut buf);
-        text = String::from_utf8_lossy(&buf).into_owned();
-    }
+    let buf = crate::ringlog::read_tail(path, 64 << 10);
+    let text = String::from_utf8_lossy(&buf);
     let all: Vec<&str> = text.lines().collect();
     let start = all.len().saturating_sub(lines);
     all[start..].join("\n")

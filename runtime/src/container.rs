@@ -500,6 +500,9 @@ fn layered_root(
             cache,
         }),
         overlay_upper: !cfg.root_readonly,
+        // Docker's `link`, `lower`, `work` and `merged` (containerd's `work`) sit beside the
+        // writable layer: the guest reaches the layer and agentvm's work dir only.
+        expose: vec![l.upper.clone(), layers::GUEST_WORKDIR.into()],
     };
     let lower = (0..l.disks.len())
         .map(|i| format!("/dev/vd{}", (b'a' + i as u8) as char))
@@ -573,6 +576,7 @@ async fn launch(
             Some(o) => (Some(o.sandbox), o.netns, Some(o.down), o.host_view),
             None => (None, None, None, None),
         };
+        let shared_layer = host_view.clone();
         let refresher = host_view.map(|v| Refresher::spawn(v, refresher_ctl, refresher_shared));
         let send = match conn {
             Ok(mut conn) => conn
@@ -591,6 +595,13 @@ async fn launch(
         // Before the exit is known: the engine unmounts the root after it.
         if let Some(r) = refresher {
             r.stop().await;
+        }
+        // The guest wrote beside the engine's files: say so if what the engine will now
+        // walk and remove is not what was shared (the share's jail should make it impossible).
+        if let Some(v) = &shared_layer {
+            if let Err(e) = v.untouched() {
+                tracing::error!("container root after the exit: {e}");
+            }
         }
         let _ = exit_tx.send(Some(Exit {
             code,

@@ -210,6 +210,16 @@ pub struct HostView {
     pub upper: PathBuf,
     /// The overlay's work dir.
     pub work: PathBuf,
+    /// Device and inode of the writable layer and of the mount point's parent when found:
+    /// what [`HostView::untouched`] compares.
+    pub ids: [(u64, u64); 2],
+}
+
+/// Device and inode of a directory that is not a symlink.
+fn dir_id(p: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::symlink_metadata(p).ok()?;
+    m.is_dir().then(|| (m.dev(), m.ino()))
 }
 
 impl HostView {
@@ -226,6 +236,7 @@ impl HostView {
         let raw = overlay_options(&text, &mount_point)?;
         let Overlay { lower, upper, work } = parse_mountinfo(&text, &mount_point, &base)?;
         let options = String::from_utf8(unescape(&raw)).ok()?;
+        let ids = [dir_id(&upper)?, dir_id(mount_point.parent()?)?];
         Some(HostView {
             mount_point,
             options,
@@ -233,7 +244,25 @@ impl HostView {
             lower,
             upper,
             work,
+            ids,
         })
+    }
+
+    /// Checks that the writable layer and the directory holding the mount point are the
+    /// directories found at start (no symlink or other directory in their place): the guest
+    /// writes beside the one and must never steer a host mount or an engine's walk elsewhere.
+    pub fn untouched(&self) -> Result<()> {
+        let parent = self.mount_point.parent().unwrap_or(Path::new("/"));
+        for (p, id) in [(self.upper.as_path(), self.ids[0]), (parent, self.ids[1])] {
+            if dir_id(p) != Some(id) {
+                return Err(Error::Invalid(format!(
+                    "{} is no longer the directory the container started with (replaced or a \
+                     symlink now): refusing to use it",
+                    p.display()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// A token that changes when the host overlay copies something up or deletes something
@@ -262,6 +291,7 @@ impl HostView {
         if !still {
             return Ok(());
         }
+        self.untouched()?;
         let mount = ["/usr/bin/mount", "/bin/mount"]
             .into_iter()
             .map(Path::new)
@@ -270,8 +300,18 @@ impl HostView {
                 what: "mount".into(),
                 hint: "apt-get install mount".into(),
             })?;
-        nix::mount::umount2(&self.mount_point, nix::mount::MntFlags::MNT_DETACH)
-            .map_err(|e| Error::io("unmount", &self.mount_point, std::io::Error::from(e)))?;
+        nix::mount::umount2(
+            &self.mount_point,
+            nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+        )
+        .map_err(|e| Error::io("unmount", &self.mount_point, std::io::Error::from(e)))?;
+        // The mount point itself, now uncovered, must be a directory too.
+        if dir_id(&self.mount_point).is_none() {
+            return Err(Error::Invalid(format!(
+                "{} is not a directory after unmounting the root: not remounting",
+                self.mount_point.display()
+            )));
+        }
         // mount(8) from the base dir: the options may name layers relative to it.
         let out = Command::new(mount)
             .args(["-t", "overlay", "overlay", "-o", &self.options])
@@ -306,7 +346,8 @@ impl HostView {
 
 fn dir_token(dir: &Path) -> Option<(u64, i64, i64)> {
     use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(dir).ok()?;
+    // The guest's work dir is the guest's: never follow a symlink it put there.
+    let m = std::fs::symlink_metadata(dir).ok()?;
     Some((m.ino(), m.mtime(), m.mtime_nsec()))
 }
 
@@ -482,6 +523,41 @@ pub fn prepare(view: &HostView, cache_dir: &Path, state_dir: &Path) -> Result<Op
     let (Some(share_dir), Some(name)) = (upper.parent(), upper.file_name()) else {
         return Ok(None);
     };
+    // The share's jail (vmm::share_jail) needs Landlock to keep the guest out of the
+    // engine's files beside the layer.
+    if crate::jail::landlock_abi().unwrap_or(0) < crate::jail::LANDLOCK_MIN_ABI {
+        return Err(Error::Missing {
+            what: format!(
+                "Landlock ABI {} (Linux 5.19+, landlock in the lsm= list)",
+                crate::jail::LANDLOCK_MIN_ABI
+            ),
+            hint: format!(
+                "the layered root shares the directory of the engine's writable layer and \
+                 needs it to keep the guest away from the engine's metadata; without it \
+                 use {ROOTFS_ANNOTATION}=share"
+            ),
+        });
+    }
+    // agentvm's overlay work dir beside the layer, made here: the guest may create nothing
+    // in that directory.
+    let guest_work = share_dir.join(GUEST_WORKDIR);
+    match std::fs::symlink_metadata(&guest_work) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => {
+            return Err(Error::Invalid(format!(
+                "{} is not a directory: refusing the layered root",
+                guest_work.display()
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&guest_work)
+                .map_err(|e| Error::io("create", &guest_work, e))?;
+        }
+        Err(e) => return Err(Error::io("inspect", &guest_work, e)),
+    }
     let name = name
         .to_str()
         .ok_or_else(|| Error::Invalid(format!("upper dir {} is not UTF-8", upper.display())))?;

@@ -174,6 +174,7 @@ pub fn root_share(
         readonly,
         transport: policy.root.clone(),
         overlay_upper: false,
+        expose: Vec::new(),
     };
     let (fstype, options) = guest_mount(&share);
     let spec = RootfsSpec {
@@ -280,6 +281,7 @@ pub fn plan(mounts: &[Mount], policy: &SharePolicy) -> Result<MountPlan> {
                 readonly,
                 transport: policy.volumes.clone(),
                 overlay_upper: false,
+                expose: Vec::new(),
             };
             let (fstype, options) = guest_mount(&share);
             out.mounts.push(MountSpec {

@@ -411,12 +411,14 @@ pub fn cleanup_stale(id: &str) -> Result<bool> {
 pub const AGENT_READY_LINE: &str = "agentvm-agent: ready on vsock port";
 
 fn console_says_ready(console: &Path) -> bool {
-    std::fs::read(console)
-        .map(|b| {
+    // The line comes early; a console that rotated since still has it in its older half.
+    [crate::ringlog::older(console), console.to_path_buf()]
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .any(|b| {
             b.windows(AGENT_READY_LINE.len())
                 .any(|w| w == AGENT_READY_LINE.as_bytes())
         })
-        .unwrap_or(false)
 }
 
 fn remove_state_dir(dir: &Path) {

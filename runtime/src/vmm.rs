@@ -12,6 +12,8 @@ use tokio::process::{Child, Command};
 
 use crate::assets;
 use crate::error::{Error, Result};
+use crate::jail::{self, Jail, WriteRules};
+use crate::ringlog;
 
 /// How guest code is executed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +42,11 @@ pub struct Share {
     /// must store overlayfs's `trusted.overlay.*` attributes (opaque directories), which
     /// takes CAP_SYS_ADMIN in virtiofsd.
     pub overlay_upper: bool,
+    /// When not empty, the only entries of the shared directory the guest may reach, and
+    /// the only places it may write (beneath them): the rest (an engine's metadata beside a
+    /// writable layer) is covered in virtiofsd's mount namespace, and Landlock refuses any
+    /// other write, rename or link. virtio-fs only.
+    pub expose: Vec<String>,
 }
 
 /// How a shared directory crosses the VM boundary.
@@ -100,10 +107,15 @@ impl Share {
         matches!(self.transport, ShareTransport::VirtioFs(_))
     }
 
-    /// The vhost-user socket between QEMU and this share's virtiofsd, in the state dir (so
-    /// that virtiofsd's command line names the state dir, as cleanup requires).
+    /// The vhost-user socket between QEMU and this share's virtiofsd, in a directory of
+    /// its own in the state dir: virtiofsd may write there and nowhere else of the host's,
+    /// and its command line names the state dir, as cleanup requires.
     pub fn socket(&self, state_dir: &Path) -> PathBuf {
-        state_dir.join(format!("fs-{}.sock", self.tag))
+        self.socket_dir(state_dir).join("vhost.sock")
+    }
+
+    pub fn socket_dir(&self, state_dir: &Path) -> PathBuf {
+        state_dir.join(format!("fs-{}", self.tag))
     }
 }
 
@@ -143,11 +155,27 @@ impl VmConfig {
         self.state_dir.join("console.log")
     }
 
-    /// The QMP control socket of the VMM (pause, resume).
+    /// The QMP control socket of the VMM (pause, resume): made by the runtime, QEMU gets the
+    /// listening descriptor ([`QMP_FD`]).
     pub fn qmp_socket(&self) -> PathBuf {
         self.state_dir.join("qmp.sock")
     }
+
+    /// The directory of vhost-device-vsock's sockets (the only place it may write).
+    pub fn vsock_dir(&self) -> PathBuf {
+        self.state_dir.join("vsock")
+    }
 }
+
+/// QEMU's descriptor of the listening QMP socket.
+pub const QMP_FD: i32 = 200;
+/// QEMU's descriptor of the console pipe's writing end.
+pub const CONSOLE_FD: i32 = 201;
+
+/// QEMU's seccomp filter: obsolete syscalls, privilege changes, new processes and resource
+/// control are refused (the process is killed), as libvirt runs it.
+pub const QEMU_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// A VMM implementation. Backends start the VM and hand back its processes and agent channel.
 pub trait VmmBackend: std::fmt::Debug + Send + Sync {
@@ -295,7 +323,8 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
     };
     push(&["-M", machine]);
     match cfg.accel {
-        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+        // Nested virtualisation is a large attack surface of the host kernel's: off.
+        Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host,-vmx,-svm"]),
         Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
     }
     if cfg.icount && cfg.accel == Accel::Tcg {
@@ -309,6 +338,11 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
         ]);
     }
     push(&[
+        // The state dir on the command line: cleanup_stale kills only what names it.
+        "-name",
+        &qemu_escape(&cfg.state_dir),
+        "-sandbox",
+        QEMU_SANDBOX,
         "-nodefaults",
         "-no-user-config",
         "-no-reboot",
@@ -316,10 +350,15 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
         "none",
         "-monitor",
         "none",
-        "-qmp",
-        &format!("unix:{},server=on,wait=off", qemu_escape(&cfg.qmp_socket())),
+        // QMP and the console come as descriptors: QEMU needs no writable path.
+        "-chardev",
+        &format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off"),
+        "-mon",
+        "chardev=qmp,mode=control",
+        "-chardev",
+        &format!("file,id=console,path=/proc/self/fd/{CONSOLE_FD}"),
         "-serial",
-        &format!("file:{}", cfg.console_log().display()),
+        "chardev:console",
         "-kernel",
         &cfg.kernel.display().to_string(),
         "-initrd",
@@ -397,7 +436,7 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
             "-chardev",
             &format!(
                 "socket,id=vsock0,path={}",
-                qemu_escape(&cfg.state_dir.join("vhost-vsock.sock"))
+                qemu_escape(&cfg.vsock_dir().join("vhost.sock"))
             ),
             "-device",
             "vhost-user-vsock-device,chardev=vsock0",
@@ -424,13 +463,20 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
 ///   their own `st_dev` there.
 /// - The socket lives in the state dir, so the command line names it (cleanup relies on that).
 pub fn virtiofsd_args(share: &Share, fs: &VirtioFs, state_dir: &Path) -> Vec<String> {
+    // A share with hidden entries runs under Landlock, which forbids the mounts of
+    // virtiofsd's namespace sandbox: the jail made the namespace, virtiofsd chroots.
+    let sandbox = if share.expose.is_empty() {
+        "namespace"
+    } else {
+        "chroot"
+    };
     let mut a = vec![
         "--socket-path".to_string(),
         share.socket(state_dir).display().to_string(),
         "--shared-dir".into(),
         share.path.display().to_string(),
         "--sandbox".into(),
-        "namespace".into(),
+        sandbox.into(),
         "--cache".into(),
         fs.cache.as_str().into(),
         "--xattr".into(),
@@ -475,14 +521,17 @@ impl VhostUserDaemon {
         args: &[String],
         socket: PathBuf,
         log: PathBuf,
+        jail: Jail,
     ) -> Result<Self> {
         let mut cmd = Command::new(program);
+        let (out, err) = capped_output(&log, ringlog::VMM_LOG_CAP)?;
         cmd.args(args)
             .stdin(Stdio::null())
-            .stdout(log_file(&log)?)
-            .stderr(log_file(&log)?)
+            .stdout(out)
+            .stderr(err)
             .kill_on_drop(true);
         die_with_parent(&mut cmd);
+        jail.apply(cmd.as_std_mut())?;
         let child = cmd.spawn().map_err(|e| Error::Spawn {
             program: program.display().to_string(),
             source: e,
@@ -538,8 +587,84 @@ fn die_with_parent(cmd: &mut Command) {
     }
 }
 
-fn log_file(path: &Path) -> Result<std::fs::File> {
-    std::fs::File::create(path).map_err(|e| Error::io("create", path, e))
+/// A child's stdout and stderr: one pipe, drained into a capped log ([`ringlog`]).
+fn capped_output(path: &Path, cap: u64) -> Result<(Stdio, Stdio)> {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("make a pipe for", path, e.into()))?;
+    ringlog::spawn(r, path, cap).map_err(|e| Error::io("create", path, e))?;
+    let w2 = w
+        .try_clone()
+        .map_err(|e| Error::io("make a pipe for", path, e))?;
+    Ok((Stdio::from(w), Stdio::from(w2)))
+}
+
+/// A directory only the runtime (root) may enter, for a helper's sockets.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::io("create", dir, e))
+}
+
+/// The jail of the virtiofsd serving `share`. Every virtiofsd gets `no_new_privs`; one whose
+/// share exposes only some entries ([`Share::expose`]: the directory that holds a container's
+/// writable layer also holds the engine's metadata) runs in its own mount and network
+/// namespaces where every other entry is covered by an empty read-only stand-in (an overlay
+/// mounted there, Docker's `merged`, is taken away first), the host's tree is read-only but
+/// for the share and its socket dir, and Landlock allows writes only beneath the exposed
+/// entries and the socket dir: no rename, link, create or delete in the directory itself.
+pub fn share_jail(share: &Share, state_dir: &Path) -> Result<Jail> {
+    if share.expose.is_empty() {
+        return Ok(Jail::default());
+    }
+    let sock_dir = share.socket_dir(state_dir);
+    let mut cover = Vec::new();
+    let entries = std::fs::read_dir(&share.path).map_err(|e| Error::io("list", &share.path, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| Error::io("list", &share.path, e))?;
+        let name = entry.file_name();
+        let path = entry.path();
+        let ty = entry
+            .file_type()
+            .map_err(|e| Error::io("inspect", &path, e))?;
+        if share.expose.iter().any(|x| name.as_encoded_bytes() == x.as_bytes()) {
+            if !ty.is_dir() {
+                return Err(Error::Invalid(format!(
+                    "{} is not a directory (a symlink?): refusing to share it",
+                    path.display()
+                )));
+            }
+            continue;
+        }
+        if !(ty.is_dir() || ty.is_file()) {
+            return Err(Error::Invalid(format!(
+                "{} is neither a file nor a directory (a symlink?): refusing to share {}",
+                path.display(),
+                share.path.display()
+            )));
+        }
+        cover.push(jail::Cover {
+            path,
+            dir: ty.is_dir(),
+        });
+    }
+    let mut writable_beneath: Vec<PathBuf> = Vec::new();
+    if !share.readonly {
+        writable_beneath.extend(share.expose.iter().map(|x| share.path.join(x)));
+    }
+    writable_beneath.push(sock_dir.clone());
+    Ok(Jail {
+        mount_ns: true,
+        net_ns: true,
+        detach: cover.iter().filter(|c| c.dir).map(|c| c.path.clone()).collect(),
+        cover,
+        empty: Some(state_dir.join(format!("jail-{}", share.tag))),
+        readonly: true,
+        writable: vec![share.path.clone(), sock_dir],
+        landlock: Some(WriteRules::new(&writable_beneath)?),
+        unprivileged: false,
+    })
 }
 
 impl VmmBackend for Qemu {
@@ -554,8 +679,10 @@ impl VmmBackend for Qemu {
         let mut daemons = Vec::new();
         let channel = match &vsock {
             VsockTransport::User { daemon } => {
-                let sock = cfg.state_dir.join("vhost-vsock.sock");
-                let uds = cfg.state_dir.join("vsock.sock");
+                let dir = cfg.vsock_dir();
+                private_dir(&dir)?;
+                let sock = dir.join("vhost.sock");
+                let uds = dir.join("agent.sock");
                 let args = [
                     "--guest-cid".to_string(),
                     USER_VSOCK_CID.to_string(),
@@ -565,12 +692,15 @@ impl VmmBackend for Qemu {
                     uds.display().to_string(),
                 ];
                 let log = cfg.state_dir.join("vhost-device-vsock.log");
+                // Unix sockets only: no network, no capability, writes in its dir alone.
+                let jail = Jail::unprivileged(vec![dir], true);
                 daemons.push(VhostUserDaemon::spawn(
                     "vhost-device-vsock",
                     daemon,
                     &args,
                     sock,
                     log,
+                    jail,
                 )?);
                 AgentChannel::VhostUser { uds }
             }
@@ -578,6 +708,7 @@ impl VmmBackend for Qemu {
         };
         for sh in &cfg.shares {
             if let ShareTransport::VirtioFs(fs) = &sh.transport {
+                private_dir(&sh.socket_dir(&cfg.state_dir))?;
                 let log = cfg.state_dir.join(format!("virtiofsd-{}.log", sh.tag));
                 daemons.push(VhostUserDaemon::spawn(
                     "virtiofsd",
@@ -585,6 +716,7 @@ impl VmmBackend for Qemu {
                     &virtiofsd_args(sh, fs, &cfg.state_dir),
                     sh.socket(&cfg.state_dir),
                     log,
+                    share_jail(sh, &cfg.state_dir)?,
                 )?);
             }
         }
@@ -594,26 +726,17 @@ impl VmmBackend for Qemu {
             helpers.push(d.listening().await?);
         }
         let vmm_log = cfg.state_dir.join("qemu.log");
-        let mut cmd = Command::new(&self.qemu);
-        cmd.args(qemu_args(cfg, &vsock))
-            .stdin(Stdio::null())
-            .stdout(log_file(&vmm_log)?)
-            .stderr(log_file(&vmm_log)?)
-            .kill_on_drop(true);
-        die_with_parent(&mut cmd);
-        if let Some(fd) = &cfg.netns {
-            crate::netns::enter(cmd.as_std_mut(), fd);
-        }
-        let vmm = match cmd.spawn() {
+        let kill_helpers = |helpers: &mut Vec<Child>| {
+            for h in helpers {
+                let _ = h.start_kill();
+            }
+        };
+        let spawned = self.spawn_qemu(cfg, &vsock, &vmm_log);
+        let vmm = match spawned {
             Ok(c) => c,
             Err(e) => {
-                for h in &mut helpers {
-                    let _ = h.start_kill();
-                }
-                return Err(Error::Spawn {
-                    program: self.qemu.display().to_string(),
-                    source: e,
-                });
+                kill_helpers(&mut helpers);
+                return Err(e);
             }
         };
         Ok(Vm {
@@ -623,6 +746,60 @@ impl VmmBackend for Qemu {
             console_log: cfg.console_log(),
             vmm_log,
             spawned_at,
+        })
+    }
+}
+
+impl Qemu {
+    /// Starts QEMU jailed: in the sandbox's network namespace, its own mount namespace with
+    /// the host's tree read-only (but for writable disks and 9p shares), `no_new_privs`, no
+    /// capabilities (unless 9p shares need root's: passthrough chowns), its seccomp filter
+    /// ([`QEMU_SANDBOX`]); QMP and the console reach it as descriptors.
+    fn spawn_qemu(&self, cfg: &VmConfig, vsock: &VsockTransport, vmm_log: &Path) -> Result<Child> {
+        let qmp_path = cfg.qmp_socket();
+        let qmp = std::os::unix::net::UnixListener::bind(&qmp_path)
+            .map_err(|e| Error::io("listen on", &qmp_path, e))?;
+        let (console_r, console_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+            .map_err(|e| Error::io("make a pipe for", cfg.console_log(), e.into()))?;
+        ringlog::spawn(console_r, &cfg.console_log(), ringlog::CONSOLE_CAP)
+            .map_err(|e| Error::io("create", cfg.console_log(), e))?;
+        let (out, err) = capped_output(vmm_log, ringlog::VMM_LOG_CAP)?;
+        let mut cmd = Command::new(&self.qemu);
+        cmd.args(qemu_args(cfg, vsock))
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        die_with_parent(&mut cmd);
+        if let Some(fd) = &cfg.netns {
+            crate::netns::enter(cmd.as_std_mut(), fd);
+        }
+        jail::pass_fd(cmd.as_std_mut(), Arc::new(OwnedFd::from(qmp)), QMP_FD);
+        jail::pass_fd(cmd.as_std_mut(), Arc::new(console_w), CONSOLE_FD);
+        let nine_p: Vec<&Share> = cfg
+            .shares
+            .iter()
+            .filter(|s| matches!(s.transport, ShareTransport::NineP))
+            .collect();
+        let mut writable: Vec<PathBuf> = cfg
+            .disks
+            .iter()
+            .filter(|d| !d.readonly)
+            .map(|d| d.path.clone())
+            .collect();
+        writable.extend(nine_p.iter().filter(|s| !s.readonly).map(|s| s.path.clone()));
+        let jail = Jail {
+            mount_ns: true,
+            readonly: true,
+            writable,
+            unprivileged: nine_p.is_empty(),
+            ..Jail::default()
+        };
+        jail.apply(cmd.as_std_mut())?;
+        // The parent's copies of the descriptors close with `cmd`.
+        cmd.spawn().map_err(|e| Error::Spawn {
+            program: self.qemu.display().to_string(),
+            source: e,
         })
     }
 }
@@ -645,6 +822,7 @@ mod tests {
                 readonly: false,
                 transport: ShareTransport::NineP,
                 overlay_upper: false,
+                expose: Vec::new(),
             }],
             nics: vec![Nic {
                 tap: "avmtap0".into(),
@@ -738,6 +916,7 @@ mod tests {
             readonly: true,
             transport: virtio_fs(FsCache::Never),
             overlay_upper: false,
+            expose: Vec::new(),
         });
         // Kernel vsock alone needs no shared memory; a virtio-fs share does.
         let a = qemu_args(&c, &VsockTransport::Kernel { cid: 3 });
@@ -777,6 +956,7 @@ mod tests {
             readonly: false,
             transport: virtio_fs(FsCache::Never),
             overlay_upper: false,
+            expose: Vec::new(),
         };
         let fs = VirtioFs {
             daemon: "/usr/bin/virtiofsd".into(),

@@ -1,0 +1,650 @@
+//! The jail every host process of a sandbox goes through: QEMU, virtiofsd and
+//! vhost-device-vsock are started as root by the shim, and a guest that breaks out of a device
+//! emulation lands in one of them. [`Jail`] says what such a process may still do, and
+//! [`Jail::apply`] makes the child take those steps between fork and exec:
+//!
+//! - its own mount (and IPC, optionally network) namespace, where Docker's overlay mounts
+//!   can be unmounted and the engine's files covered, without the host seeing any of it;
+//! - the whole file tree read-only there (`mount_setattr(AT_RECURSIVE)`), but for the paths
+//!   the process must write;
+//! - a Landlock domain that allows writes only beneath named directories (the container's
+//!   writable layer), so no rename, link or create can touch what the engine trusts;
+//! - `no_new_privs`, and for processes that need no privilege, no capabilities at all:
+//!   uid 0 under `SECBIT_NOROOT` with an empty bounding set gains none at exec.
+//!
+//! Seccomp filters come from the programs themselves (QEMU's `-sandbox`, virtiofsd's
+//! `--seccomp`), installed after their start-up. docs/security.md has the threat model.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+// Landlock's ABI (include/uapi/linux/landlock.h); libc has the syscall numbers only.
+const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
+const LANDLOCK_RULE_PATH_BENEATH: libc::c_int = 1;
+const FS_WRITE_FILE: u64 = 1 << 1;
+const FS_REMOVE_DIR: u64 = 1 << 4;
+const FS_REMOVE_FILE: u64 = 1 << 5;
+const FS_MAKE_CHAR: u64 = 1 << 6;
+const FS_MAKE_DIR: u64 = 1 << 7;
+const FS_MAKE_REG: u64 = 1 << 8;
+const FS_MAKE_SOCK: u64 = 1 << 9;
+const FS_MAKE_FIFO: u64 = 1 << 10;
+const FS_MAKE_BLOCK: u64 = 1 << 11;
+const FS_MAKE_SYM: u64 = 1 << 12;
+const FS_REFER: u64 = 1 << 13;
+const FS_TRUNCATE: u64 = 1 << 14;
+
+#[repr(C)]
+struct RulesetAttr {
+    handled_access_fs: u64,
+}
+
+#[repr(C, packed)]
+struct PathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+
+const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
+const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
+const SECBIT_NO_SETUID_FIXUP: libc::c_ulong = 1 << 2;
+const SECBIT_NO_SETUID_FIXUP_LOCKED: libc::c_ulong = 1 << 3;
+/// Higher than any capability number a kernel has today (40 in 6.x); dropping an unknown
+/// one fails with EINVAL, which ends the loop.
+const CAP_PROBE_LIMIT: libc::c_ulong = 64;
+
+/// The Landlock ABI version of the running kernel, or `None` without Landlock (not built,
+/// or not in the `lsm=` list).
+pub fn landlock_abi() -> Option<u32> {
+    // SAFETY: the version query takes no pointers (NULL attr, size 0) and returns a number.
+    let v = unsafe {
+        libc::syscall(
+            libc::SYS_landlock_create_ruleset,
+            std::ptr::null::<RulesetAttr>(),
+            0usize,
+            LANDLOCK_CREATE_RULESET_VERSION,
+        )
+    };
+    (v > 0).then_some(v as u32)
+}
+
+/// The write-type access rights of Landlock ABI `abi` that the jail handles: writing file
+/// contents, making and removing directory entries, links and renames between directories
+/// (REFER, ABI 2) and truncation (ABI 3). Reads are not restricted: the mount namespace
+/// decides what there is to read.
+fn write_rights(abi: u32) -> u64 {
+    let mut r = FS_WRITE_FILE
+        | FS_REMOVE_DIR
+        | FS_REMOVE_FILE
+        | FS_MAKE_CHAR
+        | FS_MAKE_DIR
+        | FS_MAKE_REG
+        | FS_MAKE_SOCK
+        | FS_MAKE_FIFO
+        | FS_MAKE_BLOCK
+        | FS_MAKE_SYM;
+    if abi >= 2 {
+        r |= FS_REFER;
+    }
+    if abi >= 3 {
+        r |= FS_TRUNCATE;
+    }
+    r
+}
+
+/// The Landlock ABI the layered root needs: REFER (2) lets the guest's overlay rename from
+/// its work dir into the writable layer; under ABI 1 every such rename is refused.
+pub const LANDLOCK_MIN_ABI: u32 = 2;
+
+/// A Landlock ruleset that allows writing only beneath some directories; made in the parent,
+/// enforced by the child ([`Jail::apply`]).
+#[derive(Debug)]
+pub struct WriteRules {
+    fd: OwnedFd,
+}
+
+impl WriteRules {
+    /// Rules allowing every write beneath each of `dirs` (opened without following a final
+    /// symlink: the rule is bound to the directory found now, whatever its name later), and
+    /// no write anywhere else but block devices, which are refused everywhere.
+    pub fn new(dirs: &[PathBuf]) -> Result<WriteRules> {
+        let abi = landlock_abi().filter(|v| *v >= LANDLOCK_MIN_ABI).ok_or_else(|| {
+            Error::Missing {
+                what: format!("Landlock ABI {LANDLOCK_MIN_ABI} (Linux 5.19+)"),
+                hint: "boot the host with landlock in its lsm= list (CONFIG_SECURITY_LANDLOCK)"
+                    .into(),
+            }
+        })?;
+        let handled = write_rights(abi);
+        let attr = RulesetAttr {
+            handled_access_fs: handled,
+        };
+        // SAFETY: attr is a valid ruleset_attr of the size passed; the kernel returns a new fd.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                &attr as *const RulesetAttr,
+                std::mem::size_of::<RulesetAttr>(),
+                0u32,
+            )
+        };
+        if fd < 0 {
+            return Err(Error::io(
+                "create a Landlock ruleset for",
+                dirs.first().cloned().unwrap_or_default(),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        // SAFETY: the syscall returned a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+        // /dev/null stays writable: daemons and shells send output there.
+        let null = std::fs::File::options()
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| Error::io("open", "/dev/null", e))?;
+        let mut rules = vec![(OwnedFd::from(null), handled & (FS_WRITE_FILE | FS_TRUNCATE))];
+        for dir in dirs {
+            rules.push((open_dir_nofollow(dir)?, handled & !FS_MAKE_BLOCK));
+        }
+        for (i, (d, allowed_access)) in rules.iter().enumerate() {
+            let rule = PathBeneathAttr {
+                allowed_access: *allowed_access,
+                parent_fd: d.as_raw_fd(),
+            };
+            // SAFETY: both fds are open; rule is a valid path_beneath_attr.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_landlock_add_rule,
+                    fd.as_raw_fd(),
+                    LANDLOCK_RULE_PATH_BENEATH,
+                    &rule as *const PathBeneathAttr,
+                    0u32,
+                )
+            };
+            if r != 0 {
+                let rule_for = match dirs.get(i.wrapping_sub(1)) {
+                    Some(d) => d.clone(),
+                    None => PathBuf::from("/dev/null"),
+                };
+                return Err(Error::io(
+                    "add a Landlock rule for",
+                    rule_for,
+                    std::io::Error::last_os_error(),
+                ));
+            }
+        }
+        Ok(WriteRules { fd })
+    }
+}
+
+/// Opens `dir` as an `O_PATH` descriptor, refusing a symlink in its last component.
+pub fn open_dir_nofollow(dir: &Path) -> Result<OwnedFd> {
+    let c = cstring(dir)?;
+    // SAFETY: c is a valid C string; open returns a new fd or -1.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(Error::io(
+            "open (no symlinks)",
+            dir,
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: a fresh fd owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn cstring(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::Invalid(format!("{} holds a NUL byte", p.display())))
+}
+
+/// A path of the engine's covered in the jail's mount namespace by an empty, read-only
+/// file or directory of the jail's own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cover {
+    pub path: PathBuf,
+    pub dir: bool,
+}
+
+/// What a jailed process may do. Built by the caller, applied by [`Jail::apply`].
+#[derive(Debug, Default)]
+pub struct Jail {
+    /// Own mount and IPC namespaces (everything below needs the first).
+    pub mount_ns: bool,
+    /// Own, empty network namespace as well (for daemons that use only unix sockets).
+    pub net_ns: bool,
+    /// Mounts to take away first (Docker's overlay of the root under a shared layer dir).
+    pub detach: Vec<PathBuf>,
+    /// Paths covered by empty read-only stand-ins (`empty` holds them).
+    pub cover: Vec<Cover>,
+    /// A private directory with the stand-ins: `empty.d/` and `empty` (made by [`Jail::apply`]).
+    pub empty: Option<PathBuf>,
+    /// The whole file tree read-only, but for `writable`.
+    pub readonly: bool,
+    pub writable: Vec<PathBuf>,
+    /// Writes allowed only beneath these directories (Landlock).
+    pub landlock: Option<WriteRules>,
+    /// No capabilities after exec: uid 0 without privilege (needs nothing of root's).
+    pub unprivileged: bool,
+}
+
+/// Everything [`Jail::apply`]'s child step needs, prepared before the fork: the child must
+/// not allocate.
+struct Prepared {
+    mount_ns: bool,
+    net_ns: bool,
+    detach: Vec<CString>,
+    cover: Vec<(CString, bool)>,
+    empty_dir: CString,
+    empty_file: CString,
+    readonly: bool,
+    writable: Vec<CString>,
+    landlock: Option<OwnedFd>,
+    unprivileged: bool,
+}
+
+impl Jail {
+    /// The jail of a helper daemon that needs no privilege: own namespaces, read-only tree but
+    /// `writable`, no capabilities.
+    pub fn unprivileged(writable: Vec<PathBuf>, net_ns: bool) -> Jail {
+        Jail {
+            mount_ns: true,
+            net_ns,
+            readonly: true,
+            writable,
+            unprivileged: true,
+            ..Jail::default()
+        }
+    }
+
+    /// Registers the jail with `cmd`: the child takes every step before exec and fails to
+    /// start if one fails. Call it after any `pre_exec` that needs privilege (`setns`).
+    pub fn apply(self, cmd: &mut std::process::Command) -> Result<()> {
+        let (empty_dir, empty_file) = match &self.empty {
+            Some(dir) if !self.cover.is_empty() => {
+                let d = dir.join("empty.d");
+                let f = dir.join("empty");
+                std::fs::create_dir_all(&d).map_err(|e| Error::io("create", &d, e))?;
+                std::fs::write(&f, b"").map_err(|e| Error::io("create", &f, e))?;
+                (cstring(&d)?, cstring(&f)?)
+            }
+            _ if !self.cover.is_empty() => {
+                return Err(Error::Invalid("a jail that covers paths needs a dir".into()))
+            }
+            _ => (CString::default(), CString::default()),
+        };
+        let p = Prepared {
+            mount_ns: self.mount_ns,
+            net_ns: self.net_ns,
+            detach: self
+                .detach
+                .iter()
+                .map(|p| cstring(p))
+                .collect::<Result<_>>()?,
+            cover: self
+                .cover
+                .iter()
+                .map(|c| Ok((cstring(&c.path)?, c.dir)))
+                .collect::<Result<_>>()?,
+            empty_dir,
+            empty_file,
+            readonly: self.readonly,
+            writable: self
+                .writable
+                .iter()
+                .map(|p| cstring(p))
+                .collect::<Result<_>>()?,
+            landlock: self.landlock.map(|r| r.fd),
+            unprivileged: self.unprivileged,
+        };
+        let p = Arc::new(p);
+        // SAFETY: the closure runs in the child between fork and exec. It only makes
+        // syscalls (unshare, mount, umount2, mount_setattr, prctl, landlock_restrict_self)
+        // on C strings and descriptors prepared before the fork, and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || p.enter());
+        }
+        Ok(())
+    }
+}
+
+fn check(r: libc::c_long) -> std::io::Result<()> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl Prepared {
+    /// The child's side. Async-signal-safe: syscalls only.
+    fn enter(&self) -> std::io::Result<()> {
+        let null = std::ptr::null::<libc::c_char>();
+        // SAFETY (whole block): every pointer is a NUL-terminated C string owned by `self`
+        // (alive until exec) or NULL where the syscall allows it; the structs are local.
+        unsafe {
+            if self.mount_ns {
+                let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC;
+                if self.net_ns {
+                    flags |= libc::CLONE_NEWNET;
+                }
+                check(libc::unshare(flags) as _)?;
+                check(libc::mount(
+                    null,
+                    c"/".as_ptr(),
+                    null,
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) as _)?;
+            }
+            for d in &self.detach {
+                // Not a mount point (any more): nothing to take away.
+                let _ = libc::umount2(d.as_ptr(), libc::MNT_DETACH);
+            }
+            // Read-only first: a bind of a writable path must not cover the covers below.
+            if self.readonly {
+                let ro = MountAttr {
+                    attr_set: MOUNT_ATTR_RDONLY,
+                    attr_clr: 0,
+                    propagation: 0,
+                    userns_fd: 0,
+                };
+                check(libc::syscall(
+                    libc::SYS_mount_setattr,
+                    libc::AT_FDCWD,
+                    c"/".as_ptr(),
+                    AT_RECURSIVE,
+                    &ro as *const MountAttr,
+                    std::mem::size_of::<MountAttr>(),
+                ))?;
+                let rw = MountAttr {
+                    attr_set: 0,
+                    attr_clr: MOUNT_ATTR_RDONLY,
+                    propagation: 0,
+                    userns_fd: 0,
+                };
+                for w in &self.writable {
+                    // A mount of its own at the path, then writable: only that subtree.
+                    check(libc::mount(
+                        w.as_ptr(),
+                        w.as_ptr(),
+                        null,
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) as _)?;
+                    check(libc::syscall(
+                        libc::SYS_mount_setattr,
+                        libc::AT_FDCWD,
+                        w.as_ptr(),
+                        0,
+                        &rw as *const MountAttr,
+                        std::mem::size_of::<MountAttr>(),
+                    ))?;
+                }
+            }
+            for (target, dir) in &self.cover {
+                let src = if *dir {
+                    &self.empty_dir
+                } else {
+                    &self.empty_file
+                };
+                check(libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) as _)?;
+                check(libc::mount(
+                    null,
+                    target.as_ptr(),
+                    null,
+                    libc::MS_BIND
+                        | libc::MS_REMOUNT
+                        | libc::MS_RDONLY
+                        | libc::MS_NOSUID
+                        | libc::MS_NODEV
+                        | libc::MS_NOEXEC,
+                    std::ptr::null(),
+                ) as _)?;
+            }
+            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as _)?;
+            if let Some(fd) = &self.landlock {
+                check(libc::syscall(
+                    libc::SYS_landlock_restrict_self,
+                    fd.as_raw_fd(),
+                    0u32,
+                ))?;
+            }
+            if self.unprivileged {
+                // Root gains no capabilities at exec any more, and none can come back.
+                let mut cap = 0;
+                while cap < CAP_PROBE_LIMIT
+                    && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) == 0
+                {
+                    cap += 1;
+                }
+                check(libc::prctl(
+                    libc::PR_CAP_AMBIENT,
+                    libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                    0,
+                    0,
+                    0,
+                ) as _)?;
+                check(libc::prctl(
+                    libc::PR_SET_SECUREBITS,
+                    SECBIT_NOROOT
+                        | SECBIT_NOROOT_LOCKED
+                        | SECBIT_NO_SETUID_FIXUP
+                        | SECBIT_NO_SETUID_FIXUP_LOCKED,
+                    0,
+                    0,
+                    0,
+                ) as _)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes `fd` the child's descriptor `target` (without close-on-exec), for a program that
+/// takes descriptors by number (QEMU's `fd=`). Register before [`Jail::apply`].
+pub fn pass_fd(cmd: &mut std::process::Command, fd: Arc<OwnedFd>, target: RawFd) {
+    // SAFETY: runs between fork and exec; dup2 and fcntl are async-signal-safe and work on
+    // a descriptor kept open by `fd` (moved into the closure).
+    unsafe {
+        cmd.pre_exec(move || {
+            let raw = fd.as_raw_fd();
+            if raw == target {
+                let flags = libc::fcntl(raw, libc::F_GETFD);
+                check(libc::fcntl(raw, libc::F_SETFD, flags & !libc::FD_CLOEXEC) as _)?;
+            } else {
+                check(libc::dup2(raw, target) as _)?;
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vmm::{share_jail, FsCache, Share, ShareTransport, VirtioFs};
+
+    /// Whether a test that needs root (and Landlock) can run; under CI
+    /// (`AGENTVM_REQUIRE_VM=1`) it must, and this panics instead of skipping.
+    fn privileged(test: &str) -> bool {
+        let why = if !nix::unistd::Uid::effective().is_root() {
+            "needs root"
+        } else if landlock_abi().unwrap_or(0) < LANDLOCK_MIN_ABI {
+            "needs Landlock ABI 2"
+        } else {
+            return true;
+        };
+        assert!(
+            std::env::var("AGENTVM_REQUIRE_VM").as_deref() != Ok("1"),
+            "{test}: {why} (AGENTVM_REQUIRE_VM=1 forbids skipping)"
+        );
+        eprintln!("SKIP {test}: {why}");
+        false
+    }
+
+    fn run_jailed(jail: Jail, script: &str) -> (bool, String) {
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.args(["-c", script]);
+        jail.apply(&mut cmd).unwrap();
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    /// A Docker-like layer dir shared as a container root: every attack a guest's root can
+    /// make through virtiofsd on the engine's files fails inside the jail, writes into the
+    /// layer and renames from agentvm's work dir into it still work, and the host sees
+    /// nothing but those.
+    #[test]
+    fn a_shared_layer_dir_exposes_the_layer_only() {
+        if !privileged("a_shared_layer_dir_exposes_the_layer_only") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let layer = tmp.path().join("overlay2/abc");
+        let state = tmp.path().join("state");
+        for d in ["diff", "work", "merged", "agentvm-work"] {
+            std::fs::create_dir_all(layer.join(d)).unwrap();
+        }
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(layer.join("link"), "SHORTID").unwrap();
+        std::fs::write(layer.join("lower"), "l/AAA:l/BBB").unwrap();
+        std::fs::write(layer.join("work/secret"), "engine").unwrap();
+        let canary = tmp.path().join("canary");
+        std::fs::create_dir(&canary).unwrap();
+        // Docker's overlay of the root: a mount at merged, taken away in the jail.
+        let merged = layer.join("merged");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &merged,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        std::fs::write(merged.join("in-merged"), "x").unwrap();
+        let share = Share {
+            tag: "rootfs".into(),
+            path: layer.clone(),
+            readonly: false,
+            transport: ShareTransport::VirtioFs(VirtioFs {
+                daemon: "/bin/true".into(),
+                cache: FsCache::Auto,
+            }),
+            overlay_upper: true,
+            expose: vec!["diff".into(), "agentvm-work".into()],
+        };
+        std::fs::create_dir_all(share.socket_dir(&state)).unwrap();
+        let jail = share_jail(&share, &state).unwrap();
+        let l = layer.display();
+        let c = canary.display();
+        let s = state.display();
+        let script = format!(
+            r#"
+            fail() {{ echo "ALLOWED: $*"; bad=1; }}
+            bad=0
+            echo ../../../canary > {l}/link 2>/dev/null && fail write link
+            echo l/../../../etc > {l}/lower 2>/dev/null && fail write lower
+            mv {l}/diff {l}/diff2 2>/dev/null && fail rename diff
+            rmdir {l}/agentvm-work 2>/dev/null && fail remove work dir
+            mkdir {l}/evil 2>/dev/null && fail mkdir beside the layer
+            ln -s / {l}/evil2 2>/dev/null && fail symlink beside the layer
+            ln {l}/link {l}/diff/hardlink 2>/dev/null && fail hard link of link
+            touch {l}/work/x 2>/dev/null && fail write engine work dir
+            chmod 0 {l}/lower 2>/dev/null && fail chmod lower
+            mknod {l}/diff/blk b 8 0 2>/dev/null && fail block device
+            touch {c}/x {s}/x 2>/dev/null && fail write outside
+            rmdir {c} 2>/dev/null && fail remove outside
+            [ -s {l}/link ] && fail read link
+            [ -e {l}/work/secret ] && fail see engine work dir
+            [ -e {l}/merged/in-merged ] && fail see the engine mount
+            echo data > {l}/diff/file || fail write in the layer refused
+            mkdir -p {l}/diff/a/b && ln -s /etc {l}/diff/a/b/etc || fail dirs in the layer
+            mknod {l}/diff/wh c 0 0 || fail whiteout refused
+            echo up > {l}/agentvm-work/tmp && mv {l}/agentvm-work/tmp {l}/diff/copied \
+              || fail copy-up rename refused
+            exit $bad
+            "#
+        );
+        let (ok, out) = run_jailed(jail, &script);
+        let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+        assert!(ok, "{out}");
+        // The host sees the engine's files as they were and the layer's new files.
+        assert_eq!(std::fs::read_to_string(layer.join("link")).unwrap(), "SHORTID");
+        assert_eq!(
+            std::fs::read_to_string(layer.join("lower")).unwrap(),
+            "l/AAA:l/BBB"
+        );
+        assert!(layer.join("diff").is_dir() && canary.is_dir());
+        assert!(!layer.join("evil").exists() && !layer.join("work/x").exists());
+        assert_eq!(std::fs::read_to_string(layer.join("diff/copied")).unwrap(), "up\n");
+        assert_eq!(std::fs::read_to_string(layer.join("diff/file")).unwrap(), "data\n");
+        // No mount of the jail is left on the host.
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(&format!("{}", state.display())), "{mounts}");
+    }
+
+    /// A helper with no privilege: no capabilities after exec, no_new_privs, its own mount
+    /// and network namespaces, and writes only in its dir.
+    #[test]
+    fn an_unprivileged_helper_holds_no_capability() {
+        if !privileged("an_unprivileged_helper_holds_no_capability") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("vsock");
+        std::fs::create_dir(&dir).unwrap();
+        let script = format!(
+            "grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs)' /proc/self/status; \
+             readlink /proc/self/ns/mnt /proc/self/ns/net; \
+             touch {d}/ok && echo wrote-dir; touch {t}/no 2>/dev/null && echo wrote-outside; true",
+            d = dir.display(),
+            t = tmp.path().display()
+        );
+        let (ok, out) = run_jailed(Jail::unprivileged(vec![dir.clone()], true), &script);
+        assert!(ok, "{out}");
+        assert!(out.contains("CapEff:\t0000000000000000"), "{out}");
+        assert!(out.contains("CapPrm:\t0000000000000000"), "{out}");
+        assert!(out.contains("CapBnd:\t0000000000000000"), "{out}");
+        assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+        assert!(out.contains("wrote-dir") && !out.contains("wrote-outside"), "{out}");
+        for ns in ["mnt", "net"] {
+            let host = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+            assert!(!out.contains(&host.display().to_string()), "{ns}: {out}");
+        }
+    }
+}
