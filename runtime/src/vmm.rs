@@ -854,11 +854,16 @@ mod tests {
         assert!(s.contains("-M microvm,acpi=off,x-option-roms=off,memory-backend=mem"));
         assert!(s.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
         assert!(s.contains("vhost-user-vsock-device,chardev=vsock0"));
-        assert!(s.contains("path=/run/agentvm/x/vhost-vsock.sock"));
+        assert!(s.contains("path=/run/agentvm/x/vsock/vhost.sock"));
         assert!(s.contains("-accel tcg -cpu max"));
         assert!(s.contains("-icount shift=3,sleep=off"));
         assert!(s.contains("-no-reboot"));
-        assert!(s.contains("-serial file:/run/agentvm/x/console.log"));
+        // The console and QMP are descriptors; the state dir is named for cleanup.
+        assert!(s.contains(&format!("file,id=console,path=/proc/self/fd/{CONSOLE_FD}")));
+        assert!(s.contains(&format!("socket,id=qmp,fd={QMP_FD},server=on,wait=off")));
+        assert!(s.contains("-name /run/agentvm/x "));
+        assert!(s.contains(&format!("-sandbox {QEMU_SANDBOX}")));
+        assert!(!s.contains("console.log") && !s.contains("qmp.sock"));
     }
 
     #[test]
@@ -867,7 +872,7 @@ mod tests {
         let s = joined(&a);
         assert!(s.contains("vhost-vsock-device,guest-cid=77"));
         assert!(!s.contains("memfd"));
-        assert!(s.contains("-accel kvm -cpu host"));
+        assert!(s.contains("-accel kvm -cpu host,-vmx,-svm"));
         assert!(!s.contains("icount"), "icount is TCG-only");
     }
 
@@ -926,7 +931,7 @@ mod tests {
         // The 9p root stays 9p next to it, device indexes stay per share.
         assert!(s.contains("virtio-9p-device,fsdev=fs0,mount_tag=rootfs"));
         assert!(s.contains(
-            "-chardev socket,id=fs1,path=/run/agentvm/x/fs-vol0.sock \
+            "-chardev socket,id=fs1,path=/run/agentvm/x/fs-vol0/vhost.sock \
              -device vhost-user-fs-device,chardev=fs1,tag=vol0"
         ));
         // Read-only is virtiofsd's job, not QEMU's (vhost-user-fs has no readonly option).
@@ -966,7 +971,7 @@ mod tests {
         let a = virtiofsd_args(&share, &fs, state).join(" ");
         assert_eq!(
             a,
-            "--socket-path /run/agentvm/abc/fs-vol3.sock --shared-dir /srv/data \
+            "--socket-path /run/agentvm/abc/fs-vol3/vhost.sock --shared-dir /srv/data \
              --sandbox namespace --cache never --xattr --log-level warn --allow-mmap"
         );
         // The state dir is on the command line: cleanup_stale only kills what names it.
@@ -986,6 +991,10 @@ mod tests {
         share.overlay_upper = true;
         let a = virtiofsd_args(&share, &auto, state);
         assert!(a.ends_with(&["--modcaps=+sys_admin".to_string()]));
+        // A share that hides entries is jailed by the runtime (Landlock): virtiofsd chroots.
+        share.expose = vec!["diff".into()];
+        let a = virtiofsd_args(&share, &auto, state);
+        assert!(a.windows(2).any(|w| w == ["--sandbox", "chroot"]));
     }
 
     #[test]

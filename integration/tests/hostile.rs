@@ -1,0 +1,239 @@
+//! The hostile-guest suite: in each test a real VM's root does what an attacker would to
+//! the host through what it can reach (every share tag it can mount, every file it sees
+//! there), and the test ends by checking that nothing reached the host and nothing leaked.
+//! Needs hack/docker-up.sh (hack/test.sh runs it).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agentvm_integration::{processes_mentioning, text, unique_name, DockerEnv, DOCKER_TIMEOUT};
+
+const T: Duration = DOCKER_TIMEOUT;
+
+/// A host directory with a file in it that no container may delete or see.
+struct Canary {
+    dir: PathBuf,
+}
+
+impl Canary {
+    fn new(test: &str) -> Canary {
+        let dir = PathBuf::from(format!("/var/tmp/{}", unique_name(test)));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("agentvm-canary-file"), "host only").unwrap();
+        Canary { dir }
+    }
+
+    fn assert_intact(&self) {
+        assert_eq!(
+            std::fs::read_to_string(self.dir.join("agentvm-canary-file")).ok(),
+            Some("host only".to_string()),
+            "the host's canary {} was touched",
+            self.dir.display()
+        );
+    }
+}
+
+impl Drop for Canary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Docker's layer dir of container `name` (the writable layer's parent) and its files the
+/// engine trusts, as they are now.
+fn layer_metadata(env: &DockerEnv, name: &str) -> (PathBuf, Vec<(String, Option<String>)>) {
+    let out = env.docker(
+        &["inspect", "-f", "{{.GraphDriver.Data.UpperDir}}", name],
+        None,
+        T,
+    );
+    let upper = PathBuf::from(text(&out).0.trim());
+    let dir = upper.parent().expect("upper dir has a parent").to_path_buf();
+    let files = ["link", "lower"]
+        .iter()
+        .map(|f| (f.to_string(), std::fs::read_to_string(dir.join(f)).ok()))
+        .collect();
+    (dir, files)
+}
+
+/// The guest's attack: mount every virtio-fs tag it can find, write the canary's path into
+/// every file it sees at the top of each share (Docker's `link` makes `docker rm` delete
+/// it; `lower` makes the next start mount it), swap the writable layer for a symlink to the
+/// host's root, plant entries beside it. Prints what worked, then whether a host file is in
+/// its root.
+fn attack_script(canary: &Path) -> String {
+    let c = canary.display();
+    format!(
+        r#"
+        tags="rootfs vol0 vol1 vol2 vol3 $(cat /sys/fs/virtiofs/*/tag 2>/dev/null)"
+        for t in $tags; do
+          d=/tmp/attack/$t; mkdir -p $d
+          mount -t virtiofs $t $d 2>/dev/null || continue
+          echo "mounted $t: $(ls -a $d | tr '\n' ' ')"
+          for f in $d/* $d/.[!.]*; do
+            [ -f "$f" ] || continue
+            printf '../../../../../../../../..{c}' > "$f" 2>/dev/null && echo "WROTE $f"
+          done
+          printf 'l/../../../../../../../../..{c}' > $d/lower 2>/dev/null && echo "WROTE lower"
+          mv $d/diff $d/diff.moved 2>/dev/null && echo "MOVED diff"
+          ln -s / $d/diff 2>/dev/null && echo "SWAPPED diff"
+          mkdir $d/planted 2>/dev/null && echo "PLANTED dir"
+          rm -rf $d/work $d/merged 2>/dev/null
+          [ -e $d/work ] || echo "REMOVED work"
+        done
+        [ -e /agentvm-canary-file ] && echo "LEAKED host file into the root"
+        echo attack-done
+        "#
+    )
+}
+
+#[test]
+fn guest_root_cannot_reach_the_engines_layer_metadata() {
+    let test = "guest_root_cannot_reach_the_engines_layer_metadata";
+    let Some(env) = DockerEnv::get(test) else {
+        return;
+    };
+    let canary = Canary::new(test);
+    let name = unique_name("hostile-layer");
+    let script = attack_script(&canary.dir);
+    let out = env.docker(
+        &[
+            "run",
+            "--runtime=agentvm",
+            "--name",
+            &name,
+            &env.image,
+            "sh",
+            "-c",
+            &script,
+        ],
+        None,
+        T,
+    );
+    let (so, se) = text(&out);
+    assert!(out.status.success(), "docker run: {so}{se}");
+    assert!(so.contains("attack-done"), "{so}{se}");
+    // The guest reached the root share (the attack ran), but none of the engine's files.
+    assert!(so.contains("mounted rootfs"), "the guest found no share: {so}");
+    for bad in ["WROTE", "MOVED", "SWAPPED", "PLANTED", "REMOVED", "LEAKED"] {
+        assert!(!so.contains(bad), "the guest could {bad}: {so}");
+    }
+    let (dir, before) = layer_metadata(&env, &name);
+    assert!(
+        before.iter().all(|(_, v)| v.as_deref().is_some_and(|s| !s.contains("var/tmp"))),
+        "Docker's metadata in {} was rewritten: {before:?}",
+        dir.display()
+    );
+    // Once more after a restart (a new VM, Docker mounting from its metadata), then rm.
+    let out = env.docker(&["start", "-a", &name], None, T);
+    let (so, se) = text(&out);
+    assert!(out.status.success(), "docker start: {so}{se}");
+    for bad in ["WROTE", "MOVED", "SWAPPED", "PLANTED", "REMOVED", "LEAKED"] {
+        assert!(!so.contains(bad), "after a restart the guest could {bad}: {so}");
+    }
+    let (_, after) = layer_metadata(&env, &name);
+    assert_eq!(before, after, "Docker's metadata changed across a restart");
+    let id = text(&env.docker(&["inspect", "-f", "{{.Id}}", &name], None, T))
+        .0
+        .trim()
+        .to_string();
+    let out = env.docker(&["rm", &name], None, T);
+    assert!(out.status.success(), "docker rm: {}", text(&out).1);
+    canary.assert_intact();
+    assert!(!dir.exists(), "docker rm left {}", dir.display());
+    env.assert_vm_gone(&id);
+}
+
+/// One line of /proc/<pid>/status.
+fn status_field(pid: u32, field: &str) -> String {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Capabilities a file server needs (virtiofsd keeps them, and SYS_ADMIN for overlayfs's
+/// trusted xattrs on the writable layer): CHOWN 0, DAC_OVERRIDE 1, DAC_READ_SEARCH 2,
+/// FOWNER 3, FSETID 4, SETGID 6, SETUID 7, SYS_ADMIN 21, MKNOD 27, SETFCAP 31.
+const FILE_SERVER_CAPS: u64 =
+    1 | 1 << 1 | 1 << 2 | 1 << 3 | 1 << 4 | 1 << 6 | 1 << 7 | 1 << 21 | 1 << 27 | 1 << 31;
+
+#[test]
+fn vmm_and_helpers_run_jailed() {
+    let test = "vmm_and_helpers_run_jailed";
+    let Some(env) = DockerEnv::get(test) else {
+        return;
+    };
+    let name = unique_name("hostile-jail");
+    let out = env.docker(
+        &[
+            "run",
+            "--runtime=agentvm",
+            "-d",
+            "--name",
+            &name,
+            &env.image,
+            "sh",
+            "-c",
+            "echo up; exec sleep 1000",
+        ],
+        None,
+        T,
+    );
+    let (id, se) = text(&out);
+    assert!(out.status.success(), "docker run -d: {se}");
+    let id = id.trim().to_string();
+    let state = format!("/run/agentvm/{id}");
+    let host_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let procs = loop {
+        let procs: Vec<(u32, String)> = processes_mentioning(&state)
+            .iter()
+            .filter_map(|p| {
+                let (pid, cmd) = p.split_once(':')?;
+                Some((pid.trim().parse().ok()?, cmd.to_string()))
+            })
+            .filter(|(_, cmd)| {
+                ["qemu-system", "virtiofsd", "vhost-device-vsock"]
+                    .iter()
+                    .any(|n| cmd.contains(n))
+            })
+            .collect();
+        if procs.iter().any(|(_, c)| c.contains("qemu-system")) {
+            break procs;
+        }
+        assert!(std::time::Instant::now() < deadline, "no QEMU for {id}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for (pid, cmd) in &procs {
+        let program = cmd.split_whitespace().next().unwrap_or_default().to_string();
+        let cap_eff = u64::from_str_radix(&status_field(*pid, "CapEff"), 16).unwrap();
+        let uid = status_field(*pid, "Uid");
+        assert_eq!(status_field(*pid, "Seccomp"), "2", "{program}: no seccomp filter");
+        assert_eq!(status_field(*pid, "NoNewPrivs"), "1", "{program}: no no_new_privs");
+        let mnt = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
+        assert_ne!(mnt, host_mnt, "{program} shares the host's mount namespace");
+        if program.contains("virtiofsd") {
+            // A file server: only a file server's capabilities.
+            assert_eq!(
+                cap_eff & !FILE_SERVER_CAPS,
+                0,
+                "{program}: capabilities {cap_eff:x} beyond a file server's"
+            );
+        } else {
+            assert!(
+                cap_eff == 0 || !uid.starts_with("0\t"),
+                "{program}: uid {uid} with capabilities {cap_eff:x}"
+            );
+        }
+        seen.push(program);
+    }
+    let _ = env.docker(&["rm", "-f", &name], None, T);
+    env.assert_vm_gone(&id);
+    assert!(
+        seen.iter().any(|p| p.contains("qemu-system")),
+        "checked {seen:?}"
+    );
+}
