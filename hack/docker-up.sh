@@ -19,7 +19,8 @@ agentvm=${AGENTVM_BIN:-$(command -v agentvm || echo target/debug/agentvm)}
 for b in containerd dockerd docker; do
   command -v "$b" >/dev/null || { echo "hack/docker-up.sh: $b missing: run hack/install-deps.sh" >&2; exit 1; }
 done
-"$agentvm" install >&2
+# A test machine: containers may run under TCG where KVM cannot boot our guest.
+"$agentvm" install --allow-tcg >&2
 
 wait_for() { # what, seconds, command...
   local what=$1 n=$2; shift 2

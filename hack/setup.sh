@@ -23,7 +23,8 @@ for b in agentvm agentvm-image containerd-shim-agentvm-v1; do
   [ -f "target/release/$b" ] && install -m 0755 "target/release/$b" "/usr/local/bin/$b"
 done
 log "installed agentvm and containerd-shim-agentvm-v1 to /usr/local/bin and the agent to $share"
-agentvm install
+# A development machine: containers may run under TCG where KVM cannot boot our guest.
+agentvm install --allow-tcg
 
 rootfs=$(hack/make-test-rootfs.sh)
 log "agentvm check"

@@ -48,7 +48,10 @@ fn layer_metadata(env: &DockerEnv, name: &str) -> (PathBuf, Vec<(String, Option<
         T,
     );
     let upper = PathBuf::from(text(&out).0.trim());
-    let dir = upper.parent().expect("upper dir has a parent").to_path_buf();
+    let dir = upper
+        .parent()
+        .expect("upper dir has a parent")
+        .to_path_buf();
     let files = ["link", "lower"]
         .iter()
         .map(|f| (f.to_string(), std::fs::read_to_string(dir.join(f)).ok()))
@@ -114,13 +117,18 @@ fn guest_root_cannot_reach_the_engines_layer_metadata() {
     assert!(out.status.success(), "docker run: {so}{se}");
     assert!(so.contains("attack-done"), "{so}{se}");
     // The guest reached the root share (the attack ran), but none of the engine's files.
-    assert!(so.contains("mounted rootfs"), "the guest found no share: {so}");
+    assert!(
+        so.contains("mounted rootfs"),
+        "the guest found no share: {so}"
+    );
     for bad in ["WROTE", "MOVED", "SWAPPED", "PLANTED", "REMOVED", "LEAKED"] {
         assert!(!so.contains(bad), "the guest could {bad}: {so}");
     }
     let (dir, before) = layer_metadata(&env, &name);
     assert!(
-        before.iter().all(|(_, v)| v.as_deref().is_some_and(|s| !s.contains("var/tmp"))),
+        before
+            .iter()
+            .all(|(_, v)| v.as_deref().is_some_and(|s| !s.contains("var/tmp"))),
         "Docker's metadata in {} was rewritten: {before:?}",
         dir.display()
     );
@@ -129,7 +137,10 @@ fn guest_root_cannot_reach_the_engines_layer_metadata() {
     let (so, se) = text(&out);
     assert!(out.status.success(), "docker start: {so}{se}");
     for bad in ["WROTE", "MOVED", "SWAPPED", "PLANTED", "REMOVED", "LEAKED"] {
-        assert!(!so.contains(bad), "after a restart the guest could {bad}: {so}");
+        assert!(
+            !so.contains(bad),
+            "after a restart the guest could {bad}: {so}"
+        );
     }
     let (_, after) = layer_metadata(&env, &name);
     assert_eq!(before, after, "Docker's metadata changed across a restart");
@@ -208,11 +219,23 @@ fn vmm_and_helpers_run_jailed() {
         std::thread::sleep(Duration::from_millis(200));
     };
     for (pid, cmd) in &procs {
-        let program = cmd.split_whitespace().next().unwrap_or_default().to_string();
+        let program = cmd
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string();
         let cap_eff = u64::from_str_radix(&status_field(*pid, "CapEff"), 16).unwrap();
         let uid = status_field(*pid, "Uid");
-        assert_eq!(status_field(*pid, "Seccomp"), "2", "{program}: no seccomp filter");
-        assert_eq!(status_field(*pid, "NoNewPrivs"), "1", "{program}: no no_new_privs");
+        assert_eq!(
+            status_field(*pid, "Seccomp"),
+            "2",
+            "{program}: no seccomp filter"
+        );
+        assert_eq!(
+            status_field(*pid, "NoNewPrivs"),
+            "1",
+            "{program}: no no_new_privs"
+        );
         let mnt = std::fs::read_link(format!("/proc/{pid}/ns/mnt")).unwrap();
         assert_ne!(mnt, host_mnt, "{program} shares the host's mount namespace");
         if program.contains("virtiofsd") {

@@ -108,6 +108,21 @@ pub async fn check(probe: bool) -> Vec<Finding> {
         },
     };
     out.push(finding("kvm", false, kvm));
+    let tcg = match crate::config::HostConfig::load() {
+        Ok(c) if c.allow_tcg => Ok(format!(
+            "allowed ({}): containers run under TCG where KVM is not usable (test and \
+             development only)",
+            crate::config::path().display()
+        )),
+        Ok(_) => Err(format!(
+            "containers need KVM: the shim refuses TCG emulation unless allow_tcg = true is in \
+             {} (`agentvm install --allow-tcg`, for test and development hosts); `agentvm run` \
+             still uses TCG",
+            crate::config::path().display()
+        )),
+        Err(e) => Err(e.to_string()),
+    };
+    out.push(finding("tcg", false, tcg));
     out
 }
 

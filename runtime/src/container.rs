@@ -220,6 +220,11 @@ impl Container {
             )));
         }
         let (accel, warning) = accel::resolve(cfg.accel, &assets).await?;
+        if accel == Accel::Tcg && !crate::config::HostConfig::load()?.allow_tcg {
+            return Err(crate::config::tcg_refused(
+                warning.as_deref().unwrap_or("TCG was asked for"),
+            ));
+        }
         if let Some(w) = warning {
             tracing::warn!("{w}");
         }

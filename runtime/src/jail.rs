@@ -124,13 +124,13 @@ impl WriteRules {
     /// symlink: the rule is bound to the directory found now, whatever its name later), and
     /// no write anywhere else but block devices, which are refused everywhere.
     pub fn new(dirs: &[PathBuf]) -> Result<WriteRules> {
-        let abi = landlock_abi().filter(|v| *v >= LANDLOCK_MIN_ABI).ok_or_else(|| {
-            Error::Missing {
+        let abi = landlock_abi()
+            .filter(|v| *v >= LANDLOCK_MIN_ABI)
+            .ok_or_else(|| Error::Missing {
                 what: format!("Landlock ABI {LANDLOCK_MIN_ABI} (Linux 5.19+)"),
                 hint: "boot the host with landlock in its lsm= list (CONFIG_SECURITY_LANDLOCK)"
                     .into(),
-            }
-        })?;
+            })?;
         let handled = write_rights(abi);
         let attr = RulesetAttr {
             handled_access_fs: handled,
@@ -290,7 +290,9 @@ impl Jail {
                 (cstring(&d)?, cstring(&f)?)
             }
             _ if !self.cover.is_empty() => {
-                return Err(Error::Invalid("a jail that covers paths needs a dir".into()))
+                return Err(Error::Invalid(
+                    "a jail that covers paths needs a dir".into(),
+                ))
             }
             _ => (CString::default(), CString::default()),
         };
@@ -341,7 +343,7 @@ impl Prepared {
     /// The child's side. Async-signal-safe: syscalls only.
     fn enter(&self) -> std::io::Result<()> {
         let null = std::ptr::null::<libc::c_char>();
-        // SAFETY (whole block): every pointer is a NUL-terminated C string owned by `self`
+        // SAFETY: every pointer passed below is a NUL-terminated C string owned by `self`
         // (alive until exec) or NULL where the syscall allows it; the structs are local.
         unsafe {
             if self.mount_ns {
@@ -440,8 +442,7 @@ impl Prepared {
             if self.unprivileged {
                 // Root gains no capabilities at exec any more, and none can come back.
                 let mut cap = 0;
-                while cap < CAP_PROBE_LIMIT
-                    && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) == 0
+                while cap < CAP_PROBE_LIMIT && libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) == 0
                 {
                     cap += 1;
                 }
@@ -604,18 +605,30 @@ mod tests {
         let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
         assert!(ok, "{out}");
         // The host sees the engine's files as they were and the layer's new files.
-        assert_eq!(std::fs::read_to_string(layer.join("link")).unwrap(), "SHORTID");
+        assert_eq!(
+            std::fs::read_to_string(layer.join("link")).unwrap(),
+            "SHORTID"
+        );
         assert_eq!(
             std::fs::read_to_string(layer.join("lower")).unwrap(),
             "l/AAA:l/BBB"
         );
         assert!(layer.join("diff").is_dir() && canary.is_dir());
         assert!(!layer.join("evil").exists() && !layer.join("work/x").exists());
-        assert_eq!(std::fs::read_to_string(layer.join("diff/copied")).unwrap(), "up\n");
-        assert_eq!(std::fs::read_to_string(layer.join("diff/file")).unwrap(), "data\n");
+        assert_eq!(
+            std::fs::read_to_string(layer.join("diff/copied")).unwrap(),
+            "up\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(layer.join("diff/file")).unwrap(),
+            "data\n"
+        );
         // No mount of the jail is left on the host.
         let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(!mounts.contains(&format!("{}", state.display())), "{mounts}");
+        assert!(
+            !mounts.contains(&format!("{}", state.display())),
+            "{mounts}"
+        );
     }
 
     /// A helper with no privilege: no capabilities after exec, no_new_privs, its own mount
@@ -641,7 +654,10 @@ mod tests {
         assert!(out.contains("CapPrm:\t0000000000000000"), "{out}");
         assert!(out.contains("CapBnd:\t0000000000000000"), "{out}");
         assert!(out.contains("NoNewPrivs:\t1"), "{out}");
-        assert!(out.contains("wrote-dir") && !out.contains("wrote-outside"), "{out}");
+        assert!(
+            out.contains("wrote-dir") && !out.contains("wrote-outside"),
+            "{out}"
+        );
         for ns in ["mnt", "net"] {
             let host = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
             assert!(!out.contains(&host.display().to_string()), "{ns}: {out}");

@@ -4,6 +4,7 @@
 pub mod accel;
 pub mod assets;
 pub mod check;
+pub mod config;
 pub mod container;
 pub mod dns;
 pub mod error;

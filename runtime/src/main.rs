@@ -42,6 +42,10 @@ struct InstallArgs {
     /// `version`).
     #[arg(long, value_name = "PATH", default_value = agentvm::install::CONTAINERD_CONFIG_TOML)]
     containerd_config: PathBuf,
+    /// Also allow containers to run under TCG software emulation where KVM is not usable
+    /// (allow_tcg in /etc/agentvm/config.toml): for test and development hosts.
+    #[arg(long)]
+    allow_tcg: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -155,6 +159,21 @@ fn install_cmd(a: &InstallArgs, install: bool) -> i32 {
         failed = true;
     };
 
+    if install && a.allow_tcg {
+        let p = agentvm::config::path();
+        match agentvm::config::HostConfig::set_allow_tcg(&p, true) {
+            Ok(changed) => println!(
+                "agentvm: TCG software emulation {} for containers in {}",
+                if changed {
+                    "allowed"
+                } else {
+                    "already allowed"
+                },
+                p.display()
+            ),
+            Err(e) => fail(&p, "AGENTVM_CONFIG=", e),
+        }
+    }
     let docker = &a.docker_config;
     let docker_result = if install {
         inst::install_docker_runtime(docker)

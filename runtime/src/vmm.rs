@@ -628,7 +628,11 @@ pub fn share_jail(share: &Share, state_dir: &Path) -> Result<Jail> {
         let ty = entry
             .file_type()
             .map_err(|e| Error::io("inspect", &path, e))?;
-        if share.expose.iter().any(|x| name.as_encoded_bytes() == x.as_bytes()) {
+        if share
+            .expose
+            .iter()
+            .any(|x| name.as_encoded_bytes() == x.as_bytes())
+        {
             if !ty.is_dir() {
                 return Err(Error::Invalid(format!(
                     "{} is not a directory (a symlink?): refusing to share it",
@@ -657,7 +661,11 @@ pub fn share_jail(share: &Share, state_dir: &Path) -> Result<Jail> {
     Ok(Jail {
         mount_ns: true,
         net_ns: true,
-        detach: cover.iter().filter(|c| c.dir).map(|c| c.path.clone()).collect(),
+        detach: cover
+            .iter()
+            .filter(|c| c.dir)
+            .map(|c| c.path.clone())
+            .collect(),
         cover,
         empty: Some(state_dir.join(format!("jail-{}", share.tag))),
         readonly: true,
@@ -787,7 +795,12 @@ impl Qemu {
             .filter(|d| !d.readonly)
             .map(|d| d.path.clone())
             .collect();
-        writable.extend(nine_p.iter().filter(|s| !s.readonly).map(|s| s.path.clone()));
+        writable.extend(
+            nine_p
+                .iter()
+                .filter(|s| !s.readonly)
+                .map(|s| s.path.clone()),
+        );
         let jail = Jail {
             mount_ns: true,
             readonly: true,
