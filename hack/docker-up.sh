@@ -34,17 +34,26 @@ wait_for() { # what, seconds, command...
 # AGENTVM_* settings that point into it, or every later shim would use them.
 clean_env=(env)
 for v in ${!AGENTVM_@}; do clean_env+=(-u "$v"); done
+# Nor any descriptor beyond stdio (a caller's lock file would stay locked while they run).
+close_fds() {
+  local fd
+  for fd in /proc/self/fd/*; do
+    fd=${fd##*/}
+    [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null
+  done
+  return 0
+}
 
 if ! ctr version >/dev/null 2>&1; then
   log "starting containerd (log: $logs/containerd.log)"
-  "${clean_env[@]}" PATH="$shim_dir:$PATH" setsid nohup containerd \
-    >"$logs/containerd.log" 2>&1 </dev/null &
+  (close_fds; exec "${clean_env[@]}" PATH="$shim_dir:$PATH" setsid nohup containerd \
+    >"$logs/containerd.log" 2>&1 </dev/null) &
   wait_for containerd 30 ctr version
 fi
 if ! docker version >/dev/null 2>&1; then
   log "starting dockerd (log: $logs/dockerd.log)"
-  "${clean_env[@]}" setsid nohup dockerd --containerd=/run/containerd/containerd.sock \
-    >"$logs/dockerd.log" 2>&1 </dev/null &
+  (close_fds; exec "${clean_env[@]}" setsid nohup dockerd --containerd=/run/containerd/containerd.sock \
+    >"$logs/dockerd.log" 2>&1 </dev/null) &
   wait_for dockerd 60 docker version
 elif ! docker info --format '{{json .Runtimes}}' | grep -q '"agentvm"'; then
   log "dockerd runs without the agentvm runtime: reloading its configuration"
