@@ -247,6 +247,108 @@ pub struct Jail {
     pub landlock: Option<WriteRules>,
     /// No capabilities after exec: uid 0 without privilege (needs nothing of root's).
     pub unprivileged: bool,
+    /// The helpers' seccomp filter ([`helper_filter`]), for programs without one of their own.
+    pub seccomp: bool,
+}
+
+/// Syscalls a vhost-user helper never makes and an attacker in it would want: mounts and
+/// namespaces, tracing and other processes' memory, kernel modules, kexec and BPF, keyrings,
+/// file handles, io_uring (which bypasses seccomp), privilege changes, the clock and host
+/// names, swap, reboot. They fail with EPERM; so does a socket of any family but AF_UNIX.
+const HELPER_DENIED: &[libc::c_long] = &[
+    libc::SYS_mount,
+    libc::SYS_umount2,
+    libc::SYS_pivot_root,
+    libc::SYS_chroot,
+    libc::SYS_fsopen,
+    libc::SYS_fsconfig,
+    libc::SYS_fsmount,
+    libc::SYS_fspick,
+    libc::SYS_move_mount,
+    libc::SYS_open_tree,
+    libc::SYS_mount_setattr,
+    libc::SYS_unshare,
+    libc::SYS_setns,
+    libc::SYS_ptrace,
+    libc::SYS_process_vm_readv,
+    libc::SYS_process_vm_writev,
+    libc::SYS_pidfd_getfd,
+    libc::SYS_kcmp,
+    libc::SYS_init_module,
+    libc::SYS_finit_module,
+    libc::SYS_delete_module,
+    libc::SYS_kexec_load,
+    libc::SYS_kexec_file_load,
+    libc::SYS_bpf,
+    libc::SYS_perf_event_open,
+    libc::SYS_userfaultfd,
+    libc::SYS_keyctl,
+    libc::SYS_add_key,
+    libc::SYS_request_key,
+    libc::SYS_open_by_handle_at,
+    libc::SYS_name_to_handle_at,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_enter,
+    libc::SYS_io_uring_register,
+    libc::SYS_setuid,
+    libc::SYS_setgid,
+    libc::SYS_setreuid,
+    libc::SYS_setregid,
+    libc::SYS_setresuid,
+    libc::SYS_setresgid,
+    libc::SYS_setfsuid,
+    libc::SYS_setfsgid,
+    libc::SYS_setgroups,
+    libc::SYS_capset,
+    libc::SYS_settimeofday,
+    libc::SYS_clock_settime,
+    libc::SYS_clock_adjtime,
+    libc::SYS_adjtimex,
+    libc::SYS_sethostname,
+    libc::SYS_setdomainname,
+    libc::SYS_swapon,
+    libc::SYS_swapoff,
+    libc::SYS_reboot,
+    libc::SYS_syslog,
+    libc::SYS_acct,
+    libc::SYS_quotactl,
+    libc::SYS_iopl,
+    libc::SYS_ioperm,
+    libc::SYS_uselib,
+    libc::SYS_vhangup,
+    libc::SYS_lookup_dcookie,
+    libc::SYS_fanotify_init,
+];
+
+/// The helpers' seccomp filter, compiled with seccompiler: [`HELPER_DENIED`] and sockets
+/// other than AF_UNIX fail with EPERM, everything else is allowed. A deny list, as QEMU's
+/// `-sandbox`: installed before exec, it must let the program start.
+pub fn helper_filter() -> Result<seccompiler::BpfProgram> {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    };
+    let err = |e: seccompiler::Error| Error::Invalid(format!("seccomp filter: {e}"));
+    let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
+        HELPER_DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
+    let not_unix = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::Ne,
+        libc::AF_UNIX as u64,
+    )
+    .map_err(|e| err(e.into()))?;
+    rules.insert(
+        libc::SYS_socket,
+        vec![SeccompRule::new(vec![not_unix]).map_err(|e| err(e.into()))?],
+    );
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        seccompiler::TargetArch::x86_64,
+    )
+    .map_err(|e| err(e.into()))?;
+    seccompiler::BpfProgram::try_from(filter).map_err(|e| err(e.into()))
 }
 
 /// Everything [`Jail::apply`]'s child step needs, prepared before the fork: the child must
@@ -262,11 +364,12 @@ struct Prepared {
     writable: Vec<CString>,
     landlock: Option<OwnedFd>,
     unprivileged: bool,
+    seccomp: Option<seccompiler::BpfProgram>,
 }
 
 impl Jail {
     /// The jail of a helper daemon that needs no privilege: own namespaces, read-only tree but
-    /// `writable`, no capabilities.
+    /// `writable`, no capabilities, the helpers' seccomp filter.
     pub fn unprivileged(writable: Vec<PathBuf>, net_ns: bool) -> Jail {
         Jail {
             mount_ns: true,
@@ -274,6 +377,7 @@ impl Jail {
             readonly: true,
             writable,
             unprivileged: true,
+            seccomp: true,
             ..Jail::default()
         }
     }
@@ -319,6 +423,11 @@ impl Jail {
                 .collect::<Result<_>>()?,
             landlock: self.landlock.map(|r| r.fd),
             unprivileged: self.unprivileged,
+            seccomp: if self.seccomp {
+                Some(helper_filter()?)
+            } else {
+                None
+            },
         };
         let p = Arc::new(p);
         // SAFETY: the closure runs in the child between fork and exec. It only makes
@@ -463,6 +572,19 @@ impl Prepared {
                     0,
                     0,
                 ) as _)?;
+            }
+            // Last: the filter refuses the mounts and prctls above.
+            if let Some(prog) = &self.seccomp {
+                let fprog = libc::sock_fprog {
+                    len: prog.len() as libc::c_ushort,
+                    filter: prog.as_ptr() as *mut libc::sock_filter,
+                };
+                check(libc::syscall(
+                    libc::SYS_seccomp,
+                    libc::SECCOMP_SET_MODE_FILTER,
+                    0u32,
+                    &fprog as *const libc::sock_fprog,
+                ))?;
             }
         }
         Ok(())
@@ -642,7 +764,8 @@ mod tests {
         let dir = tmp.path().join("vsock");
         std::fs::create_dir(&dir).unwrap();
         let script = format!(
-            "grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs)' /proc/self/status; \
+            "grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status; \
+             unshare -n true 2>/dev/null && echo unshared; \
              readlink /proc/self/ns/mnt /proc/self/ns/net; \
              touch {d}/ok && echo wrote-dir; touch {t}/no 2>/dev/null && echo wrote-outside; true",
             d = dir.display(),
@@ -654,6 +777,10 @@ mod tests {
         assert!(out.contains("CapPrm:\t0000000000000000"), "{out}");
         assert!(out.contains("CapBnd:\t0000000000000000"), "{out}");
         assert!(out.contains("NoNewPrivs:\t1"), "{out}");
+        assert!(
+            out.contains("Seccomp:\t2") && !out.contains("unshared"),
+            "{out}"
+        );
         assert!(
             out.contains("wrote-dir") && !out.contains("wrote-outside"),
             "{out}"

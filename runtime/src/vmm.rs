@@ -672,6 +672,8 @@ pub fn share_jail(share: &Share, state_dir: &Path) -> Result<Jail> {
         writable: vec![share.path.clone(), sock_dir],
         landlock: Some(WriteRules::new(&writable_beneath)?),
         unprivileged: false,
+        // virtiofsd installs its own allow list (`--seccomp kill`).
+        seccomp: false,
     })
 }
 
