@@ -12,6 +12,7 @@ pub mod image;
 pub mod install;
 pub mod layers;
 pub mod mounts;
+pub mod netguard;
 pub mod netns;
 pub mod oci;
 pub mod qmp;
