@@ -56,6 +56,8 @@ pub struct Netns {
     holder: tokio::process::Child,
     pid: u32,
     fd: Arc<OwnedFd>,
+    /// The label given at create (the state dir): names the sandbox in log lines.
+    label: String,
     /// The guarded taps, and the task that reports their drops while the VM runs.
     guard: Mutex<Guard>,
 }
@@ -172,6 +174,7 @@ impl Netns {
             holder,
             pid,
             fd: Arc::new(fd),
+            label: label.display().to_string(),
             guard: Mutex::default(),
         })
     }
@@ -280,8 +283,13 @@ impl Netns {
             wiring.taps.push(tap);
         }
         let taps = Arc::new(guarded);
-        let monitor = (!taps.is_empty())
-            .then(|| tokio::spawn(monitor_drops(Arc::clone(&self.fd), Arc::clone(&taps))));
+        let monitor = (!taps.is_empty()).then(|| {
+            tokio::spawn(monitor_drops(
+                Arc::clone(&self.fd),
+                Arc::clone(&taps),
+                self.label.clone(),
+            ))
+        });
         let mut g = self.guard.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = g.monitor.take() {
             old.abort();
@@ -348,7 +356,10 @@ impl Netns {
             m.abort();
         }
         for (tap, drops) in self.guard_drops().await {
-            tracing::warn!("guest frames dropped on {tap}: {drops}");
+            tracing::warn!(
+                "guest frames dropped on {tap}: {drops} ({}, torn down)",
+                self.label
+            );
         }
         let _ = self.holder.start_kill();
         let _ = self.holder.wait().await;
@@ -433,7 +444,7 @@ async fn read_drops(fd: &Arc<OwnedFd>, taps: &[GuardedTap]) -> Vec<(String, Drop
 
 /// Warns about the guard's drops while the VM runs: looks every [`DROP_CHECK`], warns when
 /// the counts grew, at most every [`DROP_WARN_EVERY`]. Aborted by [`Netns::destroy`].
-async fn monitor_drops(fd: Arc<OwnedFd>, taps: Arc<Vec<GuardedTap>>) {
+async fn monitor_drops(fd: Arc<OwnedFd>, taps: Arc<Vec<GuardedTap>>, label: String) {
     let mut reported: Vec<(String, u64)> = Vec::new();
     let mut last_warn: Option<Instant> = None;
     loop {
@@ -445,7 +456,7 @@ async fn monitor_drops(fd: Arc<OwnedFd>, taps: Arc<Vec<GuardedTap>>) {
         let totals: Vec<(String, u64)> = now.iter().map(|(t, d)| (t.clone(), d.total())).collect();
         if totals != reported {
             for (tap, drops) in &now {
-                tracing::warn!("guest frames dropped on {tap}: {drops}");
+                tracing::warn!("guest frames dropped on {tap}: {drops} ({label})");
             }
             reported = totals;
             last_warn = Some(Instant::now());
