@@ -654,10 +654,8 @@ mod tests {
         let name = name.to_string();
         std::thread::spawn(move || {
             // SAFETY: setns on a valid namespace fd affects only this short-lived thread.
-            assert_eq!(
-                unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) },
-                0
-            );
+            let entered = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0);
             let tun = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
