@@ -14,6 +14,7 @@ pub mod install;
 pub mod jail;
 pub mod layers;
 pub mod mounts;
+pub mod netguard;
 pub mod netns;
 pub mod oci;
 pub mod qmp;

@@ -9,21 +9,35 @@
 //! virtio-net device with the veth's MAC to the tap. The guest configures the veth's
 //! addresses and routes on its `eth0`, so traffic leaves the VM exactly as it would leave a
 //! runc container. Everything lives in the namespace: it disappears with the holder and QEMU.
+//!
+//! The redirect from the tap is guarded ([`crate::netguard`]): only frames carrying the veth's
+//! MAC and addresses reach the veth; the rest is dropped, counted, and reported in the log.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use agentvm_protocol::{InterfaceSpec, NetworkSpec, RouteSpec};
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::netguard::{self, DropAction, Drops};
 
 /// Prefix of the tap devices agentvm creates next to each interface.
 pub const TAP_PREFIX: &str = "avmtap";
+
+/// The tap that is never brought up: where the guard's drops go on kernels without tc's
+/// `gact` action (mirred drops and counts what it cannot send).
+pub const SINK: &str = "avmsink";
+
+/// How often the drop counters are looked at while the VM runs.
+const DROP_CHECK: Duration = Duration::from_secs(5);
+/// The least time between two warnings about dropped frames while the VM runs.
+const DROP_WARN_EVERY: Duration = Duration::from_secs(60);
 
 /// Which network namespace a container gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +56,23 @@ pub struct Netns {
     holder: tokio::process::Child,
     pid: u32,
     fd: Arc<OwnedFd>,
+    /// The label given at create (the state dir): names the sandbox in log lines.
+    label: String,
+    /// The guarded taps, and the task that reports their drops while the VM runs.
+    guard: Mutex<Guard>,
+}
+
+#[derive(Debug, Default)]
+struct Guard {
+    taps: Arc<Vec<GuardedTap>>,
+    monitor: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A tap whose ingress carries the guard's filters.
+#[derive(Debug, Clone)]
+struct GuardedTap {
+    tap: String,
+    rules: Vec<netguard::Rule>,
 }
 
 /// An Ethernet interface found in the namespace, as the guest should carry it.
@@ -143,6 +174,8 @@ impl Netns {
             holder,
             pid,
             fd: Arc::new(fd),
+            label: label.display().to_string(),
+            guard: Mutex::default(),
         })
     }
 
@@ -167,26 +200,7 @@ impl Netns {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        let mut cmd = std::process::Command::new(program);
-        cmd.args(args).stdin(Stdio::null());
-        enter(&mut cmd, &self.fd);
-        let shown = format!("{cmd:?}");
-        let out = tokio::process::Command::from(cmd)
-            .output()
-            .await
-            .map_err(|e| Error::Spawn {
-                program: program.into(),
-                source: e,
-            })?;
-        if !out.status.success() {
-            return Err(Error::Invalid(format!(
-                "network setup: {shown} failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        String::from_utf8(out.stdout)
-            .map_err(|_| Error::Invalid(format!("network setup: {shown} printed non-UTF-8")))
+        run_in(&self.fd, program, args, None).await
     }
 
     /// Finds the namespace's Ethernet interfaces and routes.
@@ -205,32 +219,106 @@ impl Netns {
             .is_ok_and(|v| v.trim() == "1")
     }
 
-    /// Creates a tap per interface and joins the two with tc redirects both ways.
+    /// Creates a tap per interface and joins the two with tc redirects both ways; the way from
+    /// the tap goes through the guard's filters ([`netguard::rules`]).
     pub async fn wire(&self, wiring: &mut Wiring) -> Result<()> {
         wiring.taps.clear();
+        let mut guarded = Vec::new();
+        let mut drop = DropAction::Gact;
         for (i, iface) in wiring.interfaces.iter().enumerate() {
             let tap = format!("{TAP_PREFIX}{i}");
             let mtu = iface.mtu.to_string();
+            let facts = netguard::Facts::of(iface, !self.ipv6_disabled(&iface.name).await)
+                .map_err(|e| Error::Invalid(format!("network setup: {e}")))?;
+            let rules = netguard::rules(&facts);
             self.run("ip", ["tuntap", "add", "dev", &tap, "mode", "tap"])
                 .await?;
             self.run("ip", ["link", "set", "dev", &tap, "mtu", &mtu, "up"])
                 .await?;
-            for (from, to) in [(iface.name.as_str(), tap.as_str()), (&tap, &iface.name)] {
-                self.run("tc", ["qdisc", "add", "dev", from, "ingress"])
-                    .await?;
-                self.run(
-                    "tc",
-                    [
-                        "filter", "add", "dev", from, "parent", "ffff:", "protocol", "all", "u32",
-                        "match", "u8", "0", "0", "action", "mirred", "egress", "redirect", "dev",
-                        to,
-                    ],
-                )
+            self.run("tc", ["qdisc", "add", "dev", &iface.name, "ingress"])
                 .await?;
+            self.run(
+                "tc",
+                [
+                    "filter",
+                    "add",
+                    "dev",
+                    &iface.name,
+                    "parent",
+                    "ffff:",
+                    "protocol",
+                    "all",
+                    "u32",
+                    "match",
+                    "u8",
+                    "0",
+                    "0",
+                    "action",
+                    "mirred",
+                    "egress",
+                    "redirect",
+                    "dev",
+                    &tap,
+                ],
+            )
+            .await?;
+            let guard = self.guard_tap(&tap, &iface.name, &rules, &drop).await;
+            if let Err(e) = guard {
+                if drop != DropAction::Gact {
+                    return Err(e);
+                }
+                // No `gact` in this kernel: drop by redirecting to a tap that stays down.
+                tracing::debug!("guarding {tap} with tc's drop action failed ({e}); using {SINK}");
+                self.run("tc", ["qdisc", "del", "dev", &tap, "ingress"])
+                    .await?;
+                self.run("ip", ["tuntap", "add", "dev", SINK, "mode", "tap"])
+                    .await?;
+                drop = DropAction::Sink(SINK.into());
+                self.guard_tap(&tap, &iface.name, &rules, &drop).await?;
             }
+            guarded.push(GuardedTap {
+                tap: tap.clone(),
+                rules,
+            });
             wiring.taps.push(tap);
         }
+        let taps = Arc::new(guarded);
+        let monitor = (!taps.is_empty()).then(|| {
+            tokio::spawn(monitor_drops(
+                Arc::clone(&self.fd),
+                Arc::clone(&taps),
+                self.label.clone(),
+            ))
+        });
+        let mut g = self.guard.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = g.monitor.take() {
+            old.abort();
+        }
+        *g = Guard { taps, monitor };
         Ok(())
+    }
+
+    /// Installs the ingress qdisc and the guard's filters on `tap` in one `tc -batch`.
+    async fn guard_tap(
+        &self,
+        tap: &str,
+        veth: &str,
+        rules: &[netguard::Rule],
+        drop: &DropAction,
+    ) -> Result<()> {
+        let mut batch = format!("qdisc add dev {tap} ingress\n");
+        for r in rules {
+            batch.push_str(&r.tc_args(tap, veth, drop).join(" "));
+            batch.push('\n');
+        }
+        run_in(&self.fd, "tc", ["-batch", "-"], Some(batch)).await?;
+        Ok(())
+    }
+
+    /// What the guard dropped so far, per tap (taps without drops left out).
+    pub async fn guard_drops(&self) -> Vec<(String, Drops)> {
+        let taps = Arc::clone(&self.guard.lock().unwrap_or_else(|p| p.into_inner()).taps);
+        read_drops(&self.fd, &taps).await
     }
 
     /// A UDP socket living in the namespace (it keeps talking from there whatever thread uses
@@ -255,10 +343,124 @@ impl Netns {
         })
     }
 
-    /// Kills the holder; the namespace goes with the last process in it.
+    /// Kills the holder; the namespace goes with the last process in it. What the guard
+    /// dropped is logged first.
     pub async fn destroy(mut self) {
+        let monitor = self
+            .guard
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .monitor
+            .take();
+        if let Some(m) = monitor {
+            m.abort();
+        }
+        for (tap, drops) in self.guard_drops().await {
+            tracing::warn!(
+                "guest frames dropped on {tap}: {drops} ({}, torn down)",
+                self.label
+            );
+        }
         let _ = self.holder.start_kill();
         let _ = self.holder.wait().await;
+    }
+}
+
+/// Runs `program args` inside the namespace `fd`, with `input` on its stdin, and returns its
+/// stdout.
+async fn run_in<I, S>(
+    fd: &Arc<OwnedFd>,
+    program: &str,
+    args: I,
+    input: Option<String>,
+) -> Result<String>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
+    use tokio::io::AsyncWriteExt;
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(args)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    enter(&mut cmd, fd);
+    let shown = format!("{cmd:?}");
+    let spawn_err = |e| Error::Spawn {
+        program: program.into(),
+        source: e,
+    };
+    let mut child = tokio::process::Command::from(cmd)
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(spawn_err)?;
+    if let (Some(input), Some(mut stdin)) = (input, child.stdin.take()) {
+        // A program that fails early closes its stdin: its exit status says why.
+        let _ = stdin.write_all(input.as_bytes()).await;
+    }
+    let out = child.wait_with_output().await.map_err(spawn_err)?;
+    if !out.status.success() {
+        return Err(Error::Invalid(format!(
+            "network setup: {shown} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        )));
+    }
+    String::from_utf8(out.stdout)
+        .map_err(|_| Error::Invalid(format!("network setup: {shown} printed non-UTF-8")))
+}
+
+/// The guard's drop counters of `taps` (`tc -s -j filter show`), taps without drops left out.
+async fn read_drops(fd: &Arc<OwnedFd>, taps: &[GuardedTap]) -> Vec<(String, Drops)> {
+    let mut out = Vec::new();
+    for t in taps {
+        let json = match run_in(
+            fd,
+            "tc",
+            ["-s", "-j", "filter", "show", "dev", &t.tap, "ingress"],
+            None,
+        )
+        .await
+        {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::debug!("read the guard's counters of {}: {e}", t.tap);
+                continue;
+            }
+        };
+        match netguard::parse_drops(&t.rules, &json) {
+            Ok(d) if d.total() > 0 => out.push((t.tap.clone(), d)),
+            Ok(_) => {}
+            Err(e) => tracing::debug!("parse the guard's counters of {}: {e}", t.tap),
+        }
+    }
+    out
+}
+
+/// Warns about the guard's drops while the VM runs: looks every [`DROP_CHECK`], warns when
+/// the counts grew, at most every [`DROP_WARN_EVERY`]. Aborted by [`Netns::destroy`].
+async fn monitor_drops(fd: Arc<OwnedFd>, taps: Arc<Vec<GuardedTap>>, label: String) {
+    let mut reported: Vec<(String, u64)> = Vec::new();
+    let mut last_warn: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(DROP_CHECK).await;
+        if last_warn.is_some_and(|t| t.elapsed() < DROP_WARN_EVERY) {
+            continue;
+        }
+        let now = read_drops(&fd, &taps).await;
+        let totals: Vec<(String, u64)> = now.iter().map(|(t, d)| (t.clone(), d.total())).collect();
+        if totals != reported {
+            for (tap, drops) in &now {
+                tracing::warn!("guest frames dropped on {tap}: {drops} ({label})");
+            }
+            reported = totals;
+            last_warn = Some(Instant::now());
+        }
     }
 }
 
@@ -325,7 +527,7 @@ pub fn parse_wiring(links: &str, v4: &str, v6: &str) -> Result<Wiring> {
     let links: Vec<IpLink> = serde_json::from_str(links).map_err(|e| bad("addr", e))?;
     let interfaces: Vec<HostInterface> = links
         .into_iter()
-        .filter(|l| l.link_type == "ether" && !l.ifname.starts_with(TAP_PREFIX))
+        .filter(|l| l.link_type == "ether" && !l.ifname.starts_with(TAP_PREFIX) && l.ifname != SINK)
         .map(|l| HostInterface {
             addresses: l
                 .addr_info
@@ -445,6 +647,120 @@ mod tests {
         assert!(e.contains("--network host") && e.contains("-p"), "{e}");
     }
 
+    /// Opens tap `name` in `ns` as QEMU would and writes `frames` into it: they enter the host
+    /// on the tap's ingress, where the guard sits.
+    fn send_as_guest(ns: &Netns, name: &str, frames: Vec<Vec<u8>>) {
+        let fd = ns.fd();
+        let name = name.to_string();
+        std::thread::spawn(move || {
+            // SAFETY: setns on a valid namespace fd affects only this short-lived thread.
+            let entered = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(entered, 0);
+            let tun = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/net/tun")
+                .unwrap();
+            // struct ifreq: the name (16 bytes), then the flags.
+            let mut ifr = [0u8; 40];
+            ifr[..name.len()].copy_from_slice(name.as_bytes());
+            let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as u16;
+            ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+            // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifr` is large enough
+            // for, on a tun fd this thread owns.
+            let r = unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) };
+            assert_eq!(r, 0, "TUNSETIFF: {}", std::io::Error::last_os_error());
+            for f in frames {
+                std::io::Write::write_all(&mut &tun, &f).unwrap();
+            }
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// Frames a hostile guest (MAC 02:00:00:00:00:07, IP 10.77.0.2) writes into its tap: only
+    /// the honest one passes the kernel's tc, whatever drop action the kernel offers.
+    async fn guard_drops_what_the_guest_must_not_send(ns: &Netns) {
+        use crate::netguard::Reason;
+        let mac = [2, 0, 0, 0, 0, 7];
+        let eth = |src: [u8; 6], ethertype: u16, payload: &[u8]| {
+            let mut f = vec![0xff; 6];
+            f.extend_from_slice(&src);
+            f.extend_from_slice(&ethertype.to_be_bytes());
+            f.extend_from_slice(payload);
+            f.resize(f.len().max(60), 0);
+            f
+        };
+        let udp4 = |src: [u8; 4], sport: u16| {
+            let mut p = vec![0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0];
+            p.extend_from_slice(&src);
+            p.extend_from_slice(&[10, 77, 0, 1]);
+            p.extend_from_slice(&sport.to_be_bytes());
+            p.extend_from_slice(&[0, 68, 0, 8, 0, 0]);
+            p
+        };
+        let arp = |spa: [u8; 4]| {
+            let mut a = vec![0, 1, 8, 0, 6, 4, 0, 2];
+            a.extend_from_slice(&mac);
+            a.extend_from_slice(&spa);
+            a.extend_from_slice(&[0xff; 6]);
+            a.extend_from_slice(&[10, 77, 0, 1]);
+            a
+        };
+        let ra = {
+            let mut p = vec![0x60, 0, 0, 0, 0, 8, 58, 255];
+            p.extend_from_slice(&[0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xfe, 0, 0, 7]);
+            p.extend_from_slice(&[0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+            p.extend_from_slice(&[134, 0, 0, 0, 64, 0, 0, 0]);
+            p
+        };
+        let mut vlan = eth(mac, 0x8100, &[0, 5, 8, 0]);
+        vlan.truncate(18);
+        vlan.extend_from_slice(&udp4([10, 77, 0, 2], 40000));
+        let frames = vec![
+            eth(mac, 0x0800, &udp4([10, 77, 0, 2], 40000)),
+            eth(mac, 0x0800, &udp4([10, 77, 0, 9], 40000)),
+            eth(mac, 0x0800, &udp4([10, 77, 0, 2], 67)),
+            eth(mac, 0x0806, &arp([10, 77, 0, 1])),
+            eth(mac, 0x0806, &arp([10, 77, 0, 2])),
+            eth(mac, 0x86dd, &ra),
+            vlan,
+            eth([2, 0, 0, 0, 0, 8], 0x0800, &udp4([10, 77, 0, 2], 40000)),
+        ];
+        send_as_guest(ns, "avmtap0", frames);
+        let taps = Arc::clone(&ns.guard.lock().unwrap().taps);
+        let json = ns
+            .run(
+                "tc",
+                ["-s", "-j", "filter", "show", "dev", "avmtap0", "ingress"],
+            )
+            .await
+            .unwrap();
+        let (forwarded, drops) = netguard::parse_counters(&taps[0].rules, &json).unwrap();
+        assert_eq!(
+            forwarded, 2,
+            "the honest UDP datagram and ARP reply: {json}"
+        );
+        assert_eq!(
+            drops.0,
+            vec![
+                (Reason::SourceMac, 1),
+                (Reason::Ipv4Source, 1),
+                (Reason::Arp, 1),
+                (Reason::RouterAdvertisement, 1),
+                (Reason::DhcpServer, 1),
+                (Reason::Vlan, 1),
+            ],
+            "{json}"
+        );
+        let reported = ns.guard_drops().await;
+        assert_eq!(reported.len(), 1);
+        assert_eq!(
+            reported[0].1.to_string(),
+            "spoofed source MAC 1, spoofed source IP 1, ARP 1, RA 1, DHCP server 1, VLAN-tagged 1"
+        );
+    }
+
     /// A real namespace with a veth pair: needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN).
     #[tokio::test]
     async fn namespace_is_created_scanned_and_wired() {
@@ -500,6 +816,7 @@ mod tests {
             .await
             .unwrap();
         assert!(filters.contains("avmtap0"), "{filters}");
+        guard_drops_what_the_guest_must_not_send(&ns).await;
         assert!(!ns.ipv6_disabled("eth0").await, "a fresh veth has IPv6 on");
         ns.run("sysctl", ["-qw", "net.ipv6.conf.eth0.disable_ipv6=1"])
             .await
