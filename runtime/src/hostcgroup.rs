@@ -242,6 +242,47 @@ impl Limits {
     }
 }
 
+/// What a container asks of its host cgroup: the spec's `linux.cgroupsPath` and CPU
+/// resources (memory and vCPUs come from the VM's size).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Request {
+    pub cgroups_path: Option<String>,
+    pub cpu: CpuRequest,
+}
+
+impl Request {
+    /// Makes the cgroup of sandbox `id` (a VM of `memory_mib` and `vcpus`) under
+    /// [`CGROUP_ROOT`]. A host without any cgroup filesystem is a warning and `None`: the VM
+    /// then runs in the caller's cgroup.
+    pub fn create(
+        &self,
+        id: &str,
+        memory_mib: u32,
+        vcpus: u32,
+        accel: Accel,
+    ) -> Result<Option<std::sync::Arc<HostCgroup>>, CgroupError> {
+        let path = cgroup_path(self.cgroups_path.as_deref(), id)?;
+        let layout = match Layout::detect(Path::new(CGROUP_ROOT)) {
+            Ok(l) => l,
+            Err(e @ CgroupError::NoCgroupFs { .. }) => {
+                tracing::warn!("{e}: the VM is not limited on the host");
+                return Ok(None);
+            }
+            Err(e) => return Err(e),
+        };
+        let limits = Limits::for_vm(memory_mib, vcpus, accel, &self.cpu);
+        let cg = HostCgroup::create(&layout, &path, &limits)?;
+        tracing::info!(
+            "host cgroup /{}: memory {} MiB, cpu quota {} us per {CPU_PERIOD_US} us, pids {}",
+            path.display(),
+            limits.memory_bytes >> 20,
+            limits.cpu_quota_us,
+            limits.pids_max
+        );
+        Ok(Some(std::sync::Arc::new(cg)))
+    }
+}
+
 /// A cgroup v1 hierarchy: where it is mounted and which of our controllers it carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hierarchy {

@@ -136,6 +136,8 @@ pub struct VmConfig {
     pub cmdline: Vec<String>,
     /// Run the guest clock off the instruction counter (TCG only), for deterministic benchmarks.
     pub icount: bool,
+    /// The host cgroup QEMU and every helper join before they exec (none: the caller's).
+    pub cgroup: Option<Arc<crate::hostcgroup::HostCgroup>>,
 }
 
 impl VmConfig {
@@ -475,6 +477,7 @@ impl VhostUserDaemon {
         args: &[String],
         socket: PathBuf,
         log: PathBuf,
+        cgroup: Option<&crate::hostcgroup::HostCgroup>,
     ) -> Result<Self> {
         let mut cmd = Command::new(program);
         cmd.args(args)
@@ -482,6 +485,7 @@ impl VhostUserDaemon {
             .stdout(log_file(&log)?)
             .stderr(log_file(&log)?)
             .kill_on_drop(true);
+        crate::hostcgroup::enter(&mut cmd, cgroup)?;
         die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| Error::Spawn {
             program: program.display().to_string(),
@@ -571,6 +575,7 @@ impl VmmBackend for Qemu {
                     &args,
                     sock,
                     log,
+                    cfg.cgroup.as_deref(),
                 )?);
                 AgentChannel::VhostUser { uds }
             }
@@ -585,6 +590,7 @@ impl VmmBackend for Qemu {
                     &virtiofsd_args(sh, fs, &cfg.state_dir),
                     sh.socket(&cfg.state_dir),
                     log,
+                    cfg.cgroup.as_deref(),
                 )?);
             }
         }
@@ -600,6 +606,7 @@ impl VmmBackend for Qemu {
             .stdout(log_file(&vmm_log)?)
             .stderr(log_file(&vmm_log)?)
             .kill_on_drop(true);
+        crate::hostcgroup::enter(&mut cmd, cfg.cgroup.as_deref())?;
         die_with_parent(&mut cmd);
         if let Some(fd) = &cfg.netns {
             crate::netns::enter(cmd.as_std_mut(), fd);
@@ -657,6 +664,7 @@ mod tests {
             state_dir: "/run/agentvm/x".into(),
             cmdline: vec!["agentvm.debug=1".into()],
             icount: true,
+            cgroup: None,
         }
     }
 
