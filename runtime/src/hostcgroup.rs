@@ -29,10 +29,13 @@ pub const DEFAULT_PARENT: &str = "agentvm";
 /// Host memory on top of the guest's RAM under KVM: QEMU's own heap, its device state and
 /// thread stacks, virtiofsd and vhost-device-vsock (docs/decisions.md, "Host cgroups").
 pub const KVM_OVERHEAD_MIB: u64 = 160;
-/// Under TCG QEMU also fills a translation cache, up to `-accel tcg,tb-size` (1 GiB by
-/// default on a host with 8 GiB or more); measured on an idle and a busy sandbox
+/// QEMU's TCG translation cache, bounded by agentvm (`-accel tcg,tb-size=256`): QEMU's
+/// default is 1 GiB on a host with 8 GiB or more, filled as the guest runs new code.
+pub const TCG_TB_SIZE_MIB: u64 = 256;
+/// Under TCG: [`TCG_TB_SIZE_MIB`] + the rest measured on an idle and a busy sandbox (121 and
+/// 189 MiB besides the guest's RAM, page cache included), with headroom
 /// (docs/decisions.md, "Host cgroups").
-pub const TCG_OVERHEAD_MIB: u64 = 512;
+pub const TCG_OVERHEAD_MIB: u64 = TCG_TB_SIZE_MIB + 256;
 /// Processes and threads of QEMU and its helpers (the kernel counts threads): an idle
 /// sandbox has about 10, one doing disk and file I/O up to ~100 (QEMU's block thread pool
 /// alone may grow to 64); measured, with headroom.

@@ -278,6 +278,10 @@ pub(crate) fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
+/// QEMU's TCG accelerator with its translation cache bounded to
+/// [`crate::hostcgroup::TCG_TB_SIZE_MIB`].
+const TCG_ACCEL: &str = "tcg,tb-size=256";
+
 /// The guest CID used with vhost-device-vsock: each daemon serves one VM, so it is private.
 const USER_VSOCK_CID: u32 = 3;
 
@@ -298,7 +302,9 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
     push(&["-M", machine]);
     match cfg.accel {
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
-        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        // The translation cache is bounded so the host cgroup's overhead holds (QEMU's
+        // default is 1 GiB on a host with 8 GiB or more, filled as the guest runs new code).
+        Accel::Tcg => push(&["-accel", TCG_ACCEL, "-cpu", "max"]),
     }
     if cfg.icount && cfg.accel == Accel::Tcg {
         push(&["-icount", "shift=3,sleep=off"]);
@@ -685,7 +691,11 @@ mod tests {
         assert!(s.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
         assert!(s.contains("vhost-user-vsock-device,chardev=vsock0"));
         assert!(s.contains("path=/run/agentvm/x/vhost-vsock.sock"));
-        assert!(s.contains("-accel tcg -cpu max"));
+        assert!(s.contains("-accel tcg,tb-size=256 -cpu max"));
+        assert_eq!(
+            TCG_ACCEL,
+            format!("tcg,tb-size={}", crate::hostcgroup::TCG_TB_SIZE_MIB)
+        );
         assert!(s.contains("-icount shift=3,sleep=off"));
         assert!(s.contains("-no-reboot"));
         assert!(s.contains("-serial file:/run/agentvm/x/console.log"));
