@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::accel::{self, AccelChoice};
 use crate::assets::Assets;
 use crate::error::{Error, Result};
+use crate::hostcgroup::{self, HostCgroup};
 use crate::netns::{Netns, NetnsMode};
 use crate::sandbox::{spawn_frame_reader, spawn_input_pump, AgentConn, Sandbox, SandboxConfig};
 use crate::vmm::{Accel, Disk, FsCache, Nic, Share, ShareTransport, VirtioFs};
@@ -66,6 +67,9 @@ pub struct ContainerConfig {
     pub container_id: String,
     pub bundle: String,
     pub annotations: HashMap<String, String>,
+    /// The host cgroup QEMU and its helpers are charged to (`linux.cgroupsPath` and the CPU
+    /// asks of the spec); none leaves them in the caller's.
+    pub host_cgroup: Option<hostcgroup::Request>,
 }
 
 /// The stdio of a process; `None` streams are not connected.
@@ -106,6 +110,7 @@ pub struct Container {
     cfg: ContainerConfig,
     assets: Assets,
     accel: Accel,
+    cgroup: Option<Arc<HostCgroup>>,
 }
 
 /// What the init process's driver owns and tears down after the exit.
@@ -115,6 +120,8 @@ struct Owner {
     down: watch::Sender<bool>,
     /// The host's mount of a layered root, kept fresh while the VM runs.
     host_view: Option<layers::HostView>,
+    /// Removed once the VM and the namespace holder are gone.
+    cgroup: Option<Arc<HostCgroup>>,
 }
 
 /// How often the refresher looks whether the guest or the host changed a layered root behind
@@ -228,14 +235,44 @@ impl Container {
         if let Some(w) = warning {
             tracing::warn!("{w}");
         }
-        let sandbox = Sandbox::prepare(&cfg.id)?;
-        let netns = Netns::create(&cfg.netns, &sandbox.state_dir)?;
+        let mut sandbox = Sandbox::prepare(&cfg.id)?;
+        let cgroup = match &cfg.host_cgroup {
+            Some(req) => {
+                // A few small writes to cgroupfs: fine on the runtime.
+                let made = req.create(&cfg.id, cfg.memory_mib, cfg.vcpus, accel);
+                let made = match made {
+                    Ok(m) => m,
+                    Err(e) => {
+                        sandbox.destroy(TEARDOWN_GRACE).await;
+                        return Err(e.into());
+                    }
+                };
+                if let Some(cg) = &made {
+                    if let Err(e) = sandbox.set_cgroup(Arc::clone(cg)) {
+                        sandbox.destroy(TEARDOWN_GRACE).await;
+                        remove_cgroup(made).await;
+                        return Err(e);
+                    }
+                }
+                made
+            }
+            None => None,
+        };
+        let netns = match Netns::create(&cfg.netns, &sandbox.state_dir) {
+            Ok(n) => n,
+            Err(e) => {
+                sandbox.destroy(TEARDOWN_GRACE).await;
+                remove_cgroup(cgroup).await;
+                return Err(e);
+            }
+        };
         let container = Container {
             sandbox,
             netns,
             cfg,
             assets,
             accel,
+            cgroup,
         };
         if let Err(e) = container.setup().await {
             container.destroy().await;
@@ -246,6 +283,10 @@ impl Container {
 
     async fn setup(&self) -> Result<()> {
         self.sandbox.record_pids(&[self.netns.pid()])?;
+        // The holder is the task pid: the engine finds the container's cgroup through it.
+        if let Some(cg) = &self.cgroup {
+            cg.add_pid(self.netns.pid())?;
+        }
         if let Some(h) = &self.cfg.hooks {
             hooks::warn_unsupported(h);
         }
@@ -280,6 +321,7 @@ impl Container {
             cfg,
             assets,
             accel,
+            cgroup,
         } = self;
         let pid = netns.pid();
         let hook_ctx = hooks::HookContext {
@@ -296,6 +338,7 @@ impl Container {
             netns: Some(netns),
             down: down_tx,
             host_view: host_view.clone(),
+            cgroup,
         };
         let (conn, request) = match prepared {
             Ok((conn, request, _)) => (Ok(conn), request),
@@ -335,6 +378,18 @@ impl Container {
     pub async fn destroy(self) {
         self.netns.destroy().await;
         self.sandbox.destroy(TEARDOWN_GRACE).await;
+        remove_cgroup(self.cgroup).await;
+    }
+}
+
+/// Removes the sandbox's host cgroup once everything in it has ended (off the runtime: it
+/// may wait for exiting processes).
+async fn remove_cgroup(cgroup: Option<Arc<HostCgroup>>) {
+    let Some(cg) = cgroup else { return };
+    match tokio::task::spawn_blocking(move || cg.remove()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("{e}"),
+        Err(e) => tracing::warn!("remove the host cgroup: {e}"),
     }
 }
 
@@ -577,9 +632,15 @@ async fn launch(
     };
     let (started_tx, started_rx) = oneshot::channel();
     tokio::spawn(async move {
-        let (mut sandbox, netns, down_tx, host_view) = match owner {
-            Some(o) => (Some(o.sandbox), o.netns, Some(o.down), o.host_view),
-            None => (None, None, None, None),
+        let (mut sandbox, netns, down_tx, host_view, cgroup) = match owner {
+            Some(o) => (
+                Some(o.sandbox),
+                o.netns,
+                Some(o.down),
+                o.host_view,
+                o.cgroup,
+            ),
+            None => (None, None, None, None, None),
         };
         let shared_layer = host_view.clone();
         let refresher = host_view.map(|v| Refresher::spawn(v, refresher_ctl, refresher_shared));
@@ -619,6 +680,7 @@ async fn launch(
         if let Some(netns) = netns {
             netns.destroy().await;
         }
+        remove_cgroup(cgroup).await;
         if let Some(down_tx) = down_tx {
             let _ = down_tx.send(true);
         }
@@ -829,6 +891,15 @@ impl Running {
     }
 }
 
+/// The exit of a container whose VM the host's OOM killer ended (its cgroup's memory limit,
+/// docs/security.md): 137 and an OOM, as Docker reports a runc container's.
+fn host_oom(sandbox: &Sandbox) -> Option<(i32, bool)> {
+    sandbox.host_oom_killed().then(|| {
+        tracing::warn!("the host's OOM killer ended the VM (its host cgroup's memory limit)");
+        (128 + libc::SIGKILL, true)
+    })
+}
+
 /// Resolves when the VMM exits; never without a sandbox.
 async fn vmm_exited(sandbox: &mut Option<&mut Sandbox>) -> String {
     match sandbox {
@@ -904,6 +975,9 @@ async fn drive(
                             .await
                             .unwrap_or_else(|_| "the agent connection closed".into());
                         tracing::warn!("the VM ended without reporting an exit ({why}):\n{}", sandbox.diagnostics());
+                        if let Some(exit) = host_oom(sandbox) {
+                            break exit;
+                        }
                     } else {
                         tracing::info!("the agent connection of an exec process closed without an exit");
                     }
@@ -946,6 +1020,9 @@ async fn drive(
             st = vmm_exited(&mut sandbox) => {
                 let diagnostics = sandbox.as_deref().map(Sandbox::diagnostics).unwrap_or_default();
                 tracing::warn!("QEMU exited ({st}) before the process reported an exit:\n{diagnostics}");
+                if let Some(exit) = sandbox.as_deref().and_then(host_oom) {
+                    break exit;
+                }
                 break (if kill_deadline.is_some() { 128 + libc::SIGKILL } else { 255 }, false);
             }
             () = tokio::time::sleep_until(deadline), if kill_deadline.is_some() => {

@@ -33,6 +33,9 @@ pub enum Error {
     /// The agent answered, but not what the host expected.
     #[error("guest agent: {0}")]
     Agent(String),
+    /// The sandbox's cgroup on the host.
+    #[error(transparent)]
+    Cgroup(#[from] crate::hostcgroup::CgroupError),
     /// Invalid user input (flags, specs).
     #[error("{0}")]
     Invalid(String),

@@ -9,6 +9,7 @@ pub mod container;
 pub mod dns;
 pub mod error;
 pub mod hooks;
+pub mod hostcgroup;
 pub mod image;
 pub mod install;
 pub mod jail;

@@ -72,6 +72,8 @@ pub struct BundleSpec {
     pub annotations: HashMap<String, String>,
     /// `linux.sysctl`.
     pub sysctls: BTreeMap<String, String>,
+    /// `linux.cgroupsPath` and the CPU asks of `linux.resources`, for the host cgroup.
+    pub host_cgroup: crate::hostcgroup::Request,
 }
 
 /// Reads and maps `<bundle>/config.json`.
@@ -119,7 +121,20 @@ pub fn map_spec(
             Some(p) if !p.as_os_str().is_empty() => NetnsMode::Join(p.clone()),
             _ => NetnsMode::New,
         });
+    let host_cgroup = crate::hostcgroup::Request {
+        cgroups_path: spec
+            .linux()
+            .as_ref()
+            .and_then(|l| l.cgroups_path().as_ref())
+            .map(|p| p.display().to_string()),
+        cpu: crate::hostcgroup::CpuRequest {
+            shares: cpu.and_then(|c| c.shares()),
+            quota: cpu.and_then(|c| c.quota()),
+            period: cpu.and_then(|c| c.period()),
+        },
+    };
     Ok(BundleSpec {
+        host_cgroup,
         netns,
         mounts: spec.mounts().clone().unwrap_or_default(),
         hooks: spec.hooks().clone(),

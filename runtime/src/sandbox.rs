@@ -12,12 +12,15 @@ use tokio::task::JoinHandle;
 
 use crate::assets::{self, Assets};
 use crate::error::{Error, Result};
+use crate::hostcgroup::{self, HostCgroup};
 use crate::vmm::{Accel, AgentIo, Disk, Nic, Qemu, Share, Vm, VmConfig, VmmBackend};
 
 /// Root of per-sandbox state directories.
 pub const STATE_ROOT: &str = "/run/agentvm";
 /// In a state dir: the pids of the VMM and its helpers, one per line.
 const PIDS_FILE: &str = "pids";
+/// In a state dir: the host cgroup directories made for the sandbox, one per line.
+const CGROUPS_FILE: &str = "cgroups";
 
 /// What to boot.
 #[derive(Debug, Clone)]
@@ -59,6 +62,8 @@ pub struct Sandbox {
     /// The state dir is gone (destroyed).
     removed: bool,
     pub timings: BootTimings,
+    /// The host cgroup the VMM and its helpers join ([`Sandbox::set_cgroup`]).
+    cgroup: Option<Arc<HostCgroup>>,
 }
 
 /// One connection to the agent, past its Hello.
@@ -179,6 +184,7 @@ impl Sandbox {
             state_dir,
             vm: None,
             removed: false,
+            cgroup: None,
             timings: BootTimings {
                 started,
                 vmm_spawned: started,
@@ -203,6 +209,33 @@ impl Sandbox {
             .map_err(|e| Error::io("write", &path, e))
     }
 
+    /// Makes the VMM and its helpers join `cgroup` when they start, and records its
+    /// directories in the state dir, so a cleanup after a crash removes them. Its owner
+    /// removes it once everything in it has ended.
+    pub fn set_cgroup(&mut self, cgroup: Arc<HostCgroup>) -> Result<()> {
+        use std::io::Write;
+        let path = self.state_dir.join(CGROUPS_FILE);
+        let text: String = cgroup
+            .created_dirs()
+            .iter()
+            .map(|d| format!("{}\n", d.display()))
+            .collect();
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))?;
+        f.write_all(text.as_bytes())
+            .map_err(|e| Error::io("write", &path, e))?;
+        self.cgroup = Some(cgroup);
+        Ok(())
+    }
+
+    /// Whether the host's OOM killer ended a process of the sandbox's cgroup.
+    pub fn host_oom_killed(&self) -> bool {
+        self.cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0)
+    }
+
     /// Starts the VM of a prepared sandbox and waits until the agent greets. On failure the
     /// VM is stopped; the state dir stays until the sandbox is dropped or destroyed.
     pub async fn launch(&mut self, cfg: &SandboxConfig, assets: &Assets) -> Result<AgentConn> {
@@ -225,6 +258,7 @@ impl Sandbox {
             state_dir: self.state_dir.clone(),
             cmdline,
             icount: cfg.icount,
+            cgroup: self.cgroup.clone(),
         };
         let backend = Qemu {
             qemu: assets.qemu.clone(),
@@ -385,7 +419,9 @@ impl Drop for Sandbox {
 
 /// Removes what a sandbox `id` left behind when the process that owned it died: kills the
 /// processes recorded in its state dir (only those whose command line still names that dir,
-/// so a recycled pid is never hit) and removes the dir. Returns whether there was anything.
+/// so a recycled pid is never hit), removes the host cgroups recorded there (killing what
+/// is left in them: only the sandbox's processes join them) and removes the dir. Returns
+/// whether there was anything.
 pub fn cleanup_stale(id: &str) -> Result<bool> {
     validate_id(id)?;
     let dir = state_root().join(id);
@@ -402,6 +438,15 @@ pub fn cleanup_stale(id: &str) -> Result<bool> {
                 nix::sys::signal::Signal::SIGKILL,
             );
         }
+    }
+    let cgroups: Vec<PathBuf> = std::fs::read_to_string(dir.join(CGROUPS_FILE))
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(PathBuf::from)
+        .collect();
+    if let Err(e) = hostcgroup::remove_recorded(&cgroups) {
+        tracing::warn!("cleanup of sandbox {id}: {e}");
     }
     remove_state_dir(&dir);
     Ok(true)
@@ -444,8 +489,13 @@ mod tests {
         std::fs::create_dir(&dir).unwrap();
         // A pid that is not ours to kill: its command line does not name the state dir.
         std::fs::write(dir.join(PIDS_FILE), format!("{}\n", std::process::id())).unwrap();
+        // A host cgroup it made (an empty directory stands in for it) goes too.
+        let cgroup = root.path().join("cgroup-of-stale");
+        std::fs::create_dir(&cgroup).unwrap();
+        std::fs::write(dir.join(CGROUPS_FILE), format!("{}\n", cgroup.display())).unwrap();
         assert!(cleanup_stale("stale").unwrap());
         assert!(!dir.exists());
+        assert!(!cgroup.exists(), "the recorded cgroup must be removed");
         std::env::remove_var("AGENTVM_STATE_ROOT");
     }
 

@@ -148,6 +148,8 @@ pub struct VmConfig {
     pub cmdline: Vec<String>,
     /// Run the guest clock off the instruction counter (TCG only), for deterministic benchmarks.
     pub icount: bool,
+    /// The host cgroup QEMU and every helper join before they exec (none: the caller's).
+    pub cgroup: Option<Arc<crate::hostcgroup::HostCgroup>>,
 }
 
 impl VmConfig {
@@ -304,6 +306,10 @@ pub(crate) fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     std::fs::File::open("/dev/urandom")?.read_exact(buf)
 }
 
+/// QEMU's TCG accelerator with its translation cache bounded to
+/// [`crate::hostcgroup::TCG_TB_SIZE_MIB`].
+const TCG_ACCEL: &str = "tcg,tb-size=256";
+
 /// The guest CID used with vhost-device-vsock: each daemon serves one VM, so it is private.
 const USER_VSOCK_CID: u32 = 3;
 
@@ -325,7 +331,9 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
     match cfg.accel {
         // Nested virtualisation is a large attack surface of the host kernel's: off.
         Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host,-vmx,-svm"]),
-        Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        // The translation cache is bounded so the host cgroup's overhead holds (QEMU's
+        // default is 1 GiB on a host with 8 GiB or more, filled as the guest runs new code).
+        Accel::Tcg => push(&["-accel", TCG_ACCEL, "-cpu", "max"]),
     }
     if cfg.icount && cfg.accel == Accel::Tcg {
         push(&["-icount", "shift=3,sleep=off"]);
@@ -522,6 +530,7 @@ impl VhostUserDaemon {
         socket: PathBuf,
         log: PathBuf,
         jail: Jail,
+        cgroup: Option<&crate::hostcgroup::HostCgroup>,
     ) -> Result<Self> {
         let mut cmd = Command::new(program);
         let (out, err) = capped_output(&log, ringlog::VMM_LOG_CAP)?;
@@ -530,6 +539,7 @@ impl VhostUserDaemon {
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
+        crate::hostcgroup::enter(&mut cmd, cgroup)?;
         die_with_parent(&mut cmd);
         jail.apply(cmd.as_std_mut())?;
         let child = cmd.spawn().map_err(|e| Error::Spawn {
@@ -711,6 +721,7 @@ impl VmmBackend for Qemu {
                     sock,
                     log,
                     jail,
+                    cfg.cgroup.as_deref(),
                 )?);
                 AgentChannel::VhostUser { uds }
             }
@@ -727,6 +738,7 @@ impl VmmBackend for Qemu {
                     sh.socket(&cfg.state_dir),
                     log,
                     share_jail(sh, &cfg.state_dir)?,
+                    cfg.cgroup.as_deref(),
                 )?);
             }
         }
@@ -780,6 +792,7 @@ impl Qemu {
             .stdout(out)
             .stderr(err)
             .kill_on_drop(true);
+        crate::hostcgroup::enter(&mut cmd, cfg.cgroup.as_deref())?;
         die_with_parent(&mut cmd);
         if let Some(fd) = &cfg.netns {
             crate::netns::enter(cmd.as_std_mut(), fd);
@@ -850,6 +863,7 @@ mod tests {
             state_dir: "/run/agentvm/x".into(),
             cmdline: vec!["agentvm.debug=1".into()],
             icount: true,
+            cgroup: None,
         }
     }
 
@@ -870,7 +884,11 @@ mod tests {
         assert!(s.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
         assert!(s.contains("vhost-user-vsock-device,chardev=vsock0"));
         assert!(s.contains("path=/run/agentvm/x/vsock/vhost.sock"));
-        assert!(s.contains("-accel tcg -cpu max"));
+        assert!(s.contains("-accel tcg,tb-size=256 -cpu max"));
+        assert_eq!(
+            TCG_ACCEL,
+            format!("tcg,tb-size={}", crate::hostcgroup::TCG_TB_SIZE_MIB)
+        );
         assert!(s.contains("-icount shift=3,sleep=off"));
         assert!(s.contains("-no-reboot"));
         // The console and QMP are descriptors; the state dir is named for cleanup.

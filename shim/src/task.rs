@@ -514,6 +514,7 @@ impl Task for TaskService {
             container_id: req.id.clone(),
             bundle: req.bundle.clone(),
             annotations: spec.annotations.clone(),
+            host_cgroup: Some(spec.host_cgroup.clone()),
         };
         let container = match Container::create(cfg).await {
             Ok(c) => c,
