@@ -83,6 +83,7 @@ fn attack_script(canary: &Path) -> String {
           ln -s / $d/diff 2>/dev/null && echo "SWAPPED diff"
           mkdir $d/planted 2>/dev/null && echo "PLANTED dir"
           rm -rf $d/work $d/merged 2>/dev/null
+          chmod 0777 $d 2>/dev/null
           [ -e $d/work ] || echo "DELETED work"
         done
         [ -e /agentvm-canary-file ] && echo "LEAKED host file into the root"
@@ -126,6 +127,16 @@ fn guest_root_cannot_reach_the_engines_layer_metadata() {
         assert!(!so.contains(bad), "the guest could {bad}: {so}");
     }
     let (dir, before) = layer_metadata(&env, &name);
+    // The guest may change the shared dir's mode (Landlock has no say on chmod); the shim
+    // puts it back once the VM is gone.
+    use std::os::unix::fs::PermissionsExt;
+    // The exit is published before the teardown: give it a few seconds.
+    let mode = |d: &Path| std::fs::metadata(d).unwrap().permissions().mode() & 0o7777;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while mode(&dir) == 0o777 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_ne!(mode(&dir), 0o777, "{} left world-writable", dir.display());
     assert!(
         before
             .iter()

@@ -677,6 +677,14 @@ async fn launch(
         if let Some(sandbox) = sandbox {
             sandbox.destroy(TEARDOWN_GRACE).await;
         }
+        // The VM and its virtiofsd are gone: nothing races the shared dir any more.
+        if let Some(v) = &shared_layer {
+            if v.untouched().is_ok() {
+                if let Err(e) = v.restore_share_dir() {
+                    tracing::warn!("container root: {e}");
+                }
+            }
+        }
         if let Some(netns) = netns {
             netns.destroy().await;
         }

@@ -213,6 +213,10 @@ pub struct HostView {
     /// Device and inode of the writable layer and of the mount point's parent when found:
     /// what [`HostView::untouched`] compares.
     pub ids: [(u64, u64); 2],
+    /// Mode, owner and group of the directory shared with the guest (the layer's parent):
+    /// the guest can change them (Landlock does not cover chmod and chown), the shim puts
+    /// them back after the VM ([`HostView::restore_share_dir`]).
+    pub share_dir_attrs: (u32, u32, u32),
 }
 
 /// Device and inode of a directory that is not a symlink.
@@ -237,6 +241,11 @@ impl HostView {
         let Overlay { lower, upper, work } = parse_mountinfo(&text, &mount_point, &base)?;
         let options = String::from_utf8(unescape(&raw)).ok()?;
         let ids = [dir_id(&upper)?, dir_id(mount_point.parent()?)?];
+        let share_dir_attrs = {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::symlink_metadata(upper.parent()?).ok()?;
+            (m.mode() & 0o7777, m.uid(), m.gid())
+        };
         Some(HostView {
             mount_point,
             options,
@@ -245,7 +254,32 @@ impl HostView {
             upper,
             work,
             ids,
+            share_dir_attrs,
         })
+    }
+
+    /// Puts back the mode and owner the shared directory had at start. Call once the VM is
+    /// gone (nothing races it then).
+    pub fn restore_share_dir(&self) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let Some(dir) = self.upper.parent() else {
+            return Ok(());
+        };
+        let m = std::fs::symlink_metadata(dir).map_err(|e| Error::io("inspect", dir, e))?;
+        if !m.is_dir() {
+            return Err(Error::Invalid(format!("{} is no directory", dir.display())));
+        }
+        let (mode, uid, gid) = self.share_dir_attrs;
+        if (m.uid(), m.gid()) != (uid, gid) {
+            std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
+                .map_err(|e| Error::io("restore the owner of", dir, e))?;
+        }
+        if m.mode() & 0o7777 != mode {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
+                .map_err(|e| Error::io("restore the mode of", dir, e))?;
+        }
+        Ok(())
     }
 
     /// Checks that the writable layer and the directory holding the mount point are the
