@@ -7,6 +7,7 @@ pub mod check;
 pub mod container;
 pub mod dns;
 pub mod error;
+pub mod guest;
 pub mod hooks;
 pub mod image;
 pub mod install;
