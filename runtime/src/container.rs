@@ -6,7 +6,9 @@
 //! The exit is reported as soon as the agent sends it, before the VM powers off, so a caller
 //! can publish it without waiting for the (slow, under TCG) teardown.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use std::collections::{BTreeMap, HashMap};
@@ -362,7 +364,15 @@ impl Container {
             // The init's start mounts the root and configures the network: as slow as a boot.
             start_timeout: cfg.boot_timeout,
         };
-        let r = launch(conn, request, io, pid, Some(owner), link).await;
+        let (running, started) = launch(
+            Box::pin(std::future::ready(conn)),
+            request,
+            io,
+            pid,
+            Some(owner),
+            link,
+        );
+        let r = (running, started.await);
         if r.1.is_ok() {
             hooks::run(cfg.hooks.as_ref(), hooks::Phase::Poststart, &hook_ctx)
                 .await
@@ -593,18 +603,27 @@ struct VmLink {
     start_timeout: Duration,
 }
 
-/// Runs `request` over `conn` in a driver task. The driver of the init process owns the
-/// sandbox (`owner`): it tears the VM down after the exit and hands out the connections of
-/// exec processes. `pid` is the host pid every process of the VM reports (the namespace
-/// holder's): the guest's pids are guest data and never leave the driver.
-async fn launch(
-    conn: Result<AgentConn>,
+/// The outcome of a start: the host pid the process reports, or why it did not start.
+pub type Started = Pin<Box<dyn Future<Output = Result<u32>> + Send>>;
+
+/// Where a driver gets its agent connection: at once (the init process, over the connection
+/// the boot opened) or from the init's driver (an exec process).
+type ConnSource = Pin<Box<dyn Future<Output = Result<AgentConn>> + Send>>;
+
+/// Runs `request` in a driver task, over the connection `conn` resolves to. The driver of
+/// the init process owns the sandbox (`owner`): it tears the VM down after the exit and hands
+/// out the connections of exec processes. `pid` is the host pid every process of the VM
+/// reports (the namespace holder's): the guest's pids are guest data and never leave the
+/// driver. The handle works at once: a SIGKILL while the connection is being opened ends the
+/// process (137) without waiting for the agent; other controls are delivered after the start.
+fn launch(
+    conn: ConnSource,
     request: StartRequest,
     io: ProcessIo,
     pid: u32,
     owner: Option<Owner>,
     link: VmLink,
-) -> (Running, Result<u32>) {
+) -> (Running, Started) {
     let VmLink {
         vm,
         torn_down,
@@ -613,7 +632,7 @@ async fn launch(
         start_timeout,
     } = link;
     let (exit_tx, exit_rx) = watch::channel(None);
-    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
     let refresher_ctl = ctl_tx.clone();
     let refresher_shared = shared.clone();
     let running = Running {
@@ -632,12 +651,14 @@ async fn launch(
             None => (None, None, None, None),
         };
         let refresher = host_view.map(|v| Refresher::spawn(v, refresher_ctl, refresher_shared));
+        let (conn, pending) = connect_or_kill(conn, &mut ctl_rx).await;
         let (code, oom) = match conn {
             Ok(conn) => {
                 let link = DriveLink {
                     dialer,
                     shared,
                     start_timeout,
+                    pending,
                 };
                 drive(
                     sandbox.as_mut(),
@@ -650,9 +671,9 @@ async fn launch(
                 )
                 .await
             }
-            Err(e) => {
+            Err((e, code)) => {
                 let _ = started_tx.send(Err(e));
-                (255, false)
+                (code, false)
             }
         };
         // Before the exit is known: the engine unmounts the root after it.
@@ -674,10 +695,36 @@ async fn launch(
             let _ = down_tx.send(true);
         }
     });
-    let started = started_rx
-        .await
-        .unwrap_or_else(|_| Err(Error::Agent("the process driver ended".into())));
-    (running, started.map(|()| pid))
+    let started = Box::pin(async move {
+        let started = started_rx
+            .await
+            .unwrap_or_else(|_| Err(Error::Agent("the process driver ended".into())));
+        started.map(|()| pid)
+    });
+    (running, started)
+}
+
+/// Waits for the connection while serving the process's controls: a SIGKILL gives up at once
+/// (exit 137); the others are kept for the driver. A failure comes with the exit code.
+async fn connect_or_kill(
+    mut conn: ConnSource,
+    ctl: &mut mpsc::UnboundedReceiver<Control>,
+) -> (std::result::Result<AgentConn, (Error, i32)>, Vec<Control>) {
+    let mut pending = Vec::new();
+    let mut ctl_open = true;
+    loop {
+        tokio::select! {
+            c = &mut conn => return (c.map_err(|e| (e, 255)), pending),
+            c = ctl.recv(), if ctl_open => match c {
+                Some(Control::Signal(libc::SIGKILL)) => {
+                    let e = Error::Agent("killed before the agent took the process".into());
+                    return (Err((e, 128 + libc::SIGKILL)), pending);
+                }
+                Some(c) => pending.push(c),
+                None => ctl_open = false,
+            },
+        }
+    }
 }
 
 enum Control {
@@ -770,7 +817,16 @@ impl Running {
     /// Bounded: the connection within 10 s, the agent's confirmation within 30 s. The
     /// process ends at the latest with the VM.
     pub async fn exec(&self, process: ProcessSpec, io: ProcessIo) -> (Running, Result<u32>) {
-        let conn = connect_via(&self.vm).await;
+        let (running, started) = self.spawn_exec(process, io);
+        (running, started.await)
+    }
+
+    /// [`Running::exec`] whose handle comes at once, before the agent took the process: it
+    /// can be signalled (a SIGKILL ends a start that waits for the agent) while `Started`
+    /// resolves.
+    pub fn spawn_exec(&self, process: ProcessSpec, io: ProcessIo) -> (Running, Started) {
+        let vm = self.vm.clone();
+        let conn: ConnSource = Box::pin(async move { connect_via(&vm).await });
         let request = StartRequest {
             rootfs: (*self.rootfs).clone(),
             process,
@@ -794,7 +850,6 @@ impl Running {
                 start_timeout: EXEC_START_TIMEOUT,
             },
         )
-        .await
     }
 
     /// Freezes the whole VM (every vCPU), as `docker pause` freezes a runc container's
@@ -887,6 +942,8 @@ struct DriveLink {
     dialer: Option<Arc<dyn Dialer>>,
     shared: Arc<VmShared>,
     start_timeout: Duration,
+    /// Controls that came while the connection was being opened, delivered after the start.
+    pending: Vec<Control>,
 }
 
 /// What the driver's loop asks its writer task to send.
@@ -918,6 +975,7 @@ async fn drive(
         dialer,
         shared,
         start_timeout,
+        pending,
     } = link;
     let AgentConn { reader, writer } = conn;
     let mut started = Some(started);
@@ -937,6 +995,19 @@ async fn drive(
     let (out, out_rx) = mpsc::unbounded_channel();
     let start = Frame::Msg(Message::Start(Box::new(request)));
     let writer_task = spawn_writer(writer, start, stdin_rx, out_rx);
+    for c in pending {
+        let _ = out.send(match c {
+            Control::Signal(signal) => Out::Frame(Frame::Msg(Message::Signal { signal })),
+            Control::Resize { rows, cols } => {
+                Out::Frame(Frame::Msg(Message::Resize { rows, cols }))
+            }
+            Control::CloseStdin => Out::CloseStdin,
+            Control::Connect(reply) => {
+                let _ = reply.send(Err(Error::Invalid("not the init process".into())));
+                continue;
+            }
+        });
+    }
     let mut setup_error: Option<String> = None;
     let mut kill_deadline: Option<tokio::time::Instant> = None;
     let start_deadline = tokio::time::Instant::now() + start_timeout;
@@ -1159,6 +1230,7 @@ pub mod testing {
         io: ProcessIo,
     ) -> (Running, Result<u32>) {
         let conn = guest::greet(agent).await.map(|(c, _)| c);
+        let conn: ConnSource = Box::pin(std::future::ready(conn));
         let request = StartRequest {
             rootfs: RootfsSpec {
                 device: ROOT_TAG.into(),
@@ -1191,7 +1263,8 @@ pub mod testing {
             dialer: Some(dialer),
             start_timeout: Duration::from_secs(10),
         };
-        launch(conn, request, io, host_pid, None, link).await
+        let (running, started) = launch(conn, request, io, host_pid, None, link);
+        (running, started.await)
     }
 }
 
@@ -1433,6 +1506,33 @@ mod tests {
             "the stalled exec should still be waiting"
         );
         stalled.abort();
+    }
+
+    #[tokio::test]
+    async fn a_kill_ends_an_exec_whose_connection_stalls() {
+        let dials = Arc::new(Dials::default());
+        let (host, mut init_agent) = pair(true).await;
+        let (init_run, _init_agent) = tokio::join!(
+            fake_init(host, dials.clone(), 4242, ProcessIo::default()),
+            async move {
+                init_agent.start(1).await;
+                init_agent
+            }
+        );
+        let init = init_run.0;
+        let (stalled_host, _stalled_agent) = pair(false).await;
+        dials.0.lock().unwrap().push(stalled_host);
+        let t = tokio::time::Instant::now();
+        let (exec, started) = init.spawn_exec(ProcessSpec::default(), ProcessIo::default());
+        exec.signal(libc::SIGKILL).unwrap();
+        let e = started.await.unwrap_err().to_string();
+        assert!(e.contains("killed before"), "{e}");
+        assert_eq!(exec.wait().await.code, 137);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            t.elapsed()
+        );
     }
 
     #[tokio::test(start_paused = true)]

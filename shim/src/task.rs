@@ -360,9 +360,13 @@ impl TaskService {
                 return Err(internal(format!("open stdio: {e}")));
             }
         };
-        let (running, started) = init.exec(spec, io).await;
+        // The handle is in place before the agent confirms the start, and the phase lock is
+        // not held while it does: a kill of this exec, or anything else, never waits for a
+        // stalled agent (a SIGKILL ends the start at once).
+        let (running, started) = init.spawn_exec(spec, io);
         *phase = Phase::Running(running.clone());
         drop(phase);
+        let started = started.await;
         let announce = started.is_ok();
         if started.is_ok() {
             // As Kata publishes its VMM's pid for every exec: a host process the engine may
@@ -1508,13 +1512,31 @@ mod tests {
             send(&mut h.init_agent, Message::Exited(ExitStatus::signaled(9))).await;
             let init = svc.get("c").unwrap().init.running().await.unwrap();
             assert_eq!(init.wait().await.code, 137);
+            assert!(!stalled.is_finished());
+            // The stalled exec itself is killable: its start ends, with 137.
+            let kill = api::KillRequest {
+                id: "c".into(),
+                exec_id: "stalled".into(),
+                signal: libc::SIGKILL as u32,
+                ..Default::default()
+            };
+            svc.kill(&ctx(), kill).await.unwrap();
+            let start = tokio::time::timeout(Duration::from_secs(2), stalled)
+                .await
+                .expect("the stalled start did not end at its kill")
+                .unwrap();
+            assert!(start.is_err());
+            let wait = api::WaitRequest {
+                id: "c".into(),
+                exec_id: "stalled".into(),
+                ..Default::default()
+            };
+            assert_eq!(svc.wait(&ctx(), wait).await.unwrap().exit_status, 137);
             assert!(
                 t.elapsed() < Duration::from_secs(2),
                 "took {:?}",
                 t.elapsed()
             );
-            assert!(!stalled.is_finished());
-            stalled.abort();
         }
     }
 }
