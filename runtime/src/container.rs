@@ -1003,7 +1003,7 @@ async fn drive(
             }
             Control::CloseStdin => Out::CloseStdin,
             Control::Connect(reply) => {
-                let _ = reply.send(Err(Error::Invalid("not the init process".into())));
+                serve_connect(&dialer, reply);
                 continue;
             }
         });
@@ -1061,19 +1061,7 @@ async fn drive(
                 Some(Control::CloseStdin) => {
                     let _ = out.send(Out::CloseStdin);
                 }
-                Some(Control::Connect(reply)) => match &dialer {
-                    Some(d) => {
-                        // Off the loop: an agent that accepts and never answers must not hold
-                        // up this process's kill or output.
-                        let d = Arc::clone(d);
-                        tokio::spawn(async move {
-                            let _ = reply.send(guest::open(&*d, CONNECT_TIMEOUT).await);
-                        });
-                    }
-                    None => {
-                        let _ = reply.send(Err(Error::Invalid("not the init process".into())));
-                    }
-                },
+                Some(Control::Connect(reply)) => serve_connect(&dialer, reply),
                 // Every handle is gone: only the process or the VM can end this now.
                 None => ctl_open = false,
             },
@@ -1116,6 +1104,22 @@ async fn drive(
         let _ = t.await;
     }
     (code, oom)
+}
+
+/// Opens an agent connection for `reply` in a task of its own: an agent that accepts and
+/// never answers must not hold up the loop that asked (its process's kill and output).
+fn serve_connect(dialer: &Option<Arc<dyn Dialer>>, reply: oneshot::Sender<Result<AgentConn>>) {
+    match dialer {
+        Some(d) => {
+            let d = Arc::clone(d);
+            tokio::spawn(async move {
+                let _ = reply.send(guest::open(&*d, CONNECT_TIMEOUT).await);
+            });
+        }
+        None => {
+            let _ = reply.send(Err(Error::Invalid("not the init process".into())));
+        }
+    }
 }
 
 fn sandbox_name(sandbox: &Option<&mut Sandbox>) -> String {
