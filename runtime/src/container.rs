@@ -6,7 +6,9 @@
 //! The exit is reported as soon as the agent sends it, before the VM powers off, so a caller
 //! can publish it without waiting for the (slow, under TCG) teardown.
 
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,15 +20,17 @@ use agentvm_protocol::{
     StartRequest, Stream,
 };
 use oci_spec::runtime::Hooks;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::accel::{self, AccelChoice};
 use crate::assets::Assets;
 use crate::error::{Error, Result};
 use crate::hostcgroup::{self, HostCgroup};
+use crate::guest::{self, Dialer, GuestLog};
 use crate::netns::{Netns, NetnsMode};
-use crate::sandbox::{spawn_frame_reader, spawn_input_pump, AgentConn, Sandbox, SandboxConfig};
+use crate::sandbox::{spawn_input_pump, AgentConn, Sandbox, SandboxConfig};
+use crate::vmm::AgentIo;
 use crate::vmm::{Accel, Disk, FsCache, Nic, Share, ShareTransport, VirtioFs};
 use crate::{assets, dns, hooks, layers, mounts};
 
@@ -37,8 +41,14 @@ const TEARDOWN_GRACE: Duration = Duration::from_secs(5);
 /// After a SIGKILL is forwarded, how long the agent gets to report the exit before the VM
 /// itself is killed (a wedged guest must not make `docker kill` hang).
 const KILL_GRACE: Duration = Duration::from_secs(5);
-/// How long the agent may take to accept a connection for an exec process.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the agent may take to accept and greet a connection (connects run off the init
+/// driver's loop, so a stalled one delays only the request that asked for it).
+const CONNECT_TIMEOUT: Duration = guest::CONNECT_TIMEOUT;
+/// How long a request/reply exchange with the agent (stats, update, forget caches) may take
+/// as a whole, the connect included.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long the agent may take to confirm an exec process's start (`Started` or an error).
+const EXEC_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What to boot and run.
 #[derive(Debug, Clone)]
@@ -193,16 +203,44 @@ impl Refresher {
 }
 
 async fn forget_guest_caches(vm: &mpsc::UnboundedSender<Control>) -> Result<()> {
+    match ask(vm, Message::ForgetCaches, "forget-caches").await? {
+        Frame::Msg(Message::Ready) => Ok(()),
+        other => Err(Error::Agent(format!(
+            "expected ready, got {}",
+            guest::describe(&other)
+        ))),
+    }
+}
+
+/// A new agent connection, opened by the init process's driver (off its loop, bounded by
+/// [`CONNECT_TIMEOUT`]).
+async fn connect_via(vm: &mpsc::UnboundedSender<Control>) -> Result<AgentConn> {
     let gone = || Error::Invalid("the container's init process has exited".into());
     let (tx, rx) = oneshot::channel();
     vm.send(Control::Connect(tx)).map_err(|_| gone())?;
-    let mut conn = rx.await.unwrap_or_else(|_| Err(gone()))?;
-    conn.send(&Frame::Msg(Message::ForgetCaches)).await?;
-    match tokio::time::timeout(CONNECT_TIMEOUT, conn.recv()).await {
-        Ok(Ok(Some(Frame::Msg(Message::Ready)))) => Ok(()),
-        Ok(other) => Err(Error::Agent(format!("expected ready, got {other:?}"))),
-        Err(_) => Err(Error::Agent("the agent did not answer".into())),
-    }
+    rx.await.unwrap_or_else(|_| Err(gone()))
+}
+
+/// Sends `request` over a connection of its own and reads the agent's one reply, all within
+/// [`REPLY_TIMEOUT`].
+async fn ask(vm: &mpsc::UnboundedSender<Control>, request: Message, what: &str) -> Result<Frame> {
+    let exchange = async {
+        let mut conn = connect_via(vm).await?;
+        conn.send(&Frame::Msg(request)).await?;
+        conn.recv().await?.ok_or_else(|| {
+            Error::Agent(format!(
+                "the agent closed the connection of a {what} request"
+            ))
+        })
+    };
+    tokio::time::timeout(REPLY_TIMEOUT, exchange)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Agent(format!(
+                "the agent did not answer a {what} request within {} s",
+                REPLY_TIMEOUT.as_secs()
+            )))
+        })
 }
 
 async fn refresh_view(view: &layers::HostView) {
@@ -311,10 +349,11 @@ impl Container {
     }
 
     /// Boots the VM wired to the namespace's interfaces, with the bundle's mounts, and starts
-    /// the init process with `io`. On success the process runs; on failure (the VM did not
-    /// boot, the agent could not start the process) the error says why, and the returned
-    /// handle still reports the exit (e.g. 127) and the teardown.
-    pub async fn start(self, io: ProcessIo) -> (Running, Result<i32>) {
+    /// the init process with `io`. On success the process runs and the result is its host
+    /// pid ([`Container::pid`]); on failure (the VM did not boot, the agent could not start
+    /// the process) the error says why, and the returned handle still reports the exit (e.g.
+    /// 127) and the teardown.
+    pub async fn start(self, io: ProcessIo) -> (Running, Result<u32>) {
         let Container {
             mut sandbox,
             netns,
@@ -359,13 +398,29 @@ impl Container {
             paused: AtomicBool::new(false),
             memory_mib: cfg.memory_mib,
             host_view,
+            log: GuestLog::new(cfg.id.clone(), guest::GUEST_LOG_PER_SECOND),
         });
+        let dialer = owner
+            .sandbox
+            .agent_channel()
+            .map(|c| Arc::new(c) as Arc<dyn Dialer>);
         let link = VmLink {
             vm: None,
             torn_down: down_rx,
             shared,
+            dialer,
+            // The init's start mounts the root and configures the network: as slow as a boot.
+            start_timeout: cfg.boot_timeout,
         };
-        let r = launch(conn, request, io, pid, Some(owner), link).await;
+        let (running, started) = launch(
+            Box::pin(std::future::ready(conn)),
+            request,
+            io,
+            pid,
+            Some(owner),
+            link,
+        );
+        let r = (running, started.await);
         if r.1.is_ok() {
             hooks::run(cfg.hooks.as_ref(), hooks::Phase::Poststart, &hook_ctx)
                 .await
@@ -450,7 +505,13 @@ async fn boot(
     };
     let conn = sandbox.launch(&sandbox_cfg, assets).await?;
     if plan.uses_docker_dns() {
-        let relay_conn = sandbox.connect().await?;
+        let relay_conn = tokio::time::timeout(CONNECT_TIMEOUT, sandbox.connect())
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::Agent(
+                    "the agent did not answer a new connection".into(),
+                ))
+            })?;
         let socket = netns.udp_socket()?;
         let upstream = std::net::SocketAddr::from(([127, 0, 0, 11], 53));
         // The relay task ends when its agent connection closes with the VM.
@@ -599,26 +660,42 @@ struct VmLink {
     vm: Option<mpsc::UnboundedSender<Control>>,
     torn_down: watch::Receiver<bool>,
     shared: Arc<VmShared>,
+    /// Opens the agent connections of exec processes and requests (init process only).
+    dialer: Option<Arc<dyn Dialer>>,
+    /// How long the agent may take to confirm the start.
+    start_timeout: Duration,
 }
 
-/// Runs `request` over `conn` in a driver task. The driver of the init process owns the
-/// sandbox (`owner`): it tears the VM down after the exit and opens the connections of exec
-/// processes.
-async fn launch(
-    conn: Result<AgentConn>,
+/// The outcome of a start: the host pid the process reports, or why it did not start.
+pub type Started = Pin<Box<dyn Future<Output = Result<u32>> + Send>>;
+
+/// Where a driver gets its agent connection: at once (the init process, over the connection
+/// the boot opened) or from the init's driver (an exec process).
+type ConnSource = Pin<Box<dyn Future<Output = Result<AgentConn>> + Send>>;
+
+/// Runs `request` in a driver task, over the connection `conn` resolves to. The driver of
+/// the init process owns the sandbox (`owner`): it tears the VM down after the exit and hands
+/// out the connections of exec processes. `pid` is the host pid every process of the VM
+/// reports (the namespace holder's): the guest's pids are guest data and never leave the
+/// driver. The handle works at once: a SIGKILL while the connection is being opened ends the
+/// process (137) without waiting for the agent; other controls are delivered after the start.
+fn launch(
+    conn: ConnSource,
     request: StartRequest,
     io: ProcessIo,
     pid: u32,
     owner: Option<Owner>,
     link: VmLink,
-) -> (Running, Result<i32>) {
+) -> (Running, Started) {
     let VmLink {
         vm,
         torn_down,
         shared,
+        dialer,
+        start_timeout,
     } = link;
     let (exit_tx, exit_rx) = watch::channel(None);
-    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let (ctl_tx, mut ctl_rx) = mpsc::unbounded_channel();
     let refresher_ctl = ctl_tx.clone();
     let refresher_shared = shared.clone();
     let running = Running {
@@ -628,7 +705,7 @@ async fn launch(
         ctl: ctl_tx,
         exit: exit_rx,
         torn_down,
-        shared,
+        shared: Arc::clone(&shared),
     };
     let (started_tx, started_rx) = oneshot::channel();
     tokio::spawn(async move {
@@ -644,18 +721,29 @@ async fn launch(
         };
         let shared_layer = host_view.clone();
         let refresher = host_view.map(|v| Refresher::spawn(v, refresher_ctl, refresher_shared));
-        let send = match conn {
-            Ok(mut conn) => conn
-                .send(&Frame::Msg(Message::Start(Box::new(request))))
+        let (conn, pending) = connect_or_kill(conn, &mut ctl_rx).await;
+        let (code, oom) = match conn {
+            Ok(conn) => {
+                let link = DriveLink {
+                    dialer,
+                    shared,
+                    start_timeout,
+                    pending,
+                };
+                drive(
+                    sandbox.as_mut(),
+                    link,
+                    conn,
+                    request,
+                    io,
+                    ctl_rx,
+                    started_tx,
+                )
                 .await
-                .map(|()| conn),
-            Err(e) => Err(e),
-        };
-        let (code, oom) = match send {
-            Ok(conn) => drive(sandbox.as_mut(), conn, io, ctl_rx, started_tx).await,
-            Err(e) => {
+            }
+            Err((e, code)) => {
                 let _ = started_tx.send(Err(e));
-                (255, false)
+                (code, false)
             }
         };
         // Before the exit is known: the engine unmounts the root after it.
@@ -693,10 +781,36 @@ async fn launch(
             let _ = down_tx.send(true);
         }
     });
-    let started = started_rx
-        .await
-        .unwrap_or_else(|_| Err(Error::Agent("the process driver ended".into())));
+    let started = Box::pin(async move {
+        let started = started_rx
+            .await
+            .unwrap_or_else(|_| Err(Error::Agent("the process driver ended".into())));
+        started.map(|()| pid)
+    });
     (running, started)
+}
+
+/// Waits for the connection while serving the process's controls: a SIGKILL gives up at once
+/// (exit 137); the others are kept for the driver. A failure comes with the exit code.
+async fn connect_or_kill(
+    mut conn: ConnSource,
+    ctl: &mut mpsc::UnboundedReceiver<Control>,
+) -> (std::result::Result<AgentConn, (Error, i32)>, Vec<Control>) {
+    let mut pending = Vec::new();
+    let mut ctl_open = true;
+    loop {
+        tokio::select! {
+            c = &mut conn => return (c.map_err(|e| (e, 255)), pending),
+            c = ctl.recv(), if ctl_open => match c {
+                Some(Control::Signal(libc::SIGKILL)) => {
+                    let e = Error::Agent("killed before the agent took the process".into());
+                    return (Err((e, 128 + libc::SIGKILL)), pending);
+                }
+                Some(c) => pending.push(c),
+                None => ctl_open = false,
+            },
+        }
+    }
 }
 
 enum Control {
@@ -733,6 +847,8 @@ struct VmShared {
     memory_mib: u32,
     /// The host's mount of a layered root, refreshed when the VM pauses.
     host_view: Option<layers::HostView>,
+    /// The rate limit of what this VM's agent makes the host log.
+    log: GuestLog,
 }
 
 impl std::fmt::Debug for Control {
@@ -747,7 +863,8 @@ impl std::fmt::Debug for Control {
 }
 
 impl Running {
-    /// Host pid of the VMM.
+    /// The host pid this process reports: the container's network namespace holder, for the
+    /// init process and every exec process alike (never a pid the guest named).
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -781,15 +898,21 @@ impl Running {
     }
 
     /// Runs another process in the container (`docker exec`) over a new agent connection.
-    /// As [`Container::start`]: the handle reports the exit even when the start failed.
-    /// The process ends at the latest with the VM.
-    pub async fn exec(&self, process: ProcessSpec, io: ProcessIo) -> (Running, Result<i32>) {
-        let gone = || Error::Invalid("the container's init process has exited".into());
-        let (tx, rx) = oneshot::channel();
-        let conn = match self.vm.send(Control::Connect(tx)) {
-            Ok(()) => rx.await.unwrap_or_else(|_| Err(gone())),
-            Err(_) => Err(gone()),
-        };
+    /// As [`Container::start`]: the handle reports the exit even when the start failed, and
+    /// the result is the host pid the process reports ([`Running::pid`]), not the guest's.
+    /// Bounded: the connection within 10 s, the agent's confirmation within 30 s. The
+    /// process ends at the latest with the VM.
+    pub async fn exec(&self, process: ProcessSpec, io: ProcessIo) -> (Running, Result<u32>) {
+        let (running, started) = self.spawn_exec(process, io);
+        (running, started.await)
+    }
+
+    /// [`Running::exec`] whose handle comes at once, before the agent took the process: it
+    /// can be signalled (a SIGKILL ends a start that waits for the agent) while `Started`
+    /// resolves.
+    pub fn spawn_exec(&self, process: ProcessSpec, io: ProcessIo) -> (Running, Started) {
+        let vm = self.vm.clone();
+        let conn: ConnSource = Box::pin(async move { connect_via(&vm).await });
         let request = StartRequest {
             rootfs: (*self.rootfs).clone(),
             process,
@@ -809,9 +932,10 @@ impl Running {
                 vm: Some(self.vm.clone()),
                 torn_down: self.torn_down.clone(),
                 shared: Arc::clone(&self.shared),
+                dialer: None,
+                start_timeout: EXEC_START_TIMEOUT,
             },
         )
-        .await
     }
 
     /// Freezes the whole VM (every vCPU), as `docker pause` freezes a runc container's
@@ -838,17 +962,12 @@ impl Running {
 
     /// Resource usage of the whole VM, asked of the agent over a connection of its own.
     pub async fn stats(&self) -> Result<GuestStats> {
-        let gone = || Error::Invalid("the container's init process has exited".into());
-        let (tx, rx) = oneshot::channel();
-        self.vm.send(Control::Connect(tx)).map_err(|_| gone())?;
-        let mut conn = rx.await.unwrap_or_else(|_| Err(gone()))?;
-        conn.send(&Frame::Msg(Message::Stats)).await?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, conn.recv()).await {
-            Ok(Ok(Some(Frame::Msg(Message::StatsReply(s))))) => Ok(s),
-            Ok(other) => Err(Error::Agent(format!("expected stats, got {other:?}"))),
-            Err(_) => Err(Error::Agent(
-                "the agent did not answer a stats request".into(),
-            )),
+        match ask(&self.vm, Message::Stats, "stats").await? {
+            Frame::Msg(Message::StatsReply(s)) => Ok(s),
+            other => Err(Error::Agent(format!(
+                "expected stats, got {}",
+                guest::describe(&other)
+            ))),
         }
     }
 
@@ -857,18 +976,15 @@ impl Running {
     /// limits the guest has no file for (`memory.swap.max` without swap).
     pub async fn update(&self, limits: agentvm_protocol::ResourceLimits) -> Result<Vec<String>> {
         crate::resources::check_memory(&limits, self.shared.memory_mib)?;
-        let gone = || Error::Invalid("the container's init process has exited".into());
-        let (tx, rx) = oneshot::channel();
-        self.vm.send(Control::Connect(tx)).map_err(|_| gone())?;
-        let mut conn = rx.await.unwrap_or_else(|_| Err(gone()))?;
-        conn.send(&Frame::Msg(Message::Update(limits))).await?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, conn.recv()).await {
-            Ok(Ok(Some(Frame::Msg(Message::Updated { skipped })))) => Ok(skipped),
-            Ok(Ok(Some(Frame::Msg(Message::Error { message, .. })))) => Err(Error::Agent(message)),
-            Ok(other) => Err(Error::Agent(format!("expected updated, got {other:?}"))),
-            Err(_) => Err(Error::Agent(
-                "the agent did not answer an update request".into(),
-            )),
+        match ask(&self.vm, Message::Update(limits), "update").await? {
+            Frame::Msg(Message::Updated { skipped }) => {
+                Ok(skipped.iter().take(16).map(|f| guest::text(f)).collect())
+            }
+            Frame::Msg(Message::Error { message, .. }) => Err(Error::Agent(guest::text(&message))),
+            other => Err(Error::Agent(format!(
+                "expected updated, got {}",
+                guest::describe(&other)
+            ))),
         }
     }
 
@@ -916,68 +1032,106 @@ async fn vmm_exited(sandbox: &mut Option<&mut Sandbox>) -> String {
     }
 }
 
-/// Relays stdio and control until the process exits; returns its exit code. Reports the
-/// start outcome through `started`. `sandbox` is given to the init process's driver only.
+/// What a process's driver needs besides its connection.
+struct DriveLink {
+    dialer: Option<Arc<dyn Dialer>>,
+    shared: Arc<VmShared>,
+    start_timeout: Duration,
+    /// Controls that came while the connection was being opened, delivered after the start.
+    pending: Vec<Control>,
+}
+
+/// What the driver's loop asks its writer task to send.
+enum Out {
+    Frame(Frame),
+    /// End of stdin, once the stdin read so far has been sent.
+    CloseStdin,
+}
+
+/// Relays stdio and control until the process exits; returns its exit code (clamped: the
+/// guest reports it) and whether the guest says its OOM killer ended it. Reports the start
+/// outcome through `started`. `sandbox` is given to the init process's driver only.
+///
+/// The loop never waits on the guest: frames are read by one task (which also writes the
+/// process's output, so a slow reader of the output slows only the guest) and written by
+/// another (so a guest that stops reading cannot hold up a kill), and agent connections for
+/// exec processes are opened by tasks of their own. Every wait on the guest is bounded: the
+/// start by `start_timeout`, a kill by [`KILL_GRACE`].
 async fn drive(
     mut sandbox: Option<&mut Sandbox>,
+    link: DriveLink,
     conn: AgentConn,
+    request: StartRequest,
     io: ProcessIo,
     mut ctl: mpsc::UnboundedReceiver<Control>,
-    started: oneshot::Sender<Result<i32>>,
+    started: oneshot::Sender<Result<()>>,
 ) -> (i32, bool) {
-    let AgentConn { reader, mut writer } = conn;
+    let DriveLink {
+        dialer,
+        shared,
+        start_timeout,
+        pending,
+    } = link;
+    let AgentConn { reader, writer } = conn;
     let mut started = Some(started);
-    let report = |started: &mut Option<oneshot::Sender<Result<i32>>>, r: Result<i32>| {
+    let report = |started: &mut Option<oneshot::Sender<Result<()>>>, r: Result<()>| {
         if let Some(tx) = started.take() {
             let _ = tx.send(r);
         }
     };
-    let (mut frames, reader_task) = spawn_frame_reader(reader);
-    let mut stdin_open = io.stdin.is_some();
-    let (mut stdin_rx, stdin_task) = match io.stdin {
+    let (mut msgs, reader_task) = spawn_reader(reader, io.stdout, io.stderr, Arc::clone(&shared));
+    let (stdin_rx, stdin_task) = match io.stdin {
         Some(src) => {
             let (rx, task) = spawn_input_pump(src);
-            (rx, Some(task))
+            (Some(rx), Some(task))
         }
-        None => (mpsc::channel(1).1, None),
+        None => (None, None),
     };
-    if !stdin_open {
-        let _ = tokio_io::write_frame(&mut writer, &Frame::Data(Stream::Stdin, Vec::new())).await;
+    let (out, out_rx) = mpsc::unbounded_channel();
+    let start = Frame::Msg(Message::Start(Box::new(request)));
+    let writer_task = spawn_writer(writer, start, stdin_rx, out_rx);
+    for c in pending {
+        let _ = out.send(match c {
+            Control::Signal(signal) => Out::Frame(Frame::Msg(Message::Signal { signal })),
+            Control::Resize { rows, cols } => {
+                Out::Frame(Frame::Msg(Message::Resize { rows, cols }))
+            }
+            Control::CloseStdin => Out::CloseStdin,
+            Control::Connect(reply) => {
+                serve_connect(&dialer, reply);
+                continue;
+            }
+        });
     }
-    let mut stdout = io.stdout;
-    let mut stderr = io.stderr;
     let mut setup_error: Option<String> = None;
     let mut kill_deadline: Option<tokio::time::Instant> = None;
+    let start_deadline = tokio::time::Instant::now() + start_timeout;
     let mut ctl_open = true;
     let far = tokio::time::Instant::now() + Duration::from_secs(86400 * 365);
     let (code, oom) = loop {
         let deadline = kill_deadline.unwrap_or(far);
         tokio::select! {
-            f = frames.recv() => match f {
-                Some(Ok(Some(Frame::Data(s, b)))) => {
-                    let sink = match s {
-                        Stream::Stdout => stdout.as_mut(),
-                        Stream::Stderr => stderr.as_mut(),
-                        Stream::Stdin => None,
-                    };
-                    if let (Some(w), false) = (sink, b.is_empty()) {
-                        // A reader that went away must not stop the process: drop the data.
-                        let _ = w.write_all(&b).await;
-                        let _ = w.flush().await;
+            m = msgs.recv() => match m {
+                Some(Message::Started { pid }) => {
+                    if started.is_some() {
+                        // A guest number: logged, never used on the host.
+                        tracing::debug!(sandbox = %sandbox_name(&sandbox), "process started (guest pid {pid})");
+                        report(&mut started, Ok(()));
                     }
                 }
-                Some(Ok(Some(Frame::Msg(Message::Started { pid })))) => {
-                    report(&mut started, Ok(pid));
-                }
-                Some(Ok(Some(Frame::Msg(Message::Error { message, exit_code })))) => {
-                    tracing::info!("agent: {message} (exit code {exit_code:?})");
+                Some(Message::Error { message, exit_code }) => {
+                    let message = guest::text(&message);
+                    shared.log.info(&format!("agent: {message} (exit code {exit_code:?})"));
                     if started.is_some() {
                         setup_error = Some(message);
                     }
                 }
-                Some(Ok(Some(Frame::Msg(Message::Exited(st))))) => break (st.code, st.oom),
-                Some(Ok(Some(other))) => tracing::debug!("ignoring frame {other:?}"),
-                Some(Ok(None)) | Some(Err(_)) | None => {
+                Some(Message::Exited(st)) => break (guest::exit_code(&st), st.oom),
+                Some(other) => shared.log.info(&format!(
+                    "ignoring {}",
+                    guest::describe(&Frame::Msg(other))
+                )),
+                None => {
                     if let Some(sandbox) = sandbox.as_deref_mut() {
                         let why = tokio::time::timeout(Duration::from_secs(3), sandbox.vmm_exited())
                             .await
@@ -987,41 +1141,25 @@ async fn drive(
                             break exit;
                         }
                     } else {
-                        tracing::info!("the agent connection of an exec process closed without an exit");
+                        shared.log.info("the agent connection of a process closed without an exit");
                     }
                     break (if kill_deadline.is_some() { 128 + libc::SIGKILL } else { 255 }, false);
                 }
             },
-            chunk = stdin_rx.recv(), if stdin_open => {
-                let data = chunk.unwrap_or_default();
-                stdin_open = !data.is_empty();
-                let _ = tokio_io::write_frame(&mut writer, &Frame::Data(Stream::Stdin, data)).await;
-            }
             c = ctl.recv(), if ctl_open => match c {
                 Some(Control::Signal(signal)) => {
                     if signal == libc::SIGKILL && kill_deadline.is_none() {
                         kill_deadline = Some(tokio::time::Instant::now() + KILL_GRACE);
                     }
-                    let _ = tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Signal { signal })).await;
+                    let _ = out.send(Out::Frame(Frame::Msg(Message::Signal { signal })));
                 }
                 Some(Control::Resize { rows, cols }) => {
-                    let _ = tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Resize { rows, cols })).await;
+                    let _ = out.send(Out::Frame(Frame::Msg(Message::Resize { rows, cols })));
                 }
                 Some(Control::CloseStdin) => {
-                    if stdin_open {
-                        stdin_open = false;
-                        let _ = tokio_io::write_frame(&mut writer, &Frame::Data(Stream::Stdin, Vec::new())).await;
-                    }
+                    let _ = out.send(Out::CloseStdin);
                 }
-                Some(Control::Connect(reply)) => {
-                    let conn = match sandbox.as_deref_mut() {
-                        Some(s) => tokio::time::timeout(CONNECT_TIMEOUT, s.connect())
-                            .await
-                            .unwrap_or_else(|_| Err(Error::Agent("the agent did not answer a new connection".into()))),
-                        None => Err(Error::Invalid("not the init process".into())),
-                    };
-                    let _ = reply.send(conn);
-                }
+                Some(Control::Connect(reply)) => serve_connect(&dialer, reply),
                 // Every handle is gone: only the process or the VM can end this now.
                 None => ctl_open = false,
             },
@@ -1044,6 +1182,15 @@ async fn drive(
                     None => break (128 + libc::SIGKILL, false),
                 }
             }
+            () = tokio::time::sleep_until(start_deadline), if started.is_some() => {
+                let why = format!(
+                    "the agent did not confirm the start within {} s",
+                    start_timeout.as_secs()
+                );
+                tracing::warn!(sandbox = %sandbox_name(&sandbox), "{why}");
+                setup_error = Some(why);
+                break (255, false);
+            }
         }
     };
     let message =
@@ -1053,8 +1200,516 @@ async fn drive(
         t.abort();
     }
     // Closing the connection tells the agent the exit was read: it powers off at once.
-    reader_task.abort();
-    let _ = reader_task.await;
-    drop(writer);
+    for t in [reader_task, writer_task] {
+        t.abort();
+        let _ = t.await;
+    }
     (code, oom)
+}
+
+/// Opens an agent connection for `reply` in a task of its own: an agent that accepts and
+/// never answers must not hold up the loop that asked (its process's kill and output).
+fn serve_connect(dialer: &Option<Arc<dyn Dialer>>, reply: oneshot::Sender<Result<AgentConn>>) {
+    match dialer {
+        Some(d) => {
+            let d = Arc::clone(d);
+            tokio::spawn(async move {
+                let _ = reply.send(guest::open(&*d, CONNECT_TIMEOUT).await);
+            });
+        }
+        None => {
+            let _ = reply.send(Err(Error::Invalid("not the init process".into())));
+        }
+    }
+}
+
+fn sandbox_name(sandbox: &Option<&mut Sandbox>) -> String {
+    sandbox.as_deref().map(|s| s.id.clone()).unwrap_or_default()
+}
+
+/// Reads the agent's frames in a task of its own: writes stdio data to `stdout`/`stderr`
+/// (a sink that went away drops the data, never the process) and hands control messages
+/// over a channel, which closes at the end of the connection. `read_frame` is not
+/// cancel-safe, so it must never sit in a `select!` itself.
+fn spawn_reader(
+    mut reader: ReadHalf<Box<dyn AgentIo>>,
+    mut stdout: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+    mut stderr: Option<Box<dyn AsyncWrite + Send + Unpin>>,
+    shared: Arc<VmShared>,
+) -> (mpsc::Receiver<Message>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = mpsc::channel(16);
+    let task = tokio::spawn(async move {
+        loop {
+            match tokio_io::read_frame(&mut reader).await {
+                Ok(Some(Frame::Data(s, b))) => {
+                    let sink = match s {
+                        Stream::Stdout => stdout.as_mut(),
+                        Stream::Stderr => stderr.as_mut(),
+                        Stream::Stdin => None,
+                    };
+                    if let (Some(w), false) = (sink, b.is_empty()) {
+                        let _ = w.write_all(&b).await;
+                        let _ = w.flush().await;
+                    }
+                }
+                Ok(Some(Frame::Msg(m))) => {
+                    if tx.send(m).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Some(other)) => shared
+                    .log
+                    .info(&format!("ignoring {}", guest::describe(&other))),
+                Ok(None) => break,
+                Err(e) => {
+                    shared.log.info(&format!(
+                        "agent connection: {}",
+                        guest::text(&e.to_string())
+                    ));
+                    break;
+                }
+            }
+        }
+    });
+    (rx, task)
+}
+
+/// Writes to the agent in a task of its own: `first`, then the stdin chunks of `stdin` and the
+/// frames the driver queues on `out` (those first), until `out` closes or a write fails.
+fn spawn_writer(
+    mut writer: WriteHalf<Box<dyn AgentIo>>,
+    first: Frame,
+    stdin: Option<mpsc::Receiver<Vec<u8>>>,
+    mut out: mpsc::UnboundedReceiver<Out>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if tokio_io::write_frame(&mut writer, &first).await.is_err() {
+            return;
+        }
+        let mut stdin_open = stdin.is_some();
+        let mut stdin = stdin.unwrap_or_else(|| mpsc::channel(1).1);
+        if !stdin_open {
+            let eof = Frame::Data(Stream::Stdin, Vec::new());
+            if tokio_io::write_frame(&mut writer, &eof).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            let frame = tokio::select! {
+                biased;
+                o = out.recv() => match o {
+                    Some(Out::Frame(f)) => f,
+                    Some(Out::CloseStdin) if stdin_open => {
+                        stdin_open = false;
+                        Frame::Data(Stream::Stdin, Vec::new())
+                    }
+                    Some(Out::CloseStdin) => continue,
+                    None => break,
+                },
+                chunk = stdin.recv(), if stdin_open => {
+                    let data = chunk.unwrap_or_default();
+                    stdin_open = !data.is_empty();
+                    Frame::Data(Stream::Stdin, data)
+                }
+            };
+            if tokio_io::write_frame(&mut writer, &frame).await.is_err() {
+                break;
+            }
+        }
+    })
+}
+
+/// A container whose VM is a fake agent, for tests of what the host makes of the agent's
+/// words (here and in the shim). Not for production use.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
+    use super::*;
+
+    /// Starts an init process over `agent` (a stream whose other end plays the agent: it
+    /// must send Hello first), with `host_pid` as the host pid every process of the "VM"
+    /// reports. Exec connections come from `dialer`.
+    pub async fn fake_init(
+        agent: Box<dyn AgentIo>,
+        dialer: Arc<dyn Dialer>,
+        host_pid: u32,
+        io: ProcessIo,
+    ) -> (Running, Result<u32>) {
+        let conn = guest::greet(agent).await.map(|(c, _)| c);
+        let conn: ConnSource = Box::pin(std::future::ready(conn));
+        let request = StartRequest {
+            rootfs: RootfsSpec {
+                device: ROOT_TAG.into(),
+                fstype: "virtiofs".into(),
+                overlay: false,
+                options: None,
+                layers: None,
+            },
+            process: ProcessSpec {
+                args: vec!["init".into()],
+                ..Default::default()
+            },
+            hostname: None,
+            init: true,
+            network: None,
+            mounts: Vec::new(),
+            sysctls: Default::default(),
+        };
+        let shared = Arc::new(VmShared {
+            qmp: PathBuf::from("/nonexistent/qmp.sock"),
+            paused: AtomicBool::new(false),
+            memory_mib: 128,
+            host_view: None,
+            log: GuestLog::new("fake", guest::GUEST_LOG_PER_SECOND),
+        });
+        let link = VmLink {
+            vm: None,
+            torn_down: watch::channel(false).1,
+            shared,
+            dialer: Some(dialer),
+            start_timeout: Duration::from_secs(10),
+        };
+        let (running, started) = launch(conn, request, io, host_pid, None, link);
+        (running, started.await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use agentvm_protocol::{ExitStatus, VERSION};
+    use tokio::io::{AsyncReadExt, DuplexStream};
+    use tokio::net::UnixStream;
+
+    use super::testing::fake_init;
+    use super::*;
+    use crate::guest::DialFuture;
+
+    /// The agent's side of one connection.
+    struct Agent {
+        reader: ReadHalf<UnixStream>,
+        writer: WriteHalf<UnixStream>,
+    }
+
+    impl Agent {
+        async fn send(&mut self, m: Message) {
+            tokio_io::write_frame(&mut self.writer, &Frame::Msg(m))
+                .await
+                .unwrap();
+        }
+
+        async fn data(&mut self, s: Stream, b: &[u8]) {
+            tokio_io::write_frame(&mut self.writer, &Frame::Data(s, b.to_vec()))
+                .await
+                .unwrap();
+        }
+
+        /// The next control message from the host, skipping stdin frames.
+        async fn recv(&mut self) -> Message {
+            loop {
+                let f = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    tokio_io::read_frame(&mut self.reader),
+                )
+                .await
+                .expect("the host sent nothing within 5 s");
+                match f.unwrap() {
+                    Some(Frame::Msg(m)) => return m,
+                    Some(Frame::Data(Stream::Stdin, _)) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+
+        /// Reads the host's Start request and confirms it with a guest pid.
+        async fn start(&mut self, guest_pid: i32) -> StartRequest {
+            let Message::Start(req) = self.recv().await else {
+                panic!("expected Start")
+            };
+            self.send(Message::Started { pid: guest_pid }).await;
+            *req
+        }
+    }
+
+    /// A socketpair: the host's end and the agent's, which has greeted unless `greet` is off.
+    async fn pair(greet: bool) -> (Box<dyn AgentIo>, Agent) {
+        let (host, agent) = UnixStream::pair().unwrap();
+        let (reader, writer) = tokio::io::split(agent);
+        let mut agent = Agent { reader, writer };
+        if greet {
+            agent
+                .send(Message::Hello {
+                    version: VERSION,
+                    uptime_ms: 1,
+                })
+                .await;
+        }
+        (Box::new(host), agent)
+    }
+
+    /// Hands out the host ends of prepared connections, in order; the test keeps the agent
+    /// ends (`stall`: accepted, never greeted).
+    #[derive(Default)]
+    struct Dials(Mutex<Vec<Box<dyn AgentIo>>>);
+
+    impl Dialer for Dials {
+        fn dial(&self) -> DialFuture<'_> {
+            let next = self.0.lock().unwrap().pop();
+            Box::pin(async move {
+                next.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+            })
+        }
+    }
+
+    fn output() -> (ProcessIo, DuplexStream) {
+        let (w, r) = tokio::io::duplex(1 << 16);
+        (
+            ProcessIo {
+                stdin: None,
+                stdout: Some(Box::new(w)),
+                stderr: None,
+            },
+            r,
+        )
+    }
+
+    /// A real host process standing for the namespace holder: the test checks that nothing
+    /// the guest says reaches it.
+    fn holder() -> tokio::process::Child {
+        tokio::process::Command::new("sleep")
+            .arg("60")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    }
+
+    async fn read_exactly(r: &mut DuplexStream, n: usize) -> Vec<u8> {
+        let mut b = vec![0; n];
+        tokio::time::timeout(Duration::from_secs(5), r.read_exact(&mut b))
+            .await
+            .expect("no output within 5 s")
+            .unwrap();
+        b
+    }
+
+    #[tokio::test]
+    async fn guest_pids_are_never_host_pids() {
+        let mut holder = holder();
+        let host_pid = holder.id().unwrap();
+        let dials = Arc::new(Dials::default());
+        let (host, mut init_agent) = pair(true).await;
+        let (init_run, mut init_agent) = tokio::join!(
+            fake_init(host, dials.clone(), host_pid, ProcessIo::default()),
+            async move {
+                // The init claims to be host pid 1, then the holder's pid.
+                init_agent.start(1).await;
+                init_agent
+            }
+        );
+        let (init, started) = init_run;
+        assert_eq!(started.unwrap(), host_pid);
+        assert_eq!(init.pid(), host_pid);
+
+        // An exec that claims pid 1, and another that claims the holder's pid.
+        for guest_pid in [1, host_pid as i32] {
+            let (host, mut agent) = pair(true).await;
+            dials.0.lock().unwrap().push(host);
+            let ((exec, started), _) = tokio::join!(
+                init.exec(ProcessSpec::default(), ProcessIo::default()),
+                agent.start(guest_pid)
+            );
+            assert_eq!(started.unwrap(), host_pid, "guest pid {guest_pid}");
+            assert_eq!(exec.pid(), host_pid);
+            // Its exit claims an OOM and a wild code, and is killed afterwards.
+            agent
+                .send(Message::Exited(ExitStatus {
+                    code: -5,
+                    signal: Some(99),
+                    oom: true,
+                }))
+                .await;
+            let exit = exec.wait().await;
+            assert_eq!((exit.code, exit.oom), (255, true));
+        }
+        // A forged OOM exit of the init itself, after a signal.
+        init.signal(libc::SIGTERM).unwrap();
+        assert_eq!(
+            init_agent.recv().await,
+            Message::Signal {
+                signal: libc::SIGTERM
+            }
+        );
+        init_agent
+            .send(Message::Exited(ExitStatus {
+                code: 137,
+                signal: Some(9),
+                oom: true,
+            }))
+            .await;
+        let exit = init.wait().await;
+        assert_eq!((exit.code, exit.oom), (137, true));
+        // The host process the guest named is untouched.
+        assert!(
+            holder.try_wait().unwrap().is_none(),
+            "the holder was signalled"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stalled_exec_connection_blocks_neither_kill_nor_output() {
+        let dials = Arc::new(Dials::default());
+        let (host, mut init_agent) = pair(true).await;
+        let (io, mut out) = output();
+        let (init_run, mut init_agent) =
+            tokio::join!(fake_init(host, dials.clone(), 4242, io), async move {
+                init_agent.start(1).await;
+                init_agent
+            });
+        let init = init_run.0;
+        // An exec whose connection the "guest" accepted and never greets.
+        let (stalled_host, _stalled_agent) = pair(false).await;
+        dials.0.lock().unwrap().push(stalled_host);
+        let stalled = tokio::spawn({
+            let init = init.clone();
+            async move {
+                init.exec(ProcessSpec::default(), ProcessIo::default())
+                    .await
+            }
+        });
+        tokio::task::yield_now().await;
+        // Another exec started meanwhile works.
+        let (host, mut agent) = pair(true).await;
+        dials.0.lock().unwrap().insert(0, host);
+        let t = tokio::time::Instant::now();
+        let ((exec, started), _) = tokio::join!(
+            init.exec(ProcessSpec::default(), ProcessIo::default()),
+            agent.start(7)
+        );
+        assert!(started.is_ok());
+        assert!(exec.exited().is_none());
+        // The init's output flows, and its kill goes through.
+        init_agent.data(Stream::Stdout, b"still here\n").await;
+        assert_eq!(read_exactly(&mut out, 11).await, b"still here\n");
+        init.signal(libc::SIGKILL).unwrap();
+        assert_eq!(
+            init_agent.recv().await,
+            Message::Signal {
+                signal: libc::SIGKILL
+            }
+        );
+        init_agent
+            .send(Message::Exited(ExitStatus::signaled(9)))
+            .await;
+        assert_eq!(init.wait().await.code, 137);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            t.elapsed()
+        );
+        assert!(
+            !stalled.is_finished(),
+            "the stalled exec should still be waiting"
+        );
+        stalled.abort();
+    }
+
+    #[tokio::test]
+    async fn a_kill_ends_an_exec_whose_connection_stalls() {
+        let dials = Arc::new(Dials::default());
+        let (host, mut init_agent) = pair(true).await;
+        let (init_run, _init_agent) = tokio::join!(
+            fake_init(host, dials.clone(), 4242, ProcessIo::default()),
+            async move {
+                init_agent.start(1).await;
+                init_agent
+            }
+        );
+        let init = init_run.0;
+        let (stalled_host, _stalled_agent) = pair(false).await;
+        dials.0.lock().unwrap().push(stalled_host);
+        let t = tokio::time::Instant::now();
+        let (exec, started) = init.spawn_exec(ProcessSpec::default(), ProcessIo::default());
+        exec.signal(libc::SIGKILL).unwrap();
+        let e = started.await.unwrap_err().to_string();
+        assert!(e.contains("killed before"), "{e}");
+        assert_eq!(exec.wait().await.code, 137);
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "took {:?}",
+            t.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_exec_connection_fails_within_its_bound() {
+        let dials = Arc::new(Dials::default());
+        let (host, mut init_agent) = pair(true).await;
+        let (init_run, _init_agent) = tokio::join!(
+            fake_init(host, dials.clone(), 4242, ProcessIo::default()),
+            async move {
+                init_agent.start(1).await;
+                init_agent
+            }
+        );
+        let init = init_run.0;
+        let (stalled_host, _stalled_agent) = pair(false).await;
+        dials.0.lock().unwrap().push(stalled_host);
+        let t = tokio::time::Instant::now();
+        let (exec, started) = init
+            .exec(ProcessSpec::default(), ProcessIo::default())
+            .await;
+        let e = started.unwrap_err().to_string();
+        assert!(e.contains("did not answer"), "{e}");
+        assert!(t.elapsed() <= CONNECT_TIMEOUT + Duration::from_secs(1));
+        assert_eq!(exec.wait().await.code, 255);
+
+        // Greeted, but the start is never confirmed: bounded too.
+        let (host, mut agent) = pair(true).await;
+        dials.0.lock().unwrap().push(host);
+        let t = tokio::time::Instant::now();
+        let ((_, started), _) = tokio::join!(
+            init.exec(ProcessSpec::default(), ProcessIo::default()),
+            agent.recv()
+        );
+        let e = started.unwrap_err().to_string();
+        assert!(e.contains("did not confirm the start"), "{e}");
+        assert!(t.elapsed() <= EXEC_START_TIMEOUT + Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn guest_error_strings_are_capped() {
+        let dials = Arc::new(Dials::default());
+        let (host, mut init_agent) = pair(true).await;
+        let (init_run, _init_agent) = tokio::join!(
+            fake_init(host, dials.clone(), 4242, ProcessIo::default()),
+            async move {
+                init_agent.start(1).await;
+                init_agent
+            }
+        );
+        let init = init_run.0;
+        let (host, mut agent) = pair(true).await;
+        dials.0.lock().unwrap().push(host);
+        let huge = "A".repeat(agentvm_protocol::MAX_FRAME - 100);
+        let fail = async {
+            let Message::Start(_) = agent.recv().await else {
+                panic!("expected Start")
+            };
+            agent
+                .send(Message::Error {
+                    message: huge.clone(),
+                    exit_code: Some(127),
+                })
+                .await;
+            agent.send(Message::Exited(ExitStatus::exited(127))).await;
+        };
+        let ((exec, started), ()) = tokio::join!(
+            init.exec(ProcessSpec::default(), ProcessIo::default()),
+            fail
+        );
+        let e = started.unwrap_err().to_string();
+        assert!(e.len() <= guest::MAX_GUEST_TEXT + 100, "{} bytes", e.len());
+        assert!(e.contains("more bytes cut]"), "{}", &e[e.len() - 60..]);
+        assert_eq!(exec.wait().await.code, 127);
+    }
 }

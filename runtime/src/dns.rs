@@ -35,11 +35,15 @@ pub async fn start_relay(
     match tokio::time::timeout(READY_TIMEOUT, conn.recv()).await {
         Ok(Ok(Some(Frame::Msg(Message::Ready)))) => {}
         Ok(Ok(Some(Frame::Msg(Message::Error { message, .. })))) => {
-            return Err(Error::Agent(format!("DNS relay: {message}")))
+            return Err(Error::Agent(format!(
+                "DNS relay: {}",
+                crate::guest::text(&message)
+            )))
         }
         Ok(other) => {
             return Err(Error::Agent(format!(
-                "DNS relay: expected Ready, got {other:?}"
+                "DNS relay: expected Ready, got {}",
+                crate::guest::describe_recv(&other)
             )))
         }
         Err(_) => return Err(Error::Agent("DNS relay: the agent did not answer".into())),
@@ -62,7 +66,10 @@ pub async fn start_relay(
                             tracing::debug!("DNS relay: send to {upstream}: {e}");
                         }
                     }
-                    Some(Ok(Some(other))) => tracing::debug!("DNS relay: ignoring {other:?}"),
+                    Some(Ok(Some(other))) => tracing::debug!(
+                        "DNS relay: ignoring {}",
+                        crate::guest::describe(&other)
+                    ),
                     _ => break,
                 },
                 r = socket.recv(&mut buf) => match r {

@@ -222,13 +222,14 @@ async fn drive(
                     Some(Ok(Some(Frame::Msg(Message::Error { message, exit_code })))) => {
                         if exit_code.is_none() && t_started.is_none() {
                             // The process could not even be set up (rootfs, invalid spec).
-                            return Err(Error::Agent(message));
+                            return Err(Error::Agent(crate::guest::text(&message)));
                         }
+                        let message = crate::guest::text(&message);
                         let _ = stderr.write_all(format!("agentvm: {message}\n").as_bytes()).await;
                     }
-                    Some(Ok(Some(Frame::Msg(Message::Exited(st))))) => break st.code,
+                    Some(Ok(Some(Frame::Msg(Message::Exited(st))))) => break crate::guest::exit_code(&st),
                     Some(Ok(Some(other))) => {
-                        tracing::debug!("ignoring unexpected frame {other:?}");
+                        tracing::debug!("ignoring unexpected frame {}", crate::guest::describe(&other));
                     }
                     Some(Ok(None)) | Some(Err(_)) | None => {
                         // The agent went away before reporting an exit: the VM is dying.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentvm_protocol::{self as proto, tokio_io, Frame, Message};
+use agentvm_protocol::{self as proto, tokio_io, Frame};
 use tokio::io::{AsyncRead, AsyncReadExt, ReadHalf, WriteHalf};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -340,26 +340,19 @@ impl Sandbox {
             .connect(proto::AGENT_PORT)
             .await
             .map_err(|e| Error::io("connect to agent via", &vm.console_log, e))?;
-        let (reader, writer) = tokio::io::split(io);
-        let mut conn = AgentConn { reader, writer };
-        match conn.recv().await? {
-            Some(Frame::Msg(Message::Hello { version, uptime_ms })) => {
-                if version != proto::VERSION {
-                    return Err(Error::Agent(format!(
-                        "agent speaks protocol v{version}, this runtime v{}: reinstall both from \
-                         the same build (hack/setup.sh)",
-                        proto::VERSION
-                    )));
-                }
-                Ok((conn, uptime_ms))
-            }
-            other => Err(Error::Agent(format!("expected Hello, got {other:?}"))),
-        }
+        // Guest data: greet checks the version and never echoes a whole frame.
+        crate::guest::greet(io).await
     }
 
     /// Opens another connection to the agent (for exec).
     pub async fn connect(&mut self) -> Result<AgentConn> {
         Ok(self.connect_once().await?.0)
+    }
+
+    /// The channel to the agent's port, for connections opened away from this sandbox's
+    /// owner (exec processes: see [`crate::guest::open`]). None once destroyed.
+    pub fn agent_channel(&self) -> Option<crate::vmm::AgentChannel> {
+        self.vm.as_ref().map(|vm| vm.channel.clone())
     }
 
     /// Resolves when the VMM process exits, with a description of how.

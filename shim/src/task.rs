@@ -126,7 +126,9 @@ struct Proc<C> {
     /// The container id for the init process, the exec id otherwise.
     id: String,
     io: Stdio,
-    /// The VMM's host pid for the init process, the guest pid of an exec process once started.
+    /// The host pid the process reports: the container's network namespace holder (a host
+    /// process the shim made) for the init process, and for an exec process once started (0
+    /// before). A pid the guest names is guest data and is never published.
     pid: AtomicU32,
     phase: tokio::sync::Mutex<Phase<C>>,
     /// Set once the process is over; Wait blocks on it even before Start.
@@ -358,12 +360,18 @@ impl TaskService {
                 return Err(internal(format!("open stdio: {e}")));
             }
         };
-        let (running, started) = init.exec(spec, io).await;
+        // The handle is in place before the agent confirms the start, and the phase lock is
+        // not held while it does: a kill of this exec, or anything else, never waits for a
+        // stalled agent (a SIGKILL ends the start at once).
+        let (running, started) = init.spawn_exec(spec, io);
         *phase = Phase::Running(running.clone());
         drop(phase);
+        let started = started.await;
         let announce = started.is_ok();
-        if let Ok(pid) = started {
-            exec.pid.store(pid.max(1) as u32, Ordering::SeqCst);
+        if started.is_ok() {
+            // As Kata publishes its VMM's pid for every exec: a host process the engine may
+            // act on (nsenter into the container's network namespace), never the guest's pid.
+            exec.pid.store(entry.init.pid(), Ordering::SeqCst);
             let ev = TaskExecStarted {
                 container_id: entry.id.clone(),
                 exec_id: exec_id.to_string(),
@@ -412,6 +420,8 @@ impl TaskService {
                 }
             }
             if exit.oom {
+                // The guest's word (a forged OOM is possible): published as the container's
+                // OOM, which only marks it OOMKilled, and acted on nowhere on the host.
                 // Before the exit, as runc's shim does: Docker marks OOMKilled on it.
                 let oom = TaskOOM {
                     container_id: entry.id.clone(),
@@ -1136,5 +1146,398 @@ mod tests {
         let t = SystemTime::UNIX_EPOCH + Duration::new(5, 7);
         let ts = timestamp(t);
         assert_eq!((ts.seconds, ts.nanos), (5, 7));
+    }
+
+    /// The shim against a fake agent over socketpairs, with a fake containerd events
+    /// service recording what is published.
+    mod hostile_agent {
+        use std::os::unix::net::UnixListener;
+
+        use agentvm::guest::{DialFuture, Dialer};
+        use agentvm::vmm::AgentIo;
+        use agentvm_protocol::{tokio_io, ExitStatus, Frame, Message, VERSION};
+        use containerd_shim::protos::api::{Empty, ForwardRequest};
+        use containerd_shim::protos::shim_async::{create_events, Events};
+        use containerd_shim::protos::ttrpc::asynchronous::{transport::Listener, Server};
+        use tokio::net::UnixStream;
+        use tokio::sync::mpsc;
+
+        use super::*;
+
+        /// Records every event as (topic, event).
+        struct Recorder(mpsc::UnboundedSender<(String, Any)>);
+
+        #[async_trait]
+        impl Events for Recorder {
+            async fn forward(
+                &self,
+                _ctx: &TtrpcContext,
+                req: ForwardRequest,
+            ) -> ttrpc::Result<Empty> {
+                let env = req.envelope();
+                let _ = self
+                    .0
+                    .send((env.topic.clone(), env.event.clone().unwrap_or_default()));
+                Ok(Empty::default())
+            }
+        }
+
+        /// Host ends of prepared agent connections, handed out last first.
+        #[derive(Default)]
+        struct Dials(Mutex<Vec<Box<dyn AgentIo>>>);
+
+        impl Dialer for Dials {
+            fn dial(&self) -> DialFuture<'_> {
+                let next = self.0.lock().unwrap().pop();
+                Box::pin(async move {
+                    next.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+                })
+            }
+        }
+
+        /// A greeted socketpair: the host's end and the agent's.
+        async fn pair() -> (Box<dyn AgentIo>, UnixStream) {
+            let (host, mut agent) = UnixStream::pair().unwrap();
+            let hello = Frame::Msg(Message::Hello {
+                version: VERSION,
+                uptime_ms: 1,
+            });
+            tokio_io::write_frame(&mut agent, &hello).await.unwrap();
+            (Box::new(host), agent)
+        }
+
+        /// The next control message the host sent (stdin frames skipped).
+        async fn recv(agent: &mut UnixStream) -> Message {
+            loop {
+                match tokio_io::read_frame(agent).await.unwrap() {
+                    Some(Frame::Msg(m)) => return m,
+                    Some(Frame::Data(..)) => {}
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+
+        async fn send(agent: &mut UnixStream, m: Message) {
+            tokio_io::write_frame(agent, &Frame::Msg(m)).await.unwrap();
+        }
+
+        fn ctx() -> TtrpcContext {
+            TtrpcContext {
+                mh: Default::default(),
+                metadata: Default::default(),
+                timeout_nano: 0,
+            }
+        }
+
+        struct Harness {
+            svc: TaskService,
+            events: mpsc::UnboundedReceiver<(String, Any)>,
+            dials: Arc<Dials>,
+            holder: tokio::process::Child,
+            init_agent: UnixStream,
+            _server: Server,
+            _dir: tempfile::TempDir,
+        }
+
+        impl Harness {
+            /// A running container "c" whose task pid is a real host process (the holder) and
+            /// whose init process's agent is `init_agent`.
+            async fn new() -> Harness {
+                let dir = tempfile::tempdir().unwrap();
+                let sock = dir.path().join("events.sock");
+                let (tx, events) = mpsc::unbounded_channel();
+                let listener = Listener::try_from(UnixListener::bind(&sock).unwrap()).unwrap();
+                let mut server = Server::new()
+                    .add_listener(listener)
+                    .register_service(create_events(Arc::new(Recorder(tx))));
+                server.start().await.unwrap();
+                let publisher = RemotePublisher::new(sock.to_str().unwrap()).await.unwrap();
+                let svc = TaskService::new("ns".into(), publisher, Arc::new(ExitSignal::default()));
+
+                let holder = tokio::process::Command::new("sleep")
+                    .arg("60")
+                    .kill_on_drop(true)
+                    .spawn()
+                    .unwrap();
+                let host_pid = holder.id().unwrap();
+                let dials = Arc::new(Dials::default());
+                let (host, mut init_agent) = pair().await;
+                let ((init, started), ()) = tokio::join!(
+                    agentvm::container::testing::fake_init(
+                        host,
+                        dials.clone(),
+                        host_pid,
+                        Default::default()
+                    ),
+                    async {
+                        let Message::Start(_) = recv(&mut init_agent).await else {
+                            panic!("expected Start")
+                        };
+                        // A fake agent claiming to be host pid 1.
+                        send(&mut init_agent, Message::Started { pid: 1 }).await;
+                    }
+                );
+                assert_eq!(started.unwrap(), host_pid);
+                let io = Stdio {
+                    stdin: String::new(),
+                    stdout: String::new(),
+                    stderr: String::new(),
+                    terminal: false,
+                };
+                let entry = Entry {
+                    id: "c".into(),
+                    bundle: dir.path().display().to_string(),
+                    mounted_rootfs: false,
+                    hooks: None,
+                    annotations: HashMap::new(),
+                    init: Proc {
+                        id: "c".into(),
+                        io,
+                        pid: AtomicU32::new(host_pid),
+                        phase: tokio::sync::Mutex::new(Phase::Running(init)),
+                        exit: watch::channel(None).0,
+                    },
+                    execs: Mutex::new(HashMap::new()),
+                };
+                svc.containers
+                    .lock()
+                    .unwrap()
+                    .insert("c".into(), Arc::new(entry));
+                Harness {
+                    svc,
+                    events,
+                    dials,
+                    holder,
+                    init_agent,
+                    _server: server,
+                    _dir: dir,
+                }
+            }
+
+            fn host_pid(&self) -> u32 {
+                self.holder.id().unwrap()
+            }
+
+            async fn add_exec(&self, exec_id: &str) {
+                let spec = br#"{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}}"#;
+                let req = api::ExecProcessRequest {
+                    id: "c".into(),
+                    exec_id: exec_id.into(),
+                    spec: MessageField::some(Any {
+                        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process"
+                            .into(),
+                        value: spec.to_vec(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                self.svc.exec(&ctx(), req).await.unwrap();
+            }
+
+            async fn start_exec(&self, exec_id: &str) -> ttrpc::Result<api::StartResponse> {
+                let req = api::StartRequest {
+                    id: "c".into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                };
+                self.svc.start(&ctx(), req).await
+            }
+
+            /// The next event of `topic` (others skipped), within 5 s.
+            async fn event(&mut self, topic: &str) -> Any {
+                loop {
+                    let (t, ev) = tokio::time::timeout(Duration::from_secs(5), self.events.recv())
+                        .await
+                        .unwrap_or_else(|_| panic!("no {topic} event within 5 s"))
+                        .unwrap();
+                    if t == topic {
+                        return ev;
+                    }
+                }
+            }
+        }
+
+        #[tokio::test]
+        async fn no_guest_pid_is_published_and_a_forged_oom_touches_no_host_process() {
+            let mut h = Harness::new().await;
+            let host_pid = h.host_pid();
+            h.add_exec("e1").await;
+            let (host, mut agent) = pair().await;
+            h.dials.0.lock().unwrap().push(host);
+            let (resp, ()) = tokio::join!(h.start_exec("e1"), async {
+                let Message::Start(_) = recv(&mut agent).await else {
+                    panic!("expected Start")
+                };
+                send(&mut agent, Message::Started { pid: 1 }).await;
+            });
+            assert_eq!(resp.unwrap().pid, host_pid);
+            let ev = h.event(topics::TASK_EXEC_STARTED_EVENT_TOPIC).await;
+            let ev = TaskExecStarted::parse_from_bytes(&ev.value).unwrap();
+            assert_eq!((ev.exec_id.as_str(), ev.pid), ("e1", host_pid));
+            let state = h
+                .svc
+                .state(
+                    &ctx(),
+                    api::StateRequest {
+                        id: "c".into(),
+                        exec_id: "e1".into(),
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap();
+            assert_eq!(state.pid, host_pid);
+
+            // A forged OOM with a nonsense exit code.
+            send(
+                &mut agent,
+                Message::Exited(ExitStatus {
+                    code: -1,
+                    signal: None,
+                    oom: true,
+                }),
+            )
+            .await;
+            let oom = h.event(topics::TASK_OOM_EVENT_TOPIC).await;
+            let oom = TaskOOM::parse_from_bytes(&oom.value).unwrap();
+            assert_eq!(oom.container_id, "c");
+            let exit = h.event(topics::TASK_EXIT_EVENT_TOPIC).await;
+            let exit = TaskExit::parse_from_bytes(&exit.value).unwrap();
+            assert_eq!(
+                (exit.id.as_str(), exit.pid, exit.exit_status),
+                ("e1", host_pid, 255)
+            );
+            // The host process the pids point at was never signalled.
+            assert!(h.holder.try_wait().unwrap().is_none());
+            // Still a working container: its init is killable.
+            let kill = api::KillRequest {
+                id: "c".into(),
+                signal: libc::SIGKILL as u32,
+                ..Default::default()
+            };
+            h.svc.kill(&ctx(), kill).await.unwrap();
+            assert_eq!(
+                recv(&mut h.init_agent).await,
+                Message::Signal {
+                    signal: libc::SIGKILL
+                }
+            );
+        }
+
+        #[tokio::test]
+        async fn a_huge_guest_error_reaches_containerd_capped() {
+            let h = Harness::new().await;
+            h.add_exec("e2").await;
+            let (host, mut agent) = pair().await;
+            h.dials.0.lock().unwrap().push(host);
+            let (resp, ()) = tokio::join!(h.start_exec("e2"), async {
+                let Message::Start(_) = recv(&mut agent).await else {
+                    panic!("expected Start")
+                };
+                let message = "\n".repeat(agentvm_protocol::MAX_FRAME / 2 - 64);
+                send(
+                    &mut agent,
+                    Message::Error {
+                        message,
+                        exit_code: Some(127),
+                    },
+                )
+                .await;
+                send(&mut agent, Message::Exited(ExitStatus::exited(127))).await;
+            });
+            let ttrpc::Error::RpcStatus(st) = resp.unwrap_err() else {
+                panic!("not a status")
+            };
+            assert!(
+                st.message.len() <= agentvm::guest::MAX_GUEST_TEXT + 100,
+                "{} bytes",
+                st.message.len()
+            );
+            assert!(st.message.contains("more bytes cut]"));
+            assert!(!st.message.contains('\n'));
+        }
+
+        #[tokio::test]
+        async fn a_stalled_exec_blocks_neither_the_init_kill_nor_other_execs() {
+            let mut h = Harness::new().await;
+            let host_pid = h.host_pid();
+            h.add_exec("stalled").await;
+            h.add_exec("ok").await;
+            // Accepted by the "guest", never greeted.
+            let (stalled_host, _stalled_agent) = UnixStream::pair().unwrap();
+            h.dials.0.lock().unwrap().push(Box::new(stalled_host));
+            let svc = Arc::new(h.svc);
+            let stalled = tokio::spawn({
+                let svc = Arc::clone(&svc);
+                async move {
+                    let req = api::StartRequest {
+                        id: "c".into(),
+                        exec_id: "stalled".into(),
+                        ..Default::default()
+                    };
+                    svc.start(&ctx(), req).await
+                }
+            });
+            // Let the stalled start take its connection first.
+            while !h.dials.0.lock().unwrap().is_empty() {
+                tokio::task::yield_now().await;
+            }
+            let t = tokio::time::Instant::now();
+            let (host, mut agent) = pair().await;
+            h.dials.0.lock().unwrap().push(host);
+            let req = api::StartRequest {
+                id: "c".into(),
+                exec_id: "ok".into(),
+                ..Default::default()
+            };
+            let c = ctx();
+            let (resp, ()) = tokio::join!(svc.start(&c, req), async {
+                let Message::Start(_) = recv(&mut agent).await else {
+                    panic!("expected Start")
+                };
+                send(&mut agent, Message::Started { pid: 2 }).await;
+            });
+            assert_eq!(resp.unwrap().pid, host_pid);
+            let kill = api::KillRequest {
+                id: "c".into(),
+                signal: libc::SIGKILL as u32,
+                ..Default::default()
+            };
+            svc.kill(&ctx(), kill).await.unwrap();
+            assert_eq!(
+                recv(&mut h.init_agent).await,
+                Message::Signal {
+                    signal: libc::SIGKILL
+                }
+            );
+            send(&mut h.init_agent, Message::Exited(ExitStatus::signaled(9))).await;
+            let init = svc.get("c").unwrap().init.running().await.unwrap();
+            assert_eq!(init.wait().await.code, 137);
+            assert!(!stalled.is_finished());
+            // The stalled exec itself is killable: its start ends, with 137.
+            let kill = api::KillRequest {
+                id: "c".into(),
+                exec_id: "stalled".into(),
+                signal: libc::SIGKILL as u32,
+                ..Default::default()
+            };
+            svc.kill(&ctx(), kill).await.unwrap();
+            let start = tokio::time::timeout(Duration::from_secs(2), stalled)
+                .await
+                .expect("the stalled start did not end at its kill")
+                .unwrap();
+            assert!(start.is_err());
+            let wait = api::WaitRequest {
+                id: "c".into(),
+                exec_id: "stalled".into(),
+                ..Default::default()
+            };
+            assert_eq!(svc.wait(&ctx(), wait).await.unwrap().exit_status, 137);
+            assert!(
+                t.elapsed() < Duration::from_secs(2),
+                "took {:?}",
+                t.elapsed()
+            );
+        }
     }
 }
