@@ -4,6 +4,9 @@
 //! # Run containers under QEMU's TCG software emulation when KVM is not usable. TCG is a
 //! # test-and-development mode: slow, and a larger attack surface than KVM.
 //! allow_tcg = true
+//! # When a container's root cannot be set up as image layers on disks (no virtiofsd, no
+//! # Landlock, a failed build), share the whole root instead of failing the start.
+//! shared_root_fallback = false
 //! ```
 //!
 //! A missing file means the defaults; a malformed one is an error that names it.
@@ -19,6 +22,8 @@ pub const CONFIG_PATH: &str = "/etc/agentvm/config.toml";
 pub struct HostConfig {
     /// Containers (the shim) may run under TCG when KVM is not usable.
     pub allow_tcg: bool,
+    /// A container root that cannot be layered is shared whole instead of failing the start.
+    pub shared_root_fallback: bool,
 }
 
 /// Where the config lives: `$AGENTVM_CONFIG`, else [`CONFIG_PATH`].
@@ -49,13 +54,18 @@ impl HostConfig {
         let doc: toml_edit::DocumentMut = text.parse().map_err(|e| format!("{e}"))?;
         let mut cfg = HostConfig::default();
         for (key, item) in doc.iter() {
+            let flag = || {
+                item.as_bool()
+                    .ok_or_else(|| format!("{key} must be true or false"))
+            };
             match key {
-                "allow_tcg" => {
-                    cfg.allow_tcg = item
-                        .as_bool()
-                        .ok_or_else(|| "allow_tcg must be true or false".to_string())?
+                "allow_tcg" => cfg.allow_tcg = flag()?,
+                "shared_root_fallback" => cfg.shared_root_fallback = flag()?,
+                other => {
+                    return Err(format!(
+                        "unknown setting {other:?} (known: allow_tcg, shared_root_fallback)"
+                    ))
                 }
-                other => return Err(format!("unknown setting {other:?} (known: allow_tcg)")),
             }
         }
         Ok(cfg)
@@ -116,6 +126,9 @@ mod tests {
         assert!(e.contains("unknown setting \"allow_tgc\""), "{e}");
         std::fs::write(&p, "allow_tcg = \n").unwrap();
         assert!(HostConfig::load_from(&p).is_err());
+        std::fs::write(&p, "shared_root_fallback = true\n").unwrap();
+        let c = HostConfig::load_from(&p).unwrap();
+        assert!(c.shared_root_fallback && !c.allow_tcg);
     }
 
     #[test]

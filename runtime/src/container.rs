@@ -585,10 +585,21 @@ async fn root_setup(
                 )))
             }
             (Err(e), layers::RootMode::Layers) => return Err(e),
-            (Err(e), _) if daemon.is_some() => {
+            // A root that should be layered and cannot: shared whole only when the host's
+            // admin allows it (the shared root is slower and takes another code path).
+            (Err(e), _) => {
+                if !crate::config::HostConfig::load()?.shared_root_fallback {
+                    return Err(Error::Invalid(format!(
+                        "cannot set up the container root as image layers: {e}; fix that, \
+                         annotate {}=share to share the whole root, or allow the fallback \
+                         (shared_root_fallback = true in {})",
+                        layers::ROOTFS_ANNOTATION,
+                        crate::config::path().display()
+                    )));
+                }
                 tracing::warn!("container root: sharing the whole root instead of layers: {e}")
             }
-            _ => {}
+            (Ok(None), _) => {}
         }
     }
     let (share, spec) = mounts::root_share(ROOT_TAG, &cfg.root, cfg.root_readonly, policy);
