@@ -272,3 +272,91 @@ fn vmm_and_helpers_run_jailed() {
         "checked {seen:?}"
     );
 }
+
+/// Bytes of a capped log: both halves.
+fn capped_size(path: &Path) -> u64 {
+    let older = PathBuf::from(format!("{}.1", path.display()));
+    [path.to_path_buf(), older]
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// The guest floods its serial console (root makes the UART's device node and writes to it):
+/// the host's log stays under its cap (4 MiB), the shim's memory does not follow the flood,
+/// and the container keeps working.
+#[test]
+fn a_console_flood_stays_under_the_cap() {
+    let test = "a_console_flood_stays_under_the_cap";
+    let Some(env) = DockerEnv::get(test) else {
+        return;
+    };
+    let name = unique_name("hostile-console");
+    // 12 MiB: three times the cap (the emulated UART takes ~2 s a MiB under TCG).
+    let out = env.docker(
+        &[
+            "run",
+            "--runtime=agentvm",
+            "-d",
+            "--name",
+            &name,
+            &env.image,
+            "sh",
+            "-c",
+            "mknod /tmp/ttyS0 c 4 64 && dd if=/dev/zero bs=64k count=192 2>/dev/null \
+             | tr '\\0' x > /tmp/ttyS0; echo flooded; exec sleep 1000",
+        ],
+        None,
+        T,
+    );
+    let (id, se) = text(&out);
+    assert!(out.status.success(), "docker run -d: {se}");
+    let id = id.trim().to_string();
+    let console = PathBuf::from(format!("/run/agentvm/{id}/console.log"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(170);
+    let mut largest = 0;
+    loop {
+        largest = largest.max(capped_size(&console));
+        let logs = text(&env.docker(&["logs", &name], None, T)).0;
+        if logs.contains("flooded") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flood did not end in time"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    largest = largest.max(capped_size(&console));
+    assert!(largest > 0, "no console log at {}", console.display());
+    assert!(
+        largest <= 4 << 20,
+        "the console log grew to {largest} bytes (cap 4 MiB)"
+    );
+    // The flood reached the host (the newest half is full of it), and the container works.
+    let tail = std::fs::read(&console).unwrap_or_default();
+    assert!(
+        tail.windows(64).any(|w| w.iter().all(|&b| b == b'x')),
+        "no flood seen"
+    );
+    let out = env.docker(&["exec", &name, "echo", "alive"], None, T);
+    assert_eq!(text(&out).0.trim(), "alive", "{}", text(&out).1);
+    // The shim read the flood through a fixed buffer: its RSS stays small.
+    let shim = processes_mentioning(&format!("-id {id}"))
+        .iter()
+        .filter(|p| p.contains("containerd-shim-agentvm-v1"))
+        .find_map(|p| p.split(':').next()?.trim().parse::<u32>().ok())
+        .unwrap_or_else(|| panic!("no shim for {id}"));
+    let rss_kib: u64 = status_field(shim, "VmRSS")
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        rss_kib > 0 && rss_kib < 64 << 10,
+        "shim RSS {rss_kib} KiB after the flood"
+    );
+    let _ = env.docker(&["rm", "-f", &name], None, T);
+    env.assert_vm_gone(&id);
+}
