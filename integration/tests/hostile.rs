@@ -360,3 +360,75 @@ fn a_console_flood_stays_under_the_cap() {
     let _ = env.docker(&["rm", "-f", &name], None, T);
     env.assert_vm_gone(&id);
 }
+
+/// With `--cap-drop ALL` a writable volume gets no device node and no setuid or setgid file
+/// from the guest (whose root holds every capability in the VM), while ordinary writes work;
+/// with Docker's default capabilities a device node is made, as under runc.
+#[test]
+fn dropped_capabilities_bound_what_a_volume_takes() {
+    let test = "dropped_capabilities_bound_what_a_volume_takes";
+    let Some(env) = DockerEnv::get(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("rootfile"), "x").unwrap();
+    let vol = format!("{}:/w", dir.path().display());
+    let script = "mknod /w/mem c 1 1 2>/dev/null && echo MKNOD; \
+                  chmod u+s /w/rootfile 2>/dev/null && echo SETUID; \
+                  cp /bin/busybox /w/sh && chmod 4755 /w/sh 2>/dev/null && echo SETUID-COPY; \
+                  echo data > /w/plain && chmod 0640 /w/plain && echo plain-ok";
+    let (out, _) = env.run(
+        &format!("{test}-dropped"),
+        &[
+            "--rm",
+            "--cap-drop",
+            "ALL",
+            "-v",
+            &vol,
+            &env.image,
+            "sh",
+            "-c",
+            script,
+        ],
+        None,
+    );
+    let (so, se) = text(&out);
+    assert!(so.contains("plain-ok"), "{so}{se}");
+    for bad in ["MKNOD", "SETUID"] {
+        assert!(
+            !so.contains(bad),
+            "with --cap-drop ALL the guest could {bad}: {so}"
+        );
+    }
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    assert!(
+        !dir.path().join("mem").exists(),
+        "a device node reached the host"
+    );
+    for f in ["rootfile", "sh"] {
+        if let Ok(m) = std::fs::metadata(dir.path().join(f)) {
+            assert_eq!(m.permissions().mode() & 0o6000, 0, "{f} is setuid/setgid");
+        }
+    }
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("plain")).unwrap(),
+        "data\n"
+    );
+    // Docker's default capabilities include CAP_MKNOD: a device node is made, as with runc.
+    let (out, _) = env.run(
+        &format!("{test}-default"),
+        &[
+            "--rm",
+            "-v",
+            &vol,
+            &env.image,
+            "sh",
+            "-c",
+            "mknod /w/null2 c 1 3 && echo made",
+        ],
+        None,
+    );
+    assert!(text(&out).0.contains("made"), "{:?}", text(&out));
+    let m = std::fs::symlink_metadata(dir.path().join("null2")).unwrap();
+    assert!(m.file_type().is_char_device());
+}

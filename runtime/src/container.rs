@@ -80,6 +80,8 @@ pub struct ContainerConfig {
     /// The host cgroup QEMU and its helpers are charged to (`linux.cgroupsPath` and the CPU
     /// asks of the spec); none leaves them in the caller's.
     pub host_cgroup: Option<hostcgroup::Request>,
+    /// What writable volumes may not leave on the host (from the spec's capabilities).
+    pub volume_limits: crate::vmm::VolumeLimits,
 }
 
 /// The stdio of a process; `None` streams are not connected.
@@ -475,7 +477,8 @@ async fn boot(
     assets: &Assets,
     accel: Accel,
 ) -> Result<(AgentConn, StartRequest, Option<layers::HostView>)> {
-    let policy = mounts::SharePolicy::detect(&cfg.annotations)?;
+    let mut policy = mounts::SharePolicy::detect(&cfg.annotations)?;
+    policy.limits = cfg.volume_limits;
     let plan = mounts::plan(&cfg.mounts, &policy)?;
     let mut wiring = netns.scan().await?;
     netns.wire(&mut wiring).await?;
@@ -635,6 +638,7 @@ fn layered_root(
         // Docker's `link`, `lower`, `work` and `merged` (containerd's `work`) sit beside the
         // writable layer: the guest reaches the layer and agentvm's work dir only.
         expose: vec![l.upper.clone(), layers::GUEST_WORKDIR.into()],
+        limits: Default::default(),
     };
     let lower = (0..l.disks.len())
         .map(|i| format!("/dev/vd{}", (b'a' + i as u8) as char))

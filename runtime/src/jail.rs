@@ -249,6 +249,8 @@ pub struct Jail {
     pub unprivileged: bool,
     /// The helpers' seccomp filter ([`helper_filter`]), for programs without one of their own.
     pub seccomp: bool,
+    /// A file server that may not set setuid/setgid bits ([`setid_filter`]).
+    pub deny_setid: bool,
 }
 
 /// Syscalls a vhost-user helper never makes and an attacker in it would want: mounts and
@@ -320,6 +322,53 @@ const HELPER_DENIED: &[libc::c_long] = &[
     libc::SYS_fanotify_init,
 ];
 
+/// A file server's filter that refuses setuid and setgid bits: chmod calls and file creations
+/// (`open`/`openat` with `O_CREAT`, `mknodat`) whose mode has either bit fail with EPERM.
+/// A chmod cannot tell directories from files: `chmod g+s DIR` is refused as well.
+pub fn setid_filter() -> Result<seccompiler::BpfProgram> {
+    use seccompiler::{
+        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
+    };
+    let err = |e: seccompiler::Error| Error::Invalid(format!("seccomp filter: {e}"));
+    let bit = |arg: u8, b: u64| {
+        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(b), b)
+            .map_err(|e| err(e.into()))
+    };
+    let setid_at = |arg: u8| -> Result<Vec<SeccompRule>> {
+        [libc::S_ISUID as u64, libc::S_ISGID as u64]
+            .into_iter()
+            .map(|b| SeccompRule::new(vec![bit(arg, b)?]).map_err(|e| err(e.into())))
+            .collect()
+    };
+    let created_setid = |flags: u8, mode: u8| -> Result<Vec<SeccompRule>> {
+        [libc::S_ISUID as u64, libc::S_ISGID as u64]
+            .into_iter()
+            .map(|b| {
+                SeccompRule::new(vec![bit(flags, libc::O_CREAT as u64)?, bit(mode, b)?])
+                    .map_err(|e| err(e.into()))
+            })
+            .collect()
+    };
+    let mut rules = std::collections::BTreeMap::new();
+    rules.insert(libc::SYS_chmod, setid_at(1)?);
+    rules.insert(libc::SYS_fchmod, setid_at(1)?);
+    rules.insert(libc::SYS_fchmodat, setid_at(2)?);
+    rules.insert(libc::SYS_fchmodat2, setid_at(2)?);
+    rules.insert(libc::SYS_mknodat, setid_at(2)?);
+    rules.insert(libc::SYS_mknod, setid_at(1)?);
+    rules.insert(libc::SYS_open, created_setid(1, 2)?);
+    rules.insert(libc::SYS_openat, created_setid(2, 3)?);
+    rules.insert(libc::SYS_creat, setid_at(1)?);
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        seccompiler::TargetArch::x86_64,
+    )
+    .map_err(|e| err(e.into()))?;
+    seccompiler::BpfProgram::try_from(filter).map_err(|e| err(e.into()))
+}
+
 /// The helpers' seccomp filter, compiled with seccompiler: [`HELPER_DENIED`] and sockets
 /// other than AF_UNIX fail with EPERM, everything else is allowed. A deny list, as QEMU's
 /// `-sandbox`: installed before exec, it must let the program start.
@@ -365,6 +414,7 @@ struct Prepared {
     landlock: Option<OwnedFd>,
     unprivileged: bool,
     seccomp: Option<seccompiler::BpfProgram>,
+    setid: Option<seccompiler::BpfProgram>,
 }
 
 impl Jail {
@@ -425,6 +475,11 @@ impl Jail {
             unprivileged: self.unprivileged,
             seccomp: if self.seccomp {
                 Some(helper_filter()?)
+            } else {
+                None
+            },
+            setid: if self.deny_setid {
+                Some(setid_filter()?)
             } else {
                 None
             },
@@ -573,8 +628,8 @@ impl Prepared {
                     0,
                 ) as _)?;
             }
-            // Last: the filter refuses the mounts and prctls above.
-            if let Some(prog) = &self.seccomp {
+            // Last: the filters refuse the mounts and prctls above.
+            for prog in [&self.seccomp, &self.setid].into_iter().flatten() {
                 let fprog = libc::sock_fprog {
                     len: prog.len() as libc::c_ushort,
                     filter: prog.as_ptr() as *mut libc::sock_filter,
@@ -690,6 +745,7 @@ mod tests {
             }),
             overlay_upper: true,
             expose: vec!["diff".into(), "agentvm-work".into()],
+            limits: Default::default(),
         };
         std::fs::create_dir_all(share.socket_dir(&state)).unwrap();
         let jail = share_jail(&share, &state).unwrap();
@@ -751,6 +807,37 @@ mod tests {
             !mounts.contains(&format!("{}", state.display())),
             "{mounts}"
         );
+    }
+
+    /// A file server for a container without CAP_FSETID: no setuid or setgid bit reaches a
+    /// file, whichever call the guest's request becomes; everything else works. Needs no root.
+    #[test]
+    fn setid_bits_are_refused_to_a_file_server() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path().display();
+        let script = format!(
+            "cd {d} && touch f && chmod 0755 f && echo plain-ok; \
+             chmod u+s f 2>/dev/null && echo SUID; chmod g+s f 2>/dev/null && echo SGID; \
+             chmod 4755 f 2>/dev/null && echo SUID-OCTAL; \
+             mkdir shared && echo dir-ok; mkfifo p && echo fifo-ok; \
+             cp -p f g && echo copy-ok; true"
+        );
+        let jail = Jail {
+            deny_setid: true,
+            ..Jail::default()
+        };
+        let (ok, out) = run_jailed(jail, &script);
+        assert!(ok, "{out}");
+        for good in ["plain-ok", "dir-ok", "fifo-ok", "copy-ok"] {
+            assert!(out.contains(good), "{good} missing: {out}");
+        }
+        assert!(!out.contains("SUID") && !out.contains("SGID"), "{out}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.path().join("f"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o6000, 0, "{mode:o}");
     }
 
     /// A helper with no privilege: no capabilities after exec, no_new_privs, its own mount

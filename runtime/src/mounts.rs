@@ -64,6 +64,8 @@ pub struct SharePolicy {
     pub volumes: ShareTransport,
     /// The container root (Docker's overlay2 `merged` dir or the snapshotter mount).
     pub root: ShareTransport,
+    /// What writable volumes may not leave on the host (the container's capabilities).
+    pub limits: crate::vmm::VolumeLimits,
 }
 
 /// What a transport annotation asks for.
@@ -90,6 +92,7 @@ impl SharePolicy {
         SharePolicy {
             volumes: ShareTransport::NineP,
             root: ShareTransport::NineP,
+            limits: Default::default(),
         }
     }
 
@@ -142,7 +145,11 @@ impl SharePolicy {
             Wanted::NineP => ShareTransport::NineP,
             Wanted::VirtioFs => virtio_fs(ROOT_ANNOTATION)?,
         };
-        Ok(SharePolicy { volumes, root })
+        Ok(SharePolicy {
+            volumes,
+            root,
+            limits: Default::default(),
+        })
     }
 }
 
@@ -175,6 +182,7 @@ pub fn root_share(
         transport: policy.root.clone(),
         overlay_upper: false,
         expose: Vec::new(),
+        limits: Default::default(),
     };
     let (fstype, options) = guest_mount(&share);
     let spec = RootfsSpec {
@@ -282,6 +290,7 @@ pub fn plan(mounts: &[Mount], policy: &SharePolicy) -> Result<MountPlan> {
                 transport: policy.volumes.clone(),
                 overlay_upper: false,
                 expose: Vec::new(),
+                limits: policy.limits,
             };
             let (fstype, options) = guest_mount(&share);
             out.mounts.push(MountSpec {
@@ -421,6 +430,7 @@ mod tests {
         let policy = SharePolicy {
             volumes: virtiofs(FsCache::Never),
             root: ShareTransport::NineP,
+            limits: Default::default(),
         };
         let p = plan(&mounts(&json), &policy).unwrap();
         assert!(p.shares.iter().all(Share::is_virtio_fs));
@@ -454,6 +464,7 @@ mod tests {
         let policy = SharePolicy {
             volumes: ShareTransport::NineP,
             root: virtiofs(FsCache::Never),
+            limits: Default::default(),
         };
         let (share, spec) = root_share("rootfs", Path::new("/m"), false, &policy);
         assert!(share.is_virtio_fs());

@@ -74,6 +74,9 @@ pub struct BundleSpec {
     pub sysctls: BTreeMap<String, String>,
     /// `linux.cgroupsPath` and the CPU asks of `linux.resources`, for the host cgroup.
     pub host_cgroup: crate::hostcgroup::Request,
+    /// What writable volumes may not leave on the host: the spec's bounding set, before root
+    /// in the VM is given every capability.
+    pub volume_limits: crate::vmm::VolumeLimits,
 }
 
 /// Reads and maps `<bundle>/config.json`.
@@ -100,6 +103,9 @@ pub fn map_spec(
         .as_ref()
         .ok_or_else(|| Error::Invalid("config.json has no process".into()))?;
     let mut process = process_spec(process)?;
+    let volume_limits = crate::vmm::VolumeLimits::from_bounding(
+        process.capabilities.as_ref().map(|c| c.bounding.as_slice()),
+    );
     let annotations = spec.annotations().clone().unwrap_or_default();
     apply_cap_policy(&mut process, cap_policy(&annotations)?);
     let (root, root_readonly) = match spec.root() {
@@ -134,6 +140,7 @@ pub fn map_spec(
         },
     };
     Ok(BundleSpec {
+        volume_limits,
         host_cgroup,
         netns,
         mounts: spec.mounts().clone().unwrap_or_default(),

@@ -47,6 +47,38 @@ pub struct Share {
     /// writable layer) is covered in virtiofsd's mount namespace, and Landlock refuses any
     /// other write, rename or link. virtio-fs only.
     pub expose: Vec<String>,
+    /// What the guest's writes may not leave on the host (the container's capabilities).
+    pub limits: VolumeLimits,
+}
+
+/// What reaches the host through a writable volume, as the container's capabilities allow
+/// (`--cap-drop`): root in the VM holds every capability there, the file server on the host
+/// applies these. virtio-fs only.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VolumeLimits {
+    /// No device nodes (the container lacks CAP_MKNOD): virtiofsd without it.
+    pub no_devices: bool,
+    /// No file capabilities (CAP_SETFCAP): virtiofsd without it.
+    pub no_file_caps: bool,
+    /// No setuid or setgid bits on files (CAP_FSETID): refused by a seccomp filter on the
+    /// file server's chmod and create calls.
+    pub no_setid: bool,
+}
+
+impl VolumeLimits {
+    /// The limits of a container whose bounding set is `bounding` (OCI names, `CAP_MKNOD`);
+    /// `None` (no capabilities in the spec) limits nothing.
+    pub fn from_bounding(bounding: Option<&[String]>) -> VolumeLimits {
+        let Some(b) = bounding else {
+            return VolumeLimits::default();
+        };
+        let lacks = |c: &str| !b.iter().any(|x| x.eq_ignore_ascii_case(c));
+        VolumeLimits {
+            no_devices: lacks("CAP_MKNOD"),
+            no_file_caps: lacks("CAP_SETFCAP"),
+            no_setid: lacks("CAP_FSETID"),
+        }
+    }
 }
 
 /// How a shared directory crosses the VM boundary.
@@ -497,10 +529,20 @@ pub fn virtiofsd_args(share: &Share, fs: &VirtioFs, state_dir: &Path) -> Vec<Str
     if share.readonly {
         a.push("--readonly".into());
     }
+    let mut modcaps = Vec::new();
     if share.overlay_upper {
         // trusted.* xattrs need CAP_SYS_ADMIN, which virtiofsd drops by default; it stays
         // confined to the share by its sandbox.
-        a.push("--modcaps=+sys_admin".into());
+        modcaps.push("+sys_admin");
+    }
+    if share.limits.no_devices {
+        modcaps.push("-mknod");
+    }
+    if share.limits.no_file_caps {
+        modcaps.push("-setfcap");
+    }
+    if !modcaps.is_empty() {
+        a.push(format!("--modcaps={}", modcaps.join(":")));
     }
     a
 }
@@ -626,7 +668,10 @@ fn private_dir(dir: &Path) -> Result<()> {
 /// entries and the socket dir: no rename, link, create or delete in the directory itself.
 pub fn share_jail(share: &Share, state_dir: &Path) -> Result<Jail> {
     if share.expose.is_empty() {
-        return Ok(Jail::default());
+        return Ok(Jail {
+            deny_setid: share.limits.no_setid && !share.readonly,
+            ..Jail::default()
+        });
     }
     let sock_dir = share.socket_dir(state_dir);
     let mut cover = Vec::new();
@@ -684,6 +729,7 @@ pub fn share_jail(share: &Share, state_dir: &Path) -> Result<Jail> {
         unprivileged: false,
         // virtiofsd installs its own allow list (`--seccomp kill`).
         seccomp: false,
+        deny_setid: false,
     })
 }
 
@@ -851,6 +897,7 @@ mod tests {
                 transport: ShareTransport::NineP,
                 overlay_upper: false,
                 expose: Vec::new(),
+                limits: Default::default(),
             }],
             nics: vec![Nic {
                 tap: "avmtap0".into(),
@@ -955,6 +1002,7 @@ mod tests {
             transport: virtio_fs(FsCache::Never),
             overlay_upper: false,
             expose: Vec::new(),
+            limits: Default::default(),
         });
         // Kernel vsock alone needs no shared memory; a virtio-fs share does.
         let a = qemu_args(&c, &VsockTransport::Kernel { cid: 3 });
@@ -995,6 +1043,7 @@ mod tests {
             transport: virtio_fs(FsCache::Never),
             overlay_upper: false,
             expose: Vec::new(),
+            limits: Default::default(),
         };
         let fs = VirtioFs {
             daemon: "/usr/bin/virtiofsd".into(),
@@ -1028,6 +1077,45 @@ mod tests {
         share.expose = vec!["diff".into()];
         let a = virtiofsd_args(&share, &auto, state);
         assert!(a.windows(2).any(|w| w == ["--sandbox", "chroot"]));
+    }
+
+    #[test]
+    fn volume_limits_follow_the_containers_capabilities() {
+        let caps = |c: &[&str]| c.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(VolumeLimits::from_bounding(None), VolumeLimits::default());
+        let docker_default = caps(&["CAP_CHOWN", "CAP_FSETID", "CAP_MKNOD", "CAP_SETFCAP"]);
+        assert_eq!(
+            VolumeLimits::from_bounding(Some(&docker_default)),
+            VolumeLimits::default()
+        );
+        let dropped = VolumeLimits::from_bounding(Some(&[]));
+        assert!(dropped.no_devices && dropped.no_file_caps && dropped.no_setid);
+        let mut share = Share {
+            tag: "vol0".into(),
+            path: "/srv/data".into(),
+            readonly: false,
+            transport: virtio_fs(FsCache::Never),
+            overlay_upper: false,
+            expose: Vec::new(),
+            limits: dropped,
+        };
+        let fs = VirtioFs {
+            daemon: "/usr/bin/virtiofsd".into(),
+            cache: FsCache::Never,
+        };
+        let a = virtiofsd_args(&share, &fs, Path::new("/run/agentvm/x"));
+        assert!(
+            a.ends_with(&["--modcaps=-mknod:-setfcap".to_string()]),
+            "{a:?}"
+        );
+        share.limits = VolumeLimits::from_bounding(Some(&caps(&["CAP_MKNOD"])));
+        let a = virtiofsd_args(&share, &fs, Path::new("/run/agentvm/x"));
+        assert!(a.ends_with(&["--modcaps=-setfcap".to_string()]), "{a:?}");
+        assert!(
+            share_jail(&share, Path::new("/run/agentvm/x"))
+                .unwrap()
+                .deny_setid
+        );
     }
 
     #[test]

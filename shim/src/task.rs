@@ -525,6 +525,7 @@ impl Task for TaskService {
             bundle: req.bundle.clone(),
             annotations: spec.annotations.clone(),
             host_cgroup: Some(spec.host_cgroup.clone()),
+            volume_limits: spec.volume_limits,
         };
         let container = match Container::create(cfg).await {
             Ok(c) => c,
