@@ -2,7 +2,7 @@
 """Docker benchmark for the shim (issue 4): `docker run --rm IMG true` and `docker exec C true`
 latency with --runtime=agentvm vs runc (median of N, interleaved so both see the same machine
 load), and the host RSS of the shim and of the whole sandbox (shim + QEMU + vhost-device-vsock) for an
-idle container. Needs dockerd with the agentvm runtime (hack/docker-up.sh).
+idle container (virtiofsd included). Needs dockerd with the agentvm runtime (hack/docker-up.sh).
 
 Usage: hack/bench-docker.py [-n 10] [--image agentvm-test/busybox:latest]
 """
@@ -60,6 +60,8 @@ def main():
                 rss["qemu"] = rss_kib(pid)
             elif "vhost-device-vsock" in cmd:
                 rss["vhost-device-vsock"] = rss_kib(pid)
+            elif "virtiofsd" in cmd:
+                rss["virtiofsd"] = rss.get("virtiofsd", 0) + rss_kib(pid)
     finally:
         subprocess.run(["docker", "rm", "-f", cid], stdout=subprocess.DEVNULL)
 
