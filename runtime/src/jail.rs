@@ -809,6 +809,94 @@ mod tests {
         );
     }
 
+    /// The host remounts its view of a layered root (`HostView::refresh`) while a racer in the
+    /// share's jail (where the guest's requests run) swaps the layer and the mount point for
+    /// symlinks as fast as it can: no swap gets through, and every refresh mounts the same
+    /// layer at the same place.
+    #[test]
+    fn refreshes_race_a_jailed_symlink_swapper() {
+        if !privileged("refreshes_race_a_jailed_symlink_swapper") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let layer = tmp.path().join("overlay2/abc");
+        let lower = tmp.path().join("lower");
+        let target = tmp.path().join("target");
+        for d in ["diff", "work", "merged", "agentvm-work"] {
+            std::fs::create_dir_all(layer.join(d)).unwrap();
+        }
+        std::fs::create_dir_all(&lower).unwrap();
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::write(lower.join("image-file"), "image").unwrap();
+        let merged = layer.join("merged");
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            layer.join("diff").display(),
+            layer.join("work").display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            nix::mount::MsFlags::empty(),
+            Some(opts.as_str()),
+        )
+        .unwrap();
+        let view = crate::layers::HostView::find(&merged).expect("the overlay is found");
+        let state = tmp.path().join("state");
+        let share = Share {
+            tag: "rootfs".into(),
+            path: layer.clone(),
+            readonly: false,
+            transport: ShareTransport::VirtioFs(VirtioFs {
+                daemon: "/bin/true".into(),
+                cache: FsCache::Auto,
+            }),
+            overlay_upper: true,
+            expose: vec!["diff".into(), "agentvm-work".into()],
+            limits: Default::default(),
+        };
+        std::fs::create_dir_all(share.socket_dir(&state)).unwrap();
+        let jail = share_jail(&share, &state).unwrap();
+        let (l, t) = (layer.display(), target.display());
+        let script = format!(
+            "end=$(( $(date +%s) + 3 )); while [ $(date +%s) -lt $end ]; do \
+               mv {l}/diff {l}/d2 2>/dev/null && echo SWAPPED-DIFF && mv {l}/d2 {l}/diff; \
+               ln -s {t} {l}/m2 2>/dev/null && mv -T {l}/m2 {l}/merged 2>/dev/null \
+                 && echo SWAPPED-MERGED; \
+               ln -s {t} {l}/diff/x 2>/dev/null && rm -f {l}/diff/x; \
+             done; echo racer-done"
+        );
+        let mut cmd = std::process::Command::new("/bin/sh");
+        cmd.args(["-c", &script])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        jail.apply(&mut cmd).unwrap();
+        let racer = cmd.spawn().unwrap();
+        let mut refreshed = 0;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            view.refresh().unwrap();
+            refreshed += 1;
+            let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            assert!(!mi.contains(&format!(" {} ", target.display())), "{mi}");
+            let now = crate::layers::HostView::find(&merged).expect("the root is mounted");
+            assert_eq!(now.upper, view.upper);
+            assert_eq!(
+                std::fs::read_to_string(merged.join("image-file")).unwrap(),
+                "image"
+            );
+        }
+        let out = racer.wait_with_output().unwrap();
+        let _ = nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("racer-done"), "{text}");
+        assert!(!text.contains("SWAPPED"), "{text}");
+        assert!(refreshed > 3, "only {refreshed} refreshes");
+        view.untouched().unwrap();
+    }
+
     /// A file server for a container without CAP_FSETID: no setuid or setgid bit reaches a
     /// file, whichever call the guest's request becomes; everything else works. Needs no root.
     #[test]
