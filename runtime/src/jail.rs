@@ -435,6 +435,12 @@ impl Jail {
     /// Registers the jail with `cmd`: the child takes every step before exec and fails to
     /// start if one fails. Call it after any `pre_exec` that needs privilege (`setns`).
     pub fn apply(self, cmd: &mut std::process::Command) -> Result<()> {
+        // Mount changes outside a namespace of the child's own would change the host's.
+        if !self.mount_ns && (self.readonly || !self.cover.is_empty() || !self.detach.is_empty()) {
+            return Err(Error::Invalid(
+                "a jail that changes mounts needs a mount namespace of its own".into(),
+            ));
+        }
         let (empty_dir, empty_file) = match &self.empty {
             Some(dir) if !self.cover.is_empty() => {
                 let d = dir.join("empty.d");
@@ -526,7 +532,7 @@ impl Prepared {
             }
             for d in &self.detach {
                 // Not a mount point (any more): nothing to take away.
-                let _ = libc::umount2(d.as_ptr(), libc::MNT_DETACH);
+                let _ = libc::umount2(d.as_ptr(), libc::MNT_DETACH | libc::UMOUNT_NOFOLLOW);
             }
             // Read-only first: a bind of a writable path must not cover the covers below.
             if self.readonly {
@@ -895,6 +901,18 @@ mod tests {
         assert!(!text.contains("SWAPPED"), "{text}");
         assert!(refreshed > 3, "only {refreshed} refreshes");
         view.untouched().unwrap();
+    }
+
+    #[test]
+    fn mount_changes_need_a_namespace() {
+        let jail = Jail {
+            readonly: true,
+            ..Jail::default()
+        };
+        let e = jail
+            .apply(&mut std::process::Command::new("/bin/true"))
+            .unwrap_err();
+        assert!(e.to_string().contains("mount namespace"), "{e}");
     }
 
     /// A file server for a container without CAP_FSETID: no setuid or setgid bit reaches a
