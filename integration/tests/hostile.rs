@@ -167,6 +167,28 @@ fn guest_root_cannot_reach_the_engines_layer_metadata() {
     env.assert_vm_gone(&id);
 }
 
+/// Starts a detached agentvm container named `name` running `script`; returns its full id.
+fn run_detached(env: &DockerEnv, name: &str, script: &str) -> String {
+    let out = env.docker(
+        &[
+            "run",
+            "--runtime=agentvm",
+            "-d",
+            "--name",
+            name,
+            &env.image,
+            "sh",
+            "-c",
+            script,
+        ],
+        None,
+        T,
+    );
+    let (id, se) = text(&out);
+    assert!(out.status.success(), "docker run -d: {se}");
+    id.trim().to_string()
+}
+
 /// One line of /proc/<pid>/status.
 fn status_field(pid: u32, field: &str) -> String {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -189,24 +211,7 @@ fn vmm_and_helpers_run_jailed() {
         return;
     };
     let name = unique_name("hostile-jail");
-    let out = env.docker(
-        &[
-            "run",
-            "--runtime=agentvm",
-            "-d",
-            "--name",
-            &name,
-            &env.image,
-            "sh",
-            "-c",
-            "echo up; exec sleep 1000",
-        ],
-        None,
-        T,
-    );
-    let (id, se) = text(&out);
-    assert!(out.status.success(), "docker run -d: {se}");
-    let id = id.trim().to_string();
+    let id = run_detached(&env, &name, "echo up; exec sleep 1000");
     let state = format!("/run/agentvm/{id}");
     let host_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
     let mut seen = Vec::new();
@@ -294,25 +299,12 @@ fn a_console_flood_stays_under_the_cap() {
     };
     let name = unique_name("hostile-console");
     // 12 MiB: three times the cap (the emulated UART takes ~2 s a MiB under TCG).
-    let out = env.docker(
-        &[
-            "run",
-            "--runtime=agentvm",
-            "-d",
-            "--name",
-            &name,
-            &env.image,
-            "sh",
-            "-c",
-            "mknod /tmp/ttyS0 c 4 64 && dd if=/dev/zero bs=64k count=192 2>/dev/null \
-             | tr '\\0' x > /tmp/ttyS0; echo flooded; exec sleep 1000",
-        ],
-        None,
-        T,
+    let id = run_detached(
+        &env,
+        &name,
+        "mknod /tmp/ttyS0 c 4 64 && dd if=/dev/zero bs=64k count=192 2>/dev/null \
+         | tr '\\0' x > /tmp/ttyS0; echo flooded; exec sleep 1000",
     );
-    let (id, se) = text(&out);
-    assert!(out.status.success(), "docker run -d: {se}");
-    let id = id.trim().to_string();
     let console = PathBuf::from(format!("/run/agentvm/{id}/console.log"));
     let deadline = std::time::Instant::now() + Duration::from_secs(170);
     let mut largest = 0;

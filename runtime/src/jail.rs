@@ -694,6 +694,22 @@ mod tests {
         false
     }
 
+    /// The container root's share of a Docker-like layer dir.
+    fn root_share(layer: &Path) -> Share {
+        Share {
+            tag: "rootfs".into(),
+            path: layer.to_path_buf(),
+            readonly: false,
+            transport: ShareTransport::VirtioFs(VirtioFs {
+                daemon: "/bin/true".into(),
+                cache: FsCache::Auto,
+            }),
+            overlay_upper: true,
+            expose: vec!["diff".into(), "agentvm-work".into()],
+            limits: Default::default(),
+        }
+    }
+
     fn run_jailed(jail: Jail, script: &str) -> (bool, String) {
         let mut cmd = std::process::Command::new("/bin/sh");
         cmd.args(["-c", script]);
@@ -741,18 +757,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(merged.join("in-merged"), "x").unwrap();
-        let share = Share {
-            tag: "rootfs".into(),
-            path: layer.clone(),
-            readonly: false,
-            transport: ShareTransport::VirtioFs(VirtioFs {
-                daemon: "/bin/true".into(),
-                cache: FsCache::Auto,
-            }),
-            overlay_upper: true,
-            expose: vec!["diff".into(), "agentvm-work".into()],
-            limits: Default::default(),
-        };
+        let share = root_share(&layer);
         std::fs::create_dir_all(share.socket_dir(&state)).unwrap();
         let jail = share_jail(&share, &state).unwrap();
         let l = layer.display();
@@ -851,18 +856,7 @@ mod tests {
         .unwrap();
         let view = crate::layers::HostView::find(&merged).expect("the overlay is found");
         let state = tmp.path().join("state");
-        let share = Share {
-            tag: "rootfs".into(),
-            path: layer.clone(),
-            readonly: false,
-            transport: ShareTransport::VirtioFs(VirtioFs {
-                daemon: "/bin/true".into(),
-                cache: FsCache::Auto,
-            }),
-            overlay_upper: true,
-            expose: vec!["diff".into(), "agentvm-work".into()],
-            limits: Default::default(),
-        };
+        let share = root_share(&layer);
         std::fs::create_dir_all(share.socket_dir(&state)).unwrap();
         let jail = share_jail(&share, &state).unwrap();
         let (l, t) = (layer.display(), target.display());
