@@ -251,6 +251,159 @@ pub struct Jail {
     pub seccomp: bool,
     /// A file server that may not set setuid/setgid bits ([`setid_filter`]).
     pub deny_setid: bool,
+    /// A root of its own: a tmpfs at `staging` holding only `keep` (each at its own path,
+    /// bound from the host; symlinks among them copied as symlinks), pivoted into.
+    pub root: Option<MinimalRoot>,
+}
+
+/// A file tree holding only what a program needs ([`Jail::root`]).
+#[derive(Debug, Clone, Default)]
+pub struct MinimalRoot {
+    /// An empty directory of the runtime's where the tmpfs is mounted (in the child's
+    /// namespace only).
+    pub staging: PathBuf,
+    /// Absolute host paths: directories, files, device nodes, sockets or symlinks.
+    pub keep: Vec<PathBuf>,
+}
+
+/// The host paths every dynamically linked program needs: its libraries and the loader.
+pub const PROGRAM_PATHS: &[&str] = &[
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/bin",
+    "/sbin",
+    "/etc/ld.so.cache",
+    "/proc",
+    "/sys",
+    "/dev/null",
+    "/dev/zero",
+    "/dev/urandom",
+];
+
+/// What the child makes in its new root before binding, prepared before the fork.
+#[derive(Debug, Default)]
+struct RootPlan {
+    staging: CString,
+    old: CString,
+    dirs: Vec<CString>,
+    files: Vec<CString>,
+    symlinks: Vec<(CString, CString)>,
+    binds: Vec<(CString, CString)>,
+}
+
+impl RootPlan {
+    fn new(root: &MinimalRoot) -> Result<RootPlan> {
+        use std::os::unix::ffi::OsStrExt;
+        let inside = |p: &Path| -> PathBuf { root.staging.join(p.strip_prefix("/").unwrap_or(p)) };
+        let mut plan = RootPlan {
+            staging: cstring(&root.staging)?,
+            old: cstring(&root.staging.join(".old"))?,
+            ..RootPlan::default()
+        };
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let add_parents = |p: &Path, dirs: &mut Vec<PathBuf>| {
+            let mut parents: Vec<PathBuf> = p
+                .ancestors()
+                .skip(1)
+                .take_while(|a| *a != Path::new("/") && !a.as_os_str().is_empty())
+                .map(&inside)
+                .collect();
+            parents.reverse();
+            for d in parents {
+                if !dirs.contains(&d) {
+                    dirs.push(d);
+                }
+            }
+        };
+        for p in &root.keep {
+            if !p.is_absolute() {
+                return Err(Error::Invalid(format!("{} is not absolute", p.display())));
+            }
+            let Ok(m) = std::fs::symlink_metadata(p) else {
+                continue; // not on this host (/lib64 on some)
+            };
+            add_parents(p, &mut dirs);
+            let dst = inside(p);
+            if m.file_type().is_symlink() {
+                let target = std::fs::read_link(p).map_err(|e| Error::io("read", p, e))?;
+                plan.symlinks.push((
+                    CString::new(target.as_os_str().as_bytes())
+                        .map_err(|_| Error::Invalid("NUL in a symlink".into()))?,
+                    cstring(&dst)?,
+                ));
+                continue;
+            }
+            if m.is_dir() {
+                if !dirs.contains(&dst) {
+                    dirs.push(dst.clone());
+                }
+            } else {
+                plan.files.push(cstring(&dst)?);
+            }
+            plan.binds.push((cstring(p)?, cstring(&dst)?));
+        }
+        // Parents first: a directory kept whole may hold a later one's mount point.
+        plan.dirs = dirs.iter().map(|d| cstring(d)).collect::<Result<_>>()?;
+        Ok(plan)
+    }
+
+    /// The child's side: a tmpfs at the staging dir, the kept paths bound into it, then
+    /// pivot_root. Syscalls only.
+    ///
+    /// # Safety
+    /// Between fork and exec only; every pointer is owned by `self`.
+    unsafe fn enter(&self) -> std::io::Result<()> {
+        let null = std::ptr::null::<libc::c_char>();
+        // SAFETY: NUL-terminated strings owned by self; the caller is the forked child.
+        unsafe {
+            check(libc::mount(
+                c"tmpfs".as_ptr(),
+                self.staging.as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                c"mode=0755".as_ptr().cast(),
+            ) as _)?;
+            for d in &self.dirs {
+                if libc::mkdir(d.as_ptr(), 0o755) != 0
+                    && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for f in &self.files {
+                let fd = libc::open(
+                    f.as_ptr(),
+                    libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                    0o600,
+                );
+                check(fd as _)?;
+                libc::close(fd);
+            }
+            for (target, link) in &self.symlinks {
+                check(libc::symlink(target.as_ptr(), link.as_ptr()) as _)?;
+            }
+            for (src, dst) in &self.binds {
+                check(libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    null,
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ) as _)?;
+            }
+            check(libc::mkdir(self.old.as_ptr(), 0o700) as _)?;
+            check(libc::syscall(
+                libc::SYS_pivot_root,
+                self.staging.as_ptr(),
+                self.old.as_ptr(),
+            ))?;
+            check(libc::chdir(c"/".as_ptr()) as _)?;
+            check(libc::umount2(c"/.old".as_ptr(), libc::MNT_DETACH) as _)?;
+            check(libc::rmdir(c"/.old".as_ptr()) as _)?;
+        }
+        Ok(())
+    }
 }
 
 /// Syscalls a vhost-user helper never makes and an attacker in it would want: mounts and
@@ -415,6 +568,7 @@ struct Prepared {
     unprivileged: bool,
     seccomp: Option<seccompiler::BpfProgram>,
     setid: Option<seccompiler::BpfProgram>,
+    root: Option<RootPlan>,
 }
 
 impl Jail {
@@ -436,7 +590,12 @@ impl Jail {
     /// start if one fails. Call it after any `pre_exec` that needs privilege (`setns`).
     pub fn apply(self, cmd: &mut std::process::Command) -> Result<()> {
         // Mount changes outside a namespace of the child's own would change the host's.
-        if !self.mount_ns && (self.readonly || !self.cover.is_empty() || !self.detach.is_empty()) {
+        if !self.mount_ns
+            && (self.readonly
+                || !self.cover.is_empty()
+                || !self.detach.is_empty()
+                || self.root.is_some())
+        {
             return Err(Error::Invalid(
                 "a jail that changes mounts needs a mount namespace of its own".into(),
             ));
@@ -489,6 +648,7 @@ impl Jail {
             } else {
                 None
             },
+            root: self.root.as_ref().map(RootPlan::new).transpose()?,
         };
         let p = Arc::new(p);
         // SAFETY: the closure runs in the child between fork and exec. It only makes
@@ -529,6 +689,9 @@ impl Prepared {
                     libc::MS_REC | libc::MS_PRIVATE,
                     std::ptr::null(),
                 ) as _)?;
+            }
+            if let Some(root) = &self.root {
+                root.enter()?;
             }
             for d in &self.detach {
                 // Not a mount point (any more): nothing to take away.
@@ -895,6 +1058,47 @@ mod tests {
         assert!(!text.contains("SWAPPED"), "{text}");
         assert!(refreshed > 3, "only {refreshed} refreshes");
         view.untouched().unwrap();
+    }
+
+    /// A program in a minimal root sees only what was kept: its libraries, a kept file, no
+    /// host secret, no other state.
+    #[test]
+    fn a_minimal_root_holds_only_what_is_kept() {
+        if !privileged("a_minimal_root_holds_only_what_is_kept") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let kept = tmp.path().join("disk.img");
+        let hidden = tmp.path().join("other-sandbox-state");
+        std::fs::write(&kept, "kept").unwrap();
+        std::fs::write(&hidden, "secret").unwrap();
+        let staging = tmp.path().join("root");
+        std::fs::create_dir(&staging).unwrap();
+        let mut keep: Vec<PathBuf> = PROGRAM_PATHS.iter().map(PathBuf::from).collect();
+        keep.push(kept.clone());
+        let script = format!(
+            "cat {k}; echo; ls /; [ -e {h} ] && echo SEES-HIDDEN; [ -e /etc/shadow ] && \
+             echo SEES-SHADOW; [ -e /var/lib ] && echo SEES-VAR; touch /usr/x 2>/dev/null && \
+             echo WROTE; cat /proc/self/status | grep -c NoNewPrivs",
+            k = kept.display(),
+            h = hidden.display()
+        );
+        let jail = Jail {
+            mount_ns: true,
+            readonly: true,
+            unprivileged: true,
+            root: Some(MinimalRoot { staging, keep }),
+            ..Jail::default()
+        };
+        let (ok, out) = run_jailed(jail, &script);
+        assert!(ok, "{out}");
+        assert!(out.starts_with("kept"), "{out}");
+        for bad in ["SEES-HIDDEN", "SEES-SHADOW", "SEES-VAR", "WROTE"] {
+            assert!(!out.contains(bad), "{bad}: {out}");
+        }
+        // Nothing of the jail's stays mounted on the host.
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mi.contains(&tmp.path().display().to_string()), "{mi}");
     }
 
     #[test]

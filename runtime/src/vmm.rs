@@ -730,6 +730,7 @@ pub fn share_jail(share: &Share, state_dir: &Path) -> Result<Jail> {
         // virtiofsd installs its own allow list (`--seccomp kill`).
         seccomp: false,
         deny_setid: false,
+        root: None,
     })
 }
 
@@ -862,11 +863,36 @@ impl Qemu {
                 .filter(|s| !s.readonly)
                 .map(|s| s.path.clone()),
         );
+        // QEMU's file tree holds only what it opens: its program and libraries, the kernel,
+        // initrd and disks, 9p shares, the helpers' socket dirs and its devices.
+        let mut keep: Vec<PathBuf> = jail::PROGRAM_PATHS.iter().map(PathBuf::from).collect();
+        keep.extend([
+            self.qemu.clone(),
+            cfg.kernel.clone(),
+            cfg.initrd.clone(),
+            cfg.vsock_dir(),
+        ]);
+        keep.extend(cfg.disks.iter().map(|d| d.path.clone()));
+        keep.extend(nine_p.iter().map(|s| s.path.clone()));
+        keep.extend(
+            cfg.shares
+                .iter()
+                .filter(|s| s.is_virtio_fs())
+                .map(|s| s.socket_dir(&cfg.state_dir)),
+        );
+        keep.extend(
+            ["/dev/kvm", "/dev/net/tun", "/dev/vhost-vsock"]
+                .iter()
+                .map(PathBuf::from),
+        );
+        let staging = cfg.state_dir.join("vmm-root");
+        private_dir(&staging)?;
         let jail = Jail {
             mount_ns: true,
             readonly: true,
             writable,
             unprivileged: nine_p.is_empty(),
+            root: Some(jail::MinimalRoot { staging, keep }),
             ..Jail::default()
         };
         jail.apply(cmd.as_std_mut())?;
