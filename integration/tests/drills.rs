@@ -124,7 +124,16 @@ fn containerd_restart_keeps_a_running_container() {
     assert!(out.status.success(), "restart: {:?}", text(&out));
     // The same shim and VM serve the container; exec and stop work through the new containerd.
     assert_eq!(shim_pid(&id), shim, "the shim was replaced");
-    let out = env.docker(&["exec", &name, "echo", "still-here"], None, T);
+    // dockerd reconnects to the new containerd with gRPC's backoff (seconds): until then its
+    // calls fail with "dial ... timeout" whatever the runtime. Give it a minute.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let out = loop {
+        let out = env.docker(&["exec", &name, "echo", "still-here"], None, T);
+        if out.status.success() || Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
     assert_eq!(text(&out).0, "still-here\n", "{:?}", text(&out));
     let out = env.docker(&["stop", "-t", "2", &name], None, T);
     assert!(out.status.success(), "stop: {:?}", text(&out));
