@@ -759,8 +759,17 @@ impl VmmBackend for Qemu {
                     uds.display().to_string(),
                 ];
                 let log = cfg.state_dir.join("vhost-device-vsock.log");
-                // Unix sockets only: no network, no capability, writes in its dir alone.
-                let jail = Jail::unprivileged(vec![dir], true);
+                // Unix sockets only: no network, no capability, writes in its dir alone, a
+                // root holding its program, libraries and that dir.
+                let staging = cfg.state_dir.join("vsock-root");
+                private_dir(&staging)?;
+                let mut keep: Vec<PathBuf> =
+                    jail::PROGRAM_PATHS.iter().map(PathBuf::from).collect();
+                keep.extend([daemon.clone(), dir.clone()]);
+                let jail = Jail {
+                    root: Some(jail::MinimalRoot { staging, keep }),
+                    ..Jail::unprivileged(vec![dir], true)
+                };
                 daemons.push(VhostUserDaemon::spawn(
                     "vhost-device-vsock",
                     daemon,
