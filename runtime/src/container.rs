@@ -1386,19 +1386,36 @@ pub mod testing {
         let (running, started) = launch(conn, request, io, host_pid, None, link);
         (running, started.await)
     }
+
+    /// A dialer handing out the host ends of prepared agent connections, last first; the
+    /// test keeps the agent ends (a stalled one: accepted, never greeted).
+    #[derive(Default)]
+    pub struct Dials(pub std::sync::Mutex<Vec<Box<dyn AgentIo>>>);
+
+    impl std::fmt::Debug for Dials {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("Dials")
+        }
+    }
+
+    impl Dialer for Dials {
+        fn dial(&self) -> guest::DialFuture<'_> {
+            let next = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            Box::pin(async move {
+                next.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
+            })
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
-
     use agentvm_protocol::{ExitStatus, VERSION};
     use tokio::io::{AsyncReadExt, DuplexStream};
     use tokio::net::UnixStream;
 
-    use super::testing::fake_init;
+    use super::testing::{fake_init, Dials};
     use super::*;
-    use crate::guest::DialFuture;
 
     /// The agent's side of one connection.
     struct Agent {
@@ -1460,20 +1477,6 @@ mod tests {
                 .await;
         }
         (Box::new(host), agent)
-    }
-
-    /// Hands out the host ends of prepared connections, in order; the test keeps the agent
-    /// ends (`stall`: accepted, never greeted).
-    #[derive(Default)]
-    struct Dials(Mutex<Vec<Box<dyn AgentIo>>>);
-
-    impl Dialer for Dials {
-        fn dial(&self) -> DialFuture<'_> {
-            let next = self.0.lock().unwrap().pop();
-            Box::pin(async move {
-                next.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
-            })
-        }
     }
 
     fn output() -> (ProcessIo, DuplexStream) {

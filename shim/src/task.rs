@@ -1154,7 +1154,7 @@ mod tests {
     mod hostile_agent {
         use std::os::unix::net::UnixListener;
 
-        use agentvm::guest::{DialFuture, Dialer};
+        use agentvm::container::testing::Dials;
         use agentvm::vmm::AgentIo;
         use agentvm_protocol::{tokio_io, ExitStatus, Frame, Message, VERSION};
         use containerd_shim::protos::api::{Empty, ForwardRequest};
@@ -1180,19 +1180,6 @@ mod tests {
                     .0
                     .send((env.topic.clone(), env.event.clone().unwrap_or_default()));
                 Ok(Empty::default())
-            }
-        }
-
-        /// Host ends of prepared agent connections, handed out last first.
-        #[derive(Default)]
-        struct Dials(Mutex<Vec<Box<dyn AgentIo>>>);
-
-        impl Dialer for Dials {
-            fn dial(&self) -> DialFuture<'_> {
-                let next = self.0.lock().unwrap().pop();
-                Box::pin(async move {
-                    next.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::ConnectionRefused))
-                })
             }
         }
 
