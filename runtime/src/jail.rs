@@ -475,30 +475,58 @@ const HELPER_DENIED: &[libc::c_long] = &[
     libc::SYS_fanotify_init,
 ];
 
+fn filter_err(e: impl Into<seccompiler::Error>) -> Error {
+    Error::Invalid(format!("seccomp filter: {}", e.into()))
+}
+
+/// Compiles a deny list: the syscalls of `rules` (when a rule matches, or always for an
+/// empty list) fail with EPERM, everything else is allowed.
+fn deny_list(
+    rules: std::collections::BTreeMap<i64, Vec<seccompiler::SeccompRule>>,
+) -> Result<seccompiler::BpfProgram> {
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::Errno(libc::EPERM as u32),
+        seccompiler::TargetArch::x86_64,
+    )
+    .map_err(filter_err)?;
+    seccompiler::BpfProgram::try_from(filter).map_err(filter_err)
+}
+
+/// `(arg & bits) == bits` on the low 32 bits of syscall argument `arg`.
+fn has_bits(arg: u8, bits: u64) -> Result<seccompiler::SeccompCondition> {
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition};
+    SeccompCondition::new(
+        arg,
+        SeccompCmpArgLen::Dword,
+        SeccompCmpOp::MaskedEq(bits),
+        bits,
+    )
+    .map_err(filter_err)
+}
+
 /// A file server's filter that refuses setuid and setgid bits: chmod calls and file creations
 /// (`open`/`openat` with `O_CREAT`, `mknodat`) whose mode has either bit fail with EPERM.
 /// A chmod cannot tell directories from files: `chmod g+s DIR` is refused as well.
 pub fn setid_filter() -> Result<seccompiler::BpfProgram> {
-    use seccompiler::{
-        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    };
-    let err = |e: seccompiler::Error| Error::Invalid(format!("seccomp filter: {e}"));
-    let bit = |arg: u8, b: u64| {
-        SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(b), b)
-            .map_err(|e| err(e.into()))
-    };
-    let setid_at = |arg: u8| -> Result<Vec<SeccompRule>> {
-        [libc::S_ISUID as u64, libc::S_ISGID as u64]
+    use seccompiler::SeccompRule;
+    const SETID: [u64; 2] = [libc::S_ISUID as u64, libc::S_ISGID as u64];
+    let setid_at = |mode: u8| -> Result<Vec<SeccompRule>> {
+        SETID
             .into_iter()
-            .map(|b| SeccompRule::new(vec![bit(arg, b)?]).map_err(|e| err(e.into())))
+            .map(|b| SeccompRule::new(vec![has_bits(mode, b)?]).map_err(filter_err))
             .collect()
     };
     let created_setid = |flags: u8, mode: u8| -> Result<Vec<SeccompRule>> {
-        [libc::S_ISUID as u64, libc::S_ISGID as u64]
+        SETID
             .into_iter()
             .map(|b| {
-                SeccompRule::new(vec![bit(flags, libc::O_CREAT as u64)?, bit(mode, b)?])
-                    .map_err(|e| err(e.into()))
+                SeccompRule::new(vec![
+                    has_bits(flags, libc::O_CREAT as u64)?,
+                    has_bits(mode, b)?,
+                ])
+                .map_err(filter_err)
             })
             .collect()
     };
@@ -512,24 +540,14 @@ pub fn setid_filter() -> Result<seccompiler::BpfProgram> {
     rules.insert(libc::SYS_open, created_setid(1, 2)?);
     rules.insert(libc::SYS_openat, created_setid(2, 3)?);
     rules.insert(libc::SYS_creat, setid_at(1)?);
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        seccompiler::TargetArch::x86_64,
-    )
-    .map_err(|e| err(e.into()))?;
-    seccompiler::BpfProgram::try_from(filter).map_err(|e| err(e.into()))
+    deny_list(rules)
 }
 
 /// The helpers' seccomp filter, compiled with seccompiler: [`HELPER_DENIED`] and sockets
 /// other than AF_UNIX fail with EPERM, everything else is allowed. A deny list, as QEMU's
 /// `-sandbox`: installed before exec, it must let the program start.
 pub fn helper_filter() -> Result<seccompiler::BpfProgram> {
-    use seccompiler::{
-        SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule,
-    };
-    let err = |e: seccompiler::Error| Error::Invalid(format!("seccomp filter: {e}"));
+    use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
     let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
         HELPER_DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
     let not_unix = SeccompCondition::new(
@@ -538,19 +556,12 @@ pub fn helper_filter() -> Result<seccompiler::BpfProgram> {
         SeccompCmpOp::Ne,
         libc::AF_UNIX as u64,
     )
-    .map_err(|e| err(e.into()))?;
+    .map_err(filter_err)?;
     rules.insert(
         libc::SYS_socket,
-        vec![SeccompRule::new(vec![not_unix]).map_err(|e| err(e.into()))?],
+        vec![SeccompRule::new(vec![not_unix]).map_err(filter_err)?],
     );
-    let filter = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        seccompiler::TargetArch::x86_64,
-    )
-    .map_err(|e| err(e.into()))?;
-    seccompiler::BpfProgram::try_from(filter).map_err(|e| err(e.into()))
+    deny_list(rules)
 }
 
 /// Everything [`Jail::apply`]'s child step needs, prepared before the fork: the child must
