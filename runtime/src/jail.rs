@@ -266,6 +266,15 @@ pub struct MinimalRoot {
     pub keep: Vec<PathBuf>,
 }
 
+impl MinimalRoot {
+    /// The root of a dynamically linked program: [`PROGRAM_PATHS`] and `extra`.
+    pub fn program(staging: PathBuf, extra: impl IntoIterator<Item = PathBuf>) -> MinimalRoot {
+        let mut keep: Vec<PathBuf> = PROGRAM_PATHS.iter().map(PathBuf::from).collect();
+        keep.extend(extra);
+        MinimalRoot { staging, keep }
+    }
+}
+
 /// The host paths every dynamically linked program needs: its libraries and the loader.
 pub const PROGRAM_PATHS: &[&str] = &[
     "/usr",
@@ -1085,8 +1094,7 @@ mod tests {
         std::fs::write(&hidden, "secret").unwrap();
         let staging = tmp.path().join("root");
         std::fs::create_dir(&staging).unwrap();
-        let mut keep: Vec<PathBuf> = PROGRAM_PATHS.iter().map(PathBuf::from).collect();
-        keep.push(kept.clone());
+        let root = MinimalRoot::program(staging, [kept.clone()]);
         let script = format!(
             "cat {k}; echo; ls /; [ -e {h} ] && echo SEES-HIDDEN; [ -e /etc/shadow ] && \
              echo SEES-SHADOW; [ -e /var/lib ] && echo SEES-VAR; touch /usr/x 2>/dev/null && \
@@ -1098,7 +1106,7 @@ mod tests {
             mount_ns: true,
             readonly: true,
             unprivileged: true,
-            root: Some(MinimalRoot { staging, keep }),
+            root: Some(root),
             ..Jail::default()
         };
         let (ok, out) = run_jailed(jail, &script);

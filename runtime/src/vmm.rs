@@ -763,11 +763,9 @@ impl VmmBackend for Qemu {
                 // root holding its program, libraries and that dir.
                 let staging = cfg.state_dir.join("vsock-root");
                 private_dir(&staging)?;
-                let mut keep: Vec<PathBuf> =
-                    jail::PROGRAM_PATHS.iter().map(PathBuf::from).collect();
-                keep.extend([daemon.clone(), dir.clone()]);
+                let root = jail::MinimalRoot::program(staging, [daemon.clone(), dir.clone()]);
                 let jail = Jail {
-                    root: Some(jail::MinimalRoot { staging, keep }),
+                    root: Some(root),
                     ..Jail::unprivileged(vec![dir], true)
                 };
                 daemons.push(VhostUserDaemon::spawn(
@@ -874,13 +872,12 @@ impl Qemu {
         );
         // QEMU's file tree holds only what it opens: its program and libraries, the kernel,
         // initrd and disks, 9p shares, the helpers' socket dirs and its devices.
-        let mut keep: Vec<PathBuf> = jail::PROGRAM_PATHS.iter().map(PathBuf::from).collect();
-        keep.extend([
+        let mut keep = vec![
             self.qemu.clone(),
             cfg.kernel.clone(),
             cfg.initrd.clone(),
             cfg.vsock_dir(),
-        ]);
+        ];
         keep.extend(cfg.disks.iter().map(|d| d.path.clone()));
         keep.extend(nine_p.iter().map(|s| s.path.clone()));
         keep.extend(
@@ -901,7 +898,7 @@ impl Qemu {
             readonly: true,
             writable,
             unprivileged: nine_p.is_empty(),
-            root: Some(jail::MinimalRoot { staging, keep }),
+            root: Some(jail::MinimalRoot::program(staging, keep)),
             ..Jail::default()
         };
         jail.apply(cmd.as_std_mut())?;
