@@ -1464,6 +1464,23 @@ mod tests {
     }
 
     /// A socketpair: the host's end and the agent's, which has greeted unless `greet` is off.
+    /// An init process started over a fake agent that reports `guest_pid`; exec connections
+    /// come from the returned dialer.
+    async fn started_init(
+        host_pid: u32,
+        guest_pid: i32,
+        io: ProcessIo,
+    ) -> (Running, Result<u32>, Arc<Dials>, Agent) {
+        let dials = Arc::new(Dials::default());
+        let (host, mut init_agent) = pair(true).await;
+        let ((init, started), init_agent) =
+            tokio::join!(fake_init(host, dials.clone(), host_pid, io), async move {
+                init_agent.start(guest_pid).await;
+                init_agent
+            });
+        (init, started, dials, init_agent)
+    }
+
     async fn pair(greet: bool) -> (Box<dyn AgentIo>, Agent) {
         let (host, agent) = UnixStream::pair().unwrap();
         let (reader, writer) = tokio::io::split(agent);
@@ -1514,17 +1531,9 @@ mod tests {
     async fn guest_pids_are_never_host_pids() {
         let mut holder = holder();
         let host_pid = holder.id().unwrap();
-        let dials = Arc::new(Dials::default());
-        let (host, mut init_agent) = pair(true).await;
-        let (init_run, mut init_agent) = tokio::join!(
-            fake_init(host, dials.clone(), host_pid, ProcessIo::default()),
-            async move {
-                // The init claims to be host pid 1, then the holder's pid.
-                init_agent.start(1).await;
-                init_agent
-            }
-        );
-        let (init, started) = init_run;
+        // The init claims to be host pid 1, then the holder's pid.
+        let (init, started, dials, mut init_agent) =
+            started_init(host_pid, 1, ProcessIo::default()).await;
         assert_eq!(started.unwrap(), host_pid);
         assert_eq!(init.pid(), host_pid);
 
@@ -1575,15 +1584,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_stalled_exec_connection_blocks_neither_kill_nor_output() {
-        let dials = Arc::new(Dials::default());
-        let (host, mut init_agent) = pair(true).await;
         let (io, mut out) = output();
-        let (init_run, mut init_agent) =
-            tokio::join!(fake_init(host, dials.clone(), 4242, io), async move {
-                init_agent.start(1).await;
-                init_agent
-            });
-        let init = init_run.0;
+        let (init, _, dials, mut init_agent) = started_init(4242, 1, io).await;
         // An exec whose connection the "guest" accepted and never greets.
         let (stalled_host, _stalled_agent) = pair(false).await;
         dials.0.lock().unwrap().push(stalled_host);
@@ -1633,16 +1635,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_kill_ends_an_exec_whose_connection_stalls() {
-        let dials = Arc::new(Dials::default());
-        let (host, mut init_agent) = pair(true).await;
-        let (init_run, _init_agent) = tokio::join!(
-            fake_init(host, dials.clone(), 4242, ProcessIo::default()),
-            async move {
-                init_agent.start(1).await;
-                init_agent
-            }
-        );
-        let init = init_run.0;
+        let (init, _, dials, _init_agent) = started_init(4242, 1, ProcessIo::default()).await;
         let (stalled_host, _stalled_agent) = pair(false).await;
         dials.0.lock().unwrap().push(stalled_host);
         let t = tokio::time::Instant::now();
@@ -1660,16 +1653,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_stalled_exec_connection_fails_within_its_bound() {
-        let dials = Arc::new(Dials::default());
-        let (host, mut init_agent) = pair(true).await;
-        let (init_run, _init_agent) = tokio::join!(
-            fake_init(host, dials.clone(), 4242, ProcessIo::default()),
-            async move {
-                init_agent.start(1).await;
-                init_agent
-            }
-        );
-        let init = init_run.0;
+        let (init, _, dials, _init_agent) = started_init(4242, 1, ProcessIo::default()).await;
         let (stalled_host, _stalled_agent) = pair(false).await;
         dials.0.lock().unwrap().push(stalled_host);
         let t = tokio::time::Instant::now();
@@ -1696,16 +1680,7 @@ mod tests {
 
     #[tokio::test]
     async fn guest_error_strings_are_capped() {
-        let dials = Arc::new(Dials::default());
-        let (host, mut init_agent) = pair(true).await;
-        let (init_run, _init_agent) = tokio::join!(
-            fake_init(host, dials.clone(), 4242, ProcessIo::default()),
-            async move {
-                init_agent.start(1).await;
-                init_agent
-            }
-        );
-        let init = init_run.0;
+        let (init, _, dials, _init_agent) = started_init(4242, 1, ProcessIo::default()).await;
         let (host, mut agent) = pair(true).await;
         dials.0.lock().unwrap().push(host);
         let huge = "A".repeat(agentvm_protocol::MAX_FRAME - 100);
