@@ -1062,11 +1062,7 @@ mod tests {
     /// root; under `AGENTVM_REQUIRE_VM=1` not being root fails the test.
     #[tokio::test]
     async fn a_spawned_child_lives_in_the_real_cgroup() {
-        if !nix::unistd::Uid::effective().is_root() {
-            if std::env::var("AGENTVM_REQUIRE_VM").as_deref() == Ok("1") {
-                panic!("a_spawned_child_lives_in_the_real_cgroup needs root (AGENTVM_REQUIRE_VM=1 forbids skipping)");
-            }
-            eprintln!("skipping a_spawned_child_lives_in_the_real_cgroup: needs root");
+        if !crate::test_support::as_root("a_spawned_child_lives_in_the_real_cgroup") {
             return;
         }
         let layout = Layout::detect(Path::new(CGROUP_ROOT)).unwrap();

@@ -859,22 +859,16 @@ mod tests {
     use super::*;
     use crate::vmm::{share_jail, FsCache, Share, ShareTransport, VirtioFs};
 
-    /// Whether a test that needs root (and Landlock) can run; under CI
-    /// (`AGENTVM_REQUIRE_VM=1`) it must, and this panics instead of skipping.
+    /// Whether a test that needs root and Landlock can run (under CI it must).
     fn privileged(test: &str) -> bool {
-        let why = if !nix::unistd::Uid::effective().is_root() {
-            "needs root"
+        let missing = if !nix::unistd::Uid::effective().is_root() {
+            Some("needs root")
         } else if landlock_abi().unwrap_or(0) < LANDLOCK_MIN_ABI {
-            "needs Landlock ABI 2"
+            Some("needs Landlock ABI 2")
         } else {
-            return true;
+            None
         };
-        assert!(
-            std::env::var("AGENTVM_REQUIRE_VM").as_deref() != Ok("1"),
-            "{test}: {why} (AGENTVM_REQUIRE_VM=1 forbids skipping)"
-        );
-        eprintln!("SKIP {test}: {why}");
-        false
+        crate::test_support::runnable(test, missing)
     }
 
     /// The container root's share of a Docker-like layer dir.

@@ -27,3 +27,30 @@ pub mod sandbox;
 pub mod vmm;
 
 pub use error::{Error, Result};
+
+/// Helpers of the unit tests.
+#[cfg(test)]
+pub(crate) mod test_support {
+    /// Whether a test that needs something this host may lack can run: `missing` says what
+    /// is missing. Without it the test prints why and skips; under CI
+    /// (`AGENTVM_REQUIRE_VM=1`) it fails instead.
+    pub fn runnable(test: &str, missing: Option<&str>) -> bool {
+        let Some(why) = missing else {
+            return true;
+        };
+        assert!(
+            std::env::var("AGENTVM_REQUIRE_VM").as_deref() != Ok("1"),
+            "{test}: {why} (AGENTVM_REQUIRE_VM=1 forbids skipping)"
+        );
+        eprintln!("SKIP {test}: {why}");
+        false
+    }
+
+    /// [`runnable`] for a test that needs root.
+    pub fn as_root(test: &str) -> bool {
+        runnable(
+            test,
+            (!nix::unistd::Uid::effective().is_root()).then_some("needs root"),
+        )
+    }
+}

@@ -773,8 +773,7 @@ mod tests {
     /// A real namespace with a veth pair: needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN).
     #[tokio::test]
     async fn namespace_is_created_scanned_and_wired() {
-        if !nix::unistd::Uid::effective().is_root() {
-            eprintln!("skipping namespace_is_created_scanned_and_wired: needs root");
+        if !crate::test_support::as_root("namespace_is_created_scanned_and_wired") {
             return;
         }
         let ns = Netns::create(&NetnsMode::New, Path::new("/test")).unwrap();
