@@ -22,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsString};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -173,12 +174,18 @@ pub fn parse_mountinfo(text: &str, mount_point: &Path, base: &Path) -> Option<Ov
 /// The super options of the overlay on top at `mount_point` (as mountinfo shows them, still
 /// escaped), or `None` when the mount on top there is not an overlay.
 fn overlay_options(text: &str, mount_point: &Path) -> Option<String> {
+    overlay_mount(text, mount_point).map(|(_, opts)| opts)
+}
+
+/// The per-mount and the super options of the overlay on top at `mount_point`.
+fn overlay_mount(text: &str, mount_point: &Path) -> Option<(String, String)> {
     let mut found = None;
     for line in text.lines() {
         let Some((pre, post)) = line.split_once(" - ") else {
             continue;
         };
-        let Some(mp) = pre.split(' ').nth(4) else {
+        let mut pre = pre.split(' ');
+        let (Some(mp), Some(per_mount)) = (pre.nth(4), pre.next()) else {
             continue;
         };
         if path_of(unescape(mp)) != mount_point {
@@ -187,11 +194,29 @@ fn overlay_options(text: &str, mount_point: &Path) -> Option<String> {
         // The last mount on a path is the one on top.
         let mut post = post.split(' ');
         found = match (post.next(), post.nth(1)) {
-            (Some("overlay"), Some(opts)) => Some(opts.to_owned()),
+            (Some("overlay"), Some(opts)) => Some((per_mount.to_owned(), opts.to_owned())),
             _ => None,
         };
     }
     found
+}
+
+/// The super options of an overlay other than its layers and `rw`/`ro`, unescaped: what a
+/// remount of the same layers passes on.
+fn other_options(opts: &str) -> Vec<(String, Option<String>)> {
+    opts.split(',')
+        .filter_map(|o| {
+            let (k, v) = match o.split_once('=') {
+                Some((k, v)) => (k, Some(String::from_utf8_lossy(&unescape(v)).into_owned())),
+                None => (o, None),
+            };
+            let layer = matches!(
+                k,
+                "lowerdir" | "lowerdir+" | "upperdir" | "workdir" | "datadir+" | "rw" | "ro" | ""
+            );
+            (!layer).then(|| (k.to_owned(), v))
+        })
+        .collect()
 }
 
 /// The host's own mount of a layered container root: Docker's `merged` dir (or the shim's
@@ -202,13 +227,18 @@ fn overlay_options(text: &str, mount_point: &Path) -> Option<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostView {
     pub mount_point: PathBuf,
-    /// The overlay's options as mounted (relative paths resolve against `base`).
-    pub options: String,
+    /// The overlay's super options besides its layers, unescaped (`index=off`, ...).
+    pub options: Vec<(String, Option<String>)>,
+    /// Its mount attributes (`MOUNT_ATTR_*`: nosuid, nodev, ...).
+    pub attrs: u64,
+    /// What relative layer paths in the options resolve against.
     pub base: PathBuf,
-    /// The image's layers (and Docker's init layer), top first, as mounted.
+    /// The image's layers (and Docker's init layer), top first, resolved (no symlink on
+    /// their paths: Docker names them through `l/<short>` links).
     pub lower: Vec<PathBuf>,
+    /// The writable layer, resolved.
     pub upper: PathBuf,
-    /// The overlay's work dir.
+    /// The overlay's work dir, resolved.
     pub work: PathBuf,
     /// Device and inode of the writable layer and of the mount point's parent when found:
     /// what [`HostView::untouched`] compares.
@@ -237,9 +267,15 @@ impl HostView {
             .and_then(Path::parent)
             .unwrap_or(Path::new("/"))
             .to_path_buf();
-        let raw = overlay_options(&text, &mount_point)?;
+        let (per_mount, raw) = overlay_mount(&text, &mount_point)?;
         let Overlay { lower, upper, work } = parse_mountinfo(&text, &mount_point, &base)?;
-        let options = String::from_utf8(unescape(&raw)).ok()?;
+        // Resolved now, before the guest runs: a refresh then opens each of them with no
+        // symlink allowed anywhere on its path.
+        let resolve = |p: PathBuf| std::fs::canonicalize(p).ok();
+        let lower = lower.into_iter().map(resolve).collect::<Option<Vec<_>>>()?;
+        let (upper, work) = (resolve(upper)?, resolve(work)?);
+        let options = other_options(&raw);
+        let attrs = crate::fsmount::mount_attrs(&per_mount);
         let ids = [dir_id(&upper)?, dir_id(mount_point.parent()?)?];
         let share_dir_attrs = {
             use std::os::unix::fs::MetadataExt;
@@ -249,6 +285,7 @@ impl HostView {
         Some(HostView {
             mount_point,
             options,
+            attrs,
             base,
             lower,
             upper,
@@ -259,25 +296,27 @@ impl HostView {
     }
 
     /// Puts back the mode and owner the shared directory had at start. Call once the VM is
-    /// gone (nothing races it then).
+    /// gone (nothing races it then); the directory is opened without following a symlink
+    /// and changed through its descriptor all the same.
     pub fn restore_share_dir(&self) -> Result<()> {
-        use std::os::unix::fs::MetadataExt;
         let Some(dir) = self.upper.parent() else {
             return Ok(());
         };
-        let m = std::fs::symlink_metadata(dir).map_err(|e| Error::io("inspect", dir, e))?;
-        if !m.is_dir() {
-            return Err(Error::Invalid(format!("{} is no directory", dir.display())));
-        }
+        let fd = crate::fsmount::open_dir_rdonly(dir)
+            .map_err(|e| Error::io("open (no symlinks)", dir, e))?;
+        let st = nix::sys::stat::fstat(fd.as_raw_fd())
+            .map_err(|e| Error::io("inspect", dir, e.into()))?;
         let (mode, uid, gid) = self.share_dir_attrs;
-        if (m.uid(), m.gid()) != (uid, gid) {
-            std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
-                .map_err(|e| Error::io("restore the owner of", dir, e))?;
+        if (st.st_uid, st.st_gid) != (uid, gid) {
+            nix::unistd::fchown(fd.as_raw_fd(), Some(uid.into()), Some(gid.into()))
+                .map_err(|e| Error::io("restore the owner of", dir, e.into()))?;
         }
-        if m.mode() & 0o7777 != mode {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))
-                .map_err(|e| Error::io("restore the mode of", dir, e))?;
+        if st.st_mode & 0o7777 != mode {
+            nix::sys::stat::fchmod(
+                fd.as_raw_fd(),
+                nix::sys::stat::Mode::from_bits_truncate(mode),
+            )
+            .map_err(|e| Error::io("restore the mode of", dir, e.into()))?;
         }
         Ok(())
     }
@@ -317,64 +356,80 @@ impl HostView {
     /// Replaces the overlay at the mount point by a fresh mount of the same layers, which
     /// drops the cached view. Does nothing when the overlay is no longer there (the engine
     /// unmounted it). The path is empty for the instant between the two.
+    ///
+    /// No path is resolved twice and no symlink is followed: the layers and the directory
+    /// holding the mount point are opened once (`openat2`, no symlinks), checked against the
+    /// identities found at start, and the old overlay is unmounted and the new one created
+    /// and attached through those descriptors (the new mount API), so what the guest swaps
+    /// in beside the layer meanwhile cannot redirect the mount.
     pub fn refresh(&self) -> Result<()> {
-        let text = std::fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| Error::io("read", "/proc/self/mountinfo", e))?;
-        let still = parse_mountinfo(&text, &self.mount_point, &self.base)
-            .is_some_and(|o| o.upper == self.upper);
-        if !still {
+        use crate::fsmount;
+        let open =
+            |p: &Path| fsmount::open_dir(p).map_err(|e| Error::io("open (no symlinks)", p, e));
+        let same = |fd: &std::os::fd::OwnedFd, p: &Path, id: (u64, u64)| match fsmount::identity(
+            fd.as_fd(),
+        ) {
+            Ok(found) if found == id => Ok(()),
+            _ => Err(Error::Invalid(format!(
+                "{} is no longer the directory the container started with: refusing to \
+                 remount the container root",
+                p.display()
+            ))),
+        };
+        let (parent_path, name) = match (self.mount_point.parent(), self.mount_point.file_name()) {
+            (Some(p), Some(n)) => (p, n),
+            _ => {
+                return Err(Error::Invalid(format!(
+                    "{}: no mount point",
+                    self.mount_point.display()
+                )))
+            }
+        };
+        let parent = open(parent_path)?;
+        same(&parent, parent_path, self.ids[1])?;
+        let root = fsmount::open_dir_in(parent.as_fd(), name)
+            .map_err(|e| Error::io("open (no symlinks)", &self.mount_point, e))?;
+        // An overlay mounted on the mount point, or the engine has unmounted it: leave it.
+        // (Not read from mountinfo: a layer given by descriptor is shown there by the path
+        // it had when it was given.)
+        let mounted = fsmount::is_overlay(root.as_fd()).unwrap_or(false)
+            && fsmount::identity(root.as_fd()).map(|(dev, _)| dev).ok() != Some(self.ids[1].0);
+        if !mounted {
             return Ok(());
         }
-        self.untouched()?;
-        let mount = ["/usr/bin/mount", "/bin/mount"]
-            .into_iter()
-            .map(Path::new)
-            .find(|p| p.is_file())
-            .ok_or_else(|| Error::Missing {
-                what: "mount".into(),
-                hint: "apt-get install mount".into(),
-            })?;
-        nix::mount::umount2(
-            &self.mount_point,
-            nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
-        )
-        .map_err(|e| Error::io("unmount", &self.mount_point, std::io::Error::from(e)))?;
+        let upper = open(&self.upper)?;
+        same(&upper, &self.upper, self.ids[0])?;
+        let work = open(&self.work)?;
+        let lower = self
+            .lower
+            .iter()
+            .map(|p| open(p))
+            .collect::<Result<Vec<_>>>()?;
+        let pending = fsmount::PendingOverlay::new(&fsmount::OverlayLayers {
+            lower: &lower,
+            upper: &upper,
+            work: &work,
+            paths: (&self.lower, &self.upper, &self.work),
+            options: &self.options,
+        })
+        .map_err(|e| Error::io("set up an overlay of", &self.upper, e))?;
+        fsmount::detach_overlay(root.as_fd())
+            .map_err(|e| Error::io("unmount", &self.mount_point, e))?;
+        // The descriptor holds the old overlay alive: gone before the new one exists.
+        drop(root);
         // The mount point itself, now uncovered, must be a directory too.
-        if dir_id(&self.mount_point).is_none() {
-            return Err(Error::Invalid(format!(
-                "{} is not a directory after unmounting the root: not remounting",
+        let target = fsmount::open_dir_in(parent.as_fd(), name).map_err(|e| {
+            Error::Invalid(format!(
+                "{} is not a directory after unmounting the root ({e}): not remounting",
                 self.mount_point.display()
-            )));
-        }
-        // mount(8) from the base dir: the options may name layers relative to it.
-        let out = Command::new(mount)
-            .args(["-t", "overlay", "overlay", "-o", &self.options])
-            .arg(&self.mount_point)
-            .current_dir(&self.base)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => Ok(()),
-            other => {
-                // The engine's root must not stay unmounted: once more, directly.
-                let direct = nix::mount::mount(
-                    Some("overlay"),
-                    &self.mount_point,
-                    Some("overlay"),
-                    nix::mount::MsFlags::empty(),
-                    Some(self.options.as_str()),
-                );
-                let why = match other {
-                    Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_owned(),
-                    Err(e) => e.to_string(),
-                };
-                direct.map_err(|e| {
-                    Error::Invalid(format!(
-                        "remount the container root at {}: {why}; {e}",
-                        self.mount_point.display()
-                    ))
-                })
-            }
-        }
+            ))
+        })?;
+        pending.mount(target.as_fd(), self.attrs).map_err(|e| {
+            Error::Invalid(format!(
+                "remount the container root at {}: {e}",
+                self.mount_point.display()
+            ))
+        })
     }
 }
 
@@ -775,10 +830,9 @@ mod tests {
     /// Needs root (mounts).
     #[test]
     fn host_view_refresh_sees_what_another_writer_put_in_the_upper_dir() {
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!(
-                "SKIP host_view_refresh_sees_what_another_writer_put_in_the_upper_dir: needs root"
-            );
+        if !crate::test_support::as_root(
+            "host_view_refresh_sees_what_another_writer_put_in_the_upper_dir",
+        ) {
             return;
         }
         let t = tempfile::tempdir().unwrap();
@@ -827,6 +881,108 @@ mod tests {
         // Gone: refresh leaves the path alone.
         view.refresh().unwrap();
         assert!(!merged.join("etc").exists());
+    }
+
+    /// A racer with no Landlock to stop it (a host thread) swaps the directory that holds
+    /// the writable layer and the mount point for a symlink to a complete decoy layer dir,
+    /// as fast as it can, while the host refreshes its view: each refresh either mounts the
+    /// same layers at the real mount point or refuses with an error; nothing is ever mounted
+    /// in the decoy and the decoy's layer is never used. Needs root (mounts).
+    #[test]
+    fn a_refresh_never_follows_a_swapped_in_symlink() {
+        if !crate::test_support::as_root("a_refresh_never_follows_a_swapped_in_symlink") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().canonicalize().unwrap();
+        let d = |p: &str| {
+            let d = root.join(p);
+            std::fs::create_dir_all(&d).unwrap();
+            d
+        };
+        let (lower, layer, decoy) = (d("lower"), d("overlay2/abc"), d("decoy"));
+        for sub in ["diff", "work", "merged"] {
+            d(&format!("overlay2/abc/{sub}"));
+            d(&format!("decoy/{sub}"));
+        }
+        std::fs::write(lower.join("image-file"), "image").unwrap();
+        std::fs::write(decoy.join("diff/decoy-file"), "decoy").unwrap();
+        let merged = layer.join("merged");
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            layer.join("diff").display(),
+            layer.join("work").display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &merged,
+            Some("overlay"),
+            nix::mount::MsFlags::MS_NOSUID,
+            Some(opts.as_str()),
+        )
+        .unwrap();
+        let view = HostView::find(&merged).unwrap();
+        assert_eq!(view.attrs, 0x2, "nosuid is kept");
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let racer = {
+            let (stop, layer) = (stop.clone(), layer.clone());
+            let aside = root.join("overlay2/abc.real");
+            let decoy = decoy.clone();
+            std::thread::spawn(move || {
+                let mut swaps = 0u32;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    std::fs::rename(&layer, &aside).unwrap();
+                    std::os::unix::fs::symlink(&decoy, &layer).unwrap();
+                    std::thread::yield_now();
+                    std::fs::remove_file(&layer).unwrap();
+                    std::fs::rename(&aside, &layer).unwrap();
+                    swaps += 1;
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+                swaps
+            })
+        };
+        let (mut ok, mut refused) = (0, 0);
+        let mut why = std::collections::BTreeSet::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            match view.refresh() {
+                Ok(()) => ok += 1,
+                Err(e) => {
+                    refused += 1;
+                    why.insert(e.to_string().replace(&root.display().to_string(), "T"));
+                }
+            }
+            let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            assert!(!mi.contains(&decoy.display().to_string()), "{mi}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let swaps = racer.join().unwrap();
+        view.refresh().unwrap();
+        // The same layers, mounted where they were, with the same attributes (mountinfo may
+        // show a layer by the path it had while the racer had it renamed).
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let (per_mount, _) = overlay_mount(&mi, &merged).expect("the root is mounted");
+        assert!(per_mount.contains("nosuid"), "{per_mount}");
+        assert_eq!(
+            std::fs::read_to_string(merged.join("image-file")).unwrap(),
+            "image"
+        );
+        assert!(!merged.join("decoy-file").exists(), "{why:?}");
+        std::fs::write(merged.join("written"), "w").unwrap();
+        assert!(layer.join("diff/written").exists());
+        nix::mount::umount2(&merged, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(
+            !mi.contains(&root.display().to_string()),
+            "a mount is left: {mi}"
+        );
+        assert!(
+            swaps > 100 && ok > 3,
+            "{swaps} swaps, {ok} refreshes, {refused} refused"
+        );
+        eprintln!("{swaps} swaps, {ok} refreshes, {refused} refused: {why:?}");
     }
 
     fn ext4_tools_missing() -> bool {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod container;
 pub mod dns;
 pub mod error;
+pub mod fsmount;
 pub mod guest;
 pub mod hooks;
 pub mod hostcgroup;

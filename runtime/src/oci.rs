@@ -118,6 +118,7 @@ pub fn map_spec(
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit());
     let cpu = resources.and_then(|r| r.cpu().as_ref());
+    refuse_id_remapping(spec)?;
     let netns = spec
         .linux()
         .as_ref()
@@ -163,6 +164,35 @@ pub fn map_spec(
             default_vcpus,
         ),
     })
+}
+
+/// Refuses a spec that remaps user and group ids (a user namespace with mappings: dockerd
+/// `--userns-remap`, Kubernetes `hostUsers: false`). Under runc its root is an unprivileged
+/// host id on every file it writes; here the guest's root writes through the shares as the
+/// ids the guest names, so running it would quietly give it more than its engine granted.
+/// A mapping of every id onto itself changes nothing and is accepted.
+fn refuse_id_remapping(spec: &Spec) -> Result<()> {
+    let Some(linux) = spec.linux().as_ref() else {
+        return Ok(());
+    };
+    let identity = |maps: &Option<Vec<oci_spec::runtime::LinuxIdMapping>>| {
+        maps.as_deref()
+            .unwrap_or_default()
+            .iter()
+            .all(|m| m.container_id() == m.host_id() || m.size() == 0)
+    };
+    if !identity(linux.uid_mappings()) || !identity(linux.gid_mappings()) {
+        return Err(Error::Invalid(
+            "the spec remaps user ids (a user namespace with uid/gid mappings: dockerd \
+             --userns-remap or Kubernetes hostUsers: false), which agentvm does not support \
+             yet: files the container's root writes to its root and volumes would be owned \
+             by host root instead of the remapped ids. Run this container without id \
+             remapping (docker run --userns=host, or drop userns-remap for the agentvm \
+             runtime), or with runc"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The VM size for an OCI memory limit in bytes (absent, 0 or -1 mean unlimited).
@@ -376,6 +406,27 @@ mod tests {
         assert_eq!(b.netns, NetnsMode::Join("/var/run/netns/cni-1".into()));
         let b = map_spec(&with(r#"{"type":"pid"}"#), Path::new("/b"), 512, 1).unwrap();
         assert_eq!(b.netns, NetnsMode::Host);
+    }
+
+    #[test]
+    fn remapped_ids_are_refused_with_what_to_do() {
+        let with = |maps: &str| {
+            spec(&format!(
+                r#"{{"ociVersion":"1.0.2","process":{{"user":{{"uid":0,"gid":0}},"args":["true"],"cwd":"/"}},"linux":{{"namespaces":[{{"type":"user"}}],{maps}}}}}"#
+            ))
+        };
+        let remap = r#""uidMappings":[{"containerID":0,"hostID":100000,"size":65536}],"gidMappings":[{"containerID":0,"hostID":100000,"size":65536}]"#;
+        let e = map_spec(&with(remap), Path::new("/b"), 512, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("userns-remap") && e.contains("--userns=host"),
+            "{e}"
+        );
+        let gid_only = r#""gidMappings":[{"containerID":0,"hostID":5,"size":1}]"#;
+        assert!(map_spec(&with(gid_only), Path::new("/b"), 512, 1).is_err());
+        let identity = r#""uidMappings":[{"containerID":0,"hostID":0,"size":4294967295}]"#;
+        assert!(map_spec(&with(identity), Path::new("/b"), 512, 1).is_ok());
     }
 
     #[test]
