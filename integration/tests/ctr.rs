@@ -111,3 +111,39 @@ fn ctr_run_exec_and_kill_with_containerd_snapshots() {
         env.assert_vm_gone(cid);
     }
 }
+
+/// A container whose spec remaps ids (`ctr run --uidmap`: a user namespace with mappings, as
+/// dockerd's `--userns-remap` and Kubernetes' `hostUsers: false` make) is refused at create
+/// with an error that says what to do, and leaves nothing behind: its root would otherwise
+/// write as host root where its engine promised an unprivileged id.
+#[test]
+fn a_spec_that_remaps_ids_is_refused_and_leaves_nothing() {
+    let Some(env) = DockerEnv::get("a_spec_that_remaps_ids_is_refused_and_leaves_nothing") else {
+        return;
+    };
+    import_image(&env);
+    let id = unique_name("ctr-remap");
+    let out = ctr(&[
+        "run",
+        "--runtime",
+        "io.containerd.agentvm.v1",
+        "--rm",
+        "--uidmap",
+        "0:100000:65536",
+        "--gidmap",
+        "0:100000:65536",
+        IMAGE,
+        &id,
+        "true",
+    ]);
+    let (so, se) = text(&out);
+    assert!(!out.status.success(), "a remapped container ran: {so} {se}");
+    assert!(
+        se.contains("remaps user ids") && se.contains("--userns=host"),
+        "the error does not say why and what to do: {se}"
+    );
+    let _ = ctr(&["container", "rm", &id]);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains(&id), "rootfs still mounted");
+    env.assert_vm_gone(&id);
+}
