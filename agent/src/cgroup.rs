@@ -94,6 +94,11 @@ impl Cgroup {
         .ok()
     }
 
+    /// Kills every process in the cgroup and below it (`cgroup.kill`, Linux 5.14+).
+    pub fn kill_all(&self) -> std::io::Result<()> {
+        std::fs::write(self.dir.join("cgroup.kill"), "1")
+    }
+
     /// Creates the directory again if a workload removed it, and enables the controllers.
     fn ensure(&self) -> Result<(), CgroupError> {
         match std::fs::create_dir(&self.dir) {

@@ -33,6 +33,8 @@ use crate::{boot, debug, dns, info, mounts, net, power, rootfs};
 const OUTPUT_GRACE: Duration = Duration::from_millis(500);
 /// How long the host gets to read the final frames of the init process before power-off.
 const LINGER: Duration = Duration::from_secs(1);
+/// How long the init's exit waits for the other processes' exits to be reported.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// State shared by all connections.
 #[derive(Debug)]
@@ -51,6 +53,25 @@ pub struct Agent {
     /// The container's cgroup, which started processes join and `Update` limits; `None`
     /// keeps them in the agent's cgroup and refuses updates.
     cgroup: Option<Cgroup>,
+    /// Processes other than the init being served: counted from their start request until
+    /// their last frame (`Exited`) has gone out.
+    others: tokio::sync::watch::Sender<usize>,
+}
+
+/// Counts one process other than the init while it is served ([`Agent::others`]).
+struct Other<'a>(&'a tokio::sync::watch::Sender<usize>);
+
+impl<'a> Other<'a> {
+    fn enter(count: &'a tokio::sync::watch::Sender<usize>) -> Self {
+        count.send_modify(|n| *n += 1);
+        Other(count)
+    }
+}
+
+impl Drop for Other<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 impl Agent {
@@ -63,6 +84,7 @@ impl Agent {
             preset_root: false,
             dns_port: dns::DNS_PORT,
             cgroup: None,
+            others: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -167,8 +189,14 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
         }))
         .await;
 
+    let mut other = None;
     let after = match host.recv().await {
-        Some(Ok(Frame::Msg(Message::Start(req)))) => run(&agent, *req, &out, &mut host).await,
+        Some(Ok(Frame::Msg(Message::Start(req)))) => {
+            if !req.init {
+                other = Some(Other::enter(&agent.others));
+            }
+            run(&agent, *req, &out, &mut host).await
+        }
         Some(Ok(Frame::Msg(Message::DnsRelay { address }))) => {
             dns_relay(&agent, &address, &out, &mut host).await
         }
@@ -234,6 +262,7 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
     // Everything queued goes out, flushed, before the connection closes.
     drop(out);
     let _ = writer.await;
+    drop(other);
     if after == After::LingerThenPowerOff {
         // The host closes the connection once it has read `Exited`.
         let _ = tokio::time::timeout(LINGER, async {
@@ -452,6 +481,9 @@ async fn run(
             // A SIGKILL the kernel log attributes to the OOM killer: the memory limit.
             status.oom = status.signal == Some(libc::SIGKILL) && crate::stats::oom_killed(pid);
             debug!("pid {pid} exited: {status:?}");
+            if req.init {
+                end_the_others(agent).await;
+            }
             let _ = out.send(msg(Message::Exited(status))).await;
             if req.init {
                 After::LingerThenPowerOff
@@ -467,6 +499,32 @@ async fn run(
             }
         }
         Supervised::Shutdown => After::PowerOffNow("shutdown requested by the host"),
+    }
+}
+
+/// The container's init exited. As when the kernel tears down a container's PID namespace
+/// under runc, every other process of the container is killed, and their exits are reported
+/// (an exec's client sees 137) before the init's; a VM powered off under them would end their
+/// connections with no exit at all.
+async fn end_the_others(agent: &Agent) {
+    if power::is_init() {
+        // kill(-1) from PID 1: every process but PID 1 itself (kernel threads ignore it). The
+        // VM holds this one container.
+        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+    } else if let Some(cg) = &agent.cgroup {
+        if let Err(e) = cg.kill_all() {
+            info!("kill the container's processes: {e}");
+        }
+    }
+    let mut count = agent.others.subscribe();
+    if tokio::time::timeout(DRAIN, count.wait_for(|n| *n == 0))
+        .await
+        .is_err()
+    {
+        info!(
+            "{} process(es) still served {DRAIN:?} after the init exited; reporting its exit",
+            *count.borrow()
+        );
     }
 }
 
