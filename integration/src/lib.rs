@@ -134,15 +134,28 @@ impl VmEnv {
         wait_with_deadline(child, timeout)
     }
 
-    /// State directories still present under this test's state root.
+    /// State directories still present under this test's state root, and sandbox uids still
+    /// claimed (`.uids/<n>`; the directory of claims itself stays).
     pub fn leftover_state(&self) -> Vec<String> {
-        std::fs::read_dir(self.state_root.path())
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let list = |dir: &Path| -> Vec<String> {
+            std::fs::read_dir(dir)
+                .map(|rd| {
+                    rd.filter_map(|e| e.ok())
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut left = Vec::new();
+        for name in list(self.state_root.path()) {
+            if name == ".uids" {
+                let claims = self.state_root.path().join(".uids");
+                left.extend(list(&claims).into_iter().map(|c| format!(".uids/{c}")));
+            } else {
+                left.push(name);
+            }
+        }
+        left
     }
 
     /// Host processes whose command line mentions this test's state root (QEMU, helpers).

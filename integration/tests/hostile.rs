@@ -215,6 +215,7 @@ fn vmm_and_helpers_run_jailed() {
     let state = format!("/run/agentvm/{id}");
     let host_mnt = std::fs::read_link("/proc/self/ns/mnt").unwrap();
     let mut seen = Vec::new();
+    let mut sandbox_uids: Vec<String> = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     let procs = loop {
         let procs: Vec<(u32, String)> = processes_mentioning(&state)
@@ -263,10 +264,27 @@ fn vmm_and_helpers_run_jailed() {
                 "{program}: capabilities {cap_eff:x} beyond a file server's"
             );
         } else {
+            // QEMU and vhost-device-vsock: the sandbox's own uid, no capability at all.
+            let real = uid
+                .split_whitespace()
+                .next()
+                .unwrap_or_default()
+                .to_string();
             assert!(
-                cap_eff == 0 || !uid.starts_with("0\t"),
+                cap_eff == 0 && real != "0" && !uid.split_whitespace().any(|u| u == "0"),
                 "{program}: uid {uid} with capabilities {cap_eff:x}"
             );
+            let gid = status_field(*pid, "Gid");
+            assert!(
+                !gid.split_whitespace().any(|g| g == "0"),
+                "{program}: gid {gid}"
+            );
+            assert_eq!(
+                status_field(*pid, "Groups"),
+                "",
+                "{program}: supplementary groups"
+            );
+            sandbox_uids.push(real);
         }
         if !program.contains("virtiofsd") {
             // QEMU's and vhost-device-vsock's trees hold what they need, not the host's
@@ -291,6 +309,18 @@ fn vmm_and_helpers_run_jailed() {
         seen.iter().any(|p| p.contains("qemu-system")),
         "checked {seen:?}"
     );
+    // One uid for the sandbox's QEMU and its vsock helper, and it is given back.
+    sandbox_uids.sort();
+    sandbox_uids.dedup();
+    assert_eq!(sandbox_uids.len(), 1, "uids {sandbox_uids:?} of {seen:?}");
+    let claimed = std::fs::read_dir("/run/agentvm/.uids")
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter(|e| std::fs::read_to_string(e.path()).unwrap_or_default() == state)
+                .count()
+        })
+        .unwrap_or(0);
+    assert_eq!(claimed, 0, "the sandbox's uid is still claimed");
 }
 
 /// Bytes of a capped log: both halves.

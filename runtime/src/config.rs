@@ -24,6 +24,22 @@ pub struct HostConfig {
     pub allow_tcg: bool,
     /// A container root that cannot be layered is shared whole instead of failing the start.
     pub shared_root_fallback: bool,
+    /// The first of the [`SANDBOX_UID_COUNT`] host uids (and gids) agentvm gives its
+    /// sandboxes' QEMU and vhost-device-vsock, one per sandbox (`sandbox_uid_base`).
+    pub sandbox_uid_base: Option<u32>,
+}
+
+/// Where the sandboxes' uids start unless the config says otherwise: far above login users,
+/// systemd's dynamic users and the usual subordinate-id ranges of /etc/subuid.
+pub const DEFAULT_SANDBOX_UID_BASE: u32 = 0x7a00_0000;
+/// How many sandbox uids there are (and so how many sandboxes at once at most).
+pub const SANDBOX_UID_COUNT: u32 = 65536;
+
+impl HostConfig {
+    /// The sandboxes' first uid.
+    pub fn sandbox_uid_base(&self) -> u32 {
+        self.sandbox_uid_base.unwrap_or(DEFAULT_SANDBOX_UID_BASE)
+    }
 }
 
 /// Where the config lives: `$AGENTVM_CONFIG`, else [`CONFIG_PATH`].
@@ -61,9 +77,24 @@ impl HostConfig {
             match key {
                 "allow_tcg" => cfg.allow_tcg = flag()?,
                 "shared_root_fallback" => cfg.shared_root_fallback = flag()?,
+                "sandbox_uid_base" => {
+                    let base = item
+                        .as_integer()
+                        .and_then(|v| u32::try_from(v).ok())
+                        .filter(|&v| v >= 1000 && v.checked_add(SANDBOX_UID_COUNT).is_some())
+                        .ok_or_else(|| {
+                            format!(
+                                "sandbox_uid_base must be an integer from 1000 to {} (the \
+                                 first of {SANDBOX_UID_COUNT} host uids no one else uses)",
+                                u32::MAX - SANDBOX_UID_COUNT
+                            )
+                        })?;
+                    cfg.sandbox_uid_base = Some(base);
+                }
                 other => {
                     return Err(format!(
-                        "unknown setting {other:?} (known: allow_tcg, shared_root_fallback)"
+                        "unknown setting {other:?} (known: allow_tcg, shared_root_fallback, \
+                         sandbox_uid_base)"
                     ))
                 }
             }
@@ -129,6 +160,17 @@ mod tests {
         std::fs::write(&p, "shared_root_fallback = true\n").unwrap();
         let c = HostConfig::load_from(&p).unwrap();
         assert!(c.shared_root_fallback && !c.allow_tcg);
+        assert_eq!(c.sandbox_uid_base(), DEFAULT_SANDBOX_UID_BASE);
+        std::fs::write(&p, "sandbox_uid_base = 3000000000\n").unwrap();
+        assert_eq!(
+            HostConfig::load_from(&p).unwrap().sandbox_uid_base(),
+            3_000_000_000
+        );
+        for bad in ["0", "-5", "4294967295", "\"x\""] {
+            std::fs::write(&p, format!("sandbox_uid_base = {bad}\n")).unwrap();
+            let e = HostConfig::load_from(&p).unwrap_err().to_string();
+            assert!(e.contains("sandbox_uid_base must be"), "{bad}: {e}");
+        }
     }
 
     #[test]

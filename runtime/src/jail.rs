@@ -247,6 +247,9 @@ pub struct Jail {
     pub landlock: Option<WriteRules>,
     /// No capabilities after exec: uid 0 without privilege (needs nothing of root's).
     pub unprivileged: bool,
+    /// Runs as this uid and gid, no supplementary groups (implies `unprivileged`'s empty
+    /// bounding set).
+    pub user: Option<(u32, u32)>,
     /// The helpers' seccomp filter ([`helper_filter`]), for programs without one of their own.
     pub seccomp: bool,
     /// A file server that may not set setuid/setgid bits ([`setid_filter`]).
@@ -264,6 +267,10 @@ pub struct MinimalRoot {
     pub staging: PathBuf,
     /// Absolute host paths: directories, files, device nodes, sockets or symlinks.
     pub keep: Vec<PathBuf>,
+    /// The uid and gid the program will run as: character devices in `keep` are then made
+    /// afresh in the root (same device number, mode 0600, owned by them) instead of bound
+    /// from the host, so a device only root may open on the host (`/dev/kvm`) opens for it.
+    pub owner: Option<(u32, u32)>,
 }
 
 impl MinimalRoot {
@@ -271,7 +278,11 @@ impl MinimalRoot {
     pub fn program(staging: PathBuf, extra: impl IntoIterator<Item = PathBuf>) -> MinimalRoot {
         let mut keep: Vec<PathBuf> = PROGRAM_PATHS.iter().map(PathBuf::from).collect();
         keep.extend(extra);
-        MinimalRoot { staging, keep }
+        MinimalRoot {
+            staging,
+            keep,
+            owner: None,
+        }
     }
 }
 
@@ -299,6 +310,9 @@ struct RootPlan {
     files: Vec<CString>,
     symlinks: Vec<(CString, CString)>,
     binds: Vec<(CString, CString)>,
+    /// Character devices made afresh: path, device number.
+    nodes: Vec<(CString, libc::dev_t)>,
+    owner: Option<(u32, u32)>,
 }
 
 impl RootPlan {
@@ -308,6 +322,7 @@ impl RootPlan {
         let mut plan = RootPlan {
             staging: cstring(&root.staging)?,
             old: cstring(&root.staging.join(".old"))?,
+            owner: root.owner,
             ..RootPlan::default()
         };
         let mut dirs: Vec<PathBuf> = Vec::new();
@@ -343,6 +358,14 @@ impl RootPlan {
                 ));
                 continue;
             }
+            if root.owner.is_some() && {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_char_device()
+            } {
+                use std::os::unix::fs::MetadataExt;
+                plan.nodes.push((cstring(&dst)?, m.rdev()));
+                continue;
+            }
             if m.is_dir() {
                 if !dirs.contains(&dst) {
                     dirs.push(dst.clone());
@@ -366,11 +389,17 @@ impl RootPlan {
         let null = std::ptr::null::<libc::c_char>();
         // SAFETY: NUL-terminated strings owned by self; the caller is the forked child.
         unsafe {
+            // Device nodes of its own need a tmpfs that honours them.
+            let nodev = if self.nodes.is_empty() {
+                libc::MS_NODEV
+            } else {
+                0
+            };
             check(libc::mount(
                 c"tmpfs".as_ptr(),
                 self.staging.as_ptr(),
                 c"tmpfs".as_ptr(),
-                libc::MS_NOSUID | libc::MS_NODEV,
+                libc::MS_NOSUID | nodev,
                 c"mode=0755".as_ptr().cast(),
             ) as _)?;
             for d in &self.dirs {
@@ -391,6 +420,12 @@ impl RootPlan {
             }
             for (target, link) in &self.symlinks {
                 check(libc::symlink(target.as_ptr(), link.as_ptr()) as _)?;
+            }
+            if let Some((uid, gid)) = self.owner {
+                for (node, dev) in &self.nodes {
+                    check(libc::mknod(node.as_ptr(), libc::S_IFCHR | 0o600, *dev) as _)?;
+                    check(libc::chown(node.as_ptr(), uid, gid) as _)?;
+                }
             }
             for (src, dst) in &self.binds {
                 check(libc::mount(
@@ -586,6 +621,7 @@ struct Prepared {
     writable: Vec<CString>,
     landlock: Option<OwnedFd>,
     unprivileged: bool,
+    user: Option<(u32, u32)>,
     seccomp: Option<seccompiler::BpfProgram>,
     setid: Option<seccompiler::BpfProgram>,
     root: Option<RootPlan>,
@@ -657,7 +693,8 @@ impl Jail {
                 .map(|p| cstring(p))
                 .collect::<Result<_>>()?,
             landlock: self.landlock.map(|r| r.fd),
-            unprivileged: self.unprivileged,
+            unprivileged: self.unprivileged || self.user.is_some(),
+            user: self.user,
             seccomp: if self.seccomp {
                 Some(helper_filter()?)
             } else {
@@ -806,6 +843,19 @@ impl Prepared {
                     0,
                     0,
                 ) as _)?;
+            }
+            if let Some((uid, gid)) = self.user {
+                // A change of credentials clears the parent-death signal: carried over.
+                let mut death: libc::c_int = 0;
+                check(libc::prctl(libc::PR_GET_PDEATHSIG, &mut death as *mut libc::c_int) as _)?;
+                check(libc::setgroups(0, std::ptr::null()) as _)?;
+                check(libc::setresgid(gid, gid, gid) as _)?;
+                // Leaving uid 0 clears the permitted and effective capabilities.
+                check(libc::setresuid(uid, uid, uid) as _)?;
+                if death != 0 {
+                    check(libc::prctl(libc::PR_SET_PDEATHSIG, death as libc::c_ulong) as _)?;
+                }
+            } else if self.unprivileged {
                 check(libc::prctl(
                     libc::PR_SET_SECUREBITS,
                     SECBIT_NOROOT
@@ -1112,6 +1162,68 @@ mod tests {
         // Nothing of the jail's stays mounted on the host.
         let mi = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         assert!(!mi.contains(&tmp.path().display().to_string()), "{mi}");
+    }
+
+    /// A program jailed as a sandbox's own uid: that uid and gid, no groups, no capability,
+    /// a device node of its own that it may open (the host's stays root's), and nothing of
+    /// root's files it could read before.
+    #[test]
+    fn a_sandbox_user_opens_its_own_device_nodes_and_nothing_of_roots() {
+        if !privileged("a_sandbox_user_opens_its_own_device_nodes_and_nothing_of_roots") {
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let secret = tmp.path().join("root-only");
+        std::fs::write(&secret, "secret").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let staging = tmp.path().join("root");
+        std::fs::create_dir(&staging).unwrap();
+        let ids = (0x7a00_4242, 0x7a00_4242);
+        let mut root = MinimalRoot::program(staging, [secret.clone(), "/dev/net/tun".into()]);
+        root.owner = Some(ids);
+        let jail = Jail {
+            mount_ns: true,
+            readonly: true,
+            user: Some(ids),
+            root: Some(root),
+            ..Jail::default()
+        };
+        let script = format!(
+            "id -u; id -g; grep -E '^(CapEff|CapPrm|CapBnd|Groups):' /proc/self/status; \
+             ls -ln /dev/net/tun; (exec 3<>/dev/net/tun) && echo OPENED-TUN; \
+             cat {s} 2>/dev/null && echo READ-SECRET; kill -0 1 2>/dev/null && echo SIGNALS-INIT; \
+             echo end",
+            s = secret.display()
+        );
+        let (ok, out) = run_jailed(jail, &script);
+        assert!(ok, "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        let id = ids.0.to_string();
+        assert_eq!(&lines[..2], [id.as_str(), id.as_str()], "{out}");
+        for cap in [
+            "CapEff:\t0000000000000000",
+            "CapPrm:\t0000000000000000",
+            "CapBnd:\t0000000000000000",
+        ] {
+            assert!(out.contains(cap), "{cap}: {out}");
+        }
+        let groups = out.lines().find(|l| l.starts_with("Groups:"));
+        assert_eq!(groups.map(str::trim), Some("Groups:"), "{out}");
+        assert!(
+            out.contains(&format!("{id} {id}")),
+            "the node is its own: {out}"
+        );
+        assert!(out.contains("OPENED-TUN"), "{out}");
+        assert!(
+            !out.contains("READ-SECRET") && !out.contains("SIGNALS-INIT"),
+            "{out}"
+        );
+        assert!(out.ends_with("end\n"), "{out}");
+        // The host's node is untouched.
+        use std::os::unix::fs::MetadataExt;
+        let host = std::fs::metadata("/dev/net/tun").unwrap();
+        assert_eq!((host.uid(), host.mode() & 0o777), (0, 0o600));
     }
 
     #[test]

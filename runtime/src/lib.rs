@@ -25,6 +25,7 @@ pub mod resources;
 pub mod ringlog;
 pub mod run;
 pub mod sandbox;
+pub mod sandboxuser;
 pub mod vmm;
 
 pub use error::{Error, Result};

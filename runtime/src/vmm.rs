@@ -205,6 +205,18 @@ impl VmConfig {
 pub const QMP_FD: i32 = 200;
 /// QEMU's descriptor of the console pipe's writing end.
 pub const CONSOLE_FD: i32 = 201;
+/// QEMU's descriptor of its connection to vhost-device-vsock.
+pub const VSOCK_FD: i32 = 202;
+/// QEMU's descriptors of its taps (one each, opened by the runtime in the sandbox's network
+/// namespace): `TAP_FD_BASE + i`.
+pub const TAP_FD_BASE: i32 = 210;
+const MAX_NICS: usize = 20;
+/// QEMU's descriptors of its connections to the virtiofsd of share `i`: `SHARE_FD_BASE + i`.
+pub const SHARE_FD_BASE: i32 = 230;
+const MAX_SHARES: usize = 100;
+/// QEMU's descriptors of disk `i`'s image, in fd set `i + 1`: `DISK_FD_BASE + 2i` (opened
+/// as the disk is used) and, for a writable disk, `DISK_FD_BASE + 2i + 1` read-only.
+pub const DISK_FD_BASE: i32 = 330;
 
 /// QEMU's seccomp filter: obsolete syscalls, privilege changes, new processes and resource
 /// control are refused (the process is killed), as libvirt runs it.
@@ -270,6 +282,8 @@ pub struct Vm {
     pub console_log: PathBuf,
     pub vmm_log: PathBuf,
     pub spawned_at: Instant,
+    /// The uid QEMU and vhost-device-vsock run as, held until the VM is gone.
+    pub user: Option<crate::sandboxuser::SandboxUser>,
 }
 
 impl Vm {
@@ -418,13 +432,21 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
     .collect::<Vec<_>>();
     cmdline.extend(cfg.cmdline.iter().cloned());
     push(&["-append", &cmdline.join(" ")]);
+    // Disks, vhost-user connections and taps come as descriptors the runtime opened: QEMU
+    // (its own uid) opens no path of the host's but its program, kernel and initrd.
     for (i, d) in cfg.disks.iter().enumerate() {
         let ro = if d.readonly { "on" } else { "off" };
+        let fd = DISK_FD_BASE + 2 * i as i32;
+        let set = i + 1;
+        push(&["-add-fd", &format!("fd={fd},set={set}")]);
+        if !d.readonly {
+            push(&["-add-fd", &format!("fd={},set={set}", fd + 1)]);
+        }
         push(&[
             "-drive",
             &format!(
-                "id=disk{i},file={},format=raw,if=none,readonly={ro},cache=none,aio=threads",
-                qemu_escape(&d.path)
+                "id=disk{i},file=/dev/fdset/{set},format=raw,if=none,readonly={ro},cache=none,\
+                 aio=threads"
             ),
             "-device",
             &format!("virtio-blk-device,drive=disk{i}"),
@@ -448,10 +470,7 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
             // Read-only is virtiofsd's job (`--readonly`): QEMU only relays.
             ShareTransport::VirtioFs(_) => push(&[
                 "-chardev",
-                &format!(
-                    "socket,id=fs{i},path={}",
-                    qemu_escape(&sh.socket(&cfg.state_dir))
-                ),
+                &format!("socket,id=fs{i},fd={}", SHARE_FD_BASE + i as i32),
                 "-device",
                 &format!("vhost-user-fs-device,chardev=fs{i},tag={tag}"),
             ]),
@@ -460,10 +479,7 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
     for (i, nic) in cfg.nics.iter().enumerate() {
         push(&[
             "-netdev",
-            &format!(
-                "tap,id=net{i},ifname={},script=no,downscript=no",
-                qemu_escape(Path::new(&nic.tap))
-            ),
+            &format!("tap,id=net{i},fd={}", TAP_FD_BASE + i as i32),
             "-device",
             &format!(
                 "virtio-net-device,netdev=net{i},mac={}",
@@ -474,10 +490,7 @@ pub fn qemu_args(cfg: &VmConfig, vsock: &VsockTransport) -> Vec<String> {
     match vsock {
         VsockTransport::User { .. } => push(&[
             "-chardev",
-            &format!(
-                "socket,id=vsock0,path={}",
-                qemu_escape(&cfg.vsock_dir().join("vhost.sock"))
-            ),
+            &format!("socket,id=vsock0,fd={VSOCK_FD}"),
             "-device",
             "vhost-user-vsock-device,chardev=vsock0",
         ]),
@@ -727,6 +740,7 @@ pub fn share_jail(share: &Share, state_dir: &Path) -> Result<Jail> {
         writable: vec![share.path.clone(), sock_dir],
         landlock: Some(WriteRules::new(&writable_beneath)?),
         unprivileged: false,
+        user: None,
         // virtiofsd installs its own allow list (`--seccomp kill`).
         seccomp: false,
         deny_setid: false,
@@ -742,6 +756,15 @@ impl VmmBackend for Qemu {
     async fn launch(&self, cfg: &VmConfig) -> Result<Vm> {
         let vsock = VsockTransport::detect()?;
         let spawned_at = Instant::now();
+        if cfg.nics.len() > MAX_NICS || cfg.shares.len() > MAX_SHARES {
+            return Err(Error::Invalid(format!(
+                "{} network interfaces and {} shares: at most {MAX_NICS} and {MAX_SHARES}",
+                cfg.nics.len(),
+                cfg.shares.len()
+            )));
+        }
+        let user = sandbox_user(cfg)?;
+        let ids = user.as_ref().map(|u| (u.uid, u.gid()));
         // vhost-user daemons: all started first, then waited for together.
         let mut daemons = Vec::new();
         let channel = match &vsock {
@@ -763,9 +786,16 @@ impl VmmBackend for Qemu {
                 // root holding its program, libraries and that dir.
                 let staging = cfg.state_dir.join("vsock-root");
                 private_dir(&staging)?;
-                let root = jail::MinimalRoot::program(staging, [daemon.clone(), dir.clone()]);
+                if let Some((uid, gid)) = ids {
+                    // Its uid's dir: the sockets it makes there are its own.
+                    nix::unistd::chown(&dir, Some(uid.into()), Some(gid.into()))
+                        .map_err(|e| Error::io("hand over", &dir, e.into()))?;
+                }
+                let mut root = jail::MinimalRoot::program(staging, [daemon.clone(), dir.clone()]);
+                root.owner = ids;
                 let jail = Jail {
                     root: Some(root),
+                    user: ids,
                     ..Jail::unprivileged(vec![dir], true)
                 };
                 daemons.push(VhostUserDaemon::spawn(
@@ -801,13 +831,29 @@ impl VmmBackend for Qemu {
             // On an error the remaining daemons are dropped, which kills them (kill_on_drop).
             helpers.push(d.listening().await?);
         }
+        // QEMU's vhost-user connections, made here (it could not reach the sockets).
+        let mut vhost = Vec::new();
+        if let VsockTransport::User { .. } = &vsock {
+            vhost.push((
+                connect_daemon(&cfg.vsock_dir().join("vhost.sock")).await?,
+                VSOCK_FD,
+            ));
+        }
+        for (i, sh) in cfg.shares.iter().enumerate() {
+            if sh.is_virtio_fs() {
+                vhost.push((
+                    connect_daemon(&sh.socket(&cfg.state_dir)).await?,
+                    SHARE_FD_BASE + i as i32,
+                ));
+            }
+        }
         let vmm_log = cfg.state_dir.join("qemu.log");
         let kill_helpers = |helpers: &mut Vec<Child>| {
             for h in helpers {
                 let _ = h.start_kill();
             }
         };
-        let spawned = self.spawn_qemu(cfg, &vsock, &vmm_log);
+        let spawned = self.spawn_qemu(cfg, &vsock, &vmm_log, vhost, ids);
         let vmm = match spawned {
             Ok(c) => c,
             Err(e) => {
@@ -822,8 +868,92 @@ impl VmmBackend for Qemu {
             console_log: cfg.console_log(),
             vmm_log,
             spawned_at,
+            user,
         })
     }
+}
+
+/// Connects to a vhost-user daemon's socket for QEMU. The socket file appears when the daemon
+/// binds it, an instant before it listens: refused connections are retried for a while.
+async fn connect_daemon(sock: &Path) -> Result<Arc<OwnedFd>> {
+    let deadline = Instant::now() + DAEMON_LISTEN_TIMEOUT;
+    loop {
+        match std::os::unix::net::UnixStream::connect(sock) {
+            Ok(s) => return Ok(Arc::new(OwnedFd::from(s))),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(Error::io("connect to", sock, e)),
+        }
+    }
+}
+
+/// The sandbox's own uid for QEMU and vhost-device-vsock ([`crate::sandboxuser`]), or none:
+/// when the runtime is not root (nothing to switch from), or when a 9p share needs QEMU to
+/// keep root's capabilities (passthrough chowns as the guest asks).
+fn sandbox_user(cfg: &VmConfig) -> Result<Option<crate::sandboxuser::SandboxUser>> {
+    let nine_p = cfg
+        .shares
+        .iter()
+        .any(|s| matches!(s.transport, ShareTransport::NineP));
+    if nine_p || !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let base = crate::config::HostConfig::load()?.sandbox_uid_base();
+    crate::sandboxuser::SandboxUser::claim(
+        &crate::sandbox::state_root().join(".uids"),
+        base,
+        crate::config::SANDBOX_UID_COUNT,
+        &cfg.state_dir,
+    )
+    .map(Some)
+}
+
+/// Opens each tap in the child, after it entered the sandbox's network namespace, as QEMU's
+/// descriptor `TAP_FD_BASE + i` (QEMU's own uid could not open `/dev/net/tun`).
+fn open_taps(cmd: &mut std::process::Command, nics: &[Nic]) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let mut reqs: Vec<[u8; 40]> = Vec::new();
+    for nic in nics {
+        if nic.tap.is_empty() || nic.tap.len() >= 16 {
+            return Err(Error::Invalid(format!("tap name {:?}", nic.tap)));
+        }
+        // struct ifreq: the name (16 bytes, NUL-terminated), then the flags.
+        let mut ifr = [0u8; 40];
+        ifr[..nic.tap.len()].copy_from_slice(nic.tap.as_bytes());
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as u16;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        reqs.push(ifr);
+    }
+    if reqs.is_empty() {
+        return Ok(());
+    }
+    // SAFETY: the closure runs between fork and exec and makes only async-signal-safe
+    // syscalls (open, ioctl, dup2, close) on a copy of the requests it owns; it allocates
+    // nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, req) in reqs.iter_mut().enumerate() {
+                let fd = libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::ioctl(fd, libc::TUNSETIFF, req.as_mut_ptr()) != 0
+                    || libc::dup2(fd, TAP_FD_BASE + i as i32) < 0
+                {
+                    let e = std::io::Error::last_os_error();
+                    libc::close(fd);
+                    return Err(e);
+                }
+                libc::close(fd);
+            }
+            Ok(())
+        });
+    }
+    Ok(())
 }
 
 impl Qemu {
@@ -831,7 +961,14 @@ impl Qemu {
     /// the host's tree read-only (but for writable disks and 9p shares), `no_new_privs`, no
     /// capabilities (unless 9p shares need root's: passthrough chowns), its seccomp filter
     /// ([`QEMU_SANDBOX`]); QMP and the console reach it as descriptors.
-    fn spawn_qemu(&self, cfg: &VmConfig, vsock: &VsockTransport, vmm_log: &Path) -> Result<Child> {
+    fn spawn_qemu(
+        &self,
+        cfg: &VmConfig,
+        vsock: &VsockTransport,
+        vmm_log: &Path,
+        vhost: Vec<(Arc<OwnedFd>, i32)>,
+        user: Option<(u32, u32)>,
+    ) -> Result<Child> {
         let qmp_path = cfg.qmp_socket();
         let qmp = std::os::unix::net::UnixListener::bind(&qmp_path)
             .map_err(|e| Error::io("listen on", &qmp_path, e))?;
@@ -851,54 +988,70 @@ impl Qemu {
         if let Some(fd) = &cfg.netns {
             crate::netns::enter(cmd.as_std_mut(), fd);
         }
+        open_taps(cmd.as_std_mut(), &cfg.nics)?;
         jail::pass_fd(cmd.as_std_mut(), Arc::new(OwnedFd::from(qmp)), QMP_FD);
+        if let Some((uid, gid)) = user {
+            // QEMU opens the pipe again through /proc/self/fd: its uid must own it.
+            nix::unistd::fchown(
+                std::os::fd::AsRawFd::as_raw_fd(&console_w),
+                Some(uid.into()),
+                Some(gid.into()),
+            )
+            .map_err(|e| Error::io("hand over", cfg.console_log(), e.into()))?;
+        }
         jail::pass_fd(cmd.as_std_mut(), Arc::new(console_w), CONSOLE_FD);
+        for (fd, target) in vhost {
+            jail::pass_fd(cmd.as_std_mut(), fd, target);
+        }
+        for (i, d) in cfg.disks.iter().enumerate() {
+            use std::os::unix::fs::OpenOptionsExt;
+            let open = |write: bool| -> Result<Arc<OwnedFd>> {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(write)
+                    .custom_flags(libc::O_CLOEXEC)
+                    .open(&d.path)
+                    .map_err(|e| Error::io("open", &d.path, e))?;
+                Ok(Arc::new(OwnedFd::from(f)))
+            };
+            let fd = DISK_FD_BASE + 2 * i as i32;
+            jail::pass_fd(cmd.as_std_mut(), open(!d.readonly)?, fd);
+            if !d.readonly {
+                jail::pass_fd(cmd.as_std_mut(), open(false)?, fd + 1);
+            }
+        }
         let nine_p: Vec<&Share> = cfg
             .shares
             .iter()
             .filter(|s| matches!(s.transport, ShareTransport::NineP))
             .collect();
-        let mut writable: Vec<PathBuf> = cfg
-            .disks
+        let writable: Vec<PathBuf> = nine_p
             .iter()
-            .filter(|d| !d.readonly)
-            .map(|d| d.path.clone())
+            .filter(|s| !s.readonly)
+            .map(|s| s.path.clone())
             .collect();
-        writable.extend(
-            nine_p
-                .iter()
-                .filter(|s| !s.readonly)
-                .map(|s| s.path.clone()),
-        );
-        // QEMU's file tree holds only what it opens: its program and libraries, the kernel,
-        // initrd and disks, 9p shares, the helpers' socket dirs and its devices.
-        let mut keep = vec![
-            self.qemu.clone(),
-            cfg.kernel.clone(),
-            cfg.initrd.clone(),
-            cfg.vsock_dir(),
-        ];
-        keep.extend(cfg.disks.iter().map(|d| d.path.clone()));
+        // QEMU's file tree holds only what it opens by path: its program and libraries, the
+        // kernel, initrd, 9p shares and the devices of its accelerator and vsock (made afresh,
+        // owned by its uid, when it has one).
+        let mut keep = vec![self.qemu.clone(), cfg.kernel.clone(), cfg.initrd.clone()];
         keep.extend(nine_p.iter().map(|s| s.path.clone()));
-        keep.extend(
-            cfg.shares
-                .iter()
-                .filter(|s| s.is_virtio_fs())
-                .map(|s| s.socket_dir(&cfg.state_dir)),
-        );
-        keep.extend(
-            ["/dev/kvm", "/dev/net/tun", "/dev/vhost-vsock"]
-                .iter()
-                .map(PathBuf::from),
-        );
+        if cfg.accel == Accel::Kvm {
+            keep.push("/dev/kvm".into());
+        }
+        if let VsockTransport::Kernel { .. } = vsock {
+            keep.push("/dev/vhost-vsock".into());
+        }
         let staging = cfg.state_dir.join("vmm-root");
         private_dir(&staging)?;
+        let mut root = jail::MinimalRoot::program(staging, keep);
+        root.owner = user;
         let jail = Jail {
             mount_ns: true,
             readonly: true,
             writable,
             unprivileged: nine_p.is_empty(),
-            root: Some(jail::MinimalRoot::program(staging, keep)),
+            user,
+            root: Some(root),
             ..Jail::default()
         };
         jail.apply(cmd.as_std_mut())?;
@@ -962,7 +1115,9 @@ mod tests {
         assert!(s.contains("-M microvm,acpi=off,x-option-roms=off,memory-backend=mem"));
         assert!(s.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
         assert!(s.contains("vhost-user-vsock-device,chardev=vsock0"));
-        assert!(s.contains("path=/run/agentvm/x/vsock/vhost.sock"));
+        // QEMU gets its vhost-user connection, it does not reach the socket.
+        assert!(s.contains(&format!("-chardev socket,id=vsock0,fd={VSOCK_FD}")));
+        assert!(!s.contains("vhost.sock"));
         assert!(s.contains("-accel tcg,tb-size=256 -cpu max"));
         assert_eq!(
             TCG_ACCEL,
@@ -989,11 +1144,27 @@ mod tests {
     }
 
     #[test]
-    fn disks_are_readonly_and_commas_escaped() {
-        let a = qemu_args(&cfg(Accel::Tcg), &VsockTransport::Kernel { cid: 3 });
-        let drive = a.iter().find(|s| s.starts_with("id=disk0")).unwrap();
-        assert!(drive.contains("file=/img/a,,b.ext4"));
-        assert!(drive.contains("readonly=on"));
+    fn disks_come_as_descriptor_sets() {
+        let mut c = cfg(Accel::Tcg);
+        c.disks.push(Disk {
+            path: "/state/init.ext4".into(),
+            readonly: false,
+        });
+        let a = qemu_args(&c, &VsockTransport::Kernel { cid: 3 });
+        let s = joined(&a);
+        // A read-only disk: one read-only descriptor in set 1; a writable one: a read-write
+        // and a read-only descriptor in set 2. No image path reaches QEMU.
+        assert!(s.contains(&format!(
+            "-add-fd fd={DISK_FD_BASE},set=1 -drive id=disk0,file=/dev/fdset/1,format=raw,\
+             if=none,readonly=on,"
+        )));
+        assert!(s.contains(&format!(
+            "-add-fd fd={},set=2 -add-fd fd={},set=2 -drive id=disk1,file=/dev/fdset/2,\
+             format=raw,if=none,readonly=off,",
+            DISK_FD_BASE + 2,
+            DISK_FD_BASE + 3
+        )));
+        assert!(!s.contains("/img/") && !s.contains("init.ext4"), "{s}");
         let append = &a[a.iter().position(|s| s == "-append").unwrap() + 1];
         assert!(append.starts_with("console=ttyS0 reboot=t panic=-1"));
         assert!(append.ends_with("agentvm.debug=1"));
@@ -1007,10 +1178,10 @@ mod tests {
             "-fsdev local,id=fs0,path=/var/lib/docker/x/merged,security_model=passthrough -device"
         ));
         assert!(s.contains("virtio-9p-device,fsdev=fs0,mount_tag=rootfs"));
-        assert!(s.contains(
-            "-netdev tap,id=net0,ifname=avmtap0,script=no,downscript=no -device \
+        assert!(s.contains(&format!(
+            "-netdev tap,id=net0,fd={TAP_FD_BASE} -device \
              virtio-net-device,netdev=net0,mac=02:42:ac:11:00:02"
-        ));
+        )));
         let mut ro = cfg(Accel::Tcg);
         ro.shares[0].readonly = true;
         let s = joined(&qemu_args(&ro, &VsockTransport::Kernel { cid: 3 }));
@@ -1043,10 +1214,10 @@ mod tests {
         assert!(s.contains("memory-backend-memfd,id=mem,size=512M,share=on"));
         // The 9p root stays 9p next to it, device indexes stay per share.
         assert!(s.contains("virtio-9p-device,fsdev=fs0,mount_tag=rootfs"));
-        assert!(s.contains(
-            "-chardev socket,id=fs1,path=/run/agentvm/x/fs-vol0/vhost.sock \
-             -device vhost-user-fs-device,chardev=fs1,tag=vol0"
-        ));
+        assert!(s.contains(&format!(
+            "-chardev socket,id=fs1,fd={} -device vhost-user-fs-device,chardev=fs1,tag=vol0",
+            SHARE_FD_BASE + 1
+        )));
         // Read-only is virtiofsd's job, not QEMU's (vhost-user-fs has no readonly option).
         assert!(!a
             .iter()
