@@ -56,28 +56,30 @@ fn spawn_exec(args: &[&str], stdin_open: bool) -> std::process::Child {
         .expect("spawn docker exec")
 }
 
+/// Starts container `name` running `cmd` under `runtime` and waits until exec works in it
+/// (the VM boots under TCG).
+fn start(env: &DockerEnv, runtime: &str, name: &str, cmd: &[&str]) {
+    let mut args = vec![
+        "run",
+        "-d",
+        "--runtime",
+        runtime,
+        "--name",
+        name,
+        &env.image,
+    ];
+    args.extend_from_slice(cmd);
+    let (code, out) = docker(env, &args);
+    assert_eq!(code, Some(0), "{runtime}: docker run: {out}");
+    let first = wait_for(env, name, "echo up", "up");
+    assert_eq!(first, "up", "{runtime}: the container never answered exec");
+}
+
 /// The drill against one runtime: what each step showed, in order.
 fn drill(env: &DockerEnv, runtime: &str) -> Vec<(String, String)> {
     let name = unique_name(&format!("execdrill-{runtime}"));
     let mut seen = Vec::new();
-    let (code, out) = docker(
-        env,
-        &[
-            "run",
-            "-d",
-            "--runtime",
-            runtime,
-            "--name",
-            &name,
-            &env.image,
-            "sleep",
-            "600",
-        ],
-    );
-    assert_eq!(code, Some(0), "{runtime}: docker run: {out}");
-    // The VM boots under TCG: wait for exec to work.
-    let first = wait_for(env, &name, "echo up", "up");
-    assert_eq!(first, "up", "{runtime}: the container never answered exec");
+    start(env, runtime, &name, &["sleep", "600"]);
 
     // 1. The client of a hung exec is killed (SIGKILL): the exec's process is not the
     //    client's, it keeps running; the container runs on.
@@ -176,26 +178,15 @@ fn drill(env: &DockerEnv, runtime: &str) -> Vec<(String, String)> {
     // 6. The init exits while an exec runs: the exec is killed with the container (137, as
     //    the kernel's PID-namespace teardown does under runc), reported before the init.
     let name = unique_name(&format!("execdrill-end-{runtime}"));
-    let (code, out) = docker(
+    start(
         env,
+        runtime,
+        &name,
         &[
-            "run",
-            "-d",
-            "--runtime",
-            runtime,
-            "--name",
-            &name,
-            &env.image,
             "sh",
             "-c",
             "while [ ! -e /tmp/go ]; do sleep 0.2; done; exit 3",
         ],
-    );
-    assert_eq!(code, Some(0), "{runtime}: docker run: {out}");
-    assert_eq!(
-        wait_for(env, &name, "echo up", "up"),
-        "up",
-        "{runtime}: no exec"
     );
     let mut running = spawn_exec(
         &[&name, "sh", "-c", "echo $$ > /tmp/x; exec sleep 1004"],

@@ -1067,20 +1067,7 @@ mod tests {
         std::fs::create_dir_all(&target).unwrap();
         std::fs::write(lower.join("image-file"), "image").unwrap();
         let merged = layer.join("merged");
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
-            layer.join("diff").display(),
-            layer.join("work").display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
-            &merged,
-            Some("overlay"),
-            nix::mount::MsFlags::empty(),
-            Some(opts.as_str()),
-        )
-        .unwrap();
+        crate::test_support::mount_overlay(&lower, &layer, nix::mount::MsFlags::empty());
         let view = crate::layers::HostView::find(&merged).expect("the overlay is found");
         let state = tmp.path().join("state");
         let share = root_share(&layer);

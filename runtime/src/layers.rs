@@ -841,25 +841,16 @@ mod tests {
             std::fs::create_dir_all(&d).unwrap();
             d
         };
-        let (lower, upper, work, merged) =
-            (d("lower/etc"), d("c/diff"), d("c/work"), d("c/merged"));
+        let (lower, upper, merged) = (d("lower/etc"), d("c/diff"), d("c/merged"));
+        d("c/work");
         let lower = lower.parent().unwrap().to_path_buf();
         std::fs::create_dir(lower.join("srv")).unwrap();
         std::fs::write(lower.join("srv/file"), "image").unwrap();
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
-            upper.display(),
-            work.display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
-            &merged,
-            Some("overlay"),
+        crate::test_support::mount_overlay(
+            &lower,
+            merged.parent().unwrap(),
             nix::mount::MsFlags::empty(),
-            Some(opts.as_str()),
-        )
-        .unwrap();
+        );
         let view = HostView::find(&merged).unwrap();
         assert_eq!(view.upper, upper);
         // The host looks at /etc while it is only in the image; then the guest (another
@@ -908,20 +899,7 @@ mod tests {
         std::fs::write(lower.join("image-file"), "image").unwrap();
         std::fs::write(decoy.join("diff/decoy-file"), "decoy").unwrap();
         let merged = layer.join("merged");
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.display(),
-            layer.join("diff").display(),
-            layer.join("work").display()
-        );
-        nix::mount::mount(
-            Some("overlay"),
-            &merged,
-            Some("overlay"),
-            nix::mount::MsFlags::MS_NOSUID,
-            Some(opts.as_str()),
-        )
-        .unwrap();
+        crate::test_support::mount_overlay(&lower, &layer, nix::mount::MsFlags::MS_NOSUID);
         let view = HostView::find(&merged).unwrap();
         assert_eq!(view.attrs, 0x2, "nosuid is kept");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -48,6 +48,29 @@ pub(crate) mod test_support {
         false
     }
 
+    /// Mounts an overlay of `lower` under `dir/diff` (work dir `dir/work`) at `dir/merged`,
+    /// as Docker's overlay2 lays a container out. Needs root.
+    pub fn mount_overlay(
+        lower: &std::path::Path,
+        dir: &std::path::Path,
+        flags: nix::mount::MsFlags,
+    ) {
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            dir.join("diff").display(),
+            dir.join("work").display()
+        );
+        nix::mount::mount(
+            Some("overlay"),
+            &dir.join("merged"),
+            Some("overlay"),
+            flags,
+            Some(opts.as_str()),
+        )
+        .unwrap();
+    }
+
     /// [`runnable`] for a test that needs root.
     pub fn as_root(test: &str) -> bool {
         runnable(
