@@ -16,7 +16,7 @@ PKGS=(
   qemu-system-x86 qemu-utils e2fsprogs busybox-static cpio
   build-essential bc bison flex libelf-dev libssl-dev dwarves kmod xz-utils
   linux-source-6.12
-  iproute2 procps psmisc docker-registry skopeo debootstrap umoci
+  iproute2 nftables procps psmisc docker-registry skopeo debootstrap umoci
   libseccomp-dev libcap-ng-dev
 )
 

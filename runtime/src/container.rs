@@ -480,8 +480,17 @@ async fn boot(
     let mut policy = mounts::SharePolicy::detect(&cfg.annotations)?;
     policy.limits = cfg.volume_limits;
     let plan = mounts::plan(&cfg.mounts, &policy)?;
+    let egress_policy = crate::egress::PolicyFile::load(&crate::egress::policy_path())
+        .and_then(|f| {
+            f.select(
+                cfg.annotations
+                    .get(crate::egress::ANNOTATION)
+                    .map(String::as_str),
+            )
+        })
+        .map_err(|e| Error::Invalid(e.to_string()))?;
     let mut wiring = netns.scan().await?;
-    netns.wire(&mut wiring).await?;
+    netns.wire(&mut wiring, &egress_policy).await?;
     let (root, disks, rootfs, host_view) = root_setup(cfg, &policy, &sandbox.state_dir).await?;
     let mut shares = vec![root];
     shares.extend(plan.shares.iter().cloned());

@@ -7,6 +7,7 @@ pub mod check;
 pub mod config;
 pub mod container;
 pub mod dns;
+pub mod egress;
 pub mod error;
 pub mod fsmount;
 pub mod guest;

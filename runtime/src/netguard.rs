@@ -458,7 +458,9 @@ fn mld(keys: Keys, kind: u8) -> Keys {
 
 impl Rule {
     /// The `tc filter add` arguments (without the leading `tc`) for this rule on `tap`.
-    pub fn tc_args(&self, tap: &str, forward_to: &str, drop: &DropAction) -> Vec<String> {
+    /// `forward_to` `None`: an allowed frame goes on to the next hook (the egress policy's
+    /// nftables chain, which forwards it) instead of being redirected to the veth.
+    pub fn tc_args(&self, tap: &str, forward_to: Option<&str>, drop: &DropAction) -> Vec<String> {
         let mut a: Vec<String> = [
             "filter",
             "add",
@@ -485,11 +487,18 @@ impl Rule {
                 k.off.to_string(),
             ]);
         }
-        a.push("action".into());
-        match (self.verdict, drop) {
-            (Verdict::Forward, _) => a.extend(redirect(forward_to)),
-            (Verdict::Drop(_), DropAction::Gact) => a.push("drop".into()),
-            (Verdict::Drop(_), DropAction::Sink(sink)) => a.extend(redirect(sink)),
+        match (self.verdict, drop, forward_to) {
+            // A terminal match without an action: the frame carries on (TC_ACT_OK).
+            (Verdict::Forward, _, None) => a.extend(["classid".into(), "1:1".into()]),
+            (Verdict::Forward, _, Some(veth)) => {
+                a.push("action".into());
+                a.extend(redirect(veth));
+            }
+            (Verdict::Drop(_), DropAction::Gact, _) => a.extend(["action".into(), "drop".into()]),
+            (Verdict::Drop(_), DropAction::Sink(sink), _) => {
+                a.push("action".into());
+                a.extend(redirect(sink));
+            }
         }
         a
     }
@@ -939,7 +948,7 @@ mod tests {
     #[test]
     fn tc_arguments() {
         let r = rules(&facts(&["172.18.0.2"], &[], false));
-        let first = r[0].tc_args("avmtap0", "eth0", &DropAction::Gact);
+        let first = r[0].tc_args("avmtap0", Some("eth0"), &DropAction::Gact);
         assert_eq!(
             first.join(" "),
             "filter add dev avmtap0 parent ffff: protocol ip prio 10 u32 \
@@ -947,21 +956,28 @@ mod tests {
              match u32 0x45000000 0xff000000 at 0 match u32 0x00110000 0x00ff0000 at 8 \
              match u32 0x00430000 0xffff0000 at 20 action drop"
         );
-        let fwd = r[1].tc_args("avmtap0", "eth0", &DropAction::Gact);
+        let fwd = r[1].tc_args("avmtap0", Some("eth0"), &DropAction::Gact);
         assert!(
             fwd.join(" ").ends_with(
                 "match u32 0xac120002 0xffffffff at 12 action mirred egress redirect dev eth0"
             ),
             "{fwd:?}"
         );
-        let sink = r[0].tc_args("avmtap0", "eth0", &DropAction::Sink("avmsink".into()));
+        // With an egress policy, allowed frames carry on to its nftables chain.
+        let on = r[1].tc_args("avmtap0", None, &DropAction::Gact);
+        assert!(
+            on.join(" ")
+                .ends_with("match u32 0xac120002 0xffffffff at 12 classid 1:1"),
+            "{on:?}"
+        );
+        let sink = r[0].tc_args("avmtap0", Some("eth0"), &DropAction::Sink("avmsink".into()));
         assert!(sink
             .join(" ")
             .ends_with("action mirred egress redirect dev avmsink"));
         let last = r
             .last()
             .unwrap()
-            .tc_args("avmtap0", "eth0", &DropAction::Gact);
+            .tc_args("avmtap0", None, &DropAction::Gact);
         assert_eq!(
             last.join(" "),
             format!(

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 use agentvm_protocol::{InterfaceSpec, NetworkSpec, RouteSpec};
 use serde::Deserialize;
 
+use crate::egress;
 use crate::error::{Error, Result};
 use crate::netguard::{self, DropAction, Drops};
 
@@ -219,10 +220,17 @@ impl Netns {
             .is_ok_and(|v| v.trim() == "1")
     }
 
-    /// Creates a tap per interface and joins the two with tc redirects both ways; the way from
-    /// the tap goes through the guard's filters ([`netguard::rules`]).
-    pub async fn wire(&self, wiring: &mut Wiring) -> Result<()> {
+    /// Creates a tap per interface and joins the two both ways; the way from the tap goes
+    /// through the guard's filters ([`netguard::rules`]) and then the egress policy. With
+    /// nftables installed, the egress table forwards in both directions (and a policy can be
+    /// changed later, [`crate::egress`]); without it, tc redirects do and only `open` is
+    /// possible.
+    pub async fn wire(&self, wiring: &mut Wiring, policy: &egress::Policy) -> Result<()> {
         wiring.taps.clear();
+        let nft = egress::nft_program();
+        if nft.is_none() && !policy.is_open() {
+            return Err(egress::nft_missing(policy));
+        }
         let mut guarded = Vec::new();
         // Whether this kernel has tc's `gact` was learnt by an earlier sandbox of this boot
         // (the state root is a tmpfs): a kernel without it costs three more commands to find.
@@ -243,34 +251,11 @@ impl Netns {
                 .await?;
             self.run("ip", ["link", "set", "dev", &tap, "mtu", &mtu, "up"])
                 .await?;
-            self.run("tc", ["qdisc", "add", "dev", &iface.name, "ingress"])
-                .await?;
-            self.run(
-                "tc",
-                [
-                    "filter",
-                    "add",
-                    "dev",
-                    &iface.name,
-                    "parent",
-                    "ffff:",
-                    "protocol",
-                    "all",
-                    "u32",
-                    "match",
-                    "u8",
-                    "0",
-                    "0",
-                    "action",
-                    "mirred",
-                    "egress",
-                    "redirect",
-                    "dev",
-                    &tap,
-                ],
-            )
-            .await?;
-            let guard = self.guard_tap(&tap, &iface.name, &rules, &drop).await;
+            if nft.is_none() {
+                self.redirect_to_tap(&iface.name, &tap).await?;
+            }
+            let forward = nft.is_none().then_some(iface.name.as_str());
+            let guard = self.guard_tap(&tap, forward, &rules, &drop).await;
             if let Err(e) = guard {
                 if drop != DropAction::Gact {
                     return Err(e);
@@ -282,7 +267,7 @@ impl Netns {
                 self.run("ip", ["tuntap", "add", "dev", SINK, "mode", "tap"])
                     .await?;
                 drop = DropAction::Sink(SINK.into());
-                self.guard_tap(&tap, &iface.name, &rules, &drop).await?;
+                self.guard_tap(&tap, forward, &rules, &drop).await?;
                 let _ = std::fs::write(&verdict, b"");
             }
             guarded.push(GuardedTap {
@@ -290,6 +275,9 @@ impl Netns {
                 rules,
             });
             wiring.taps.push(tap);
+        }
+        if let (Some(nft), false) = (&nft, wiring.interfaces.is_empty()) {
+            self.apply_egress_first(nft, wiring, policy).await?;
         }
         let taps = Arc::new(guarded);
         let monitor = (!taps.is_empty()).then(|| {
@@ -307,11 +295,50 @@ impl Netns {
         Ok(())
     }
 
+    /// Redirects everything arriving on `veth` to `tap` (tc `mirred`): the way in without
+    /// nftables.
+    async fn redirect_to_tap(&self, veth: &str, tap: &str) -> Result<()> {
+        let batch = format!(
+            "qdisc add dev {veth} ingress\n\
+             filter add dev {veth} parent ffff: protocol all u32 match u8 0 0 action mirred \
+             egress redirect dev {tap}\n"
+        );
+        run_in(&self.fd, "tc", ["-batch", "-"], Some(batch)).await?;
+        Ok(())
+    }
+
+    /// Makes the audit tap, loads the policy's table and starts the audit reader: the first
+    /// egress setup of the namespace.
+    async fn apply_egress_first(
+        &self,
+        nft: &Path,
+        wiring: &Wiring,
+        policy: &egress::Policy,
+    ) -> Result<()> {
+        self.run(
+            "ip",
+            ["tuntap", "add", "dev", egress::AUDIT_TAP, "mode", "tap"],
+        )
+        .await?;
+        self.run("ip", ["link", "set", "dev", egress::AUDIT_TAP, "up"])
+            .await?;
+        let facts = egress_facts(wiring).await;
+        let record = egress::Record {
+            policy: policy.clone(),
+            facts,
+            netns: PathBuf::from(format!("/proc/{}/ns/net", self.pid)),
+        };
+        apply_egress(&self.fd, nft, &record).await?;
+        let state_dir = PathBuf::from(&self.label);
+        record.save(&state_dir)?;
+        spawn_audit_reader(Arc::clone(&self.fd), state_dir)
+    }
+
     /// Installs the ingress qdisc and the guard's filters on `tap` in one `tc -batch`.
     async fn guard_tap(
         &self,
         tap: &str,
-        veth: &str,
+        veth: Option<&str>,
         rules: &[netguard::Rule],
         drop: &DropAction,
     ) -> Result<()> {
@@ -373,6 +400,129 @@ impl Netns {
         let _ = self.holder.start_kill();
         let _ = self.holder.wait().await;
     }
+}
+
+/// What the egress policy needs to know of a wired namespace: its taps and veths, its
+/// networks and gateways, and the host's addresses.
+async fn egress_facts(wiring: &Wiring) -> egress::Facts {
+    let host = tokio::process::Command::new("ip")
+        .args(["-j", "addr", "show"])
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .map(|o| egress::parse_host_addresses(&String::from_utf8_lossy(&o.stdout)))
+        .unwrap_or_default();
+    let own_networks = wiring
+        .interfaces
+        .iter()
+        .flat_map(|i| &i.addresses)
+        .filter_map(|a| {
+            let (ip, prefix) = a.split_once('/')?;
+            Some(egress::Net::new(ip.parse().ok()?, prefix.parse().ok()?).network())
+        })
+        .collect();
+    let mut gateways: Vec<std::net::IpAddr> = wiring
+        .routes
+        .iter()
+        .filter_map(|r| r.gateway.as_deref()?.parse().ok())
+        .collect();
+    gateways.sort();
+    gateways.dedup();
+    egress::Facts {
+        links: wiring
+            .taps
+            .iter()
+            .cloned()
+            .zip(wiring.interfaces.iter().map(|i| i.name.clone()))
+            .collect(),
+        own_networks,
+        gateways,
+        host_addresses: host,
+    }
+}
+
+/// Loads `record`'s policy into the namespace `fd` (one nftables transaction).
+pub async fn apply_egress(fd: &Arc<OwnedFd>, nft: &Path, record: &egress::Record) -> Result<()> {
+    let script = egress::nft_script(&record.policy, &record.facts);
+    run_in(fd, &nft.display().to_string(), ["-f", "-"], Some(script))
+        .await
+        .map(drop)
+}
+
+/// Reads the frames the policy blocked from the audit tap and logs each (rate-limited by the
+/// table) to the sandbox's `egress.log` and the shim's log. The thread ends with the tap (the
+/// namespace going away).
+fn spawn_audit_reader(fd: Arc<OwnedFd>, state_dir: PathBuf) -> Result<()> {
+    let tap = open_tap_in(&fd, egress::AUDIT_TAP)?;
+    std::thread::Builder::new()
+        .name("egress-audit".into())
+        .spawn(move || {
+            use std::io::{Read, Write};
+            let mut tap = std::fs::File::from(tap);
+            let mut buf = vec![0u8; 65536];
+            let log = egress::log_path(&state_dir);
+            while let Ok(n) = tap.read(&mut buf) {
+                let Some((dst, proto, port)) = egress::parse_frame(&buf[..n]) else {
+                    continue;
+                };
+                // The record may have changed (`agentvm policy set`): read at each frame.
+                let Ok(record) = egress::Record::load(&state_dir) else {
+                    continue;
+                };
+                let line = egress::audit_line(&record.policy, &record.facts, dst, proto, port);
+                tracing::warn!("egress: {line} ({})", state_dir.display());
+                if std::fs::metadata(&log).is_ok_and(|m| m.len() > EGRESS_LOG_CAP) {
+                    let _ = std::fs::rename(&log, log.with_extension("log.1"));
+                }
+                if let Ok(mut f) = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .unwrap_or_default();
+                    let _ = writeln!(f, "{}.{:03} {line}", now.as_secs(), now.subsec_millis());
+                }
+            }
+        })
+        .map_err(|e| Error::Invalid(format!("start the egress audit reader: {e}")))?;
+    Ok(())
+}
+
+/// The audit log's size before it is rotated (one older half kept).
+const EGRESS_LOG_CAP: u64 = 512 * 1024;
+
+/// Opens the tap `name` of the namespace `fd` (a thread enters the namespace to open it).
+fn open_tap_in(fd: &Arc<OwnedFd>, name: &str) -> Result<OwnedFd> {
+    let fd = Arc::clone(fd);
+    let name = name.to_string();
+    let shown = name.clone();
+    std::thread::spawn(move || -> std::io::Result<OwnedFd> {
+        // SAFETY: setns on a valid namespace fd affects only this short-lived thread.
+        if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let tun = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/net/tun")?;
+        // struct ifreq: the name (16 bytes), then the flags.
+        let mut ifr = [0u8; 40];
+        let n = name.len().min(15);
+        ifr[..n].copy_from_slice(&name.as_bytes()[..n]);
+        let flags = (libc::IFF_TAP | libc::IFF_NO_PI) as u16;
+        ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
+        // SAFETY: TUNSETIFF reads and writes a struct ifreq, which `ifr` is large enough for,
+        // on a tun fd this thread owns.
+        if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, ifr.as_mut_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(OwnedFd::from(tun))
+    })
+    .join()
+    .map_err(|_| Error::Invalid("the tap thread panicked".into()))?
+    .map_err(|e| Error::io("open the tap", shown, e))
 }
 
 /// Runs `program args` inside the namespace `fd`, with `input` on its stdin, and returns its
@@ -689,7 +839,7 @@ mod tests {
 
     /// Frames a hostile guest (MAC 02:00:00:00:00:07, IP 10.77.0.2) writes into its tap: only
     /// the honest one passes the kernel's tc, whatever drop action the kernel offers.
-    async fn guard_drops_what_the_guest_must_not_send(ns: &Netns) {
+    async fn guard_drops_what_the_guest_must_not_send(ns: &Netns, redirected: bool) {
         use crate::netguard::Reason;
         let mac = [2, 0, 0, 0, 0, 7];
         let eth = |src: [u8; 6], ethertype: u16, payload: &[u8]| {
@@ -746,10 +896,13 @@ mod tests {
             .await
             .unwrap();
         let (forwarded, drops) = netguard::parse_counters(&taps[0].rules, &json).unwrap();
-        assert_eq!(
-            forwarded, 2,
-            "the honest UDP datagram and ARP reply: {json}"
-        );
+        // Counted where tc redirects them (with an egress table, they carry on uncounted).
+        if redirected {
+            assert_eq!(
+                forwarded, 2,
+                "the honest UDP datagram and ARP reply: {json}"
+            );
+        }
         assert_eq!(
             drops.0,
             vec![
@@ -770,13 +923,72 @@ mod tests {
         );
     }
 
+    /// With `none-but; allow 198.51.100.9 udp port 9`, a guest datagram to that address
+    /// reaches the veth's peer; one to 203.0.113.5 does not and is in the audit log with the
+    /// rule that blocked it; a changed policy applies at once.
+    async fn egress_lets_through_only_what_the_policy_allows(ns: &Netns, state: &Path) {
+        let mac = [2, 0, 0, 0, 0, 7];
+        let udp = |dst: [u8; 4]| {
+            let mut f = vec![0x02, 0, 0, 0, 0, 1];
+            f.extend_from_slice(&mac);
+            f.extend_from_slice(&0x0800u16.to_be_bytes());
+            f.extend_from_slice(&[0x45, 0, 0, 28, 0, 0, 0x40, 0, 64, 17, 0, 0, 10, 77, 0, 2]);
+            f.extend_from_slice(&dst);
+            f.extend_from_slice(&[0x9c, 0x40, 0, 9, 0, 8, 0, 0]);
+            f.resize(60, 0);
+            f
+        };
+        // /proc/net/dev is the reading process's namespace's: peer0's received packets.
+        let peer_rx = || async {
+            let dev = ns.run("cat", ["/proc/net/dev"]).await.unwrap();
+            let line = dev
+                .lines()
+                .find(|l| l.trim_start().starts_with("peer0:"))
+                .unwrap();
+            let fields: Vec<&str> = line.split_once(':').unwrap().1.split_whitespace().collect();
+            fields[1].parse::<u64>().unwrap()
+        };
+        let before = peer_rx().await;
+        send_as_guest(ns, "avmtap0", vec![udp([198, 51, 100, 9])]);
+        send_as_guest(ns, "avmtap0", vec![udp([203, 0, 113, 5])]);
+        let log = egress::log_path(state);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let text = loop {
+            let t = std::fs::read_to_string(&log).unwrap_or_default();
+            if t.contains("203.0.113.5") || Instant::now() > deadline {
+                break t;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(
+            peer_rx().await,
+            before + 1,
+            "only the allowed datagram passed"
+        );
+        assert!(
+            text.contains("blocked udp to 203.0.113.5:9 (policy \"none-but; allow 198.51.100.9 udp port 9\", rule: the default of none-but)"),
+            "{text}"
+        );
+        assert!(!text.contains("to 198.51.100.9"), "{text}");
+        // A new policy on the running namespace: 203.0.113.5 is allowed now.
+        let mut record = egress::Record::load(state).unwrap();
+        record.policy = egress::PolicyFile::default().select(Some("agent")).unwrap();
+        apply_egress(&ns.fd(), &egress::nft_program().unwrap(), &record)
+            .await
+            .unwrap();
+        send_as_guest(ns, "avmtap0", vec![udp([203, 0, 113, 5])]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(peer_rx().await, before + 2, "allowed under the new policy");
+    }
+
     /// A real namespace with a veth pair: needs root (CAP_SYS_ADMIN, CAP_NET_ADMIN).
     #[tokio::test]
     async fn namespace_is_created_scanned_and_wired() {
         if !crate::test_support::as_root("namespace_is_created_scanned_and_wired") {
             return;
         }
-        let ns = Netns::create(&NetnsMode::New, Path::new("/test")).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let ns = Netns::create(&NetnsMode::New, state.path()).unwrap();
         let own = std::fs::read_link("/proc/self/ns/net").unwrap();
         let theirs = std::fs::read_link(format!("/proc/{}/ns/net", ns.pid())).unwrap();
         assert_ne!(
@@ -817,14 +1029,38 @@ mod tests {
             .iter()
             .any(|r| r.destination == "default" && r.gateway.as_deref() == Some("10.77.0.1")));
         w.interfaces.retain(|i| i.name == "eth0");
-        ns.wire(&mut w).await.unwrap();
-        assert_eq!(w.taps, vec!["avmtap0".to_string()]);
-        let filters = ns
-            .run("tc", ["filter", "show", "dev", "eth0", "ingress"])
-            .await
+        let nft = egress::nft_program();
+        let policy = egress::PolicyFile::default()
+            .select(Some("none-but; allow 198.51.100.9 udp port 9"))
             .unwrap();
-        assert!(filters.contains("avmtap0"), "{filters}");
-        guard_drops_what_the_guest_must_not_send(&ns).await;
+        if nft.is_none() {
+            // Without nftables only `open` is possible, and tc redirects.
+            let e = ns.wire(&mut w.clone(), &policy).await.unwrap_err();
+            assert!(e.to_string().contains("apt-get install nftables"), "{e}");
+            ns.wire(&mut w, &egress::Policy::open()).await.unwrap();
+            let filters = ns
+                .run("tc", ["filter", "show", "dev", "eth0", "ingress"])
+                .await
+                .unwrap();
+            assert!(filters.contains("avmtap0"), "{filters}");
+        } else {
+            ns.wire(&mut w, &policy).await.unwrap();
+            let table = ns
+                .run("nft", ["list", "table", "netdev", "agentvm"])
+                .await
+                .unwrap();
+            assert!(table.contains("fwd to \"avmtap0\""), "{table}");
+        }
+        assert_eq!(w.taps, vec!["avmtap0".to_string()]);
+        guard_drops_what_the_guest_must_not_send(&ns, nft.is_none()).await;
+        if nft.is_some() {
+            egress_lets_through_only_what_the_policy_allows(&ns, state.path()).await;
+        } else {
+            crate::test_support::runnable(
+                "namespace_is_created_scanned_and_wired (egress)",
+                Some("nft is not installed (apt-get install nftables)"),
+            );
+        }
         assert!(!ns.ipv6_disabled("eth0").await, "a fresh veth has IPv6 on");
         ns.run("sysctl", ["-qw", "net.ipv6.conf.eth0.disable_ipv6=1"])
             .await
