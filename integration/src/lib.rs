@@ -17,6 +17,13 @@ pub struct VmEnv {
     pub state_root: tempfile::TempDir,
 }
 
+/// The `agentvm` binary the tests drive: `$AGENTVM_BIN` or the workspace's debug build.
+pub fn agentvm_bin() -> PathBuf {
+    std::env::var_os("AGENTVM_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/debug/agentvm"))
+}
+
 fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
@@ -36,9 +43,7 @@ impl VmEnv {
     /// The environment for a VM test, or `None` (after printing why) when this host cannot
     /// boot VMs.
     pub fn get(test: &str) -> Option<VmEnv> {
-        let bin = std::env::var_os("AGENTVM_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| workspace_root().join("target/debug/agentvm"));
+        let bin = agentvm_bin();
         if !bin.is_file() {
             return skip_or_fail(
                 test,

@@ -598,7 +598,7 @@ pub fn nft_script(policy: &Policy, facts: &Facts) -> String {
         ));
     }
     s.push_str(&format!(
-        "  chain deny {{\n    limit rate {AUDIT_RATE}/second burst {} packets fwd to \"{AUDIT_TAP}\"\n    counter drop\n  }}\n",
+        "  chain deny {{\n    counter\n    limit rate {AUDIT_RATE}/second burst {} packets fwd to \"{AUDIT_TAP}\"\n    drop\n  }}\n",
         AUDIT_RATE * 2
     ));
     for (tap, veth) in &facts.links {

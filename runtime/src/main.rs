@@ -31,6 +31,30 @@ enum Command {
     Install(InstallArgs),
     /// Remove what `install` added from both files. Restarts nothing.
     Uninstall(InstallArgs),
+    /// A running container's egress policy: show it, change it, read what it blocked.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PolicyCmd {
+    /// The policy, its rules in the order they apply, and what it blocked so far.
+    Show {
+        /// The container's id (or a unique prefix of it).
+        container: String,
+    },
+    /// Applies another policy at once, without a restart: a profile name (open, agent,
+    /// none-but, or one of /etc/agentvm/policy.toml) with inline rules after `;`.
+    Set { container: String, policy: String },
+    /// The blocked connection attempts (time, destination, the rule that blocked it).
+    Log {
+        container: String,
+        /// Keep printing new lines until the container ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -127,10 +151,149 @@ fn main() {
             }
             Command::Install(a) => install_cmd(&a, true),
             Command::Uninstall(a) => install_cmd(&a, false),
+            Command::Policy { action } => match policy_cmd(action).await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("agentvm: error: {e}");
+                    1
+                }
+            },
         }
     });
     // Exit without waiting for the blocking stdin reader, which may sit in read(2).
     std::process::exit(code);
+}
+
+/// The state dir of the running container `id` (or the one whose id starts with it).
+fn sandbox_dir(id: &str) -> agentvm::Result<std::path::PathBuf> {
+    let root = agentvm::sandbox::state_root();
+    let bad = |why: String| agentvm::Error::Invalid(why);
+    if id.is_empty() || id.contains('/') || id.starts_with('.') {
+        return Err(bad(format!("{id:?} is not a container id")));
+    }
+    let exact = root.join(id);
+    if exact.is_dir() {
+        return Ok(exact);
+    }
+    let found: Vec<_> = std::fs::read_dir(&root)
+        .map_err(|e| agentvm::Error::Invalid(format!("{}: {e}", root.display())))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with(id))
+        .map(|e| e.path())
+        .collect();
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(bad(format!(
+            "no running agentvm container {id:?} in {} (give its full id: docker inspect -f \
+             '{{{{.Id}}}}' NAME)",
+            root.display()
+        ))),
+        _ => Err(bad(format!(
+            "{id:?} names {} containers: give more of the id",
+            found.len()
+        ))),
+    }
+}
+
+async fn policy_cmd(cmd: PolicyCmd) -> agentvm::Result<()> {
+    use agentvm::egress;
+    let (PolicyCmd::Show { container }
+    | PolicyCmd::Set { container, .. }
+    | PolicyCmd::Log { container, .. }) = &cmd;
+    let dir = sandbox_dir(container)?;
+    let no_table = || {
+        agentvm::Error::Invalid(format!(
+            "{} has no egress table: it has no network, or it started before nftables was \
+             installed (apt-get install nftables, then restart it)",
+            dir.display()
+        ))
+    };
+    match cmd {
+        PolicyCmd::Show { .. } => {
+            let record = egress::Record::load(&dir).map_err(|_| no_table())?;
+            let (rules, default) = record.policy.effective(&record.facts);
+            println!(
+                "policy: {} (base {})",
+                record.policy.name,
+                record.policy.base.name()
+            );
+            println!("rules, first match wins:");
+            for r in &rules {
+                println!("  {}", r.text);
+            }
+            println!(
+                "  default: {}",
+                if default == egress::Action::Allow {
+                    "allow"
+                } else {
+                    "deny"
+                }
+            );
+            let logged = [
+                egress::log_path(&dir).with_extension("log.1"),
+                egress::log_path(&dir),
+            ]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .map(|t| t.lines().count())
+            .sum::<usize>();
+            let fd = open_netns(&record.netns)?;
+            let nft = egress::nft_program().ok_or_else(|| egress::nft_missing(&record.policy))?;
+            let blocked = agentvm::netns::egress_blocked(&fd, &nft).await?;
+            println!(
+                "blocked: {blocked} packets ({logged} logged; logging is limited to {} a second)",
+                egress::AUDIT_RATE
+            );
+            Ok(())
+        }
+        PolicyCmd::Set { policy, .. } => {
+            let mut record = egress::Record::load(&dir).map_err(|_| no_table())?;
+            let file = egress::PolicyFile::load(&egress::policy_path())
+                .map_err(|e| agentvm::Error::Invalid(e.to_string()))?;
+            record.policy = file
+                .select(Some(&policy))
+                .map_err(|e| agentvm::Error::Invalid(e.to_string()))?;
+            let fd = open_netns(&record.netns)?;
+            let nft = egress::nft_program().ok_or_else(|| egress::nft_missing(&record.policy))?;
+            agentvm::netns::apply_egress(&fd, &nft, &record).await?;
+            record.save(&dir)?;
+            println!(
+                "agentvm: egress policy of {} is now {:?}",
+                dir.display(),
+                record.policy.name
+            );
+            Ok(())
+        }
+        PolicyCmd::Log { follow, .. } => {
+            let log = egress::log_path(&dir);
+            let older = std::fs::read_to_string(log.with_extension("log.1")).unwrap_or_default();
+            print!("{older}");
+            let mut seen = 0usize;
+            loop {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                // Rotated: start over on the new file.
+                if text.len() < seen {
+                    seen = 0;
+                }
+                print!("{}", &text[seen..]);
+                seen = text.len();
+                if !follow || !dir.exists() {
+                    return Ok(());
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+fn open_netns(path: &Path) -> agentvm::Result<std::sync::Arc<std::os::fd::OwnedFd>> {
+    let f = std::fs::File::open(path).map_err(|e| {
+        agentvm::Error::Invalid(format!(
+            "open the container's network namespace {}: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(std::sync::Arc::new(f.into()))
 }
 
 /// `agentvm install` / `uninstall`: one line per file (what changed, what to reload), an

@@ -449,6 +449,27 @@ pub async fn apply_egress(fd: &Arc<OwnedFd>, nft: &Path, record: &egress::Record
         .map(drop)
 }
 
+/// How many packets the policy in the namespace `fd` has blocked (its `deny` chain's counter).
+pub async fn egress_blocked(fd: &Arc<OwnedFd>, nft: &Path) -> Result<u64> {
+    let text = run_in(
+        fd,
+        &nft.display().to_string(),
+        ["list", "chain", "netdev", "agentvm", "deny"],
+        None,
+    )
+    .await?;
+    Ok(parse_counter(&text))
+}
+
+/// The packets of the first `counter packets N` in nft's output.
+fn parse_counter(text: &str) -> u64 {
+    text.split("counter packets ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Reads the frames the policy blocked from the audit tap and logs each (rate-limited by the
 /// table) to the sandbox's `egress.log` and the shim's log. The thread ends with the tap (the
 /// namespace going away).
