@@ -15,11 +15,12 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode, NamespaceOption,
-    PodSandboxConfig, PodSandboxFilter, PodSandboxMetadata, PodSandboxState,
-    PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
-    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
+    CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    ListPodSandboxRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxFilter,
+    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest, VersionRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -206,6 +207,16 @@ impl<'a> Pod<'a> {
     /// CreateContainer + StartContainer of a busybox container running `sh -c script`,
     /// logging to `<name>.log` in the pod's log directory.
     fn start(&mut self, name: &str, script: &str) -> String {
+        self.start_with(name, script, None)
+    }
+
+    /// [`Pod::start`] with the container's Linux settings.
+    fn start_with(
+        &mut self,
+        name: &str,
+        script: &str,
+        linux: Option<LinuxContainerConfig>,
+    ) -> String {
         let c = self.cri;
         let id = c
             .block(c.client().create_container(CreateContainerRequest {
@@ -221,6 +232,7 @@ impl<'a> Pod<'a> {
                     }),
                     command: vec!["sh".into(), "-c".into(), script.into()],
                     log_path: format!("{name}.log"),
+                    linux,
                     ..Default::default()
                 }),
                 sandbox_config: Some(self.config.clone()),
@@ -656,4 +668,50 @@ fn host_namespaces_are_refused_by_agentvm() {
         .filter(|p| p.contains("host-ns-"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// A container with `readonly_rootfs`: writes to its root fail as read-only, its /dev/shm and
+/// the kernel filesystems under it still work; its log says so.
+fn readonly_root(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "readonly", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let script =
+        "if touch /probe 2>/dev/null; then echo root-writable; else echo root-read-only; fi; \
+                  touch /dev/shm/probe && echo shm-writable; \
+                  test -r /proc/self/status && echo proc-mounted";
+    let id = pod.start_with(
+        "ro",
+        script,
+        Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                readonly_rootfs: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+    let s = pod.wait_state(&id, ContainerState::ContainerExited);
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"), "{s:?}");
+    let log = parse_cri_log(&read_log(&pod.logs.path().join("ro.log"), 3));
+    let out: Vec<&str> = log.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(out, ["root-read-only", "shm-writable", "proc-mounted"]);
+    let ids = [pod.id.clone(), id];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, None);
+}
+
+#[test]
+fn readonly_root_runc() {
+    let Some(cri) = Cri::get("readonly_root_runc") else {
+        return;
+    };
+    readonly_root(&cri, RUNC);
+}
+
+#[test]
+fn readonly_root_agentvm() {
+    let Some(cri) = Cri::get("readonly_root_agentvm") else {
+        return;
+    };
+    readonly_root(&cri, AGENTVM);
 }
