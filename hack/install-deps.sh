@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs every host dependency agentvm needs on Debian bookworm: QEMU, e2fsprogs, the kernel
 # build toolchain and Debian's linux-source-6.12, busybox-static (test rootfs), Docker 26 and
-# containerd 1.7 from Debian trixie (pinned low, installed by name), and the vhost-device-vsock
+# containerd 1.7 from Debian trixie (pinned low, installed by name), the CRI tests' CNI plugins
+# and protoc (the CRI client's protos are compiled at build time), and the vhost-device-vsock
 # and virtiofsd daemons from crates.io. Idempotent; safe to re-run.
 set -euo pipefail
 
@@ -18,6 +19,7 @@ PKGS=(
   linux-source-6.12
   iproute2 nftables procps psmisc docker-registry skopeo debootstrap umoci
   libseccomp-dev libcap-ng-dev
+  protobuf-compiler containernetworking-plugins
 )
 
 export DEBIAN_FRONTEND=noninteractive

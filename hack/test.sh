@@ -44,5 +44,15 @@ else
   log "not root or no dockerd (hack/install-deps.sh installs it): the Docker tests will skip"
 fi
 
+# CRI tests: a containerd of their own (socket, config, CNI network, pause and busybox images
+# in k8s.io) running this checkout's shim and agent, copied to its own directory.
+if [ "$(id -u)" = 0 ] && command -v containerd >/dev/null 2>&1; then
+  log "containerd for the CRI tests"
+  AGENTVM_CRI_SOCKET=$(hack/cri-up.sh target/debug/containerd-shim-agentvm-v1 "$agent")
+  export AGENTVM_CRI_SOCKET
+else
+  log "not root or no containerd: the CRI tests will skip"
+fi
+
 log "cargo test"
 cargo test --workspace --locked

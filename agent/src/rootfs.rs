@@ -16,6 +16,12 @@ pub const ROOT: &str = "/run/agentvm/rootfs";
 pub const LOWER: &str = "/run/agentvm/lower";
 /// The tmpfs holding the overlay's upper and work directories.
 pub const RW: &str = "/run/agentvm/rw";
+/// The tmpfs under a read-only layered root's overlay: it takes the mount points that the
+/// setup creates (`/proc`, `/dev`, `/etc/resolv.conf`, ... which a CRI pause image lacks) and
+/// nothing else, as the root is made read-only ([`seal`]) once they exist. runc creates them
+/// in the container's writable layer before it makes the root read-only; here that layer's
+/// share is read-only on the host, so they live in the guest's memory instead.
+pub const SCRATCH: &str = "/run/agentvm/scratch";
 
 /// One step of root filesystem setup.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +48,11 @@ pub enum Op {
     Symlink {
         target: String,
         link: String,
+    },
+    /// Make the mount at `target` read-only (that mount only: not its filesystem, not the
+    /// mounts below it), as runc's final remount of a read-only root.
+    RemountReadonly {
+        target: String,
     },
 }
 
@@ -214,9 +225,26 @@ fn layered(l: &LayeredRoot) -> Vec<Op> {
     ));
     let upper = format!("{RW}/{}", l.upper);
     let (flags, data) = if l.readonly {
+        // Writable while the mount points are made, read-only once they are ([`seal`]).
+        let (s_upper, s_work) = (format!("{SCRATCH}/upper"), format!("{SCRATCH}/work"));
+        ops.extend([
+            mkdir(SCRATCH, 0o755),
+            mnt(
+                "tmpfs",
+                SCRATCH,
+                "tmpfs",
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some("mode=0755,size=4m"),
+            ),
+            mkdir(&s_upper, 0o755),
+            mkdir(&s_work, 0o700),
+        ]);
         (
-            MsFlags::MS_RDONLY,
-            format!("lowerdir={upper}:{}", lowers.join(":")),
+            MsFlags::empty(),
+            format!(
+                "lowerdir={upper}:{},upperdir={s_upper},workdir={s_work}",
+                lowers.join(":")
+            ),
         )
     } else {
         let work = format!("{RW}/{}", l.work);
@@ -234,6 +262,17 @@ fn layered(l: &LayeredRoot) -> Vec<Op> {
     ops
 }
 
+/// The steps that finish the root once every mount in it is made (the kernel filesystems of
+/// [`plan`], then the container's own mounts): a read-only root becomes read-only.
+pub fn seal(spec: &RootfsSpec) -> Vec<Op> {
+    match &spec.layers {
+        Some(l) if l.readonly => vec![Op::RemountReadonly {
+            target: ROOT.into(),
+        }],
+        _ => Vec::new(),
+    }
+}
+
 /// What to unmount when powering off, innermost first.
 pub fn unmount_order() -> Vec<String> {
     let r = |p: &str| format!("{ROOT}{p}");
@@ -245,6 +284,7 @@ pub fn unmount_order() -> Vec<String> {
         r("/sys"),
         r("/proc"),
         ROOT.to_string(),
+        SCRATCH.to_string(),
         RW.to_string(),
         LOWER.to_string(),
     ]
@@ -279,6 +319,7 @@ fn describe(op: &Op) -> String {
         } => format!("mount {source} ({fstype}) on {target}"),
         Op::CharDev { path, .. } => format!("mknod {path}"),
         Op::Symlink { target, link } => format!("symlink {link} -> {target}"),
+        Op::RemountReadonly { target } => format!("remount {target} read-only"),
     }
 }
 
@@ -327,6 +368,14 @@ fn run(op: &Op) -> std::io::Result<()> {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
             r => r,
         },
+        Op::RemountReadonly { target } => mount(
+            None::<&str>,
+            target.as_str(),
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(errno_io),
     }
 }
 
@@ -447,17 +496,50 @@ mod tests {
     }
 
     #[test]
-    fn read_only_layered_root_has_no_upper() {
-        let ops = plan(&layered_spec(true));
+    fn read_only_layered_root_takes_mount_points_in_guest_memory_then_seals() {
+        let spec = layered_spec(true);
+        let ops = plan(&spec);
         let (flags, data) = overlay_mount(&ops);
-        assert_eq!(flags, MsFlags::MS_RDONLY);
+        // Writable while the mount points are made: the shared writable layer is the top
+        // lower layer (the host shares it read-only), the upper a tmpfs of the guest's.
+        assert_eq!(flags, MsFlags::empty());
         assert_eq!(
             data,
-            "lowerdir=/run/agentvm/rw/diff:/run/agentvm/lower0:/run/agentvm/lower1"
+            "lowerdir=/run/agentvm/rw/diff:/run/agentvm/lower0:/run/agentvm/lower1,\
+             upperdir=/run/agentvm/scratch/upper,workdir=/run/agentvm/scratch/work"
         );
+        let scratch = index(
+            &ops,
+            |o| matches!(o, Op::Mount { target, fstype, .. } if target == SCRATCH && fstype == "tmpfs"),
+        );
+        let root = index(
+            &ops,
+            |o| matches!(o, Op::Mount { target, .. } if target == ROOT),
+        );
+        assert!(scratch < root);
         assert!(!ops
             .iter()
             .any(|o| matches!(o, Op::Mkdir { path, .. } if path.ends_with("agentvm-work"))));
+        // The mount points (/proc, /dev, ...) are made before the root turns read-only,
+        // which is the last step, after the container's own mounts.
+        assert!(ops.contains(&mkdir("/run/agentvm/rootfs/proc", 0o555)));
+        assert!(!ops.iter().any(|o| matches!(o, Op::RemountReadonly { .. })));
+        assert_eq!(
+            seal(&spec),
+            [Op::RemountReadonly {
+                target: ROOT.into()
+            }]
+        );
+        let order = unmount_order();
+        let pos = |t: &str| order.iter().position(|o| o == t).unwrap();
+        assert!(pos(ROOT) < pos(SCRATCH));
+    }
+
+    #[test]
+    fn a_writable_root_is_not_sealed() {
+        assert!(seal(&layered_spec(false)).is_empty());
+        assert!(seal(&spec(true)).is_empty());
+        assert!(seal(&spec(false)).is_empty());
     }
 
     #[test]
@@ -573,6 +655,91 @@ mod tests {
             .as_deref()
             .unwrap()
             .starts_with("newinstance,ptmxmode=0666"));
+    }
+
+    /// The read-only root's steps for real, in a private mount namespace: mount points are
+    /// made in the overlay's tmpfs upper while the shared layer stays untouched, and after the
+    /// seal the root refuses writes while a mount inside it (the container's /dev) does not.
+    #[test]
+    fn real_read_only_root_gets_its_mount_points_then_turns_read_only() {
+        if !crate::testutil::is_root() {
+            eprintln!("skipping real_read_only_root_...: needs root for mount(2)");
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("agentvm-rootfs-ro-{}", std::process::id()));
+        let d = dir.to_str().unwrap().to_string();
+        std::fs::create_dir_all(format!("{d}/layer/bin")).unwrap();
+        std::fs::create_dir_all(format!("{d}/diff")).unwrap();
+        let d2 = d.clone();
+        // unshare(CLONE_NEWNS) moves only this thread; its mounts die with the namespace.
+        let result = std::thread::spawn(move || {
+            let d = d2;
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).expect("unshare mntns");
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .expect("make the namespace's mounts private");
+            let (root, scratch) = (format!("{d}/root"), format!("{d}/scratch"));
+            let ops = [
+                mkdir(&scratch, 0o755),
+                mnt(
+                    "tmpfs",
+                    &scratch,
+                    "tmpfs",
+                    MsFlags::empty(),
+                    Some("size=1m"),
+                ),
+                mkdir(&format!("{scratch}/upper"), 0o755),
+                mkdir(&format!("{scratch}/work"), 0o700),
+                mkdir(&root, 0o755),
+                mnt(
+                    "overlay",
+                    &root,
+                    "overlay",
+                    MsFlags::empty(),
+                    Some(&format!(
+                        "lowerdir={d}/diff:{d}/layer,upperdir={scratch}/upper,\
+                         workdir={scratch}/work"
+                    )),
+                ),
+                mkdir(&format!("{root}/proc"), 0o555),
+                mkdir(&format!("{root}/dev"), 0o755),
+                mnt(
+                    "tmpfs",
+                    &format!("{root}/dev"),
+                    "tmpfs",
+                    MsFlags::empty(),
+                    None,
+                ),
+                Op::RemountReadonly {
+                    target: root.clone(),
+                },
+            ];
+            execute(&ops).map_err(|e| e.to_string())?;
+            let ro = std::fs::create_dir(format!("{root}/etc")).unwrap_err();
+            if ro.raw_os_error() != Some(libc::EROFS) {
+                return Err(format!("mkdir in the sealed root: {ro}"));
+            }
+            std::fs::write(format!("{root}/dev/null-ish"), "x")
+                .map_err(|e| format!("the root's /dev should stay writable: {e}"))?;
+            if !std::path::Path::new(&format!("{root}/proc")).is_dir()
+                || !std::path::Path::new(&format!("{root}/bin")).is_dir()
+            {
+                return Err("the root lacks its mount point or its layer".into());
+            }
+            Ok(())
+        })
+        .join()
+        .unwrap();
+        // The mount point went to the guest's memory, not into the shared writable layer.
+        let diff_entries = std::fs::read_dir(format!("{d}/diff")).unwrap().count();
+        std::fs::remove_dir_all(&dir).unwrap();
+        result.unwrap();
+        assert_eq!(diff_entries, 0, "the shared writable layer was written to");
     }
 
     #[test]

@@ -130,6 +130,16 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Finishes the container root once the init's mounts are made ([`rootfs::seal`]).
+    fn seal_rootfs(&self, spec: &RootfsSpec) -> Result<(), rootfs::RootfsError> {
+        if self.preset_root {
+            return Ok(());
+        }
+        rootfs::execute(&rootfs::seal(spec))
+    }
+}
+
 /// What to do once a connection is over.
 #[derive(Debug, PartialEq, Eq)]
 enum After {
@@ -419,6 +429,12 @@ async fn run(
             info!("{e}");
         }
         if let Err(e) = mounts::apply(&req.mounts, &agent.root) {
+            info!("{e}");
+            let _ = out.send(error(e.to_string(), None)).await;
+            return failed;
+        }
+        // Every mount point exists now: a read-only root turns read-only.
+        if let Err(e) = agent.seal_rootfs(&req.rootfs) {
             info!("{e}");
             let _ = out.send(error(e.to_string(), None)).await;
             return failed;

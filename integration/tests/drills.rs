@@ -12,6 +12,26 @@ const T: Duration = DOCKER_TIMEOUT;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
+/// The pids of the containerd Docker uses: started without `--config` (hack/docker-up.sh),
+/// unlike the CRI tests' own.
+fn system_containerd() -> Vec<i32> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = raw.split(|b| *b == 0).filter(|a| !a.is_empty()).collect();
+            args.first()
+                .is_some_and(|a| a.rsplit(|b| *b == b'/').next() == Some(b"containerd"))
+                && !args
+                    .iter()
+                    .any(|a| a.starts_with(b"--config") || *a == b"-c")
+        })
+        .collect()
+}
+
 /// Starts a detached container that runs until killed; returns its full id.
 fn start_sleeper(env: &DockerEnv, name: &str, extra: &[&str]) -> String {
     let mut args = vec!["run", "--runtime=agentvm", "-d", "--name", name];
@@ -103,16 +123,18 @@ fn containerd_restart_keeps_a_running_container() {
     let id = start_sleeper(&env, &name, &[]);
     let shim = shim_pid(&id);
     let up = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../hack/docker-up.sh");
-    let status = std::process::Command::new("pkill")
-        .args(["-TERM", "-x", "containerd"])
-        .status()
-        .expect("pkill");
-    assert!(status.success(), "containerd was not running");
+    // Docker's containerd only: another one (the CRI tests', hack/cri-up.sh) runs with a
+    // config of its own and is left alone.
+    let pids = system_containerd();
+    assert!(!pids.is_empty(), "containerd was not running");
+    for pid in &pids {
+        // SAFETY: kill(2) on a pid just read from /proc; at worst it names an exited process.
+        unsafe { libc::kill(*pid, libc::SIGTERM) };
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::process::Command::new("pgrep")
-        .args(["-x", "containerd"])
-        .output()
-        .is_ok_and(|o| o.status.success())
+    while pids
+        .iter()
+        .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists())
     {
         assert!(Instant::now() < deadline, "containerd did not stop");
         std::thread::sleep(Duration::from_millis(100));

@@ -21,6 +21,7 @@ pub mod mounts;
 pub mod netguard;
 pub mod netns;
 pub mod oci;
+pub mod pod;
 pub mod qmp;
 pub mod resources;
 pub mod ringlog;

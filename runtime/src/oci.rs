@@ -128,6 +128,16 @@ pub fn map_spec(
             Some(p) if !p.as_os_str().is_empty() => NetnsMode::Join(p.clone()),
             _ => NetnsMode::New,
         });
+    // A Kubernetes pod's: refused where a VM cannot honour it.
+    let netns = crate::pod::admit(spec, &annotations, netns)?;
+    let mounts = spec.mounts().clone().unwrap_or_default();
+    let hostname = spec
+        .hostname()
+        .clone()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            crate::pod::container_hostname(&crate::pod::PodRole::of(&annotations), &mounts)
+        });
     let host_cgroup = crate::hostcgroup::Request {
         cgroups_path: spec
             .linux()
@@ -144,7 +154,7 @@ pub fn map_spec(
         volume_limits,
         host_cgroup,
         netns,
-        mounts: spec.mounts().clone().unwrap_or_default(),
+        mounts,
         hooks: spec.hooks().clone(),
         annotations,
         sysctls: spec
@@ -154,7 +164,7 @@ pub fn map_spec(
             .map(|m| m.into_iter().collect())
             .unwrap_or_default(),
         process,
-        hostname: spec.hostname().clone().filter(|h| !h.is_empty()),
+        hostname,
         root,
         root_readonly,
         memory_mib: memory_mib(memory_limit, default_memory_mib),

@@ -1,0 +1,717 @@
+//! Kubernetes' Container Runtime Interface through containerd's CRI plugin: the calls kubelet
+//! makes, over containerd's gRPC socket, against the RuntimeClass handler `runc` (the
+//! reference) and `agentvm`, with the same assertions for both.
+//!
+//! Needs the CRI tests' own containerd (hack/cri-up.sh: its own socket, config, CNI network
+//! 10.231.0.0/24, the locally built pause image and the busybox test image in `k8s.io`);
+//! hack/test.sh starts it and sets `AGENTVM_CRI_SOCKET`. Without it the tests skip (fail
+//! under `AGENTVM_REQUIRE_VM=1`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::image_service_client::ImageServiceClient;
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
+    CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    ListPodSandboxRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxFilter,
+    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
+    StopPodSandboxRequest, VersionRequest,
+};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use agentvm_integration::processes_mentioning;
+
+/// The socket hack/cri-up.sh's containerd listens on, unless `AGENTVM_CRI_SOCKET` says.
+const DEFAULT_SOCKET: &str = "/run/agentvm-cri-test/containerd.sock";
+/// The busybox test image hack/cri-up.sh imports (hack/make-test-image.py).
+const BUSYBOX: &str = "docker.io/agentvm-test/busybox:latest";
+/// Deadline of one CRI call that may boot a VM (TCG, two cores shared with other tests).
+const CALL_TIMEOUT: Duration = Duration::from_secs(180);
+/// The pod network of hack/cri-up.sh.
+const POD_SUBNET_PREFIX: &str = "10.231.0.";
+
+/// The runtime handlers every scenario runs against: runc is the reference.
+const RUNC: &str = "runc";
+const AGENTVM: &str = "agentvm";
+
+/// A connection to the CRI test containerd.
+struct Cri {
+    rt: tokio::runtime::Runtime,
+    runtime: RuntimeServiceClient<Channel>,
+    _images: ImageServiceClient<Channel>,
+}
+
+fn skip_or_fail<T>(test: &str, reason: String) -> Option<T> {
+    if std::env::var("AGENTVM_REQUIRE_VM").as_deref() == Ok("1") {
+        panic!("{test}: {reason} (AGENTVM_REQUIRE_VM=1 forbids skipping)");
+    }
+    eprintln!("SKIP {test}: {reason}");
+    None
+}
+
+impl Cri {
+    /// The connection for a CRI test, or `None` (after printing why) when the CRI test
+    /// containerd is not running.
+    fn get(test: &str) -> Option<Cri> {
+        let socket = std::env::var("AGENTVM_CRI_SOCKET").unwrap_or_else(|_| DEFAULT_SOCKET.into());
+        if !Path::new(&socket).exists() {
+            return skip_or_fail(
+                test,
+                format!("no CRI test containerd at {socket} (run hack/cri-up.sh as root)"),
+            );
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        let connected = rt.block_on(async {
+            let path = PathBuf::from(&socket);
+            // The URI is required by tonic and ignored by the connector.
+            let channel = Endpoint::from_static("http://[::]:50051")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }))
+                .await?;
+            let mut runtime = RuntimeServiceClient::new(channel.clone());
+            let v = runtime
+                .version(VersionRequest {
+                    version: "v1".into(),
+                })
+                .await?
+                .into_inner();
+            Ok::<_, Box<dyn std::error::Error>>((runtime, ImageServiceClient::new(channel), v))
+        });
+        match connected {
+            Ok((runtime, images, v)) => {
+                eprintln!(
+                    "{test}: {} {} (CRI {})",
+                    v.runtime_name, v.runtime_version, v.runtime_api_version
+                );
+                Some(Cri {
+                    rt,
+                    runtime,
+                    _images: images,
+                })
+            }
+            Err(e) => skip_or_fail(
+                test,
+                format!("the CRI test containerd at {socket} does not answer: {e}"),
+            ),
+        }
+    }
+
+    fn block<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        self.rt
+            .block_on(async { tokio::time::timeout(CALL_TIMEOUT, f).await })
+            .unwrap_or_else(|_| panic!("a CRI call took longer than {CALL_TIMEOUT:?}"))
+    }
+
+    fn client(&self) -> RuntimeServiceClient<Channel> {
+        self.runtime.clone()
+    }
+}
+
+/// A gRPC error as text: its code and message.
+fn status_text(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+/// A pod of one test, removed (with its containers) when dropped, also after a failed
+/// assertion.
+struct Pod<'a> {
+    cri: &'a Cri,
+    id: String,
+    config: PodSandboxConfig,
+    logs: tempfile::TempDir,
+    containers: Vec<String>,
+}
+
+fn pod_config(test: &str, handler: &str, logs: &Path, ns: NamespaceOption) -> PodSandboxConfig {
+    let name = format!("{test}-{handler}");
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.clone(),
+            uid: format!("{name}-{}", std::process::id()),
+            namespace: "agentvm-it".into(),
+            attempt: 0,
+        }),
+        // kubelet names no hostname for a pod on the host's network (runc refuses one).
+        hostname: if ns.network == NamespaceMode::Node as i32 {
+            String::new()
+        } else {
+            "cri-pod".into()
+        },
+        log_directory: logs.display().to_string(),
+        linux: Some(LinuxPodSandboxConfig {
+            security_context: Some(LinuxSandboxSecurityContext {
+                namespace_options: Some(ns),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        labels: HashMap::from([(
+            "agentvm-test".into(),
+            format!("{test}-{handler}-{}", std::process::id()),
+        )]),
+        // Until a pod's containers share the pod's VM, each runs in a VM of its own without
+        // the pod's network (runtime/src/pod.rs); runc never sees the annotation.
+        annotations: HashMap::from([(
+            "io.agentvm.pod-containers".into(),
+            "vm-without-network".into(),
+        )]),
+        ..Default::default()
+    }
+}
+
+impl<'a> Pod<'a> {
+    /// RunPodSandbox with `handler` and the namespace options `ns`.
+    fn run(
+        cri: &'a Cri,
+        test: &str,
+        handler: &str,
+        ns: NamespaceOption,
+    ) -> Result<Pod<'a>, String> {
+        let logs = tempfile::Builder::new()
+            .prefix("agentvm-cri-logs.")
+            .tempdir()
+            .expect("log dir");
+        let config = pod_config(test, handler, logs.path(), ns);
+        let id = cri
+            .block(cri.client().run_pod_sandbox(RunPodSandboxRequest {
+                config: Some(config.clone()),
+                runtime_handler: handler.into(),
+            }))
+            .map_err(status_text)?
+            .into_inner()
+            .pod_sandbox_id;
+        Ok(Pod {
+            cri,
+            id,
+            config,
+            logs,
+            containers: Vec::new(),
+        })
+    }
+
+    /// CreateContainer + StartContainer of a busybox container running `sh -c script`,
+    /// logging to `<name>.log` in the pod's log directory.
+    fn start(&mut self, name: &str, script: &str) -> String {
+        self.start_with(name, script, None)
+    }
+
+    /// [`Pod::start`] with the container's Linux settings.
+    fn start_with(
+        &mut self,
+        name: &str,
+        script: &str,
+        linux: Option<LinuxContainerConfig>,
+    ) -> String {
+        let c = self.cri;
+        let id = c
+            .block(c.client().create_container(CreateContainerRequest {
+                pod_sandbox_id: self.id.clone(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata {
+                        name: name.into(),
+                        attempt: 0,
+                    }),
+                    image: Some(ImageSpec {
+                        image: BUSYBOX.into(),
+                        ..Default::default()
+                    }),
+                    command: vec!["sh".into(), "-c".into(), script.into()],
+                    log_path: format!("{name}.log"),
+                    linux,
+                    ..Default::default()
+                }),
+                sandbox_config: Some(self.config.clone()),
+            }))
+            .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+            .into_inner()
+            .container_id;
+        self.containers.push(id.clone());
+        c.block(c.client().start_container(StartContainerRequest {
+            container_id: id.clone(),
+        }))
+        .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+        id
+    }
+
+    fn status(&self, id: &str) -> ContainerStatus {
+        let c = self.cri;
+        c.block(c.client().container_status(ContainerStatusRequest {
+            container_id: id.into(),
+            verbose: false,
+        }))
+        .unwrap_or_else(|e| panic!("ContainerStatus: {e}"))
+        .into_inner()
+        .status
+        .expect("a status")
+    }
+
+    /// Polls ContainerStatus until the container is in `state`.
+    fn wait_state(&self, id: &str, state: ContainerState) -> ContainerStatus {
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        loop {
+            let s = self.status(id);
+            if s.state == state as i32 {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {id} not {state:?} after {CALL_TIMEOUT:?}: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn exec_sync(&self, id: &str, cmd: &[&str], timeout: i64) -> Result<ExecSyncResponse, String> {
+        let c = self.cri;
+        c.block(c.client().exec_sync(ExecSyncRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout,
+        }))
+        .map(|r| r.into_inner())
+        .map_err(status_text)
+    }
+
+    fn stop_container(&self, id: &str, timeout: i64) {
+        let c = self.cri;
+        c.block(c.client().stop_container(StopContainerRequest {
+            container_id: id.into(),
+            timeout,
+        }))
+        .unwrap_or_else(|e| panic!("StopContainer: {e}"));
+    }
+
+    fn remove_container(&mut self, id: &str) {
+        let c = self.cri;
+        c.block(c.client().remove_container(RemoveContainerRequest {
+            container_id: id.into(),
+        }))
+        .unwrap_or_else(|e| panic!("RemoveContainer: {e}"));
+        self.containers.retain(|c| c != id);
+    }
+
+    /// The pod's network namespace (the runtime spec in PodSandboxStatus' verbose info).
+    fn netns_path(&self) -> Option<String> {
+        let c = self.cri;
+        let info = c
+            .block(c.client().pod_sandbox_status(PodSandboxStatusRequest {
+                pod_sandbox_id: self.id.clone(),
+                verbose: true,
+            }))
+            .ok()?
+            .into_inner()
+            .info;
+        let v: serde_json::Value = serde_json::from_str(info.get("info")?).ok()?;
+        v["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()?
+            .iter()
+            .find(|n| n["type"] == "network")?["path"]
+            .as_str()
+            .map(Into::into)
+    }
+
+    /// StopPodSandbox + RemovePodSandbox.
+    fn remove(mut self) -> Result<(), String> {
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<(), String> {
+        let c = self.cri;
+        for id in std::mem::take(&mut self.containers) {
+            let _ = c.block(
+                c.client()
+                    .remove_container(RemoveContainerRequest { container_id: id }),
+            );
+        }
+        if self.id.is_empty() {
+            return Ok(());
+        }
+        let id = std::mem::take(&mut self.id);
+        c.block(c.client().stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: id.clone(),
+        }))
+        .map_err(status_text)?;
+        c.block(
+            c.client()
+                .remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: id }),
+        )
+        .map_err(status_text)?;
+        Ok(())
+    }
+}
+
+impl Drop for Pod<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("cleaning up pod: {e}");
+        }
+    }
+}
+
+/// Asserts that nothing of the ids survives: no process naming them (shims, QEMU, helpers,
+/// the namespace holder), no mount, no agentvm state dir, and that the pod's network
+/// namespace (holding the VM's taps) is gone.
+fn assert_nothing_left(ids: &[String], netns: Option<&str>) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut left = Vec::new();
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        for id in ids {
+            left.extend(processes_mentioning(id));
+            left.extend(
+                mounts
+                    .lines()
+                    .filter(|l| l.contains(id.as_str()))
+                    .map(|l| format!("mount {l}")),
+            );
+            let state = Path::new("/run/agentvm").join(id);
+            if state.exists() {
+                left.push(format!("state dir {}", state.display()));
+            }
+        }
+        if let Some(ns) = netns {
+            if Path::new(ns).exists() {
+                left.push(format!("network namespace {ns}"));
+            }
+        }
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left behind after the pod was removed: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The CRI log format: `<RFC 3339 time> <stream> <P|F> <text>` per line; returns
+/// (stream, text) of the full lines, checking each line's shape.
+fn parse_cri_log(raw: &str) -> Vec<(String, String)> {
+    raw.lines()
+        .map(|line| {
+            let mut parts = line.splitn(4, ' ');
+            let (time, stream, tag, text) = (
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+            );
+            assert!(
+                time.len() >= 20 && time.as_bytes()[4] == b'-' && time.contains('T'),
+                "not an RFC 3339 time in {line:?}"
+            );
+            assert!(
+                stream == "stdout" || stream == "stderr",
+                "bad stream in {line:?}"
+            );
+            assert_eq!(tag, "F", "a partial line in {line:?}");
+            (stream.to_string(), text.to_string())
+        })
+        .collect()
+}
+
+/// Reads a container's log until it holds `lines` lines (the shim's copy may lag the exit).
+fn read_log(path: &Path, lines: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let raw = std::fs::read_to_string(path).unwrap_or_default();
+        if raw.lines().count() >= lines || Instant::now() > deadline {
+            return raw;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The pod lifecycle kubelet drives, with the same assertions for every handler.
+fn pod_lifecycle(cri: &Cri, handler: &str) {
+    let test = "lifecycle";
+    let mut pod = Pod::run(cri, test, handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let sandbox_id = pod.id.clone();
+    let netns = pod.netns_path();
+    assert!(netns.is_some(), "the pod has its own network namespace");
+
+    // PodSandboxStatus: ready, with an address of the pod network.
+    let status = cri
+        .block(cri.client().pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.id.clone(),
+            verbose: false,
+        }))
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .status
+        .expect("a sandbox status");
+    assert_eq!(status.state, PodSandboxState::SandboxReady as i32);
+    assert_eq!(status.runtime_handler, handler);
+    let ip = status.network.map(|n| n.ip).unwrap_or_default();
+    assert!(
+        ip.starts_with(POD_SUBNET_PREFIX),
+        "pod IP {ip:?} not in the pod network"
+    );
+
+    // A container that exits by itself: exit code, reason, timestamps, log.
+    let exiter = pod.start(
+        "exiter",
+        "echo out-line; echo err-line >&2; echo second-out; exit 3",
+    );
+    let s = pod.wait_state(&exiter, ContainerState::ContainerExited);
+    assert_eq!(s.exit_code, 3);
+    assert_eq!(s.reason, "Error");
+    assert!(s.created_at > 0 && s.started_at >= s.created_at, "{s:?}");
+    // containerd stamps the start once the runtime has answered, so a quick exit may carry
+    // an earlier time (seen under runc): it is not before the create.
+    assert!(s.finished_at >= s.created_at, "{s:?}");
+    assert_eq!(
+        Path::new(&s.log_path),
+        pod.logs.path().join("exiter.log"),
+        "the log path is the one kubelet gave"
+    );
+    let log = parse_cri_log(&read_log(&pod.logs.path().join("exiter.log"), 3));
+    let out: Vec<_> = log
+        .iter()
+        .filter(|(s, _)| s == "stdout")
+        .map(|(_, t)| t.as_str())
+        .collect();
+    let err: Vec<_> = log
+        .iter()
+        .filter(|(s, _)| s == "stderr")
+        .map(|(_, t)| t.as_str())
+        .collect();
+    assert_eq!(out, ["out-line", "second-out"]);
+    assert_eq!(err, ["err-line"]);
+
+    // A long-running container: running, ExecSync, stop.
+    let worker = pod.start(
+        "worker",
+        "echo started; trap 'echo stopping; exit 0' TERM; while true; do sleep 0.2; done",
+    );
+    let s = pod.wait_state(&worker, ContainerState::ContainerRunning);
+    assert!(s.started_at > 0 && s.finished_at == 0, "{s:?}");
+    if handler == AGENTVM {
+        // The sandbox and the container each run in a VM (one VM per pod is to come).
+        for id in [&sandbox_id, &worker] {
+            let dir = format!("/run/agentvm/{id}");
+            let qemu: Vec<_> = processes_mentioning(&dir)
+                .into_iter()
+                .filter(|p| p.contains("qemu"))
+                .collect();
+            assert_eq!(qemu.len(), 1, "one QEMU for {dir}: {qemu:?}");
+        }
+    }
+    let r = pod
+        .exec_sync(
+            &worker,
+            &["sh", "-c", "echo exec-out; echo exec-err >&2; exit 5"],
+            60,
+        )
+        .expect("ExecSync");
+    assert_eq!(
+        (r.stdout.as_slice(), r.stderr.as_slice(), r.exit_code),
+        (&b"exec-out\n"[..], &b"exec-err\n"[..], 5)
+    );
+    let r = pod.exec_sync(&worker, &["hostname"], 60).expect("ExecSync");
+    assert_eq!(String::from_utf8_lossy(&r.stdout), "cri-pod\n");
+    // A command that outlives its timeout ends the call with an error, in time.
+    let t = Instant::now();
+    let r = pod.exec_sync(&worker, &["sleep", "30"], 2);
+    let took = t.elapsed();
+    assert!(r.is_err(), "ExecSync past its timeout answered {r:?}");
+    assert!(
+        took < Duration::from_secs(20),
+        "ExecSync with a 2 s timeout took {took:?}"
+    );
+    // The container keeps running after the timed-out exec.
+    let r = pod.exec_sync(&worker, &["true"], 60).expect("ExecSync");
+    assert_eq!(r.exit_code, 0);
+
+    pod.stop_container(&worker, 30);
+    let s = pod.wait_state(&worker, ContainerState::ContainerExited);
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"), "{s:?}");
+    assert!(s.finished_at >= s.started_at, "{s:?}");
+    let log = parse_cri_log(&read_log(&pod.logs.path().join("worker.log"), 2));
+    assert_eq!(
+        log,
+        [
+            ("stdout".to_string(), "started".to_string()),
+            ("stdout".to_string(), "stopping".to_string())
+        ]
+    );
+
+    let ids = [sandbox_id.clone(), exiter.clone(), worker.clone()];
+    pod.remove_container(&exiter);
+    pod.remove_container(&worker);
+    pod.remove().expect("StopPodSandbox + RemovePodSandbox");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+#[test]
+fn pod_lifecycle_runc() {
+    let Some(cri) = Cri::get("pod_lifecycle_runc") else {
+        return;
+    };
+    pod_lifecycle(&cri, RUNC);
+}
+
+#[test]
+fn pod_lifecycle_agentvm() {
+    let Some(cri) = Cri::get("pod_lifecycle_agentvm") else {
+        return;
+    };
+    pod_lifecycle(&cri, AGENTVM);
+}
+
+/// The namespace options of a pod that shares one of the host's namespaces.
+fn host_namespace_options() -> [(&'static str, NamespaceOption); 3] {
+    let node = NamespaceMode::Node as i32;
+    [
+        (
+            "hostNetwork",
+            NamespaceOption {
+                network: node,
+                ..Default::default()
+            },
+        ),
+        (
+            "hostPID",
+            NamespaceOption {
+                pid: node,
+                ..Default::default()
+            },
+        ),
+        (
+            "hostIPC",
+            NamespaceOption {
+                ipc: node,
+                ..Default::default()
+            },
+        ),
+    ]
+}
+
+/// The pods of this test process labelled for `test` and `handler`.
+fn listed_pods(cri: &Cri, test: &str, handler: &str) -> Vec<String> {
+    let label = format!("{test}-{handler}-{}", std::process::id());
+    cri.block(cri.client().list_pod_sandbox(ListPodSandboxRequest {
+        filter: Some(PodSandboxFilter {
+            label_selector: HashMap::from([("agentvm-test".into(), label)]),
+            ..Default::default()
+        }),
+    }))
+    .expect("ListPodSandbox")
+    .into_inner()
+    .items
+    .into_iter()
+    .map(|p| p.id)
+    .collect()
+}
+
+/// runc, the reference, runs pods that share the host's network, PID or IPC namespace.
+#[test]
+fn host_namespaces_runc() {
+    let Some(cri) = Cri::get("host_namespaces_runc") else {
+        return;
+    };
+    for (setting, ns) in host_namespace_options() {
+        let test = format!("host-ns-{}", setting.to_lowercase());
+        let pod = Pod::run(&cri, &test, RUNC, ns)
+            .unwrap_or_else(|e| panic!("runc refused a pod with {setting}: {e}"));
+        let id = pod.id.clone();
+        pod.remove().expect("remove the pod");
+        assert_nothing_left(&[id], None);
+    }
+}
+
+/// A VM cannot share the host's namespaces: agentvm refuses such pods at RunPodSandbox, with
+/// an error naming the setting, and leaves nothing behind.
+#[test]
+fn host_namespaces_are_refused_by_agentvm() {
+    let Some(cri) = Cri::get("host_namespaces_are_refused_by_agentvm") else {
+        return;
+    };
+    for (setting, ns) in host_namespace_options() {
+        let test = format!("host-ns-{}", setting.to_lowercase());
+        let err = match Pod::run(&cri, &test, AGENTVM, ns) {
+            Ok(pod) => {
+                let _ = pod.remove();
+                panic!("agentvm ran a pod with {setting}: true");
+            }
+            Err(e) => e,
+        };
+        assert!(
+            err.contains(&format!("{setting}: true")) && err.contains("own VM"),
+            "the error does not say why: {err}"
+        );
+        assert_eq!(
+            listed_pods(&cri, &test, AGENTVM),
+            Vec::<String>::new(),
+            "a refused pod is still listed"
+        );
+    }
+    let left: Vec<String> = processes_mentioning("containerd-shim-agentvm-v1")
+        .into_iter()
+        .filter(|p| p.contains("host-ns-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+/// A container with `readonly_rootfs`: writes to its root fail as read-only, its /dev/shm and
+/// the kernel filesystems under it still work; its log says so.
+fn readonly_root(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "readonly", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let script =
+        "if touch /probe 2>/dev/null; then echo root-writable; else echo root-read-only; fi; \
+                  touch /dev/shm/probe && echo shm-writable; \
+                  test -r /proc/self/status && echo proc-mounted";
+    let id = pod.start_with(
+        "ro",
+        script,
+        Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                readonly_rootfs: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+    let s = pod.wait_state(&id, ContainerState::ContainerExited);
+    assert_eq!((s.exit_code, s.reason.as_str()), (0, "Completed"), "{s:?}");
+    let log = parse_cri_log(&read_log(&pod.logs.path().join("ro.log"), 3));
+    let out: Vec<&str> = log.iter().map(|(_, t)| t.as_str()).collect();
+    assert_eq!(out, ["root-read-only", "shm-writable", "proc-mounted"]);
+    let ids = [pod.id.clone(), id];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, None);
+}
+
+#[test]
+fn readonly_root_runc() {
+    let Some(cri) = Cri::get("readonly_root_runc") else {
+        return;
+    };
+    readonly_root(&cri, RUNC);
+}
+
+#[test]
+fn readonly_root_agentvm() {
+    let Some(cri) = Cri::get("readonly_root_agentvm") else {
+        return;
+    };
+    readonly_root(&cri, AGENTVM);
+}
