@@ -1041,6 +1041,21 @@ mod tests {
         assert!(none.contains("counter jump deny\n  }\n}"), "{none}");
     }
 
+    /// The example file shipped in docs/ parses, and its profiles are what it says.
+    #[test]
+    fn the_shipped_example_policy_file_is_valid() {
+        let text = include_str!("../../docs/policy.example.toml");
+        let f = PolicyFile::parse(text, "docs/policy.example.toml").unwrap();
+        assert_eq!(f.default.as_deref(), Some("open"));
+        let ci = f.select(Some("ci")).unwrap();
+        assert_eq!((ci.base, ci.rules.len()), (Base::Agent, 2));
+        assert_eq!(
+            ci.verdict(&facts(), ip("198.51.100.1"), Some(Proto::Tcp), Some(25)).0,
+            Action::Deny
+        );
+        assert_eq!(f.select(Some("one-api")).unwrap().base, Base::NoneBut);
+    }
+
     #[test]
     fn host_addresses_come_from_ip_json() {
         let json = r#"[{"ifname":"lo","addr_info":[{"local":"127.0.0.1"},{"local":"::1"}]},
