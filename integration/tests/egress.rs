@@ -25,24 +25,30 @@ fn sh(cmd: &str) -> (bool, String) {
     (out.status.success(), format!("{so}{se}"))
 }
 
-/// The test's servers: a namespace with the three addresses, an HTTP server in it, one on
-/// the host. Taken down on drop.
+/// The test's servers: a namespace with the test addresses, an HTTP and a DNS server in it,
+/// an HTTP server on the host. Taken down on drop. One test at a time holds them.
 struct Servers {
     children: Vec<Child>,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+static SERVERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl Servers {
     fn start() -> Servers {
+        let guard = SERVERS.lock().unwrap_or_else(|p| p.into_inner());
         sh(&format!(
             "ip netns del {NS} 2>/dev/null; ip link del {HOST_VETH} 2>/dev/null"
         ));
         let setup = format!(
             "set -e; ip netns add {NS}; ip link add {HOST_VETH} type veth peer name eth0 netns {NS}; \
              ip addr add 10.231.77.254/24 dev {HOST_VETH}; ip link set {HOST_VETH} up; \
-             ip route add 198.51.100.7/32 dev {HOST_VETH}; ip route add 169.254.77.77/32 dev {HOST_VETH}; \
+             ip route add 198.51.100.7/32 dev {HOST_VETH}; ip route add 198.51.100.8/32 dev {HOST_VETH}; \
+             ip route add 169.254.77.77/32 dev {HOST_VETH}; \
              ip -n {NS} link set lo up; ip -n {NS} link set eth0 up; \
              ip -n {NS} addr add 10.231.77.1/24 dev eth0; \
-             ip -n {NS} addr add 198.51.100.7/32 dev eth0; ip -n {NS} addr add 169.254.77.77/32 dev eth0; \
+             ip -n {NS} addr add 198.51.100.7/32 dev eth0; ip -n {NS} addr add 198.51.100.8/32 dev eth0; \
+             ip -n {NS} addr add 169.254.77.77/32 dev eth0; \
              ip -n {NS} route add default via 10.231.77.254"
         );
         let (ok, out) = sh(&setup);
@@ -63,8 +69,16 @@ impl Servers {
                 .spawn()
                 .expect("python3 http.server")
         };
+        let dns = Command::new("ip")
+            .args(["netns", "exec", NS, "python3", "-c", DNS_SERVER])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the test's DNS server");
         let s = Servers {
-            children: vec![server(true, 8080), server(false, HOST_PORT)],
+            children: vec![server(true, 8080), server(false, HOST_PORT), dns],
+            _one_at_a_time: guard,
         };
         // Both listen before the test goes on.
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -89,6 +103,35 @@ impl Drop for Servers {
         ));
     }
 }
+
+/// The test's DNS zone, served at 10.231.77.1:53: `example.test` (TTL 3 s) and `other.test`.
+const DNS_SERVER: &str = r#"
+import socket, struct
+ZONE = {"example.test.": ("198.51.100.7", 3), "other.test.": ("198.51.100.8", 60)}
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.231.77.1", 53))
+while True:
+    data, peer = s.recvfrom(512)
+    try:
+        tid = struct.unpack(">H", data[:2])[0]
+        i, labels = 12, []
+        while data[i]:
+            labels.append(data[i + 1:i + 1 + data[i]].decode().lower())
+            i += 1 + data[i]
+        name = ".".join(labels) + "."
+        qtype = struct.unpack(">H", data[i + 1:i + 3])[0]
+        question = data[12:i + 5]
+    except Exception:
+        continue
+    answer, count, rcode = b"", 0, 0
+    if name not in ZONE:
+        rcode = 3
+    elif qtype == 1:
+        ip, ttl = ZONE[name]
+        answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, ttl, 4) + socket.inet_aton(ip)
+        count = 1
+    s.sendto(struct.pack(">HHHHHH", tid, 0x8180 | rcode, 1, count, 0, 0) + question + answer, peer)
+"#;
 
 fn docker(env: &DockerEnv, args: &[&str]) -> (Option<i32>, String) {
     let out = env.docker(args, None, T);
@@ -253,4 +296,113 @@ fn an_unknown_egress_profile_fails_the_start() {
     assert_ne!(code, Some(0));
     assert!(out.contains("\"closed-shop\" is neither built in"), "{out}");
     let _ = docker(&env, &["rm", "-f", &name]);
+}
+
+/// Domain rules: on a user-defined network, with the test's DNS server as Docker's upstream,
+/// `none-but; allow example.test tcp port 8080` lets the container reach example.test by name;
+/// other.test resolves but cannot be reached, nor can an address no allowed name gave; DNS to
+/// a server of the guest's choosing is blocked; the address goes when its TTL ends. On the
+/// default bridge (no relay) domain rules are refused with the reason.
+#[test]
+fn domain_rules_allow_what_the_relay_resolved_for_its_ttl() {
+    let test = "domain_rules_allow_what_the_relay_resolved_for_its_ttl";
+    let Some(env) = DockerEnv::get(test) else {
+        return;
+    };
+    let _servers = Servers::start();
+    let net = unique_name("egress-net");
+    let name = unique_name("egress-dns");
+    let (code, out) = docker(&env, &["network", "create", &net]);
+    assert_eq!(code, Some(0), "{out}");
+    let policy = "io.agentvm.egress=none-but; allow example.test tcp port 8080";
+    let (code, id) = docker(
+        &env,
+        &[
+            "run",
+            "-d",
+            "--runtime=agentvm",
+            "--network",
+            &net,
+            "--dns",
+            "10.231.77.1",
+            "--annotation",
+            policy,
+            "--name",
+            &name,
+            &env.image,
+            "sleep",
+            "600",
+        ],
+    );
+    assert_eq!(code, Some(0), "docker run: {id}");
+    let id = id.trim().to_string();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while docker(&env, &["exec", &name, "true"]).0 != Some(0) {
+        assert!(Instant::now() < deadline, "the VM never answered exec");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        reaches(&env, &name, "example.test", 8080),
+        "the allowed name"
+    );
+    assert!(
+        !reaches(&env, &name, "other.test", 8080),
+        "a name no rule allows"
+    );
+    assert!(
+        !reaches(&env, &name, "198.51.100.8", 8080),
+        "an address no allowed name gave"
+    );
+    let (_, direct) = docker(
+        &env,
+        &[
+            "exec",
+            &name,
+            "sh",
+            "-c",
+            "timeout 5 nslookup example.test 10.231.77.1 && echo RESOLVED",
+        ],
+    );
+    assert!(!direct.contains("RESOLVED"), "DNS past the relay: {direct}");
+    // The TTL (3 s, kept at least 5 s) ends: the address is no longer allowed by itself.
+    std::thread::sleep(Duration::from_secs(7));
+    assert!(
+        !reaches(&env, &name, "198.51.100.7", 8080),
+        "an expired address"
+    );
+    assert!(reaches(&env, &name, "example.test", 8080), "resolved again");
+    let (ok, log) = agentvm(&["policy", "log", &id]);
+    assert!(ok, "{log}");
+    assert!(log.contains("blocked tcp to 198.51.100.8:8080"), "{log}");
+    assert!(
+        log.contains("blocked udp to 10.231.77.1:53") && log.contains("DNS past agentvm's relay"),
+        "{log}"
+    );
+    let (code, out) = docker(&env, &["rm", "-f", &name]);
+    assert_eq!(code, Some(0), "{out}");
+    env.assert_vm_gone(&id);
+    let _ = docker(&env, &["network", "rm", &net]);
+
+    // The default bridge has no relay: refused, with the reason.
+    let bad = unique_name("egress-dns-bridge");
+    let (code, out) = docker(
+        &env,
+        &[
+            "run",
+            "--rm",
+            "--runtime=agentvm",
+            "--annotation",
+            policy,
+            "--name",
+            &bad,
+            &env.image,
+            "true",
+        ],
+    );
+    assert_ne!(code, Some(0));
+    assert!(
+        out.contains("domain rules work through agentvm's DNS relay"),
+        "{out}"
+    );
+    let _ = docker(&env, &["rm", "-f", &bad]);
 }

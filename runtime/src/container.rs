@@ -489,6 +489,11 @@ async fn boot(
             )
         })
         .map_err(|e| Error::Invalid(e.to_string()))?;
+    if egress_policy.has_domains() && !plan.uses_docker_dns() {
+        return Err(Error::Invalid(
+            crate::egress::domains_need_relay(&egress_policy).to_string(),
+        ));
+    }
     let mut wiring = Wiring::default();
     if netns.wired() {
         wiring = netns.scan().await?;
@@ -529,8 +534,24 @@ async fn boot(
             })?;
         let socket = netns.udp_socket()?;
         let upstream = std::net::SocketAddr::from(([127, 0, 0, 11], 53));
+        // The egress table learns the addresses of allowed names from the relay's answers.
+        let hook = match (
+            crate::egress::nft_program(),
+            crate::egress::Record::load(&sandbox.state_dir),
+        ) {
+            (Some(nft), Ok(mut record)) => {
+                record.dns_relay = true;
+                record.save(&sandbox.state_dir)?;
+                Some(dns::EgressHook {
+                    netns: netns.fd(),
+                    state_dir: sandbox.state_dir.clone(),
+                    nft,
+                })
+            }
+            _ => None,
+        };
         // The relay task ends when its agent connection closes with the VM.
-        dns::start_relay(relay_conn, socket, upstream).await?;
+        dns::start_relay(relay_conn, socket, upstream, hook).await?;
     }
     let network = (!wiring.interfaces.is_empty()).then(|| wiring.network_spec());
     let mut request = start_request(cfg, network, plan.mounts, rootfs);

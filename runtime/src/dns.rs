@@ -23,10 +23,35 @@ const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Asks the agent to listen on [`DOCKER_DNS`]:53 and relays its queries through `socket`
 /// (created in the container's network namespace) until the connection closes.
+/// What the relay does for the egress policy: before an answer reaches the guest, the
+/// addresses of names the policy's domain rules name are added to its table
+/// ([`crate::egress::learn`]). The policy is read from the sandbox's record at each answer
+/// (`agentvm policy set` changes it).
+#[derive(Debug, Clone)]
+pub struct EgressHook {
+    pub netns: std::sync::Arc<std::os::fd::OwnedFd>,
+    pub state_dir: std::path::PathBuf,
+    pub nft: std::path::PathBuf,
+}
+
+impl EgressHook {
+    async fn learn(&self, answer: &[u8]) {
+        let Ok(record) = crate::egress::Record::load(&self.state_dir) else {
+            return;
+        };
+        if let Some(script) = crate::egress::learn(&record.policy, answer) {
+            if let Err(e) = crate::netns::nft_in(&self.netns, &self.nft, script).await {
+                tracing::warn!("egress: allow the addresses of a resolved name: {e}");
+            }
+        }
+    }
+}
+
 pub async fn start_relay(
     mut conn: AgentConn,
     socket: std::net::UdpSocket,
     upstream: std::net::SocketAddr,
+    egress: Option<EgressHook>,
 ) -> Result<JoinHandle<()>> {
     conn.send(&Frame::Msg(Message::DnsRelay {
         address: DOCKER_DNS.into(),
@@ -74,6 +99,10 @@ pub async fn start_relay(
                 },
                 r = socket.recv(&mut buf) => match r {
                     Ok(n) => {
+                        // The table first: the guest connects as soon as it has the answer.
+                        if let Some(h) = &egress {
+                            h.learn(&buf[..n]).await;
+                        }
                         let reply = Frame::Dns(buf[..n].to_vec());
                         if tokio_io::write_frame(&mut writer, &reply).await.is_err() {
                             break;

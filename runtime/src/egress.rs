@@ -50,8 +50,8 @@ pub enum PolicyError {
     UnknownProfile(String, String),
     #[error("{path}: {why}; fix the file or remove it")]
     File { path: String, why: String },
-    #[error("egress rule {0:?} names a domain: domain rules need the DNS relay's allowlist, which is not built yet; name addresses or CIDRs")]
-    Domain(String),
+    #[error("egress rule {rule:?}: {name:?} is not a domain name (letters, digits, `-`, dots; `*.` in front for every name below it)")]
+    Domain { rule: String, name: String },
 }
 
 /// Allow or deny.
@@ -142,8 +142,12 @@ pub enum Proto {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rule {
     pub action: Action,
-    /// `None`: any destination.
+    /// `None` (and no domain): any destination.
     pub net: Option<Net>,
+    /// A domain name (`example.test`, or `*.example.test` for every name below it): the
+    /// addresses the DNS relay resolves it to, for the answer's TTL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
     pub proto: Option<Proto>,
     pub ports: Option<(u16, u16)>,
     /// How the rule was written (or which built-in it is): what the audit log names.
@@ -164,12 +168,24 @@ impl Rule {
             None => return Err(bad("empty")),
         };
         let target = words.next().ok_or_else(|| bad("no target"))?;
-        let net = match target {
-            "*" => None,
+        let (net, domain) = match target {
+            "*" => (None, None),
             t => match Net::parse(t) {
-                Some(n) => Some(n),
-                None if looks_like_domain(t) => return Err(PolicyError::Domain(s.to_string())),
-                None => return Err(bad(&format!("{t:?} is not an address, a CIDR or *"))),
+                Some(n) => (Some(n), None),
+                None if t.chars().any(|c| c.is_ascii_alphabetic()) => {
+                    if !looks_like_domain(t) {
+                        return Err(PolicyError::Domain {
+                            rule: s.to_string(),
+                            name: t.to_string(),
+                        });
+                    }
+                    (None, Some(t.to_ascii_lowercase()))
+                }
+                None => {
+                    return Err(bad(&format!(
+                        "{t:?} is not an address, a CIDR, a domain or *"
+                    )))
+                }
             },
         };
         let (mut proto, mut ports) = (None, None);
@@ -200,6 +216,7 @@ impl Rule {
         Ok(Rule {
             action,
             net,
+            domain,
             proto,
             ports,
             text: s.split_whitespace().collect::<Vec<_>>().join(" "),
@@ -210,19 +227,36 @@ impl Rule {
         Rule {
             action,
             net: Some(net),
+            domain: None,
             proto: None,
             ports: None,
             text: text.to_string(),
         }
     }
 
-    /// Whether a packet to `dst` (protocol, destination port) matches.
+    /// Whether a packet to `dst` (protocol, destination port) matches. A domain rule matches
+    /// no address here: which addresses it stands for only the relay knows at the time.
     pub fn matches(&self, dst: IpAddr, proto: Option<Proto>, port: Option<u16>) -> bool {
-        self.net.is_none_or(|n| n.contains(dst))
+        self.domain.is_none()
+            && self.net.is_none_or(|n| n.contains(dst))
             && self.proto.is_none_or(|p| Some(p) == proto)
             && self
                 .ports
                 .is_none_or(|(lo, hi)| port.is_some_and(|p| (lo..=hi).contains(&p)))
+    }
+}
+
+/// Whether the name `qname` (as asked, any case, a trailing dot or not) is one the domain
+/// `rule` (`example.test` or `*.example.test`) names.
+pub fn domain_matches(rule: &str, qname: &str) -> bool {
+    let q = qname.trim_end_matches('.').to_ascii_lowercase();
+    match rule.strip_prefix("*.") {
+        Some(suffix) => {
+            q.len() > suffix.len()
+                && q.ends_with(suffix)
+                && q[..q.len() - suffix.len()].ends_with('.')
+        }
+        None => q == rule,
     }
 }
 
@@ -302,6 +336,24 @@ impl Policy {
         }
     }
 
+    /// Whether a rule names a domain (the relay then feeds the table, and DNS to anyone but
+    /// the relay is blocked).
+    pub fn has_domains(&self) -> bool {
+        self.rules.iter().any(|r| r.domain.is_some())
+    }
+
+    /// The distinct domains its rules name, in order of first appearance: domain `i`'s
+    /// addresses live in the table's sets `dom4_i` and `dom6_i`.
+    pub fn domains(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for d in self.rules.iter().filter_map(|r| r.domain.as_ref()) {
+            if !out.contains(d) {
+                out.push(d.clone());
+            }
+        }
+        out
+    }
+
     /// Whether there is anything to enforce.
     pub fn is_open(&self) -> bool {
         self.base == Base::Open && self.rules.iter().all(|r| r.action == Action::Allow)
@@ -312,12 +364,25 @@ impl Policy {
     pub fn effective(&self, facts: &Facts) -> (Vec<Rule>, Action) {
         let mut out = Vec::new();
         let guarded = self.base != Base::Open;
-        if guarded {
+        if self.has_domains() {
+            // Names resolve through the relay only, or the allowlist could be sidestepped.
+            for (proto, port) in [(Proto::Udp, 53), (Proto::Tcp, 53), (Proto::Tcp, 853)] {
+                out.push(Rule {
+                    action: Action::Deny,
+                    net: None,
+                    domain: None,
+                    proto: Some(proto),
+                    ports: Some((port, port)),
+                    text: "DNS past agentvm's relay (the policy names domains)".into(),
+                });
+            }
+        } else if guarded {
             for g in &facts.gateways {
                 for proto in [Proto::Udp, Proto::Tcp] {
                     out.push(Rule {
                         action: Action::Allow,
                         net: Some(Net::host(*g)),
+                        domain: None,
                         proto: Some(proto),
                         ports: Some((53, 53)),
                         text: "the gateway's DNS".into(),
@@ -541,7 +606,7 @@ fn nft_set(nets: &[Net], v6: bool) -> Option<String> {
 }
 
 /// One rule as nftables statements (one per address family it applies to).
-fn nft_rule(r: &Rule, veth: &str) -> Vec<String> {
+fn nft_rule(r: &Rule, veth: &str, domains: &[String]) -> Vec<String> {
     let verdict = match r.action {
         Action::Allow => format!("fwd to \"{veth}\""),
         Action::Deny => "jump deny".to_string(),
@@ -559,12 +624,20 @@ fn nft_rule(r: &Rule, veth: &str) -> Vec<String> {
         (None, _) => String::new(),
     };
     let mut out = Vec::new();
-    match r.net {
-        Some(n) => {
+    let domain = r
+        .domain
+        .as_ref()
+        .and_then(|d| domains.iter().position(|x| x == d));
+    match (domain, r.net) {
+        (Some(i), _) => {
+            out.push(format!("ip daddr @dom4_{i} {l4} counter {verdict}"));
+            out.push(format!("ip6 daddr @dom6_{i} {l4} counter {verdict}"));
+        }
+        (None, Some(n)) => {
             let fam = if n.addr.is_ipv4() { "ip" } else { "ip6" };
             out.push(format!("{fam} daddr {n} {l4} counter {verdict}"));
         }
-        None => {
+        (None, None) => {
             for fam in ["ip", "ip6"] {
                 out.push(format!("meta protocol {fam} {l4} counter {verdict}"));
             }
@@ -583,18 +656,34 @@ fn range(lo: u16, hi: u16) -> String {
     }
 }
 
+/// The mark of frames from the guest while they cross the namespace (the veth's egress hook
+/// sees them and the stack's own packets alike; the mark is scrubbed when they leave it).
+const FROM_GUEST: u32 = 0x6176_6d31;
+
 /// The nftables script that enforces `policy` in the sandbox's namespace (one transaction:
 /// the table is replaced whole). Every tap's frames end in the script: the anti-spoofing guard
-/// in front of it lets the allowed ones through to here instead of redirecting them.
+/// in front of it lets the allowed ones through to here instead of redirecting them. The
+/// namespace's own stack talks on the veth too (Docker's embedded DNS server forwards queries
+/// to upstream servers from there): the veth's egress hook notes its flows, and their answers
+/// go to the stack, not the guest; neighbour discovery reaches both (they share the address).
 pub fn nft_script(policy: &Policy, facts: &Facts) -> String {
     let (rules, default) = policy.effective(facts);
+    let domains = policy.domains();
     let mut s =
         String::from("table netdev agentvm\ndelete table netdev agentvm\ntable netdev agentvm {\n");
     for fam in ["4", "6"] {
         let addr = if fam == "4" { "ipv4_addr" } else { "ipv6_addr" };
+        for set in ["replies", "stack"] {
+            s.push_str(&format!(
+                "  set {set}{fam} {{ type {addr} . inet_proto . inet_service . inet_service; \
+                 flags dynamic,timeout; timeout 180s; size 65536; }}\n"
+            ));
+        }
+    }
+    for i in 0..domains.len() {
         s.push_str(&format!(
-            "  set replies{fam} {{ type {addr} . inet_proto . inet_service . inet_service; \
-             flags dynamic,timeout; timeout 180s; size 65536; }}\n"
+            "  set dom4_{i} {{ type ipv4_addr; flags timeout; size 65536; }}\n  \
+             set dom6_{i} {{ type ipv6_addr; flags timeout; size 65536; }}\n"
         ));
     }
     s.push_str(&format!(
@@ -604,13 +693,21 @@ pub fn nft_script(policy: &Policy, facts: &Facts) -> String {
     for (tap, veth) in &facts.links {
         // From the network to the guest: remember who talked to it.
         s.push_str(&format!(
-            "  chain in_{veth} {{\n    type filter hook ingress device \"{veth}\" priority 0; policy accept;\n\
+            "  chain stack_{veth} {{\n    type filter hook egress device \"{veth}\" priority 0; policy accept;\n\
+             \x20   meta mark {FROM_GUEST:#x} accept\n\
+             \x20   meta protocol ip meta l4proto {{ tcp, udp }} update @stack4 {{ ip daddr . meta l4proto . th dport . th sport }}\n\
+             \x20   meta protocol ip6 meta l4proto {{ tcp, udp }} update @stack6 {{ ip6 daddr . meta l4proto . th dport . th sport }}\n  }}\n\
+             \x20 chain in_{veth} {{\n    type filter hook ingress device \"{veth}\" priority 0; policy accept;\n\
+             \x20   meta protocol arp dup to \"{tap}\" accept\n\
+             \x20   icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} dup to \"{tap}\" accept\n\
+             \x20   meta protocol ip meta l4proto {{ tcp, udp }} ip saddr . meta l4proto . th sport . th dport @stack4 accept\n\
+             \x20   meta protocol ip6 meta l4proto {{ tcp, udp }} ip6 saddr . meta l4proto . th sport . th dport @stack6 accept\n\
              \x20   meta protocol ip meta l4proto {{ tcp, udp }} update @replies4 {{ ip saddr . meta l4proto . th sport . th dport }}\n\
              \x20   meta protocol ip6 meta l4proto {{ tcp, udp }} update @replies6 {{ ip6 saddr . meta l4proto . th sport . th dport }}\n\
              \x20   fwd to \"{tap}\"\n  }}\n"
         ));
         s.push_str(&format!(
-            "  chain out_{tap} {{\n    type filter hook ingress device \"{tap}\" priority 0; policy accept;\n"
+            "  chain out_{tap} {{\n    type filter hook ingress device \"{tap}\" priority 0; policy accept;\n    meta mark set {FROM_GUEST:#x}\n"
         ));
         let line = |s: &mut String, l: &str| {
             s.push_str("    ");
@@ -664,7 +761,7 @@ pub fn nft_script(policy: &Policy, facts: &Facts) -> String {
                 }
                 i = j;
             } else {
-                for l in nft_rule(&rules[i], veth) {
+                for l in nft_rule(&rules[i], veth, &domains) {
                     line(&mut s, &l);
                 }
                 i += 1;
@@ -709,6 +806,20 @@ pub struct Record {
     pub facts: Facts,
     /// The namespace to enter to change it (the holder's).
     pub netns: PathBuf,
+    /// Whether agentvm's DNS relay serves the guest (domain rules need it).
+    #[serde(default)]
+    pub dns_relay: bool,
+}
+
+/// The error for domain rules where no relay sees the guest's DNS.
+pub fn domains_need_relay(policy: &Policy) -> PolicyError {
+    PolicyError::File {
+        path: format!("egress policy {:?}", policy.name),
+        why: "domain rules work through agentvm's DNS relay, which serves containers on \
+              user-defined networks (docker network create; Compose networks); name addresses \
+              here, or use such a network"
+            .into(),
+    }
 }
 
 /// The record's file in a sandbox's state dir.
@@ -760,6 +871,57 @@ pub fn parse_host_addresses(json: &str) -> Vec<IpAddr> {
     out.sort();
     out.dedup();
     out
+}
+
+/// Shortest and longest time a resolved address stays allowed (the answer's TTL, clamped):
+/// a TTL of 0 must still let the connection that asked for the name be made.
+const LEARN_MIN_SECS: u32 = 5;
+const LEARN_MAX_SECS: u32 = 86_400;
+
+/// What the relay must add to the table for a DNS answer: the addresses of a name a domain
+/// rule names, each for its record's TTL, as an nftables script (`None`: nothing to add, or
+/// not a DNS answer). The question decides which rules apply (an answer's A records may carry
+/// the canonical name of a CNAME chain).
+pub fn learn(policy: &Policy, answer: &[u8]) -> Option<String> {
+    let domains = policy.domains();
+    if domains.is_empty() {
+        return None;
+    }
+    let packet = simple_dns::Packet::parse(answer).ok()?;
+    let mut names: Vec<String> = packet
+        .questions
+        .iter()
+        .map(|q| q.qname.to_string())
+        .collect();
+    names.extend(packet.answers.iter().map(|a| a.name.to_string()));
+    let sets: Vec<usize> = domains
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| names.iter().any(|n| domain_matches(d, n)))
+        .map(|(i, _)| i)
+        .collect();
+    if sets.is_empty() {
+        return None;
+    }
+    let mut script = String::new();
+    for a in &packet.answers {
+        let ttl = a.ttl.clamp(LEARN_MIN_SECS, LEARN_MAX_SECS);
+        let (fam, addr) = match &a.rdata {
+            simple_dns::rdata::RData::A(r) => {
+                ("4", IpAddr::from(std::net::Ipv4Addr::from(r.address)))
+            }
+            simple_dns::rdata::RData::AAAA(r) => {
+                ("6", IpAddr::from(std::net::Ipv6Addr::from(r.address)))
+            }
+            _ => continue,
+        };
+        for i in &sets {
+            script.push_str(&format!(
+                "add element netdev agentvm dom{fam}_{i} {{ {addr} timeout {ttl}s }}\n"
+            ));
+        }
+    }
+    (!script.is_empty()).then_some(script)
 }
 
 /// A blocked frame from the audit tap: destination, protocol, port. `None` for frames that
@@ -877,10 +1039,10 @@ mod tests {
             let e = Rule::parse(bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
-        assert_eq!(
-            Rule::parse("allow *.pypi.org"),
-            Err(PolicyError::Domain("allow *.pypi.org".into()))
-        );
+        let d = Rule::parse("allow *.PyPI.org tcp port 443").unwrap();
+        assert_eq!((d.domain.as_deref(), d.net), (Some("*.pypi.org"), None));
+        let e = Rule::parse("allow exa_mple.test").unwrap_err().to_string();
+        assert!(e.contains("is not a domain name"), "{e}");
     }
 
     /// The real service addresses the `agent` profile exists for: covered here, by the rules,
@@ -1050,10 +1212,111 @@ mod tests {
         let ci = f.select(Some("ci")).unwrap();
         assert_eq!((ci.base, ci.rules.len()), (Base::Agent, 2));
         assert_eq!(
-            ci.verdict(&facts(), ip("198.51.100.1"), Some(Proto::Tcp), Some(25)).0,
+            ci.verdict(&facts(), ip("198.51.100.1"), Some(Proto::Tcp), Some(25))
+                .0,
             Action::Deny
         );
         assert_eq!(f.select(Some("one-api")).unwrap().base, Base::NoneBut);
+    }
+
+    #[test]
+    fn domains_match_exactly_or_below_a_wildcard() {
+        assert!(domain_matches("example.test", "Example.TEST."));
+        assert!(!domain_matches("example.test", "www.example.test"));
+        assert!(domain_matches("*.example.test", "www.example.test"));
+        assert!(domain_matches("*.example.test", "a.b.example.test."));
+        assert!(!domain_matches("*.example.test", "example.test"));
+        assert!(!domain_matches("*.example.test", "badexample.test"));
+    }
+
+    /// A DNS answer for an allowed name becomes set elements with the record's TTL (clamped);
+    /// other names and garbage add nothing.
+    #[test]
+    fn answers_for_allowed_names_feed_the_table() {
+        use simple_dns::{
+            rdata::RData, Name, Packet, Question, ResourceRecord, CLASS, QCLASS, QTYPE, TYPE,
+        };
+        let p = PolicyFile::default()
+            .select(Some(
+                "none-but; allow example.test tcp port 443; deny *.evil.test",
+            ))
+            .unwrap();
+        assert_eq!(p.domains(), ["example.test", "*.evil.test"]);
+        let answer = |q: &str, records: Vec<(&str, u32, RData<'static>)>| {
+            let mut pk = Packet::new_reply(7);
+            pk.questions.push(Question::new(
+                Name::new_unchecked(q).into_owned(),
+                QTYPE::TYPE(TYPE::A),
+                QCLASS::CLASS(CLASS::IN),
+                false,
+            ));
+            for (name, ttl, rdata) in records {
+                pk.answers.push(ResourceRecord::new(
+                    Name::new_unchecked(name).into_owned(),
+                    CLASS::IN,
+                    ttl,
+                    rdata,
+                ));
+            }
+            pk.build_bytes_vec().unwrap()
+        };
+        let a = |ip: [u8; 4]| {
+            RData::A(simple_dns::rdata::A {
+                address: u32::from_be_bytes(ip),
+            })
+        };
+        let script = learn(
+            &p,
+            &answer(
+                "example.test",
+                vec![
+                    ("example.test", 300, a([198, 51, 100, 7])),
+                    ("example.test", 0, a([198, 51, 100, 9])),
+                ],
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            script,
+            "add element netdev agentvm dom4_0 { 198.51.100.7 timeout 300s }\n\
+             add element netdev agentvm dom4_0 { 198.51.100.9 timeout 5s }\n"
+        );
+        let script = learn(
+            &p,
+            &answer(
+                "x.evil.test",
+                vec![("x.evil.test", 60, a([203, 0, 113, 66]))],
+            ),
+        )
+        .unwrap();
+        assert!(
+            script.contains("dom4_1 { 203.0.113.66 timeout 60s }"),
+            "{script}"
+        );
+        assert_eq!(
+            learn(
+                &p,
+                &answer("other.test", vec![("other.test", 60, a([1, 2, 3, 4]))])
+            ),
+            None
+        );
+        assert_eq!(learn(&p, b"not dns"), None);
+        // The script: a set per domain, DNS past the relay denied first, the gateway's DNS not
+        // allowed, the rule on the set.
+        let s = nft_script(&p, &facts());
+        assert!(
+            s.contains("set dom4_0 { type ipv4_addr; flags timeout;"),
+            "{s}"
+        );
+        let dns = s
+            .find("meta protocol ip meta l4proto udp th dport 53 counter jump deny")
+            .unwrap();
+        let rule = s
+            .find("ip daddr @dom4_0 meta l4proto tcp th dport 443 counter fwd to \"eth0\"")
+            .unwrap();
+        assert!(dns < rule, "{s}");
+        assert!(s.contains("ip6 daddr @dom6_1 counter jump deny"), "{s}");
+        assert!(!s.contains("th dport 53 counter fwd"), "{s}");
     }
 
     #[test]

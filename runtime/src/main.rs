@@ -253,6 +253,11 @@ async fn policy_cmd(cmd: PolicyCmd) -> agentvm::Result<()> {
             record.policy = file
                 .select(Some(&policy))
                 .map_err(|e| agentvm::Error::Invalid(e.to_string()))?;
+            if record.policy.has_domains() && !record.dns_relay {
+                return Err(agentvm::Error::Invalid(
+                    egress::domains_need_relay(&record.policy).to_string(),
+                ));
+            }
             let fd = open_netns(&record.netns)?;
             let nft = egress::nft_program().ok_or_else(|| egress::nft_missing(&record.policy))?;
             agentvm::netns::apply_egress(&fd, &nft, &record).await?;

@@ -341,6 +341,7 @@ impl Netns {
             policy: policy.clone(),
             facts,
             netns: PathBuf::from(format!("/proc/{}/ns/net", self.pid)),
+            dns_relay: false,
         };
         apply_egress(&self.fd, nft, &record).await?;
         let state_dir = PathBuf::from(&self.label);
@@ -457,7 +458,11 @@ async fn egress_facts(wiring: &Wiring) -> egress::Facts {
 
 /// Loads `record`'s policy into the namespace `fd` (one nftables transaction).
 pub async fn apply_egress(fd: &Arc<OwnedFd>, nft: &Path, record: &egress::Record) -> Result<()> {
-    let script = egress::nft_script(&record.policy, &record.facts);
+    nft_in(fd, nft, egress::nft_script(&record.policy, &record.facts)).await
+}
+
+/// Runs an nftables script in the namespace `fd` (one transaction).
+pub async fn nft_in(fd: &Arc<OwnedFd>, nft: &Path, script: String) -> Result<()> {
     run_in(fd, &nft.display().to_string(), ["-f", "-"], Some(script))
         .await
         .map(drop)
