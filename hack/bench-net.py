@@ -22,7 +22,11 @@ Every container is removed at the end, also on failure, and the script checks th
 process naming them (shim, QEMU, helpers) is left. Needs dockerd with the agentvm runtime
 (hack/docker-up.sh). Prints Markdown tables for docs/benchmarks.md.
 
-Usage: hack/bench-net.py [--runs 5] [--mib 64] [--requests 200] [--image IMG]
+With --policy, a third container runs under agentvm with the `agent` egress policy plus a
+1,000-entry allowlist (docs/security.md, "Egress policy") and the transfer's gateway port
+allowed: the cost of the nftables table against the same agentvm without a policy.
+
+Usage: hack/bench-net.py [--runs 5] [--mib 64] [--requests 200] [--image IMG] [--policy]
 """
 import argparse, datetime, http.client, os, re, signal, socket, statistics, subprocess, sys
 import threading, time
@@ -30,7 +34,17 @@ import threading, time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchlib import docker, docker_rm, md_table, percentile  # noqa: E402
 
-RUNTIMES = ("runc", "agentvm")
+RUNTIMES = ["runc", "agentvm"]
+POLICY = "agentvm+policy"
+
+
+def runtime_args(label, gw):
+    """`docker run` arguments of a variant: its runtime, and for POLICY the annotation."""
+    if label != POLICY:
+        return [f"--runtime={label}"]
+    allow = "; ".join(f"allow 198.18.{i // 250}.{i % 250 + 1}" for i in range(1000))
+    return ["--runtime=agentvm", "--annotation",
+            f"io.agentvm.egress=agent; allow {gw} tcp; {allow}"]
 CHUNK = bytes(1 << 20)
 WWW = "/dev/shm/www"
 BODY = b"hello\n"
@@ -152,7 +166,7 @@ class Bench:
         if not self.gw:
             sys.exit("bench-net: the default bridge network has no gateway IP")
         for rt in RUNTIMES:
-            cid = docker("run", "-d", "--label", self.tag, f"--runtime={rt}",
+            cid = docker("run", "-d", "--label", self.tag, *runtime_args(rt, self.gw),
                          "-p", "127.0.0.1::8080", self.a.image, "sh", "-c",
                          f"mkdir -p {WWW} && echo hello > {WWW}/index.html && "
                          f"exec httpd -f -p 8080 -h {WWW}")
@@ -300,7 +314,7 @@ class Bench:
             try:
                 out = self.exec(rt, "cat /proc/net/snmp /proc/net/dev", timeout=30)
                 self.health[rt] = [tcp_counters(out)] + dev_drops(out, "container")
-                if rt == "agentvm":
+                if rt != "runc":
                     pid = docker("inspect", "-f", "{{.State.Pid}}", self.cids[rt])
                     with open(f"/proc/{pid}/net/dev") as f:
                         self.health[rt] += dev_drops(f.read(), "host netns")
@@ -326,11 +340,12 @@ class Bench:
         for test, name in names.items():
             m = {rt: statistics.median(self.tput[(test, rt)]) if self.tput.get((test, rt))
                  else float("nan") for rt in RUNTIMES}
-            rows.append([name, f"{m['runc']:.1f}", f"{m['agentvm']:.1f}",
-                         f"{m['agentvm'] / m['runc']:.3f}x"])
+            rows.append([name] + [f"{m[rt]:.1f}" for rt in RUNTIMES]
+                        + [f"{m[rt] / m['runc']:.3f}x" for rt in RUNTIMES[1:]])
         print(f"{datetime.date.today()}, image {a.image}, throughput median of {a.runs} runs, "
               f"latency {a.requests} requests per runtime and path after {a.warmup} warm-up\n")
-        print(md_table(["TCP throughput (MB/s)", "runc", "agentvm", "agentvm / runc"], rows))
+        print(md_table(["TCP throughput (MB/s)"] + RUNTIMES
+                       + [f"{rt} / runc" for rt in RUNTIMES[1:]], rows))
         print()
         rows = []
         for target, name in (("published", "host → `127.0.0.1:PORT` (`-p 127.0.0.1::8080`)"),
@@ -339,9 +354,10 @@ class Bench:
             med = {rt: statistics.median(v[rt]) for rt in RUNTIMES}
             rows.append([name] + [f"{f(v[rt]):.2f}" for rt in RUNTIMES
                                   for f in (statistics.median, lambda x: percentile(x, 90))]
-                        + [f"{med['agentvm'] / med['runc']:.1f}x"])
-        print(md_table(["HTTP GET, new connection each (ms)", "runc median", "runc p90",
-                        "agentvm median", "agentvm p90", "agentvm / runc (median)"], rows))
+                        + [f"{med[rt] / med['runc']:.2f}x" for rt in RUNTIMES[1:]])
+        print(md_table(["HTTP GET, new connection each (ms)"]
+                       + [f"{rt} {w}" for rt in RUNTIMES for w in ("median", "p90")]
+                       + [f"{rt} / runc (median)" for rt in RUNTIMES[1:]], rows))
         print("\nper-run throughput (MB/s): " + "; ".join(
             f"{t} {rt} " + " ".join(f"{x:.1f}" for x in v) for (t, rt), v in self.tput.items()))
         for rt, h in self.health.items():
@@ -359,7 +375,11 @@ def main():
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--timeout", type=int, default=300, help="seconds for one transfer")
     ap.add_argument("--image", default="agentvm-test/busybox:latest")
+    ap.add_argument("--policy", action="store_true",
+                    help="also agentvm with the agent egress policy and a 1,000-entry allowlist")
     a = ap.parse_args()
+    if a.policy:
+        RUNTIMES.append(POLICY)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit("bench-net: terminated"))
     b = Bench(a)
     try:
