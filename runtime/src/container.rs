@@ -465,6 +465,7 @@ fn start_request(
         network,
         mounts,
         sysctls: cfg.sysctls.clone(),
+        container: None,
     }
 }
 
@@ -677,6 +678,7 @@ fn layered_root(
             work: layers::GUEST_WORKDIR.into(),
             readonly: cfg.root_readonly,
         }),
+        subdir: None,
     };
     (share, disks, spec)
 }
@@ -948,6 +950,7 @@ impl Running {
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),
+            container: None,
         };
         launch(
             conn,
@@ -1370,6 +1373,7 @@ pub mod testing {
                 overlay: false,
                 options: None,
                 layers: None,
+                subdir: None,
             },
             process: ProcessSpec {
                 args: vec!["init".into()],
@@ -1380,6 +1384,7 @@ pub mod testing {
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),
+            container: None,
         };
         let shared = Arc::new(VmShared {
             qmp: PathBuf::from("/nonexistent/qmp.sock"),
