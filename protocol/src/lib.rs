@@ -711,7 +711,10 @@ mod tests {
         assert_eq!((&req.container, &req.rootfs.subdir), (&None, &None));
         // And a host before pods reads a request without the new fields the same way.
         let json = serde_json::to_string(&Message::Start(req)).unwrap();
-        assert!(!json.contains("container") && !json.contains("subdir"), "{json}");
+        assert!(
+            !json.contains("container") && !json.contains("subdir"),
+            "{json}"
+        );
     }
 
     #[test]

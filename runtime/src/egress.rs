@@ -1050,7 +1050,8 @@ mod tests {
         let ci = f.select(Some("ci")).unwrap();
         assert_eq!((ci.base, ci.rules.len()), (Base::Agent, 2));
         assert_eq!(
-            ci.verdict(&facts(), ip("198.51.100.1"), Some(Proto::Tcp), Some(25)).0,
+            ci.verdict(&facts(), ip("198.51.100.1"), Some(Proto::Tcp), Some(25))
+                .0,
             Action::Deny
         );
         assert_eq!(f.select(Some("one-api")).unwrap().base, Base::NoneBut);
