@@ -845,3 +845,59 @@ fn readonly_root_agentvm() {
     };
     readonly_root(&cri, AGENTVM);
 }
+
+/// Figures for docs/decisions.md ("A pod's later containers"): CreateContainer +
+/// StartContainer of a container added to a running pod, and 500 small-file creates in its
+/// root (a virtio-fs share under agentvm) against the same in its /dev/shm (memory), each as
+/// the ExecSync round trip minus that of `true`. Medians of 5. Run by hand:
+/// `cargo test -p agentvm-integration --test cri -- --ignored pod_container_costs --nocapture`.
+#[test]
+#[ignore]
+fn pod_container_costs() {
+    let Some(cri) = Cri::get("pod_container_costs") else {
+        return;
+    };
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    for handler in [RUNC, AGENTVM] {
+        let mut pod = Pod::run(&cri, "costs", handler, NamespaceOption::default())
+            .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+        let mut starts = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let t = Instant::now();
+            ids.push(pod.start(&format!("c{i}"), "exec sleep 600"));
+            starts.push(t.elapsed());
+        }
+        let id = ids[0].clone();
+        let timed = |cmd: &str| {
+            let mut v = Vec::new();
+            for _ in 0..5 {
+                let t = Instant::now();
+                let r = pod
+                    .exec_sync(&id, &["sh", "-c", cmd], 120)
+                    .expect("ExecSync");
+                assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+                v.push(t.elapsed());
+            }
+            median(v)
+        };
+        let base = timed("true");
+        let files = |dir: &str| {
+            format!(
+                "mkdir -p {dir}/t && cd {dir}/t && i=0; while [ $i -lt 500 ]; do \
+                 echo x > f$i; i=$((i+1)); done; rm -r {dir}/t"
+            )
+        };
+        let root = timed(&files("")).saturating_sub(base);
+        let shm = timed(&files("/dev/shm")).saturating_sub(base);
+        println!(
+            "{handler}: create+start of a container in a running pod {:?} (median of 5); \
+             ExecSync of true {base:?}; 500 files in the root {root:?}, in /dev/shm {shm:?}",
+            median(starts)
+        );
+        pod.remove().expect("remove the pod");
+    }
+}

@@ -28,7 +28,7 @@ use crate::assets::Assets;
 use crate::error::{Error, Result};
 use crate::guest::{self, Dialer, GuestLog};
 use crate::hostcgroup::{self, HostCgroup};
-use crate::netns::{Netns, NetnsMode, Wiring};
+use crate::netns::{Netns, NetnsMode};
 use crate::sandbox::{spawn_input_pump, AgentConn, Sandbox, SandboxConfig};
 use crate::vmm::AgentIo;
 use crate::vmm::{Accel, Disk, FsCache, Nic, Share, ShareTransport, VirtioFs};
@@ -490,11 +490,8 @@ async fn boot(
             )
         })
         .map_err(|e| Error::Invalid(e.to_string()))?;
-    let mut wiring = Wiring::default();
-    if netns.wired() {
-        wiring = netns.scan().await?;
-        netns.wire(&mut wiring, &egress_policy).await?;
-    }
+    let mut wiring = netns.scan().await?;
+    netns.wire(&mut wiring, &egress_policy).await?;
     let (root, disks, rootfs, host_view) = root_setup(cfg, &policy, &sandbox.state_dir).await?;
     let mut shares = vec![root];
     shares.extend(plan.shares.iter().cloned());
