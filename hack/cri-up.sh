@@ -6,7 +6,9 @@
 #     log in $AGENTVM_CRI_LOGS (default /tmp/agentvm-cri-logs),
 #   - the CRI plugin with the handlers `runc` (the reference) and `agentvm`
 #     (io.containerd.agentvm.v1), Debian's CNI plugins (bridge `avmcri0` + host-local in
-#     10.231.0.0/24, no masquerading: pods talk to this host only),
+#     10.231.0.0/24, no masquerading: pods talk to this host only; $AGENTVM_CRI_IP_RANGE
+#     (`FIRST-LAST`, e.g. 10.231.0.200-10.231.0.250) confines this instance's pod addresses,
+#     so a second instance with its own state and root can share the bridge),
 #   - the pod sandbox image built locally (hack/make-pause-image.py) and the busybox test image
 #     (hack/make-test-image.py), imported into containerd's `k8s.io` namespace.
 # Usage: hack/cri-up.sh [SHIM [AGENT]] (default: the installed containerd-shim-agentvm-v1 and
@@ -23,6 +25,11 @@ state=${AGENTVM_CRI_STATE:-/run/agentvm-cri-test}
 root=${AGENTVM_CRI_ROOT:-/var/lib/agentvm-cri-test}
 logs=${AGENTVM_CRI_LOGS:-/tmp/agentvm-cri-logs}
 sock="$state/containerd.sock"
+ip_range=${AGENTVM_CRI_IP_RANGE:-}
+range_limits=
+if [ -n "$ip_range" ]; then
+  range_limits=", \"rangeStart\": \"${ip_range%-*}\", \"rangeEnd\": \"${ip_range#*-}\""
+fi
 cni_bin=/usr/lib/cni
 pause_ref=docker.io/agentvm-test/pause:3.9
 busybox_ref=docker.io/agentvm-test/busybox:latest
@@ -55,7 +62,7 @@ cat >"$state/net.d/10-agentvm-cri-test.conflist" <<CNI
       "hairpinMode": true,
       "ipam": {
         "type": "host-local",
-        "ranges": [[{"subnet": "10.231.0.0/24"}]],
+        "ranges": [[{"subnet": "10.231.0.0/24"$range_limits}]],
         "routes": [{"dst": "0.0.0.0/0"}],
         "dataDir": "$state/cni-ipam"
       }
@@ -107,7 +114,7 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
 
 [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.agentvm]
   runtime_type = "io.containerd.agentvm.v1"
-  # Pod annotations agentvm reads (io.agentvm.pod-containers: runtime/src/pod.rs).
+  # Pod annotations agentvm reads (io.agentvm.egress, share and root choices).
   pod_annotations = ["io.agentvm.*"]
 
 [plugins."io.containerd.grpc.v1.cri".cni]

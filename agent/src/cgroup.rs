@@ -67,6 +67,23 @@ impl Cgroup {
         Ok(cg)
     }
 
+    /// The cgroup of a pod container `name` beside the VM's own container's (a sibling of
+    /// [`NAME`], so neither holds processes and children at once), created with the same
+    /// controllers.
+    pub fn sibling(&self, name: &str) -> Result<Self, CgroupError> {
+        let cg = Cgroup {
+            root: self.root.clone(),
+            dir: self.root.join(name),
+        };
+        cg.ensure()?;
+        Ok(cg)
+    }
+
+    /// Removes the (empty) cgroup directory.
+    pub fn remove(&self) -> std::io::Result<()> {
+        std::fs::remove_dir(&self.dir)
+    }
+
     /// The system's cgroup (`/sys/fs/cgroup/agentvm`), or `None` with the reason logged.
     pub fn system() -> Option<Self> {
         match Self::prepare(Path::new(SYS_CGROUP)) {

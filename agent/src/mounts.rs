@@ -286,6 +286,12 @@ pub fn apply(mounts: &[MountSpec], root: &str) -> Result<(), MountError> {
     execute(&plan(mounts, FILES)?, root)
 }
 
+/// [`apply`] with the copied files kept in `files` (a pod container's own directory, so
+/// the containers of a pod never share a copy).
+pub fn apply_with_files(mounts: &[MountSpec], root: &str, files: &str) -> Result<(), MountError> {
+    execute(&plan(mounts, files)?, root)
+}
+
 /// Performs `ops` in the container root `root`, stopping at the first failure.
 pub fn execute(ops: &[Op], root: &str) -> Result<(), MountError> {
     let root = Path::new(root);

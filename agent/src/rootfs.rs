@@ -83,8 +83,6 @@ fn mnt(source: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&s
 
 /// The steps that assemble the container root at [`ROOT`].
 pub fn plan(spec: &RootfsSpec) -> Vec<Op> {
-    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
-    let r = |p: &str| format!("{ROOT}{p}");
     let mut ops = Vec::new();
     if let Some(layers) = &spec.layers {
         ops.extend(layered(layers));
@@ -122,9 +120,20 @@ pub fn plan(spec: &RootfsSpec) -> Vec<Op> {
             ),
         ]);
     }
+    ops.extend(kernel_filesystems(ROOT, true));
+    ops
+}
+
+/// The kernel filesystems and Docker-like `/dev` in the root at `root`; `proc` false leaves
+/// `/proc` to the process (a PID namespace of its own mounts its own procfs).
+fn kernel_filesystems(root: &str, proc: bool) -> Vec<Op> {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let r = |p: &str| format!("{root}{p}");
+    let mut ops = vec![mkdir(&r("/proc"), 0o555)];
+    if proc {
+        ops.push(mnt("proc", &r("/proc"), "proc", nosuid_nodev_noexec, None));
+    }
     ops.extend([
-        mkdir(&r("/proc"), 0o555),
-        mnt("proc", &r("/proc"), "proc", nosuid_nodev_noexec, None),
         mkdir(&r("/sys"), 0o555),
         mnt("sysfs", &r("/sys"), "sysfs", nosuid_nodev_noexec, None),
         mkdir(&r("/sys/fs/cgroup"), 0o555),
@@ -190,6 +199,56 @@ pub fn plan(spec: &RootfsSpec) -> Vec<Op> {
         ),
     ]);
     ops
+}
+
+/// Where the agent mounts a share that holds several containers' roots (a pod's).
+pub const SHARES: &str = "/run/agentvm/shares";
+/// Where the roots of a pod's containers are assembled: `<PODS>/<container id>`.
+pub const PODS: &str = "/run/agentvm/containers";
+
+/// A container root's relative path in a share is refused: it would leave the share.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid root directory {0:?} in a share: a relative path without '..' is required")]
+pub struct BadSubdir(pub String);
+
+/// The steps that assemble a pod container's root at `root` from directory `subdir` of the
+/// share `spec.device` (mounted at `share_dir` unless `share_mounted`): a bind of that
+/// directory, and the kernel filesystems in it (`/proc` only if `proc`).
+pub fn pod_plan(
+    spec: &RootfsSpec,
+    root: &str,
+    share_dir: &str,
+    share_mounted: bool,
+    proc: bool,
+) -> Result<Vec<Op>, BadSubdir> {
+    let subdir = spec.subdir.clone().unwrap_or_default();
+    if subdir.is_empty()
+        || subdir.starts_with('/')
+        || subdir.split('/').any(|c| c == ".." || c == ".")
+    {
+        return Err(BadSubdir(subdir));
+    }
+    let mut ops = Vec::new();
+    if !share_mounted {
+        ops.push(mkdir(share_dir, 0o755));
+        ops.push(mnt(
+            &spec.device,
+            share_dir,
+            &spec.fstype,
+            MsFlags::empty(),
+            spec.options.as_deref(),
+        ));
+    }
+    ops.push(mkdir(root, 0o755));
+    ops.push(mnt(
+        &format!("{share_dir}/{}", subdir.trim_end_matches('/')),
+        root,
+        "none",
+        MsFlags::MS_BIND,
+        None,
+    ));
+    ops.extend(kernel_filesystems(root, proc));
+    Ok(ops)
 }
 
 /// Options of a layered root's overlay, as Docker's overlay2 driver mounts its own: renamed
@@ -390,6 +449,7 @@ mod tests {
             overlay,
             options: None,
             layers: None,
+            subdir: None,
         }
     }
 
@@ -404,6 +464,44 @@ mod tests {
 
     fn index(ops: &[Op], pred: impl Fn(&Op) -> bool) -> usize {
         ops.iter().position(pred).unwrap()
+    }
+
+    #[test]
+    fn a_pod_containers_root_is_a_directory_of_the_pod_share_mounted_once() {
+        let spec = RootfsSpec {
+            device: "pod".into(),
+            fstype: "virtiofs".into(),
+            subdir: Some("c1/rootfs".into()),
+            ..spec(false)
+        };
+        let root = "/run/agentvm/containers/c1/root";
+        let share = "/run/agentvm/shares/pod";
+        let first = pod_plan(&spec, root, share, false, true).unwrap();
+        assert_eq!(
+            first[1],
+            mnt("pod", share, "virtiofs", MsFlags::empty(), None)
+        );
+        let bind = mnt(
+            "/run/agentvm/shares/pod/c1/rootfs",
+            root,
+            "none",
+            MsFlags::MS_BIND,
+            None,
+        );
+        assert_eq!(first[3], bind);
+        assert!(mount_targets(&first).contains(&"/run/agentvm/containers/c1/root/proc"));
+        // The share is mounted already; /proc is left to the container's PID namespace.
+        let later = pod_plan(&spec, root, share, true, false).unwrap();
+        assert_eq!(later[1], bind);
+        assert!(!mount_targets(&later).iter().any(|t| t.ends_with("/proc")));
+        assert!(later.contains(&mkdir(&format!("{root}/proc"), 0o555)));
+        for bad in ["", "/abs", "../x", "c1/../../x", "./c1"] {
+            let s = RootfsSpec {
+                subdir: Some(bad.into()),
+                ..spec.clone()
+            };
+            assert!(pod_plan(&s, root, share, true, true).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -571,6 +669,7 @@ mod tests {
             overlay: false,
             options: Some("trans=virtio,version=9p2000.L".into()),
             layers: None,
+            subdir: None,
         });
         assert_eq!(
             ops[1],
@@ -592,6 +691,7 @@ mod tests {
             overlay: false,
             options: None,
             layers: None,
+            subdir: None,
         });
         assert_eq!(
             ops[1],

@@ -5,6 +5,8 @@
 //! A connection that starts with `DnsRelay` instead carries DNS messages (see [`crate::dns`]).
 //! Every connection runs as its own task; all tasks share one thread (see the crate docs).
 
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,6 +24,7 @@ use tokio::time::{sleep, Instant};
 
 use crate::cgroup::Cgroup;
 use crate::fdio::FdStream;
+use crate::process::plan::{MountNs, PidNs};
 use crate::process::spawn::{open_pty, resize, spawn, SpawnError};
 use crate::process::Plan;
 use crate::reaper::Reaper;
@@ -56,6 +59,24 @@ pub struct Agent {
     /// Processes other than the init being served: counted from their start request until
     /// their last frame (`Exited`) has gone out.
     others: tokio::sync::watch::Sender<usize>,
+    /// The containers of a pod's VM beside the VM's own, by id.
+    members: Mutex<HashMap<String, Arc<Member>>>,
+    /// Shares mounted once for the roots of pod containers, by tag.
+    shares: Mutex<HashSet<String>>,
+}
+
+/// A container of a pod's VM beside the VM's own (the pod sandbox's): its root, cgroup and
+/// namespaces, which its exec processes join.
+#[derive(Debug)]
+struct Member {
+    root: String,
+    cgroup: Option<Cgroup>,
+    /// The init's mount namespace, and its PID namespace when it has one of its own; none
+    /// once the init is gone before they could be opened.
+    mnt_ns: Option<OwnedFd>,
+    pid_ns: Option<OwnedFd>,
+    /// Exec processes being served: the init's end waits for their exits to go out.
+    others: tokio::sync::watch::Sender<usize>,
 }
 
 /// Counts one process other than the init while it is served ([`Agent::others`]).
@@ -85,6 +106,8 @@ impl Agent {
             dns_port: dns::DNS_PORT,
             cgroup: None,
             others: tokio::sync::watch::Sender::new(0),
+            members: Mutex::new(HashMap::new()),
+            shares: Mutex::new(HashSet::new()),
         }
     }
 
@@ -397,6 +420,13 @@ async fn run(
     out: &mpsc::Sender<Frame>,
     host: &mut HostFrames,
 ) -> After {
+    if let Some(member) = req.container.clone() {
+        return if member.create {
+            run_member(agent, req, &member, out, host).await
+        } else {
+            exec_in_member(agent, req, &member.id, out, host).await
+        };
+    }
     let failed = if req.init {
         After::LingerThenPowerOff
     } else {
@@ -454,52 +484,26 @@ async fn run(
             return failed;
         }
     };
-    let pty = if req.process.terminal {
-        match open_pty(
-            &format!("{}/dev/pts/ptmx", agent.root.trim_end_matches('/')),
-            req.process.console_size,
-        ) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                let _ = out.send(error(e.to_string(), None)).await;
-                return failed;
-            }
-        }
-    } else {
-        None
+    let (pid, supervised) = match start_and_supervise(
+        agent,
+        plan,
+        &req.process,
+        &agent.root,
+        out,
+        host,
+        &mut |_| {},
+    )
+    .await
+    {
+        Some(r) => r,
+        None => return failed,
     };
-    // No `.await` between the spawn and the registration (see `reaper`).
-    let (spawned, exit_rx) = match spawn(plan, pty) {
-        Ok(s) => {
-            let rx = agent.reaper.register(s.pid);
-            (s, rx)
-        }
-        Err(SpawnError::Setup { message, exit_code }) => {
-            info!("start {:?} failed: {message}", req.process.args);
-            let _ = out.send(error(message, Some(exit_code))).await;
-            let _ = out
-                .send(msg(Message::Exited(ExitStatus::exited(exit_code))))
-                .await;
-            return failed;
-        }
-        Err(e) => {
-            info!("start {:?} failed: {e}", req.process.args);
-            let _ = out.send(error(e.to_string(), None)).await;
-            return failed;
-        }
-    };
-    let pid = spawned.pid;
-    debug!("started pid {pid}: {:?}", req.process.args);
-    let _ = out.send(msg(Message::Started { pid })).await;
-
-    match supervise(spawned, exit_rx, out, host).await {
-        Supervised::Exited(mut status) => {
-            // A SIGKILL the kernel log attributes to the OOM killer: the memory limit.
-            status.oom = status.signal == Some(libc::SIGKILL) && crate::stats::oom_killed(pid);
-            debug!("pid {pid} exited: {status:?}");
+    match supervised {
+        Supervised::Exited(status) => {
             if req.init {
                 end_the_others(agent).await;
             }
+            debug!("pid {pid} exited: {status:?}");
             let _ = out.send(msg(Message::Exited(status))).await;
             if req.init {
                 After::LingerThenPowerOff
@@ -515,6 +519,326 @@ async fn run(
             }
         }
         Supervised::Shutdown => After::PowerOffNow("shutdown requested by the host"),
+    }
+}
+
+/// Spawns the planned process (with a terminal under `root` if asked), reports `Started`
+/// and serves it to its end. `None`: it did not start, and the failure (with `Exited` where
+/// a runc user would see an exit code) has been reported.
+async fn start_and_supervise(
+    agent: &Agent,
+    plan: Arc<Plan>,
+    process: &agentvm_protocol::ProcessSpec,
+    root: &str,
+    out: &mpsc::Sender<Frame>,
+    host: &mut HostFrames,
+    on_spawned: &mut (dyn FnMut(i32) + Send),
+) -> Option<(i32, Supervised)> {
+    let pty = if process.terminal {
+        match open_pty(
+            &format!("{}/dev/pts/ptmx", root.trim_end_matches('/')),
+            process.console_size,
+        ) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                let _ = out.send(error(e.to_string(), None)).await;
+                return None;
+            }
+        }
+    } else {
+        None
+    };
+    // No `.await` between the spawn and the registration (see `reaper`).
+    let (spawned, exit_rx) = match spawn(plan, pty) {
+        Ok(s) => {
+            let rx = agent.reaper.register(s.pid);
+            (s, rx)
+        }
+        Err(SpawnError::Setup { message, exit_code }) => {
+            info!("start {:?} failed: {message}", process.args);
+            let _ = out.send(error(message, Some(exit_code))).await;
+            let _ = out
+                .send(msg(Message::Exited(ExitStatus::exited(exit_code))))
+                .await;
+            return None;
+        }
+        Err(e) => {
+            info!("start {:?} failed: {e}", process.args);
+            let _ = out.send(error(e.to_string(), None)).await;
+            return None;
+        }
+    };
+    let pid = spawned.pid;
+    debug!("started pid {pid}: {:?}", process.args);
+    on_spawned(pid);
+    let _ = out.send(msg(Message::Started { pid })).await;
+    let supervised = match supervise(spawned, exit_rx, out, host).await {
+        Supervised::Exited(mut status) => {
+            // A SIGKILL the kernel log attributes to the OOM killer: the memory limit.
+            status.oom = status.signal == Some(libc::SIGKILL) && crate::stats::oom_killed(pid);
+            Supervised::Exited(status)
+        }
+        other => other,
+    };
+    Some((pid, supervised))
+}
+
+/// A pod container's id: a path component of the agent's own directories and of a cgroup.
+fn valid_member_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && !id.starts_with('.')
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Opens `/proc/<pid>/ns/<kind>` (the namespace stays alive while the descriptor is open).
+fn open_ns(pid: i32, kind: &str) -> Option<OwnedFd> {
+    std::fs::File::open(format!("/proc/{pid}/ns/{kind}"))
+        .map(OwnedFd::from)
+        .map_err(|e| info!("open the {kind} namespace of pid {pid}: {e}"))
+        .ok()
+}
+
+/// Mounts a pod container's root, mounts and cgroup; its init gets a mount namespace of its
+/// own (and a PID namespace if asked). Returns the member and the plan of its init.
+fn create_member(
+    agent: &Agent,
+    req: &StartRequest,
+    pc: &agentvm_protocol::PodContainer,
+) -> Result<(Member, Plan), String> {
+    let id = &pc.id;
+    let base = format!("{}/{id}", rootfs::PODS);
+    let root = if agent.preset_root {
+        agent.root.clone()
+    } else {
+        format!("{base}/root")
+    };
+    if !agent.preset_root {
+        let tag = req.rootfs.device.clone();
+        let share_dir = format!("{}/{tag}", rootfs::SHARES);
+        let mounted = lock(&agent.shares).contains(&tag);
+        let ops = rootfs::pod_plan(
+            &req.rootfs,
+            &root,
+            &share_dir,
+            mounted,
+            !pc.own_pid_namespace,
+        )
+        .map_err(|e| e.to_string())?;
+        rootfs::execute(&ops).map_err(|e| e.to_string())?;
+        lock(&agent.shares).insert(tag);
+        mounts::apply_with_files(&req.mounts, &root, &format!("{base}/files"))
+            .map_err(|e| e.to_string())?;
+        if pc.readonly_root {
+            rootfs::execute(&[rootfs::Op::RemountReadonly {
+                target: root.clone(),
+            }])
+            .map_err(|e| e.to_string())?;
+        }
+    }
+    let cgroup = agent
+        .cgroup
+        .as_ref()
+        .and_then(|c| match c.sibling(&format!("pod-{id}")) {
+            Ok(cg) => Some(cg),
+            Err(e) => {
+                info!("{e}; container {id} runs in the VM's cgroup");
+                None
+            }
+        });
+    let mut plan = Plan::new(&req.process, &root, agent.last_cap)
+        .map_err(|e| format!("invalid process spec: {e}"))?;
+    plan.cgroup_procs = cgroup.as_ref().and_then(Cgroup::procs_path);
+    if !agent.preset_root {
+        plan.mount_ns = MountNs::New;
+    }
+    if pc.own_pid_namespace {
+        plan.pid_ns = PidNs::New;
+        if !agent.preset_root {
+            plan.proc_mount = std::ffi::CString::new(format!("{root}/proc")).ok();
+        }
+    }
+    let member = Member {
+        root,
+        cgroup,
+        mnt_ns: None,
+        pid_ns: None,
+        others: tokio::sync::watch::Sender::new(0),
+    };
+    Ok((member, plan))
+}
+
+/// Undoes [`create_member`]: the root's mounts (lazily: a process of the container may still
+/// be exiting), the copied files and the cgroup.
+async fn remove_member(agent: &Agent, id: &str, member: &Member) {
+    if !agent.preset_root {
+        if let Err(e) = nix::mount::umount2(member.root.as_str(), nix::mount::MntFlags::MNT_DETACH)
+        {
+            info!("unmount the root of container {id}: {e}");
+        }
+        let _ = std::fs::remove_dir_all(format!("{}/{id}", rootfs::PODS));
+    }
+    if let Some(cg) = &member.cgroup {
+        // Its last processes may still be on their way out.
+        for _ in 0..50 {
+            if cg.remove().is_ok() {
+                break;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The init of a pod container: creates the container, runs the process, and when it exits
+/// ends the container's other processes (reporting their exits first), then removes the
+/// container. The VM keeps running.
+async fn run_member(
+    agent: &Agent,
+    req: StartRequest,
+    pc: &agentvm_protocol::PodContainer,
+    out: &mpsc::Sender<Frame>,
+    host: &mut HostFrames,
+) -> After {
+    let id = pc.id.clone();
+    let fail = |m: String| error(format!("container {id}: {m}"), None);
+    if !valid_member_id(&id) {
+        let _ = out.send(fail("invalid container id".into())).await;
+        return After::Close;
+    }
+    if lock(&agent.members).contains_key(&id) {
+        let _ = out.send(fail("exists already in this VM".into())).await;
+        return After::Close;
+    }
+    let (member, plan) = match create_member(agent, &req, pc) {
+        Ok(m) => m,
+        Err(e) => {
+            info!("create container {id}: {e}");
+            let _ = out.send(fail(e)).await;
+            // What was mounted before the failure goes.
+            let partial = Member {
+                root: format!("{}/{id}/root", rootfs::PODS),
+                cgroup: None,
+                mnt_ns: None,
+                pid_ns: None,
+                others: tokio::sync::watch::Sender::new(0),
+            };
+            remove_member(agent, &id, &partial).await;
+            return After::Close;
+        }
+    };
+    let root = member.root.clone();
+    let plan = Arc::new(plan);
+    // Registered once the init runs, with its namespaces (opened right after the spawn,
+    // before `Started` goes out, so an exec the host sends after it finds them).
+    let own_pid = pc.own_pid_namespace;
+    let preset = agent.preset_root;
+    let mut registered = |pid: i32| {
+        let m = Member {
+            root: member.root.clone(),
+            cgroup: member.cgroup.clone(),
+            mnt_ns: if preset { None } else { open_ns(pid, "mnt") },
+            pid_ns: if own_pid { open_ns(pid, "pid") } else { None },
+            others: member.others.clone(),
+        };
+        lock(&agent.members).insert(id.clone(), Arc::new(m));
+    };
+    let outcome =
+        start_and_supervise(agent, plan, &req.process, &root, out, host, &mut registered).await;
+    let status = match outcome {
+        None => None,
+        Some((_, Supervised::Exited(status))) => Some(status),
+        Some((pid, _)) => {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            None
+        }
+    };
+    // As the end of a PID namespace under runc: the container's other processes go, and
+    // their exits are reported before the init's.
+    if let Some(cg) = &member.cgroup {
+        if let Err(e) = cg.kill_all() {
+            info!("kill the processes of container {id}: {e}");
+        }
+    }
+    let mut count = member.others.subscribe();
+    if tokio::time::timeout(DRAIN, count.wait_for(|n| *n == 0))
+        .await
+        .is_err()
+    {
+        info!("exec processes of container {id} still served {DRAIN:?} after its init exited");
+    }
+    lock(&agent.members).remove(&id);
+    remove_member(agent, &id, &member).await;
+    if let Some(status) = status {
+        debug!("container {id} exited: {status:?}");
+        let _ = out.send(msg(Message::Exited(status))).await;
+    }
+    After::Close
+}
+
+/// An exec process in pod container `id`: its root, cgroup, mount and PID namespaces.
+async fn exec_in_member(
+    agent: &Agent,
+    req: StartRequest,
+    id: &str,
+    out: &mpsc::Sender<Frame>,
+    host: &mut HostFrames,
+) -> After {
+    let Some(member) = lock(&agent.members).get(id).cloned() else {
+        let _ = out
+            .send(error(format!("no container {id} runs in this VM"), None))
+            .await;
+        return After::Close;
+    };
+    let _served = Other::enter(&member.others);
+    let mut plan = match Plan::new(&req.process, &member.root, agent.last_cap) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = out
+                .send(error(format!("invalid process spec: {e}"), None))
+                .await;
+            return After::Close;
+        }
+    };
+    plan.cgroup_procs = member.cgroup.as_ref().and_then(Cgroup::procs_path);
+    if !agent.preset_root {
+        match &member.mnt_ns {
+            Some(fd) => plan.mount_ns = MountNs::Join(fd.as_raw_fd()),
+            None => {
+                let _ = out
+                    .send(error(format!("container {id} is not running"), None))
+                    .await;
+                return After::Close;
+            }
+        }
+    }
+    if let Some(fd) = &member.pid_ns {
+        plan.pid_ns = PidNs::Join(fd.as_raw_fd());
+    }
+    let root = member.root.clone();
+    match start_and_supervise(
+        agent,
+        Arc::new(plan),
+        &req.process,
+        &root,
+        out,
+        host,
+        &mut |_| {},
+    )
+    .await
+    {
+        Some((pid, Supervised::Exited(status))) => {
+            debug!("pid {pid} in container {id} exited: {status:?}");
+            let _ = out.send(msg(Message::Exited(status))).await;
+            After::Close
+        }
+        Some((_, Supervised::Shutdown)) => After::PowerOffNow("shutdown requested by the host"),
+        _ => After::Close,
     }
 }
 
@@ -693,6 +1017,7 @@ mod tests {
                 overlay: false,
                 options: None,
                 layers: None,
+                subdir: None,
             },
             process: ProcessSpec {
                 args: args.iter().map(|s| s.to_string()).collect(),
@@ -705,6 +1030,7 @@ mod tests {
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),
+            container: None,
         }
     }
 
@@ -972,6 +1298,112 @@ mod tests {
             sleep(Duration::from_millis(20)).await;
         }
         assert!(rebound, "the relay's socket was closed with its connection");
+    }
+
+    fn member_request(id: &str, create: bool, args: &[&str]) -> StartRequest {
+        let mut req = start_request(args);
+        req.container = Some(agentvm_protocol::PodContainer {
+            id: id.into(),
+            create,
+            own_pid_namespace: true,
+            readonly_root: false,
+        });
+        req
+    }
+
+    /// Pod containers beside the VM's own: each has its own PID namespace (its init is pid 1
+    /// there, an exec joins it), execs reach only an existing container, the init's end
+    /// ends its exec processes (reported first, 137) and forgets the container, and a
+    /// second container runs while the first does. Needs root (namespaces, `chroot`).
+    #[test]
+    fn pod_containers_are_tracked_and_ended_one_by_one() {
+        if !crate::testutil::is_root() {
+            eprintln!("SKIPPED pod_containers_are_tracked_and_ended_one_by_one: needs root");
+            return;
+        }
+        let _guard = crate::testutil::child_lock();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let reaper = Reaper::start().unwrap();
+            let agent = Arc::new(Agent::with_root(
+                reaper,
+                crate::process::caps::kernel_last_cap(),
+                "/",
+            ));
+            // No such container yet.
+            let f = connect(&agent, member_request("c1", false, &["true"]))
+                .await
+                .rest()
+                .await;
+            assert!(
+                matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("no container c1")),
+                "{f:?}"
+            );
+            let mut c1 = connect(&agent, member_request("c1", true, &["sleep", "30"])).await;
+            assert!(matches!(c1.recv().await, Some(Frame::Msg(Message::Started { .. }))));
+            let f = connect(&agent, member_request("c1", true, &["true"]))
+                .await
+                .rest()
+                .await;
+            assert!(
+                matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("exists already")),
+                "{f:?}"
+            );
+            let mut c2 = connect(&agent, member_request("c2", true, &["sleep", "30"])).await;
+            assert!(matches!(c2.recv().await, Some(Frame::Msg(Message::Started { .. }))));
+            // An exec in c1 is in c1's PID namespace: its shell is not pid 1 there, c1's
+            // init (sleep) is.
+            let f = connect(
+                &agent,
+                member_request("c1", false, &["sh", "-c", "echo $$; cat /proc/1/comm >/dev/null"]),
+            )
+            .await
+            .rest()
+            .await;
+            let pid: i32 = String::from_utf8_lossy(&data(&f, Stream::Stdout))
+                .trim()
+                .parse()
+                .unwrap();
+            assert!(pid > 1 && pid < 100, "pid {pid} in c1's own namespace");
+            assert_eq!(exited(&f), ExitStatus::exited(0));
+            let mut ex = connect(&agent, member_request("c1", false, &["sleep", "30"])).await;
+            assert!(matches!(ex.recv().await, Some(Frame::Msg(Message::Started { .. }))));
+            // c1's init ends: its exec goes with it (the namespace's end), reported first.
+            c1.send(msg(Message::Signal { signal: 9 })).await;
+            assert_eq!(exited(&ex.rest().await), ExitStatus::signaled(9));
+            assert_eq!(exited(&c1.rest().await), ExitStatus::signaled(9));
+            assert!(!lock(&agent.members).contains_key("c1"));
+            // c2 still runs and is served.
+            let f = connect(&agent, member_request("c2", false, &["true"]))
+                .await
+                .rest()
+                .await;
+            assert_eq!(exited(&f), ExitStatus::exited(0));
+            // As under runc: the init of a PID namespace gets only the signals it handles
+            // (sleep has no SIGTERM handler), and SIGKILL.
+            c2.send(msg(Message::Signal { signal: 15 })).await;
+            assert!(
+                tokio::time::timeout(Duration::from_millis(300), c2.recv())
+                    .await
+                    .is_err(),
+                "sleep as pid 1 ignores SIGTERM"
+            );
+            c2.send(msg(Message::Signal { signal: 9 })).await;
+            assert_eq!(exited(&c2.rest().await), ExitStatus::signaled(9));
+            assert!(lock(&agent.members).is_empty());
+            // Invalid ids never become paths.
+            let f = connect(&agent, member_request("../x", true, &["true"]))
+                .await
+                .rest()
+                .await;
+            assert!(
+                matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("invalid container id")),
+                "{f:?}"
+            );
+        });
     }
 
     /// End-to-end over a socketpair, with `/` as the container root. Needs root (`chroot`).

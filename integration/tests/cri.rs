@@ -164,12 +164,6 @@ fn pod_config(test: &str, handler: &str, logs: &Path, ns: NamespaceOption) -> Po
             "agentvm-test".into(),
             format!("{test}-{handler}-{}", std::process::id()),
         )]),
-        // Until a pod's containers share the pod's VM, each runs in a VM of its own without
-        // the pod's network (runtime/src/pod.rs); runc never sees the annotation.
-        annotations: HashMap::from([(
-            "io.agentvm.pod-containers".into(),
-            "vm-without-network".into(),
-        )]),
         ..Default::default()
     }
 }
@@ -504,15 +498,7 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     let s = pod.wait_state(&worker, ContainerState::ContainerRunning);
     assert!(s.started_at > 0 && s.finished_at == 0, "{s:?}");
     if handler == AGENTVM {
-        // The sandbox and the container each run in a VM (one VM per pod is to come).
-        for id in [&sandbox_id, &worker] {
-            let dir = format!("/run/agentvm/{id}");
-            let qemu: Vec<_> = processes_mentioning(&dir)
-                .into_iter()
-                .filter(|p| p.contains("qemu"))
-                .collect();
-            assert_eq!(qemu.len(), 1, "one QEMU for {dir}: {qemu:?}");
-        }
+        assert_one_vm(&sandbox_id, &[&worker]);
     }
     let r = pod
         .exec_sync(
@@ -574,6 +560,150 @@ fn pod_lifecycle_agentvm() {
         return;
     };
     pod_lifecycle(&cri, AGENTVM);
+}
+
+/// One VM for the pod: one QEMU, the sandbox's, and no VM or state dir of the containers'.
+fn assert_one_vm(sandbox_id: &str, containers: &[&str]) {
+    let qemu = |id: &str| -> Vec<String> {
+        processes_mentioning(&format!("/run/agentvm/{id}"))
+            .into_iter()
+            .filter(|p| p.contains("qemu"))
+            .collect()
+    };
+    assert_eq!(qemu(sandbox_id).len(), 1, "one QEMU for the pod");
+    for id in containers {
+        assert!(qemu(id).is_empty(), "no QEMU of container {id}");
+        assert!(
+            !Path::new("/run/agentvm").join(id).exists(),
+            "no state dir of container {id}: it runs in the pod's VM"
+        );
+    }
+}
+
+/// Two containers of one pod: A serves HTTP on localhost:8080, B reaches it over the pod's
+/// loopback; both see the pod's IP on their eth0; each has its own process tree (the pod does
+/// not share its PID namespace); the pod is one VM under agentvm; removing it leaves nothing.
+fn two_container_pod(cri: &Cri, handler: &str) {
+    // kubelet's default: each container its own PID namespace (not `shareProcessNamespace`).
+    let ns = NamespaceOption {
+        pid: NamespaceMode::Container as i32,
+        ..Default::default()
+    };
+    let mut pod = Pod::run(cri, "twocontainers", handler, ns)
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let sandbox_id = pod.id.clone();
+    let netns = pod.netns_path();
+    let ip = cri
+        .block(cri.client().pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: pod.id.clone(),
+            verbose: false,
+        }))
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(ip.starts_with(POD_SUBNET_PREFIX), "pod IP {ip:?}");
+
+    // kubelet passes the pod's namespace options with each container too.
+    let own_pid = || {
+        Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                namespace_options: Some(NamespaceOption {
+                    pid: NamespaceMode::Container as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+    };
+    let server = pod.start_with(
+        "server",
+        "mkdir -p /www && echo hello-from-a > /www/index.html && \
+         exec httpd -f -p 127.0.0.1:8080 -h /www",
+        own_pid(),
+    );
+    let client = pod.start_with("client", "exec sleep 1234", own_pid());
+    pod.wait_state(&server, ContainerState::ContainerRunning);
+    pod.wait_state(&client, ContainerState::ContainerRunning);
+    if handler == AGENTVM {
+        assert_one_vm(&sandbox_id, &[&server, &client]);
+    }
+
+    // B reaches A on localhost (the server may take a moment to listen).
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    let body = loop {
+        let r = pod
+            .exec_sync(&client, &["wget", "-qO-", "http://127.0.0.1:8080/"], 60)
+            .expect("ExecSync wget");
+        if r.exit_code == 0 {
+            break String::from_utf8_lossy(&r.stdout).into_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "B never reached A on localhost:8080: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(body, "hello-from-a\n");
+
+    // Both see the pod's IP on their eth0.
+    for id in [&server, &client] {
+        let r = pod
+            .exec_sync(id, &["ip", "-o", "-4", "addr", "show", "dev", "eth0"], 60)
+            .expect("ExecSync ip");
+        let out = String::from_utf8_lossy(&r.stdout);
+        assert!(out.contains(&format!(" {ip}/")), "{id}: {out:?}");
+    }
+    // Each its own process tree: A does not see B's sleep, B sees it as its pid 1.
+    let ps = |id: &str| {
+        let r = pod
+            .exec_sync(id, &["ps", "-o", "pid,args"], 60)
+            .expect("ps");
+        String::from_utf8_lossy(&r.stdout).into_owned()
+    };
+    let a = ps(&server);
+    assert!(!a.contains("sleep 1234"), "A sees B's processes: {a}");
+    assert!(a.contains("httpd"), "{a}");
+    let b = ps(&client);
+    assert!(
+        b.lines()
+            .any(|l| l.trim_start().starts_with("1 ") && l.contains("sleep 1234")),
+        "{b}"
+    );
+
+    // B's end leaves A (and the pod) running.
+    pod.stop_container(&client, 2);
+    let s = pod.wait_state(&client, ContainerState::ContainerExited);
+    assert_eq!(s.exit_code, 137, "{s:?}");
+    pod.remove_container(&client);
+    let r = pod
+        .exec_sync(&server, &["true"], 60)
+        .expect("ExecSync after B");
+    assert_eq!(r.exit_code, 0);
+
+    let ids = [sandbox_id, server, client];
+    pod.remove().expect("StopPodSandbox + RemovePodSandbox");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+#[test]
+fn two_container_pod_runc() {
+    let Some(cri) = Cri::get("two_container_pod_runc") else {
+        return;
+    };
+    two_container_pod(&cri, RUNC);
+}
+
+#[test]
+fn two_container_pod_agentvm() {
+    let Some(cri) = Cri::get("two_container_pod_agentvm") else {
+        return;
+    };
+    two_container_pod(&cri, AGENTVM);
 }
 
 /// The namespace options of a pod that shares one of the host's namespaces.
@@ -714,4 +844,60 @@ fn readonly_root_agentvm() {
         return;
     };
     readonly_root(&cri, AGENTVM);
+}
+
+/// Figures for docs/decisions.md ("A pod's later containers"): CreateContainer +
+/// StartContainer of a container added to a running pod, and 500 small-file creates in its
+/// root (a virtio-fs share under agentvm) against the same in its /dev/shm (memory), each as
+/// the ExecSync round trip minus that of `true`. Medians of 5. Run by hand:
+/// `cargo test -p agentvm-integration --test cri -- --ignored pod_container_costs --nocapture`.
+#[test]
+#[ignore]
+fn pod_container_costs() {
+    let Some(cri) = Cri::get("pod_container_costs") else {
+        return;
+    };
+    let median = |mut v: Vec<Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    for handler in [RUNC, AGENTVM] {
+        let mut pod = Pod::run(&cri, "costs", handler, NamespaceOption::default())
+            .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+        let mut starts = Vec::new();
+        let mut ids = Vec::new();
+        for i in 0..5 {
+            let t = Instant::now();
+            ids.push(pod.start(&format!("c{i}"), "exec sleep 600"));
+            starts.push(t.elapsed());
+        }
+        let id = ids[0].clone();
+        let timed = |cmd: &str| {
+            let mut v = Vec::new();
+            for _ in 0..5 {
+                let t = Instant::now();
+                let r = pod
+                    .exec_sync(&id, &["sh", "-c", cmd], 120)
+                    .expect("ExecSync");
+                assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+                v.push(t.elapsed());
+            }
+            median(v)
+        };
+        let base = timed("true");
+        let files = |dir: &str| {
+            format!(
+                "mkdir -p {dir}/t && cd {dir}/t && i=0; while [ $i -lt 500 ]; do \
+                 echo x > f$i; i=$((i+1)); done; rm -r {dir}/t"
+            )
+        };
+        let root = timed(&files("")).saturating_sub(base);
+        let shm = timed(&files("/dev/shm")).saturating_sub(base);
+        println!(
+            "{handler}: create+start of a container in a running pod {:?} (median of 5); \
+             ExecSync of true {base:?}; 500 files in the root {root:?}, in /dev/shm {shm:?}",
+            median(starts)
+        );
+        pod.remove().expect("remove the pod");
+    }
 }

@@ -145,6 +145,32 @@ pub struct StartRequest {
     /// network is configured (init only).
     #[serde(default)]
     pub sysctls: std::collections::BTreeMap<String, String>,
+    /// The container of a pod's VM this process belongs to; none: the VM's own container
+    /// (the Docker container, or the pod sandbox), as every host before pods sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<PodContainer>,
+}
+
+/// A container that runs in a pod's VM beside the VM's own (the pod sandbox's): its own root
+/// (mounted from `rootfs`), cgroup and, if asked, PID namespace; the pod's network, UTS and
+/// IPC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodContainer {
+    /// The container's id (the engine's), unique in the VM.
+    pub id: String,
+    /// This process creates the container and is its init: the agent mounts its root and
+    /// its mounts first, and when it exits, ends the container's other processes and
+    /// unmounts its root (the VM keeps running). Otherwise the process runs in the existing
+    /// container `id` (an exec).
+    #[serde(default)]
+    pub create: bool,
+    /// The container gets a PID namespace of its own (Kubernetes' default); otherwise it
+    /// shares the VM's (`shareProcessNamespace`).
+    #[serde(default)]
+    pub own_pid_namespace: bool,
+    /// The root is made read-only once its mount points exist.
+    #[serde(default)]
+    pub readonly_root: bool,
 }
 
 /// Resource usage of the guest, in the units of cgroup v2 (`cpu.stat`, `memory.stat`).
@@ -286,6 +312,11 @@ pub struct RootfsSpec {
     /// When set, the root is this overlay instead, and the fields above are not used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub layers: Option<LayeredRoot>,
+    /// With a shared directory (`device` is its tag): the root is this directory of the
+    /// share (relative path) instead of the share's top. The share is mounted once and may
+    /// hold the roots of several containers (a pod's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subdir: Option<String>,
 }
 
 /// A container root assembled in the guest from read-only image layers on block devices and
@@ -538,6 +569,7 @@ mod tests {
                 overlay: true,
                 options: None,
                 layers: None,
+                subdir: None,
             },
             process: ProcessSpec {
                 args: vec!["sh".into(), "-c".into(), "exit 7".into()],
@@ -610,6 +642,29 @@ mod tests {
                 },
             ],
             sysctls: Default::default(),
+            container: None,
+        }))));
+        roundtrip(Frame::Msg(Message::Start(Box::new(StartRequest {
+            rootfs: RootfsSpec {
+                device: "pod".into(),
+                fstype: "virtiofs".into(),
+                overlay: false,
+                options: None,
+                layers: None,
+                subdir: Some("c1/rootfs".into()),
+            },
+            process: ProcessSpec::default(),
+            hostname: None,
+            init: false,
+            network: None,
+            mounts: Vec::new(),
+            sysctls: Default::default(),
+            container: Some(PodContainer {
+                id: "c1".into(),
+                create: true,
+                own_pid_namespace: true,
+                readonly_root: false,
+            }),
         }))));
         roundtrip(Frame::Msg(Message::DnsRelay {
             address: "127.0.0.11".into(),
@@ -641,6 +696,25 @@ mod tests {
         roundtrip(Frame::Msg(Message::Exited(ExitStatus::signaled(9))));
         roundtrip(Frame::Data(Stream::Stdout, b"hello\n".to_vec()));
         roundtrip(Frame::Data(Stream::Stdin, Vec::new()));
+    }
+
+    #[test]
+    fn a_start_from_a_host_before_pods_is_the_vms_own_container() {
+        let m: Message = serde_json::from_str(
+            r#"{"type":"start","rootfs":{"device":"/dev/vda","fstype":"ext4"},
+                "process":{"args":["true"]}}"#,
+        )
+        .unwrap();
+        let Message::Start(req) = m else {
+            panic!("not a start: {m:?}")
+        };
+        assert_eq!((&req.container, &req.rootfs.subdir), (&None, &None));
+        // And a host before pods reads a request without the new fields the same way.
+        let json = serde_json::to_string(&Message::Start(req)).unwrap();
+        assert!(
+            !json.contains("container") && !json.contains("subdir"),
+            "{json}"
+        );
     }
 
     #[test]

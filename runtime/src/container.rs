@@ -28,7 +28,7 @@ use crate::assets::Assets;
 use crate::error::{Error, Result};
 use crate::guest::{self, Dialer, GuestLog};
 use crate::hostcgroup::{self, HostCgroup};
-use crate::netns::{Netns, NetnsMode, Wiring};
+use crate::netns::{Netns, NetnsMode};
 use crate::sandbox::{spawn_input_pump, AgentConn, Sandbox, SandboxConfig};
 use crate::vmm::AgentIo;
 use crate::vmm::{Accel, Disk, FsCache, Nic, Share, ShareTransport, VirtioFs};
@@ -465,6 +465,7 @@ fn start_request(
         network,
         mounts,
         sysctls: cfg.sysctls.clone(),
+        container: None,
     }
 }
 
@@ -494,14 +495,14 @@ async fn boot(
             crate::egress::domains_need_relay(&egress_policy).to_string(),
         ));
     }
-    let mut wiring = Wiring::default();
-    if netns.wired() {
-        wiring = netns.scan().await?;
-        netns.wire(&mut wiring, &egress_policy).await?;
-    }
+    let mut wiring = netns.scan().await?;
+    netns.wire(&mut wiring, &egress_policy).await?;
     let (root, disks, rootfs, host_view) = root_setup(cfg, &policy, &sandbox.state_dir).await?;
     let mut shares = vec![root];
     shares.extend(plan.shares.iter().cloned());
+    if let Some(pod) = pod_share(cfg, &sandbox.state_dir)? {
+        shares.push(pod);
+    }
     let sandbox_cfg = SandboxConfig {
         id: cfg.id.clone(),
         disks,
@@ -565,6 +566,38 @@ async fn boot(
         }
     }
     Ok((conn, request, host_view))
+}
+
+/// The pod share of a pod sandbox's VM ([`crate::pod`]): the later containers' roots are
+/// bound into it. None for anything else, or without virtiofsd (the pod's containers are then
+/// refused with that reason when they are created).
+fn pod_share(cfg: &ContainerConfig, state_dir: &std::path::Path) -> Result<Option<Share>> {
+    if !matches!(
+        crate::pod::PodRole::of(&cfg.annotations),
+        crate::pod::PodRole::Sandbox { .. }
+    ) {
+        return Ok(None);
+    }
+    let Ok(daemon) = assets::virtiofsd() else {
+        tracing::warn!(
+            "virtiofsd is not installed: this pod's containers cannot be added to its VM"
+        );
+        return Ok(None);
+    };
+    let dir = state_dir.join("pod");
+    crate::pod::prepare_share(&dir)?;
+    Ok(Some(Share {
+        tag: crate::pod::SHARE_TAG.into(),
+        path: dir,
+        readonly: false,
+        transport: ShareTransport::VirtioFs(VirtioFs {
+            daemon,
+            cache: crate::vmm::FsCache::Auto,
+        }),
+        overlay_upper: false,
+        expose: Vec::new(),
+        limits: cfg.volume_limits,
+    }))
 }
 
 /// How the container root reaches the VM: image layers on disks under the shared writable
@@ -698,6 +731,7 @@ fn layered_root(
             work: layers::GUEST_WORKDIR.into(),
             readonly: cfg.root_readonly,
         }),
+        subdir: None,
     };
     (share, disks, spec)
 }
@@ -749,6 +783,7 @@ fn launch(
     let running = Running {
         pid,
         rootfs: Arc::new(request.rootfs.clone()),
+        member: request.container.as_ref().map(|c| Arc::from(c.id.as_str())),
         vm: vm.unwrap_or_else(|| ctl_tx.clone()),
         ctl: ctl_tx,
         exit: exit_rx,
@@ -877,6 +912,8 @@ enum Control {
 pub struct Running {
     pid: u32,
     rootfs: Arc<RootfsSpec>,
+    /// The pod container this process belongs to (none: the VM's own container).
+    member: Option<Arc<str>>,
     /// Control channel of the init process's driver, which owns the sandbox.
     vm: mpsc::UnboundedSender<Control>,
     ctl: mpsc::UnboundedSender<Control>,
@@ -959,8 +996,6 @@ impl Running {
     /// can be signalled (a SIGKILL ends a start that waits for the agent) while `Started`
     /// resolves.
     pub fn spawn_exec(&self, process: ProcessSpec, io: ProcessIo) -> (Running, Started) {
-        let vm = self.vm.clone();
-        let conn: ConnSource = Box::pin(async move { connect_via(&vm).await });
         let request = StartRequest {
             rootfs: (*self.rootfs).clone(),
             process,
@@ -969,7 +1004,36 @@ impl Running {
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),
+            container: self
+                .member
+                .as_ref()
+                .map(|id| agentvm_protocol::PodContainer {
+                    id: id.to_string(),
+                    create: false,
+                    own_pid_namespace: false,
+                    readonly_root: false,
+                }),
         };
+        self.spawn_in_vm(request, io, EXEC_START_TIMEOUT)
+    }
+
+    /// Starts another container of a pod in this VM (the pod sandbox's): `request` carries
+    /// its root, mounts and namespaces ([`crate::pod::member_request`]). The handle is the
+    /// container's init process; its exit does not end the VM, and its exec processes
+    /// ([`Running::spawn_exec`] on this handle) run in the container.
+    pub fn spawn_member(&self, request: StartRequest, io: ProcessIo) -> (Running, Started) {
+        // Its start mounts a root over virtio-fs: slower than an exec's.
+        self.spawn_in_vm(request, io, CONNECT_TIMEOUT + EXEC_START_TIMEOUT)
+    }
+
+    fn spawn_in_vm(
+        &self,
+        request: StartRequest,
+        io: ProcessIo,
+        start_timeout: Duration,
+    ) -> (Running, Started) {
+        let vm = self.vm.clone();
+        let conn: ConnSource = Box::pin(async move { connect_via(&vm).await });
         launch(
             conn,
             request,
@@ -981,9 +1045,15 @@ impl Running {
                 torn_down: self.torn_down.clone(),
                 shared: Arc::clone(&self.shared),
                 dialer: None,
-                start_timeout: EXEC_START_TIMEOUT,
+                start_timeout,
             },
         )
+    }
+
+    /// Whether this is a process of a pod container beside the VM's own (the VM does not
+    /// end with it).
+    pub fn is_member(&self) -> bool {
+        self.member.is_some()
     }
 
     /// Freezes the whole VM (every vCPU), as `docker pause` freezes a runc container's
@@ -1391,6 +1461,7 @@ pub mod testing {
                 overlay: false,
                 options: None,
                 layers: None,
+                subdir: None,
             },
             process: ProcessSpec {
                 args: vec!["init".into()],
@@ -1401,6 +1472,7 @@ pub mod testing {
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),
+            container: None,
         };
         let shared = Arc::new(VmShared {
             qmp: PathBuf::from("/nonexistent/qmp.sock"),

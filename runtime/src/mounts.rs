@@ -191,6 +191,7 @@ pub fn root_share(
         overlay: false,
         options: (!options.is_empty()).then_some(options),
         layers: None,
+        subdir: None,
     };
     (share, spec)
 }

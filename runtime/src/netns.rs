@@ -47,10 +47,6 @@ pub enum NetnsMode {
     New,
     /// An existing namespace (CRI, `--network container:X`).
     Join(PathBuf),
-    /// An existing namespace whose interfaces another VM already carries (a Kubernetes
-    /// pod's, wired by the pod sandbox's VM): joined for the task pid, its interfaces left
-    /// alone, so the guest has loopback only ([`crate::pod`]).
-    JoinUnwired(PathBuf),
     /// No network namespace in the spec: the host's stack, which a VM cannot share.
     Host,
 }
@@ -65,8 +61,6 @@ pub struct Netns {
     label: String,
     /// The guarded taps, and the task that reports their drops while the VM runs.
     guard: Mutex<Guard>,
-    /// Whether the VM gets the namespace's interfaces (not for [`NetnsMode::JoinUnwired`]).
-    wired: bool,
 }
 
 #[derive(Debug, Default)]
@@ -133,12 +127,11 @@ impl Netns {
                         .into(),
                 )),
                 NetnsMode::New => None,
-                NetnsMode::Join(path) | NetnsMode::JoinUnwired(path) => Some(
+                NetnsMode::Join(path) => Some(
                     std::fs::File::open(path)
                         .map_err(|e| Error::io("open network namespace", path, e))?,
                 ),
             };
-        let wired = !matches!(mode, NetnsMode::JoinUnwired(_));
         let mut cmd = std::process::Command::new("sleep");
         cmd.arg0(format!("agentvm-netns {}", label.display()))
             .arg("infinity")
@@ -184,14 +177,7 @@ impl Netns {
             fd: Arc::new(fd),
             label: label.display().to_string(),
             guard: Mutex::default(),
-            wired,
         })
-    }
-
-    /// Whether the VM is to carry the namespace's interfaces ([`Netns::scan`] and
-    /// [`Netns::wire`]); not when another VM already does.
-    pub fn wired(&self) -> bool {
-        self.wired
     }
 
     /// The holder's host pid: the task pid reported to containerd.

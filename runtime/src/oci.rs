@@ -77,6 +77,8 @@ pub struct BundleSpec {
     /// What writable volumes may not leave on the host: the spec's bounding set, before root
     /// in the VM is given every capability.
     pub volume_limits: crate::vmm::VolumeLimits,
+    /// A CRI container's PID namespace is its own (not the pod's).
+    pub own_pid_namespace: bool,
 }
 
 /// Reads and maps `<bundle>/config.json`.
@@ -151,6 +153,7 @@ pub fn map_spec(
         },
     };
     Ok(BundleSpec {
+        own_pid_namespace: crate::pod::own_pid_namespace(spec),
         volume_limits,
         host_cgroup,
         netns,

@@ -3,15 +3,19 @@
 //! apart by the plugin's annotations.
 //!
 //! What a VM cannot honour is refused here, before anything is created: the host's network,
-//! PID or IPC namespace (`hostNetwork`, `hostPID`, `hostIPC`). A pod's containers are meant to
-//! run in the pod sandbox's VM (one VM per pod); until that exists, a container of a pod is
-//! refused unless the pod opts into a VM of its own for each container, without the pod's
-//! network ([`INTERIM_ANNOTATION`]), because the sandbox's VM already carries the pod's
-//! interfaces.
+//! PID or IPC namespace (`hostNetwork`, `hostPID`, `hostIPC`).
+//!
+//! One VM per pod: the sandbox's VM boots with a "pod share", a virtio-fs share of a host
+//! directory of its state dir ([`share_dir`]) made a shared mount, so that a bind mount the
+//! shim makes there later also appears in virtiofsd's mount namespace. Each later container
+//! of the pod gets its root bound there ([`attach_root`]) and runs in that VM
+//! ([`member_request`]); docs/decisions.md "A pod's later containers" has the measurements.
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use agentvm_protocol::{PodContainer, RootfsSpec, StartRequest};
 
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
@@ -22,12 +26,8 @@ use crate::netns::NetnsMode;
 pub const CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
 /// The CRI plugin's annotation naming the pod sandbox a container belongs to.
 pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
-/// A pod annotation (passed through by the runtime's `pod_annotations`) that lets the pod's
-/// containers run before the pod has a VM of its own: each in a VM of its own, without the
-/// pod's network (loopback only). For tests and development.
-pub const INTERIM_ANNOTATION: &str = "io.agentvm.pod-containers";
-/// The one value of [`INTERIM_ANNOTATION`].
-pub const INTERIM_OWN_VM: &str = "vm-without-network";
+/// The mount tag of the pod share in the sandbox's VM.
+pub const SHARE_TAG: &str = "pod";
 
 /// What a container is to the CRI plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,9 +95,8 @@ fn host_namespaces(spec: &Spec) -> Vec<&'static str> {
     .collect()
 }
 
-/// Checks a CRI container against what agentvm can run and says how its network namespace
-/// is used: `netns` as the spec gives it, or joined without wiring for a pod's container
-/// under [`INTERIM_ANNOTATION`]. Specs not from the CRI plugin pass unchanged.
+/// Checks a CRI container against what agentvm can run: the host's namespaces are refused.
+/// Returns `netns` unchanged (a pod's container never uses it: it runs in the sandbox's VM).
 pub fn admit(
     spec: &Spec,
     annotations: &HashMap<String, String>,
@@ -117,28 +116,138 @@ pub fn admit(
             host.join(", "),
         )));
     }
-    match role {
-        PodRole::Container { .. } => {
-            match annotations.get(INTERIM_ANNOTATION).map(String::as_str) {
-                Some(INTERIM_OWN_VM) => match netns {
-                    NetnsMode::Join(path) => Ok(NetnsMode::JoinUnwired(path)),
-                    other => Ok(other),
-                },
-                Some(other) => Err(Error::Invalid(format!(
-                    "annotation {INTERIM_ANNOTATION}={other:?}: the only value is \
-                 {INTERIM_OWN_VM:?}"
-                ))),
-                None => Err(Error::Invalid(format!(
-                    "agentvm does not run a pod's containers in the pod's VM yet (one VM per pod \
-                 is being built): the pod sandbox's VM carries the pod's network. For tests, \
-                 annotate the pod {INTERIM_ANNOTATION}={INTERIM_OWN_VM} (passed through by the \
-                 runtime's pod_annotations) to run each container in a VM of its own without \
-                 the pod's network"
-                ))),
-            }
+    // A pod's container runs in the sandbox's VM: its namespace paths name the host's view
+    // of the pod (the holder's), which the shim never enters.
+    Ok(netns)
+}
+
+/// Whether a container's spec gives it a PID namespace of its own: an entry without a path
+/// (Kubernetes' default). With `shareProcessNamespace` the entry names the sandbox's.
+pub fn own_pid_namespace(spec: &Spec) -> bool {
+    spec.linux()
+        .as_ref()
+        .and_then(|l| l.namespaces().as_ref())
+        .and_then(|ns| ns.iter().find(|n| n.typ() == LinuxNamespaceType::Pid))
+        .is_some_and(|n| n.path().as_ref().is_none_or(|p| p.as_os_str().is_empty()))
+}
+
+/// The pod share's host directory of the sandbox whose state dir is `sandbox_state_id`.
+pub fn share_dir(sandbox_state_id: &str) -> PathBuf {
+    crate::sandbox::state_root()
+        .join(sandbox_state_id)
+        .join("pod")
+}
+
+fn mount_flags(target: &Path, flags: nix::mount::MsFlags) -> Result<()> {
+    nix::mount::mount(None::<&str>, target, None::<&str>, flags, None::<&str>)
+        .map_err(|e| Error::io("change the propagation of", target, e.into()))
+}
+
+/// Makes the (empty) pod share directory a mount of its own in a peer group of its own
+/// (shared), so that a bind mount made below it later reaches virtiofsd's mount namespace
+/// (virtiofsd makes its copy a slave) and nothing else.
+pub fn prepare_share(dir: &Path) -> Result<()> {
+    use nix::mount::MsFlags;
+    std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+    nix::mount::mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+        .map_err(|e| Error::io("bind", dir, e.into()))?;
+    mount_flags(dir, MsFlags::MS_PRIVATE)?;
+    mount_flags(dir, MsFlags::MS_SHARED)
+}
+
+/// Takes the pod share's mount (and every container root still bound below it) away.
+/// Returns whether the directory may now be removed: false when something is still
+/// mounted there (a removal would walk into a container's root).
+pub fn release_share(dir: &Path) -> bool {
+    match nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH) {
+        Ok(()) => true,
+        // Not a mount point: nothing below it was bound (binds need the share's mount).
+        Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => true,
+        Err(e) => {
+            tracing::warn!("unmount the pod share {}: {e}", dir.display());
+            false
         }
-        _ => Ok(netns),
     }
+}
+
+/// The directory of container `id` in the pod share `share`.
+pub fn member_dir(share: &Path, id: &str) -> Result<PathBuf> {
+    crate::sandbox::validate_id(id)?;
+    Ok(share.join(id))
+}
+
+/// Binds the container's root (the shim's mount of the snapshotter's mounts) into the pod
+/// share as `<id>/rootfs`; returns that path relative to the share.
+pub fn bind_root(share: &Path, id: &str, root: &Path) -> Result<String> {
+    use nix::mount::MsFlags;
+    let target = member_dir(share, id)?.join("rootfs");
+    std::fs::create_dir_all(&target).map_err(|e| Error::io("create", &target, e))?;
+    nix::mount::mount(
+        Some(root),
+        &target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| Error::io("bind", &target, e.into()))?;
+    Ok(format!("{id}/rootfs"))
+}
+
+/// Undoes [`bind_root`] (best effort: nothing to undo is fine).
+pub fn unbind_root(share: &Path, id: &str) {
+    let Ok(dir) = member_dir(share, id) else {
+        return;
+    };
+    let target = dir.join("rootfs");
+    if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
+        if !matches!(e, nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) {
+            tracing::warn!("unmount {}: {e}", target.display());
+            return;
+        }
+    }
+    // rmdir only: never a recursive removal next to a container's root.
+    let _ = std::fs::remove_dir(&target);
+    let _ = std::fs::remove_dir(&dir);
+}
+
+/// What the agent is asked to run for a pod's container `id` whose root is `subdir` of the
+/// pod share: its process, its mounts (files copied, tmpfs; directory binds need a share of
+/// their own, which a running VM cannot get yet, so they are refused), its namespaces.
+pub fn member_request(
+    id: &str,
+    subdir: String,
+    bundle: &crate::oci::BundleSpec,
+) -> Result<StartRequest> {
+    let plan = crate::mounts::plan(&bundle.mounts, &crate::mounts::SharePolicy::nine_p())?;
+    if let Some(share) = plan.shares.first() {
+        return Err(Error::Invalid(format!(
+            "container {id}: volume {} cannot be added to a running pod's VM yet (directory \
+             mounts of a pod's containers are not supported by agentvm yet)",
+            share.path.display()
+        )));
+    }
+    Ok(StartRequest {
+        rootfs: RootfsSpec {
+            device: SHARE_TAG.into(),
+            fstype: "virtiofs".into(),
+            overlay: false,
+            options: None,
+            layers: None,
+            subdir: Some(subdir),
+        },
+        process: bundle.process.clone(),
+        hostname: None,
+        init: false,
+        network: None,
+        mounts: plan.mounts,
+        sysctls: Default::default(),
+        container: Some(PodContainer {
+            id: id.into(),
+            create: true,
+            own_pid_namespace: bundle.own_pid_namespace,
+            readonly_root: bundle.root_readonly,
+        }),
+    })
 }
 
 #[cfg(test)]
@@ -254,21 +363,48 @@ mod tests {
     }
 
     #[test]
-    fn a_pods_container_needs_the_interim_annotation_and_gets_no_network() {
+    fn a_pods_container_is_admitted_with_the_pods_namespaces() {
         let join = NetnsMode::Join("/proc/7/ns/net".into());
-        let e = admit(&spec(ALL), &cri("container", &[]), join.clone())
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains(INTERIM_ANNOTATION) && e.contains("one VM per pod"),
-            "{e}"
-        );
-        let ok = cri("container", &[(INTERIM_ANNOTATION, INTERIM_OWN_VM)]);
         assert_eq!(
-            admit(&spec(ALL), &ok, join).unwrap(),
-            NetnsMode::JoinUnwired("/proc/7/ns/net".into())
+            admit(&spec(ALL), &cri("container", &[]), join.clone()).unwrap(),
+            join
         );
-        let bad = cri("container", &[(INTERIM_ANNOTATION, "shared")]);
-        assert!(admit(&spec(ALL), &bad, NetnsMode::New).is_err());
+    }
+
+    #[test]
+    fn a_pid_namespace_without_a_path_is_the_containers_own() {
+        assert!(own_pid_namespace(&spec(ALL)));
+        let shared: Spec = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2","linux":{"namespaces":[{"type":"pid","path":"/proc/9/ns/pid"}]}}"#,
+        )
+        .unwrap();
+        assert!(!own_pid_namespace(&shared));
+    }
+
+    #[test]
+    fn a_containers_root_is_bound_into_the_pod_share_and_unbound() {
+        let t = tempfile::tempdir().unwrap();
+        let share = t.path().join("pod");
+        std::fs::create_dir(&share).unwrap();
+        assert!(member_dir(&share, "../x").is_err());
+        assert!(member_dir(&share, "").is_err());
+        let d = member_dir(&share, "abc-1").unwrap();
+        assert_eq!(d, share.join("abc-1"));
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("SKIPPED the bind: needs root");
+            return;
+        }
+        let root = t.path().join("rootfs");
+        std::fs::create_dir(&root).unwrap();
+        std::fs::write(root.join("marker"), "x").unwrap();
+        let sub = bind_root(&share, "abc-1", &root).unwrap();
+        assert_eq!(sub, "abc-1/rootfs");
+        assert!(share.join("abc-1/rootfs/marker").exists());
+        unbind_root(&share, "abc-1");
+        assert!(!share.join("abc-1").exists());
+        assert!(
+            root.join("marker").exists(),
+            "the container's root is left alone"
+        );
     }
 }

@@ -163,6 +163,7 @@ async fn drive(
             overlay: true,
             options: None,
             layers: None,
+            subdir: None,
         },
         process: opts.process.clone(),
         hostname: None,
@@ -170,6 +171,7 @@ async fn drive(
         network: None,
         mounts: Vec::new(),
         sysctls: Default::default(),
+        container: None,
     };
     let t_start = Instant::now();
     tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Start(Box::new(start)))).await?;

@@ -460,6 +460,16 @@ fn console_says_ready(console: &Path) -> bool {
 }
 
 fn remove_state_dir(dir: &Path) {
+    // A pod sandbox's share may still hold containers' roots bound below it: never walk
+    // into those.
+    let pod = dir.join("pod");
+    if pod.exists() && !crate::pod::release_share(&pod) {
+        tracing::warn!(
+            "keeping {}: the pod share could not be unmounted",
+            dir.display()
+        );
+        return;
+    }
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!("cannot remove {}: {e}", dir.display());

@@ -1,6 +1,7 @@
 //! The shim binary's lifecycle: `start` daemonizes the server, `delete` cleans up after a
 //! dead one, and the server hands containerd the task service.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -45,7 +46,17 @@ impl containerd_shim::Shim for Service {
     /// /dev/null for stdin and stderr and a pipe for stdout that it closes when it is ready,
     /// so it never holds containerd's pipes (reference P1, P2).
     async fn start_shim(&mut self, opts: StartOpts) -> containerd_shim::Result<String> {
-        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &opts.id);
+        // A pod's containers share one shim, the sandbox's (as runc's v2 shim groups them):
+        // its socket is named after the sandbox id, and a later container of the pod is sent
+        // to the shim that already listens there.
+        let group = grouping_id(Path::new("config.json"), &opts.id);
+        let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &group);
+        if group != opts.id && serves(&address).await {
+            tokio::fs::write("address", &address)
+                .await
+                .map_err(io_error!(e, "write address"))?;
+            return Ok(address);
+        }
         let exe = std::env::current_exe().map_err(io_error!(e, "find own executable"))?;
         let mut cmd = tokio::process::Command::new(exe);
         cmd.args([
@@ -104,6 +115,27 @@ impl containerd_shim::Shim for Service {
     }
 }
 
+/// The id whose shim serves the container of the bundle whose spec is `config`: the pod
+/// sandbox's id for a CRI container of a pod, else the container's own.
+pub fn grouping_id(config: &Path, id: &str) -> String {
+    let annotations = std::fs::read(config)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("annotations").cloned())
+        .and_then(|a| serde_json::from_value::<HashMap<String, String>>(a).ok())
+        .unwrap_or_default();
+    match agentvm::pod::PodRole::of(&annotations) {
+        agentvm::pod::PodRole::Container { sandbox_id } if !sandbox_id.is_empty() => sandbox_id,
+        _ => id.to_string(),
+    }
+}
+
+/// Whether a shim answers on `address` (`unix://<path>`).
+async fn serves(address: &str) -> bool {
+    let path = address.strip_prefix("unix://").unwrap_or(address);
+    tokio::net::UnixStream::connect(path).await.is_ok()
+}
+
 /// In the bundle: the init process's exit code, written when it is known, so that `delete`
 /// after a dead shim reports the real exit (reference P15).
 pub const EXIT_FILE: &str = "agentvm-exit-status";
@@ -153,6 +185,16 @@ fn delete_response(id: &str, bundle: &Path) -> DeleteResponse {
 /// Kills the container's VM if it is still around, removes its state dir and unmounts the
 /// root filesystem the shim mounted. Best effort: reports problems on the shim log.
 pub fn cleanup(id: &str, bundle: &Path) {
+    let group = grouping_id(&bundle.join("config.json"), id);
+    if group != id {
+        // A pod's later container: its root's bind in the pod's share; the VM is the
+        // sandbox's, cleaned up with it.
+        if let (Ok(pod), Ok(name)) = (sandbox_id(&group), sandbox_id(id)) {
+            agentvm::pod::unbind_root(&agentvm::pod::share_dir(&pod), &name);
+        }
+        crate::rootfs::unmount(&bundle.join("rootfs"));
+        return;
+    }
     match sandbox_id(id) {
         Ok(sid) => {
             if let Err(e) = agentvm::sandbox::cleanup_stale(&sid) {
@@ -162,4 +204,51 @@ pub fn cleanup(id: &str, bundle: &Path) {
         Err(e) => tracing::warn!("{e}"),
     }
     crate::rootfs::unmount(&bundle.join("rootfs"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(annotations: &str) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("config.json"),
+            format!(r#"{{"ociVersion":"1.0.2","annotations":{{{annotations}}}}}"#),
+        )
+        .unwrap();
+        d
+    }
+
+    #[test]
+    fn a_pods_containers_are_grouped_under_the_sandbox_id() {
+        let cfg = |d: &tempfile::TempDir| d.path().join("config.json");
+        let app = bundle(
+            r#""io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":"sb1""#,
+        );
+        assert_eq!(grouping_id(&cfg(&app), "c1"), "sb1");
+        let sandbox = bundle(
+            r#""io.kubernetes.cri.container-type":"sandbox","io.kubernetes.cri.sandbox-id":"sb1""#,
+        );
+        assert_eq!(grouping_id(&cfg(&sandbox), "sb1"), "sb1");
+        // Docker, ctr: one shim per container; so without a spec, or with a broken one.
+        let docker = bundle(r#""org.opencontainers.image.ref.name":"x""#);
+        assert_eq!(grouping_id(&cfg(&docker), "c2"), "c2");
+        assert_eq!(
+            grouping_id(Path::new("/nonexistent/config.json"), "c3"),
+            "c3"
+        );
+        let empty = bundle(r#""io.kubernetes.cri.container-type":"container""#);
+        assert_eq!(grouping_id(&cfg(&empty), "c4"), "c4");
+    }
+
+    #[tokio::test]
+    async fn only_a_listening_socket_serves() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("s.sock");
+        let address = format!("unix://{}", path.display());
+        assert!(!serves(&address).await);
+        let _l = tokio::net::UnixListener::bind(&path).unwrap();
+        assert!(serves(&address).await);
+    }
 }

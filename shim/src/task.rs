@@ -242,6 +242,28 @@ impl<C> Proc<C> {
 
 type ExecProc = Proc<ProcessSpec>;
 
+/// What a created container's start takes.
+enum Created {
+    /// A VM of its own, booted at Start (a Docker container, a pod sandbox).
+    Vm(Box<Container>),
+    /// A later container of a pod: it runs in the pod sandbox's VM.
+    Member {
+        sandbox: Arc<Entry>,
+        request: Box<agentvm_protocol::StartRequest>,
+    },
+}
+
+impl Created {
+    /// Tears down what create made without running anything.
+    async fn destroy(self) {
+        match self {
+            Created::Vm(c) => c.destroy().await,
+            // Its root is unbound at Delete, with the bundle's.
+            Created::Member { .. } => {}
+        }
+    }
+}
+
 struct Entry {
     id: String,
     bundle: String,
@@ -250,8 +272,11 @@ struct Entry {
     /// The spec's hooks and annotations, for the poststop hooks at delete.
     hooks: Option<agentvm::hooks::Hooks>,
     annotations: HashMap<String, String>,
-    init: Proc<Box<Container>>,
+    init: Proc<Box<Created>>,
     execs: Mutex<HashMap<String, Arc<ExecProc>>>,
+    /// For a pod's later container: the pod share its root is bound into, and the
+    /// container's directory name there.
+    pod_share: Option<(PathBuf, String)>,
 }
 
 impl Entry {
@@ -327,6 +352,97 @@ impl TaskService {
 
     async fn publish(&self, topic: &str, event: Box<dyn MessageDyn>) {
         publish(&self.publisher, &self.namespace, topic, event).await;
+    }
+
+    /// Registers a created container and publishes TaskCreate.
+    async fn created(
+        &self,
+        req: &api::CreateTaskRequest,
+        entry: Arc<Entry>,
+        pid: u32,
+    ) -> ttrpc::Result<api::CreateTaskResponse> {
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(req.id.clone(), entry);
+        let ev = TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            checkpoint: req.checkpoint.clone(),
+            pid,
+            ..Default::default()
+        };
+        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
+            .await;
+        Ok(api::CreateTaskResponse {
+            pid,
+            ..Default::default()
+        })
+    }
+
+    /// Create of a pod's later container (`sandbox` is the pod sandbox's container id): its
+    /// root (the bundle's, mounted) is bound into the sandbox VM's pod share; it runs in that
+    /// VM at Start. The sandbox must be served by this shim (`start` groups a pod).
+    async fn create_member(
+        &self,
+        req: &api::CreateTaskRequest,
+        sandbox: &str,
+        spec: &agentvm::oci::BundleSpec,
+        io: Stdio,
+    ) -> ttrpc::Result<api::CreateTaskResponse> {
+        let precondition = |m: String| status(Code::FAILED_PRECONDITION, m);
+        let pod = self.get(sandbox).map_err(|_| {
+            precondition(format!(
+                "container {}: its pod sandbox {sandbox} is not served by this shim",
+                req.id
+            ))
+        })?;
+        let invalid = |e: agentvm::Error| status(Code::INVALID_ARGUMENT, e.to_string());
+        let share = agentvm::pod::share_dir(&sandbox_id(sandbox).map_err(invalid)?);
+        if !share.is_dir() {
+            return Err(precondition(format!(
+                "container {}: the VM of pod sandbox {sandbox} has no pod share (is virtiofsd \
+                 installed? see the shim's log)",
+                req.id
+            )));
+        }
+        let name = sandbox_id(&req.id).map_err(invalid)?;
+        let subdir = agentvm::pod::bind_root(&share, &name, &spec.root).map_err(internal)?;
+        let request = match agentvm::pod::member_request(&name, subdir, spec) {
+            Ok(r) => r,
+            Err(e) => {
+                agentvm::pod::unbind_root(&share, &name);
+                return Err(invalid(e));
+            }
+        };
+        let pid = pod.init.pid();
+        let entry = Arc::new(Entry {
+            id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            mounted_rootfs: !req.rootfs.is_empty(),
+            hooks: spec.hooks.clone(),
+            annotations: spec.annotations.clone(),
+            init: Proc::new(
+                req.id.clone(),
+                io,
+                pid,
+                Box::new(Created::Member {
+                    sandbox: pod,
+                    request: Box::new(request),
+                }),
+            ),
+            execs: Mutex::new(HashMap::new()),
+            pod_share: Some((share, name)),
+        });
+        self.created(req, entry, pid).await
     }
 
     /// Starts exec process `exec_id` of `entry` in the container's VM.
@@ -506,6 +622,21 @@ impl Task for TaskService {
                 .await
                 .map_err(internal)?;
         }
+        let io = Stdio {
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            terminal: req.terminal,
+        };
+        if let agentvm::pod::PodRole::Container { sandbox_id: pod } =
+            agentvm::pod::PodRole::of(&spec.annotations)
+        {
+            let made = self.create_member(&req, &pod, &spec, io).await;
+            if made.is_err() && mounted_rootfs {
+                crate::rootfs::unmount(&bundle.join("rootfs"));
+            }
+            return made;
+        }
         let cfg = ContainerConfig {
             id: sandbox_id(&req.id).map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?,
             root: spec.root.clone(),
@@ -538,48 +669,23 @@ impl Task for TaskService {
             }
         };
         let pid = container.pid();
-        let io = Stdio {
-            stdin: req.stdin.clone(),
-            stdout: req.stdout.clone(),
-            stderr: req.stderr.clone(),
-            terminal: req.terminal,
-        };
         let entry = Arc::new(Entry {
             id: req.id.clone(),
             bundle: req.bundle.clone(),
             mounted_rootfs,
             hooks: spec.hooks,
             annotations: spec.annotations,
-            init: Proc::new(req.id.clone(), io, pid, Box::new(container)),
+            init: Proc::new(
+                req.id.clone(),
+                io,
+                pid,
+                Box::new(Created::Vm(Box::new(container))),
+            ),
             execs: Mutex::new(HashMap::new()),
+            pod_share: None,
         });
-        self.containers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(req.id.clone(), entry);
-        let ev = TaskCreate {
-            container_id: req.id.clone(),
-            bundle: req.bundle.clone(),
-            rootfs: req.rootfs.clone(),
-            io: MessageField::some(TaskIO {
-                stdin: req.stdin.clone(),
-                stdout: req.stdout.clone(),
-                stderr: req.stderr.clone(),
-                terminal: req.terminal,
-                ..Default::default()
-            }),
-            checkpoint: req.checkpoint.clone(),
-            pid,
-            ..Default::default()
-        };
-        self.publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(ev))
-            .await;
-        Ok(api::CreateTaskResponse {
-            pid,
-            ..Default::default()
-        })
+        self.created(&req, entry, pid).await
     }
-
     async fn start(
         &self,
         _ctx: &TtrpcContext,
@@ -603,9 +709,29 @@ impl Task for TaskService {
                 return Err(internal(format!("open stdio: {e}")));
             }
         };
-        let (running, started) = container.start(io).await;
-        *phase = Phase::Running(running.clone());
-        drop(phase);
+        let (running, started) = match *container {
+            Created::Vm(c) => {
+                let (running, started) = c.start(io).await;
+                *phase = Phase::Running(running.clone());
+                drop(phase);
+                (running, started)
+            }
+            Created::Member { sandbox, request } => {
+                let pod = sandbox.init.running().await;
+                let Some(pod) = pod.filter(|r| r.exited().is_none()) else {
+                    init.failed_to_start(&mut phase);
+                    return Err(status(
+                        Code::FAILED_PRECONDITION,
+                        format!("the pod sandbox {} is not running", sandbox.id),
+                    ));
+                };
+                // As an exec's: the handle is in place before the agent confirms.
+                let (running, started) = pod.spawn_member(*request, io);
+                *phase = Phase::Running(running.clone());
+                drop(phase);
+                (running, started.await)
+            }
+        };
         let pid = init.pid();
         if started.is_ok() {
             // TaskStart is queued before the exit watcher exists: Start < Exit.
@@ -730,9 +856,11 @@ impl Task for TaskService {
                         format!("cannot delete running container {}", req.id),
                     ));
                 }
-                if tokio::time::timeout(TEARDOWN_WAIT, r.wait_torn_down())
-                    .await
-                    .is_err()
+                // A pod's later container leaves the VM running.
+                if !r.is_member()
+                    && tokio::time::timeout(TEARDOWN_WAIT, r.wait_torn_down())
+                        .await
+                        .is_err()
                 {
                     tracing::warn!("the VM of {} is still being torn down", req.id);
                 }
@@ -749,6 +877,9 @@ impl Task for TaskService {
         }
         *phase = Phase::Stopped;
         drop(phase);
+        if let Some((share, name)) = &entry.pod_share {
+            agentvm::pod::unbind_root(share, name);
+        }
         if entry.mounted_rootfs {
             crate::rootfs::unmount(&PathBuf::from(&entry.bundle).join("rootfs"));
         }
@@ -1286,6 +1417,7 @@ mod tests {
                         exit: watch::channel(None).0,
                     },
                     execs: Mutex::new(HashMap::new()),
+                    pod_share: None,
                 };
                 svc.containers
                     .lock()
@@ -1409,6 +1541,177 @@ mod tests {
                 Message::Signal {
                     signal: libc::SIGKILL
                 }
+            );
+        }
+
+        /// A pod's later container in the running pod VM of "c" (its sandbox): Start sends the
+        /// agent a Start that creates container "m" (its root from the pod share) and
+        /// publishes TaskStart with the pod's host pid; an exec of "m" runs in "m"; "m"'s
+        /// exit is published, Delete answers at once (no VM teardown) and unbinds its root;
+        /// the sandbox's VM was never asked to stop.
+        #[tokio::test]
+        async fn a_second_container_runs_in_the_running_pod_vm_and_leaves_it_running() {
+            let mut h = Harness::new().await;
+            let host_pid = h.host_pid();
+            let sandbox = h.svc.get("c").unwrap();
+            let bundle = tempfile::tempdir().unwrap();
+            let share = tempfile::tempdir().unwrap();
+            std::fs::create_dir_all(share.path().join("m/rootfs")).unwrap();
+            let request = agentvm_protocol::StartRequest {
+                rootfs: agentvm_protocol::RootfsSpec {
+                    device: agentvm::pod::SHARE_TAG.into(),
+                    fstype: "virtiofs".into(),
+                    overlay: false,
+                    options: None,
+                    layers: None,
+                    subdir: Some("m/rootfs".into()),
+                },
+                process: ProcessSpec {
+                    args: vec!["httpd".into()],
+                    ..Default::default()
+                },
+                hostname: None,
+                init: false,
+                network: None,
+                mounts: Vec::new(),
+                sysctls: Default::default(),
+                container: Some(agentvm_protocol::PodContainer {
+                    id: "m".into(),
+                    create: true,
+                    own_pid_namespace: true,
+                    readonly_root: false,
+                }),
+            };
+            let io = Stdio {
+                stdin: String::new(),
+                stdout: String::new(),
+                stderr: String::new(),
+                terminal: false,
+            };
+            let entry = Entry {
+                id: "m".into(),
+                bundle: bundle.path().display().to_string(),
+                mounted_rootfs: false,
+                hooks: None,
+                annotations: HashMap::new(),
+                init: Proc::new(
+                    "m".into(),
+                    io,
+                    host_pid,
+                    Box::new(Created::Member {
+                        sandbox,
+                        request: Box::new(request),
+                    }),
+                ),
+                execs: Mutex::new(HashMap::new()),
+                pod_share: Some((share.path().to_path_buf(), "m".into())),
+            };
+            h.svc
+                .containers
+                .lock()
+                .unwrap()
+                .insert("m".into(), Arc::new(entry));
+
+            let (host, mut agent) = pair().await;
+            h.dials.0.lock().unwrap().push(host);
+            let start = api::StartRequest {
+                id: "m".into(),
+                ..Default::default()
+            };
+            let c = ctx();
+            let (resp, ()) = tokio::join!(h.svc.start(&c, start), async {
+                let Message::Start(req) = recv(&mut agent).await else {
+                    panic!("expected Start")
+                };
+                let c = req.container.expect("a pod container");
+                assert!(c.create && c.id == "m");
+                assert_eq!(req.rootfs.subdir.as_deref(), Some("m/rootfs"));
+                assert!(!req.init, "its exit must not power the VM off");
+                send(&mut agent, Message::Started { pid: 1 }).await;
+            });
+            assert_eq!(resp.unwrap().pid, host_pid);
+            let ev = h.event(topics::TASK_START_EVENT_TOPIC).await;
+            let ev = TaskStart::parse_from_bytes(&ev.value).unwrap();
+            assert_eq!((ev.container_id.as_str(), ev.pid), ("m", host_pid));
+
+            // An exec of "m" runs in "m".
+            let spec = br#"{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}}"#;
+            let exec = api::ExecProcessRequest {
+                id: "m".into(),
+                exec_id: "e".into(),
+                spec: MessageField::some(Any {
+                    type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                    value: spec.to_vec(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            h.svc.exec(&ctx(), exec).await.unwrap();
+            let (host, mut exec_agent) = pair().await;
+            h.dials.0.lock().unwrap().push(host);
+            let start = api::StartRequest {
+                id: "m".into(),
+                exec_id: "e".into(),
+                ..Default::default()
+            };
+            let c = ctx();
+            let (resp, ()) = tokio::join!(h.svc.start(&c, start), async {
+                let Message::Start(req) = recv(&mut exec_agent).await else {
+                    panic!("expected Start")
+                };
+                let c = req.container.expect("an exec of the pod container");
+                assert!(!c.create && c.id == "m");
+                send(&mut exec_agent, Message::Started { pid: 7 }).await;
+            });
+            assert_eq!(resp.unwrap().pid, host_pid);
+            send(&mut exec_agent, Message::Exited(ExitStatus::exited(0))).await;
+            drop(exec_agent);
+
+            // "m" ends; the pod's VM does not.
+            send(&mut agent, Message::Exited(ExitStatus::exited(3))).await;
+            let mut exits = Vec::new();
+            for _ in 0..2 {
+                let exit = h.event(topics::TASK_EXIT_EVENT_TOPIC).await;
+                let exit = TaskExit::parse_from_bytes(&exit.value).unwrap();
+                exits.push((exit.container_id, exit.id, exit.exit_status));
+            }
+            let ids = |c: &str, i: &str, code| (c.to_string(), i.to_string(), code);
+            assert_eq!(
+                exits,
+                [ids("m", "e", 0), ids("m", "m", 3)],
+                "the exec's exit first"
+            );
+            let del = api::DeleteRequest {
+                id: "m".into(),
+                ..Default::default()
+            };
+            let t = std::time::Instant::now();
+            let resp = h.svc.delete(&ctx(), del).await.unwrap();
+            assert_eq!(resp.exit_status, 3);
+            assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+            assert!(
+                !share.path().join("m").exists(),
+                "its directory in the share is gone"
+            );
+            assert!(h.svc.get("m").is_err());
+            // The sandbox still runs, and its agent was asked nothing.
+            assert!(h.svc.get("c").unwrap().exited().is_none());
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), recv(&mut h.init_agent))
+                    .await
+                    .is_err(),
+                "the sandbox's init got no message"
+            );
+            // Shutdown keeps the shim while the sandbox is there.
+            h.svc
+                .shutdown(&ctx(), api::ShutdownRequest::default())
+                .await
+                .unwrap();
+            assert!(
+                tokio::time::timeout(Duration::from_millis(100), h.svc.exit.wait())
+                    .await
+                    .is_err(),
+                "the shim stays for the sandbox"
             );
         }
 

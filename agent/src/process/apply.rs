@@ -3,7 +3,10 @@
 //! Order, and why:
 //! 1. `setsid` (always: the process leads its own session, as under runc), then the
 //!    controlling terminal when `terminal` is set (stdio is already the pty slave).
-//! 2. `chroot`, then `chdir(cwd)`: cwd is resolved inside the new root.
+//! 2. A pod container's namespaces (after the cgroup, so the cgroup path is the agent's
+//!    view): its init unshares a mount namespace of its own and mounts the procfs of its
+//!    PID namespace in its root; an exec into it joins that mount namespace.
+//!    Then `chroot`, then `chdir(cwd)`: cwd is resolved inside the new root.
 //! 3. rlimits, while still root with every capability (raising a hard limit needs
 //!    `CAP_SYS_RESOURCE`).
 //! 4. With capabilities: drop the bounding set (needs `CAP_SETPCAP`, so before `setuid`) and
@@ -22,7 +25,7 @@
 
 use nix::errno::Errno;
 
-use super::plan::Plan;
+use super::plan::{MountNs, Plan};
 use super::seam::Syscalls;
 
 /// A step of process setup, for error reports.
@@ -31,6 +34,8 @@ use super::seam::Syscalls;
 pub enum Step {
     Setsid = 1,
     ControllingTty,
+    MountNamespace,
+    MountProc,
     Chroot,
     Chdir,
     Setrlimit,
@@ -46,9 +51,11 @@ pub enum Step {
 }
 
 impl Step {
-    const ALL: [Step; 14] = [
+    const ALL: [Step; 16] = [
         Step::Setsid,
         Step::ControllingTty,
+        Step::MountNamespace,
+        Step::MountProc,
         Step::Chroot,
         Step::Chdir,
         Step::Setrlimit,
@@ -71,6 +78,8 @@ impl Step {
         match self {
             Step::Setsid => "setsid",
             Step::ControllingTty => "set the controlling terminal",
+            Step::MountNamespace => "enter the container's mount namespace",
+            Step::MountProc => "mount the container's /proc",
             Step::Chroot => "chroot into the container root",
             Step::Chdir => "chdir",
             Step::Setrlimit => "setrlimit",
@@ -166,6 +175,14 @@ fn setup<S: Syscalls>(plan: &Plan, sys: &mut S) -> Result<(), StepError> {
         // update`'s limits, while a failed start would break `docker exec` for good.
         let _ = sys.join_cgroup(procs);
     }
+    match plan.mount_ns {
+        MountNs::Agent => {}
+        MountNs::New => sys.unshare_mounts().map_err(at(Step::MountNamespace))?,
+        MountNs::Join(fd) => sys.join_mounts(fd).map_err(at(Step::MountNamespace))?,
+    }
+    if let Some(proc) = &plan.proc_mount {
+        sys.mount_proc(proc).map_err(at(Step::MountProc))?;
+    }
     sys.chroot(&plan.root).map_err(at(Step::Chroot))?;
     sys.chdir(&plan.cwd).map_err(at(Step::Chdir))?;
     for r in &plan.rlimits {
@@ -218,6 +235,7 @@ fn exec<S: Syscalls>(plan: &Plan, sys: &mut S) -> StepError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::process::plan::MountNs;
     use crate::process::seam::recorder::{Call, Recorder};
     use agentvm_protocol::{Capabilities, ProcessSpec, Rlimit, User};
 
@@ -305,6 +323,31 @@ mod tests {
         assert_eq!(r.calls[0], Call::Setsid);
         assert_eq!(r.calls[1], Call::ControllingTty);
         assert_eq!(r.calls[2], Call::Chroot("/run/agentvm/rootfs".into()));
+    }
+
+    #[test]
+    fn a_pod_containers_namespaces_come_after_its_cgroup_and_before_chroot() {
+        let root = "/run/agentvm/containers/c1/root";
+        let mut plan = Plan::new(&spec(), root, 40).unwrap();
+        plan.cgroup_procs = Some(c"/sys/fs/cgroup/pod-c1/cgroup.procs".into());
+        plan.mount_ns = MountNs::New;
+        plan.proc_mount = Some(c"/run/agentvm/containers/c1/root/proc".into());
+        let mut r = Recorder::default();
+        apply(&plan, &mut r);
+        let cg = r.pos(|c| matches!(c, Call::JoinCgroup(_)));
+        let ns = r.pos(|c| *c == Call::UnshareMounts);
+        let proc = r.pos(|c| *c == Call::MountProc(format!("{root}/proc")));
+        let chroot = r.pos(|c| *c == Call::Chroot(root.into()));
+        assert!(cg < ns && ns < proc && proc < chroot, "{:?}", r.calls);
+
+        // An exec joins the container's mount namespace and mounts nothing.
+        plan.mount_ns = MountNs::Join(7);
+        plan.proc_mount = None;
+        let mut r = Recorder::default();
+        apply(&plan, &mut r);
+        let join = r.pos(|c| *c == Call::JoinMounts(7));
+        assert!(join < r.pos(|c| *c == Call::Chroot(root.into())));
+        assert!(!r.calls.iter().any(|c| matches!(c, Call::MountProc(_))));
     }
 
     #[test]

@@ -97,6 +97,31 @@ impl ExecPlan {
     }
 }
 
+/// The mount namespace of a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MountNs {
+    /// The agent's (the VM's own container).
+    #[default]
+    Agent,
+    /// A new one, every mount a slave of the agent's (a pod container's init).
+    New,
+    /// The one this descriptor (open in the agent, inherited by the child) names.
+    Join(i32),
+}
+
+/// The PID namespace a process is forked into; set up by the parent around the fork
+/// ([`crate::process::spawn`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PidNs {
+    /// The agent's.
+    #[default]
+    Agent,
+    /// A new one, the process its init.
+    New,
+    /// The one this descriptor names (an exec into a container with its own).
+    Join(i32),
+}
+
 /// Everything the child does between `fork` and `exec`, prepared in the parent.
 #[derive(Debug)]
 pub struct Plan {
@@ -105,6 +130,15 @@ pub struct Plan {
     /// `cgroup.procs` of the cgroup to join before `chroot` (the container's, see
     /// [`crate::cgroup`]); `None` stays in the agent's.
     pub cgroup_procs: Option<CString>,
+    /// The mount namespace the process runs in (a pod container's own, see
+    /// [`crate::process::apply`]).
+    pub mount_ns: MountNs,
+    /// The PID namespace the process is forked into (a pod container's own).
+    pub pid_ns: PidNs,
+    /// Where to mount a procfs before `chroot`: the root's `/proc`, for the init of a
+    /// container with a PID namespace of its own (a procfs shows the PID namespace of the
+    /// process that mounts it).
+    pub proc_mount: Option<CString>,
     /// The new root directory.
     pub root: CString,
     /// The working directory, inside the new root.
@@ -259,6 +293,9 @@ impl Plan {
         Ok(Self {
             terminal: spec.terminal,
             cgroup_procs: None,
+            mount_ns: MountNs::Agent,
+            pid_ns: PidNs::Agent,
+            proc_mount: None,
             root: cstring(root, "the root path")?,
             cwd: cstring(&spec.cwd, "cwd")?,
             cwd_display: spec.cwd.clone(),

@@ -19,6 +19,13 @@ pub trait Syscalls {
     fn set_controlling_tty(&mut self) -> Result<(), Errno>;
     /// Writes `0` to the `cgroup.procs` file at `procs`: the calling process joins that cgroup.
     fn join_cgroup(&mut self, procs: &CStr) -> Result<(), Errno>;
+    /// `unshare(CLONE_NEWNS)`, then every mount a slave of the agent's: a mount namespace of
+    /// the process's own (a pod container's init).
+    fn unshare_mounts(&mut self) -> Result<(), Errno>;
+    /// `setns(fd, CLONE_NEWNS)`: the mount namespace of an existing container (an exec).
+    fn join_mounts(&mut self, fd: i32) -> Result<(), Errno>;
+    /// Mounts a procfs at `target` (the process's PID namespace's, seen from inside it).
+    fn mount_proc(&mut self, target: &CStr) -> Result<(), Errno>;
     fn chroot(&mut self, path: &CStr) -> Result<(), Errno>;
     fn chdir(&mut self, path: &CStr) -> Result<(), Errno>;
     fn setrlimit(&mut self, resource: Resource, soft: u64, hard: u64) -> Result<(), Errno>;
@@ -74,6 +81,38 @@ impl Syscalls for Real {
     fn set_controlling_tty(&mut self) -> Result<(), Errno> {
         // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal), no pointers.
         check(unsafe { libc::ioctl(libc::STDIN_FILENO, libc::TIOCSCTTY, 0) })
+    }
+
+    fn unshare_mounts(&mut self) -> Result<(), Errno> {
+        // SAFETY: unshare takes a flag word; mount gets NUL-terminated constants and NULLs.
+        unsafe {
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_SLAVE,
+                std::ptr::null(),
+            ))
+        }
+    }
+
+    fn join_mounts(&mut self, fd: i32) -> Result<(), Errno> {
+        // SAFETY: setns takes a descriptor and a flag word, no pointers.
+        check(unsafe { libc::setns(fd, libc::CLONE_NEWNS) })
+    }
+
+    fn mount_proc(&mut self, target: &CStr) -> Result<(), Errno> {
+        // SAFETY: every pointer is a NUL-terminated string alive for the call, or NULL data.
+        check(unsafe {
+            libc::mount(
+                c"proc".as_ptr(),
+                target.as_ptr(),
+                c"proc".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                std::ptr::null(),
+            )
+        })
     }
 
     fn chroot(&mut self, path: &CStr) -> Result<(), Errno> {
@@ -205,6 +244,9 @@ pub mod recorder {
         Setsid,
         ControllingTty,
         JoinCgroup(String),
+        UnshareMounts,
+        JoinMounts(i32),
+        MountProc(String),
         Chroot(String),
         Chdir(String),
         Setrlimit(Resource, u64, u64),
@@ -259,6 +301,15 @@ pub mod recorder {
             self.calls.push(Call::JoinCgroup(s(procs)));
             // As in a guest whose cgroup a workload removed: the start goes on.
             Err(Errno::ENOENT)
+        }
+        fn unshare_mounts(&mut self) -> Result<(), Errno> {
+            self.ok(Call::UnshareMounts)
+        }
+        fn join_mounts(&mut self, fd: i32) -> Result<(), Errno> {
+            self.ok(Call::JoinMounts(fd))
+        }
+        fn mount_proc(&mut self, target: &CStr) -> Result<(), Errno> {
+            self.ok(Call::MountProc(s(target)))
         }
         fn chroot(&mut self, path: &CStr) -> Result<(), Errno> {
             self.ok(Call::Chroot(s(path)))

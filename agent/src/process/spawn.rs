@@ -16,8 +16,43 @@ use nix::fcntl::{open, OFlag};
 use nix::sys::stat::Mode;
 
 use super::apply::{apply, StepError};
-use super::plan::Plan;
+use super::plan::{PidNs, Plan};
 use super::seam::Real;
+
+/// Runs `fork` (the spawn) with this thread's PID namespace for children set to `ns`, and
+/// sets it back to the agent's own afterwards, whatever happened.
+fn in_pid_namespace<T>(ns: PidNs, fork: impl FnOnce() -> T) -> io::Result<T> {
+    let own = open(
+        "/proc/self/ns/pid",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(io::Error::from)?;
+    // SAFETY: `open` returned a fresh descriptor that nothing else owns.
+    let own = unsafe { OwnedFd::from_raw_fd(own) };
+    // SAFETY: unshare and setns take a flag word and a descriptor: no memory is shared.
+    let entered = unsafe {
+        match ns {
+            PidNs::New => libc::unshare(libc::CLONE_NEWPID),
+            PidNs::Join(fd) => libc::setns(fd, libc::CLONE_NEWPID),
+            PidNs::Agent => 0,
+        }
+    };
+    if entered != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let r = fork();
+    // SAFETY: as above; the agent's own namespace is an ancestor of (or equal to) the one
+    // entered, which setns allows.
+    if unsafe { libc::setns(own.as_raw_fd(), libc::CLONE_NEWPID) } != 0 {
+        // Later forks would land in the container's namespace: nothing the agent can serve.
+        panic!(
+            "cannot return to the agent's PID namespace: {}",
+            io::Error::last_os_error()
+        );
+    }
+    Ok(r)
+}
 
 /// A failure to start the process.
 #[derive(Debug, thiserror::Error)]
@@ -131,7 +166,10 @@ pub fn spawn(plan: Arc<Plan>, pty: Option<Pty>) -> Result<Spawned, SpawnError> {
     // It only makes syscalls (through `Real`) on memory prepared before the fork, and writes
     // a fixed-size buffer to a pipe; it does not allocate or take locks.
     unsafe { cmd.pre_exec(in_child) };
-    let result = cmd.spawn();
+    let result = match plan.pid_ns {
+        PidNs::Agent => cmd.spawn(),
+        ns => in_pid_namespace(ns, || cmd.spawn())?,
+    };
     // The parent's copy of the write end must go before reading, or a failure that left no
     // record would block the read forever.
     drop(cmd);
