@@ -320,8 +320,25 @@ impl Netns {
             ["tuntap", "add", "dev", egress::AUDIT_TAP, "mode", "tap"],
         )
         .await?;
-        self.run("ip", ["link", "set", "dev", egress::AUDIT_TAP, "up"])
-            .await?;
+        // Only what the table forwards may show up there: no IPv6, ARP or multicast of the
+        // namespace's own stack on it.
+        let no_v6 = format!("net.ipv6.conf.{}.disable_ipv6=1", egress::AUDIT_TAP);
+        let _ = self.run("sysctl", ["-qw", no_v6.as_str()]).await;
+        self.run(
+            "ip",
+            [
+                "link",
+                "set",
+                "dev",
+                egress::AUDIT_TAP,
+                "arp",
+                "off",
+                "multicast",
+                "off",
+                "up",
+            ],
+        )
+        .await?;
         let facts = egress_facts(wiring).await;
         let record = egress::Record {
             policy: policy.clone(),
@@ -964,15 +981,46 @@ mod tests {
             f.resize(60, 0);
             f
         };
-        // /proc/net/dev is the reading process's namespace's: peer0's received packets.
+        // What reaches the veth's peer from the guest's address (the namespace's own stack
+        // sends neighbour discovery there too): counted by a probe table of the test's own.
+        ns.run("nft", ["add", "table", "netdev", "probe"])
+            .await
+            .unwrap();
+        ns.run(
+            "nft",
+            [
+                "add",
+                "chain",
+                "netdev",
+                "probe",
+                "c",
+                "{ type filter hook ingress device \"peer0\" priority 0; }",
+            ],
+        )
+        .await
+        .unwrap();
+        ns.run(
+            "nft",
+            [
+                "add",
+                "rule",
+                "netdev",
+                "probe",
+                "c",
+                "ip",
+                "saddr",
+                "10.77.0.2",
+                "counter",
+            ],
+        )
+        .await
+        .unwrap();
         let peer_rx = || async {
-            let dev = ns.run("cat", ["/proc/net/dev"]).await.unwrap();
-            let line = dev
-                .lines()
-                .find(|l| l.trim_start().starts_with("peer0:"))
+            let out = ns
+                .run("nft", ["list", "chain", "netdev", "probe", "c"])
+                .await
                 .unwrap();
-            let fields: Vec<&str> = line.split_once(':').unwrap().1.split_whitespace().collect();
-            fields[1].parse::<u64>().unwrap()
+            parse_counter(&out)
         };
         let before = peer_rx().await;
         send_as_guest(ns, "avmtap0", vec![udp([198, 51, 100, 9])]);
@@ -996,6 +1044,8 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("to 198.51.100.9"), "{text}");
+        // The audit tap carries only what the table blocked, nothing of the namespace's own.
+        assert_eq!(text.lines().count(), 1, "{text}");
         // A new policy on the running namespace: 203.0.113.5 is allowed now.
         let mut record = egress::Record::load(state).unwrap();
         record.policy = egress::PolicyFile::default().select(Some("agent")).unwrap();
