@@ -18,7 +18,7 @@ pub enum Kind {
     Call,
     /// fork, vfork, clone: the new process exits at once, from the instruction after `syscall`.
     Forks,
-    /// A number the profile allows but no x86-64 kernel implements; the reason.
+    /// A number the profile allows but the agentvm kernel does not implement; the reason.
     Absent(&'static str),
 }
 
@@ -367,7 +367,14 @@ pub const ALLOWED: &[Syscall] = &[
     sc(332, "statx", &[], "", Kind::Call, DEFAULT),
     sc(333, "io_pgetevents", &[], "AIO", Kind::Call, DEFAULT),
     sc(334, "rseq", &[], "RSEQ", Kind::Call, DEFAULT),
-    sc(335, "uretprobe", &[], "UPROBES", Kind::Call, DEFAULT),
+    sc(
+        335,
+        "uretprobe",
+        &[],
+        "UPROBES",
+        Kind::Absent("left out: needs UPROBES and so the tracing core, too slow to boot (kernel/README.md)"),
+        DEFAULT,
+    ),
     sc(424, "pidfd_send_signal", &[], "", Kind::Call, DEFAULT),
     sc(428, "open_tree", &["CAP_SYS_ADMIN"], "", Kind::Call, DEFAULT),
     sc(429, "move_mount", &["CAP_SYS_ADMIN"], "", Kind::Call, DEFAULT),
