@@ -71,18 +71,23 @@ fn agentvm_check_guest_finds_every_syscall_and_feature() {
 
 /// busybox ping (it sends on alarm()), a new network namespace holds only `lo` (no `sit0` or
 /// other fallback tunnel devices), `modprobe` of built-in modules succeeds quietly and of an
-/// unknown one fails, and `/proc/config.gz` is there, in `agentvm run`.
+/// unknown one fails, and `/proc/config.gz` and other /proc and /sys entries common tools read
+/// are there, in `agentvm run`.
 #[test]
 fn ping_netns_and_modprobe_in_agentvm_run() {
     let test = "ping_netns_and_modprobe_in_agentvm_run";
     let Some(env) = VmEnv::get(test) else {
         return;
     };
-    let script = "ping -c 3 -W 5 127.0.0.1 | grep -c 'bytes from'; \
+    let script = "timeout 30 ping -c 3 -W 5 127.0.0.1 | grep -c 'bytes from'; \
                   unshare -n ip -o link | cut -d: -f2 | tr -d ' '; \
                   modprobe overlay && modprobe br_netfilter && modprobe ip_tables && echo modprobe-ok; \
                   modprobe no_such_module 2>/dev/null || echo unknown-fails; \
-                  zcat /proc/config.gz | grep -x CONFIG_POSIX_TIMERS=y";
+                  zcat /proc/config.gz | grep -x CONFIG_POSIX_TIMERS=y; \
+                  for f in /proc/kallsyms /proc/self/io /proc/self/map_files /proc/pressure/cpu \
+                      /proc/sys/kernel/core_pattern /proc/sys/fs/binfmt_misc \
+                      /sys/kernel/mm/transparent_hugepage/enabled /sys/fs/cgroup/cgroup.controllers; do \
+                    test -e $f || echo missing $f; done";
     let out = env.run(&["--", "sh", "-c", script], None, T);
     let (so, se) = text(&out);
     assert_eq!(out.status.code(), Some(0), "stdout:\n{so}\nstderr:\n{se}");
@@ -163,7 +168,7 @@ fn docker_workload_battery_matches_runc() {
     };
     let image = probe_image(&env, &probe);
     let script = "set -e; \
-        echo \"ping replies: $(ping -c 3 -W 5 127.0.0.1 | grep -c 'bytes from')\"; \
+        echo \"ping replies: $(timeout 30 ping -c 3 -W 5 127.0.0.1 | grep -c 'bytes from')\"; \
         echo \"interfaces: $(ip -o link | cut -d: -f2 | tr -d ' ' | tr '\\n' ' ')\"; \
         for w in itimer posix-timer madvise vm-readv landlock; do /agentvm-syscall-probe $w; done";
     let mut results = Vec::new();
