@@ -12,13 +12,15 @@ kernel/build.sh
 
 log "building the workspace (release)"
 cargo build --release --locked --workspace --bins
-log "building the static guest agent"
+log "building the static guest agent and syscall probe"
 RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --locked -p agentvm-agent --target x86_64-unknown-linux-gnu
+  cargo build --release --locked -p agentvm-agent -p agentvm-probe --target x86_64-unknown-linux-gnu
 
 share=${AGENTVM_SHARE:-/usr/local/share/agentvm}
 install -d "$share"
 install -m 0755 target/x86_64-unknown-linux-gnu/release/agentvm-agent "$share/agentvm-agent"
+# `agentvm check --guest` runs it in a VM; users can also run it in any container.
+install -m 0755 target/x86_64-unknown-linux-gnu/release/agentvm-syscall-probe "$share/agentvm-syscall-probe"
 for b in agentvm agentvm-image containerd-shim-agentvm-v1; do
   [ -f "target/release/$b" ] && install -m 0755 "target/release/$b" "/usr/local/bin/$b"
 done

@@ -11,10 +11,12 @@ cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-log "building the static guest agent and the test rootfs"
+log "building the static guest agent, the syscall probe and the test rootfs"
 RUSTFLAGS="-C target-feature=+crt-static" \
-  cargo build --release --locked -p agentvm-agent --target x86_64-unknown-linux-gnu
+  cargo build --release --locked -p agentvm-agent -p agentvm-probe --target x86_64-unknown-linux-gnu
 agent="$PWD/target/x86_64-unknown-linux-gnu/release/agentvm-agent"
+AGENTVM_SYSCALL_PROBE="$PWD/target/x86_64-unknown-linux-gnu/release/agentvm-syscall-probe"
+export AGENTVM_SYSCALL_PROBE
 if [ "$(id -u)" = 0 ]; then
   # Installed where every runtime finds it, shims started by a long-running containerd too
   # (an exported path would live on in that containerd's environment after this checkout).

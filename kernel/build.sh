@@ -4,7 +4,7 @@
 # .config. The bzImage is cached outside the clone, keyed by the hash of its inputs (fragment,
 # this script, source tarball, compiler), so a repeat run returns at once.
 #
-# Output: $AGENTVM_CACHE/kernel/<key>/{vmlinux,bzImage}, copied to $AGENTVM_SHARE/
+# Output: $AGENTVM_CACHE/kernel/<key>/{vmlinux,bzImage,config,release,modules/}, copied to $AGENTVM_SHARE/
 # (defaults /var/cache/agentvm and /usr/local/share/agentvm), where the runtime looks for it.
 set -euo pipefail
 
@@ -30,6 +30,13 @@ install_kernel() {
   cp "$out/bzImage" "$share/bzImage.tmp" && mv "$share/bzImage.tmp" "$share/bzImage"
   cp "$out/vmlinux" "$share/vmlinux.tmp" && mv "$share/vmlinux.tmp" "$share/vmlinux"
   cp "$out/config" "$share/kernel.config"
+  # lib/modules/<release>/ for the guest (the runtime puts it into the agent's initramfs)
+  if [ -d "$out/modules" ]; then
+    rm -rf "$share/modules.tmp"
+    cp -r "$out/modules" "$share/modules.tmp"
+    rm -rf "$share/modules"
+    mv "$share/modules.tmp" "$share/modules"
+  fi
   log "ready: $share/vmlinux and $share/bzImage (key $key)"
 }
 
@@ -86,6 +93,22 @@ make -s ARCH=x86_64 -j"$jobs" bzImage 2>&1 | grep -v '^  ' || true
 test -f arch/x86/boot/bzImage || { echo "kernel/build.sh: the kernel build failed" >&2; exit 1; }
 
 mkdir -p "$out.tmp"
+# Nothing is a loadable module, but with CONFIG_MODULES the build lists what is built in:
+# lib/modules/<release>/ with modules.builtin and depmod's indexes lets `modprobe overlay`
+# (dockerd, kind, k3s do that) find the module built in and succeed quietly.
+release=$(make -s ARCH=x86_64 kernelrelease)
+if grep -qx 'CONFIG_MODULES=y' .config; then
+  make -s ARCH=x86_64 -j"$jobs" modules 2>&1 | grep -v '^  ' || true
+  moddir="$out.tmp/modules/lib/modules/$release"
+  mkdir -p "$moddir"
+  for f in modules.builtin modules.builtin.modinfo modules.order; do
+    if [ -f "$f" ]; then cp "$f" "$moddir/"; else : > "$moddir/$f"; fi
+  done
+  if command -v depmod >/dev/null || [ -x /sbin/depmod ]; then
+    PATH="$PATH:/sbin:/usr/sbin" depmod -b "$out.tmp/modules" "$release" || log "depmod failed: modprobe in the guest will not find built-ins"
+  fi
+fi
+echo "$release" > "$out.tmp/release"
 cp arch/x86/boot/bzImage "$out.tmp/bzImage"
 cp vmlinux "$out.tmp/vmlinux"
 cp .config "$out.tmp/config"

@@ -4,6 +4,7 @@
 //! [`plan`] is pure (tested); [`execute`] performs it.
 
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 
 use agentvm_protocol::{LayeredRoot, RootfsSpec};
 use nix::errno::Errno;
@@ -332,24 +333,120 @@ pub fn seal(spec: &RootfsSpec) -> Vec<Op> {
     }
 }
 
+/// Where the agent's initramfs holds the guest kernel's `lib/modules/<release>/`
+/// (modules.builtin and depmod's indexes, from kernel/build.sh).
+pub const MODULES: &str = "/lib/modules";
+
+/// The running kernel's release (`uname -r`).
+pub fn kernel_release() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+}
+
+/// Resolves `rel` (e.g. `lib/modules`) below `root` the way the container will see it,
+/// following only relative symlinks that stay inside (`lib -> usr/lib` in merged-/usr
+/// images). `None` if a component is an absolute or escaping symlink, or not a directory.
+/// Missing trailing components are returned as they would be created.
+fn resolve_below(root: &Path, rel: &str) -> Option<PathBuf> {
+    let mut parts: Vec<String> = rel
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .map(String::from)
+        .collect();
+    let mut done: Vec<String> = Vec::new();
+    let mut hops = 0;
+    while !parts.is_empty() {
+        let part = parts.remove(0);
+        if part == "." || part == ".." {
+            return None;
+        }
+        let here = done
+            .iter()
+            .fold(root.to_path_buf(), |p, c| p.join(c))
+            .join(&part);
+        match std::fs::symlink_metadata(&here) {
+            Err(_) => {
+                done.push(part);
+                continue;
+            }
+            Ok(m) if m.file_type().is_symlink() => {
+                hops += 1;
+                let target = std::fs::read_link(&here).ok()?;
+                let target = target.to_str()?;
+                if hops > 8 || target.starts_with('/') {
+                    return None;
+                }
+                let mut expanded: Vec<String> = target
+                    .split('/')
+                    .filter(|p| !p.is_empty())
+                    .map(String::from)
+                    .collect();
+                expanded.extend(parts);
+                parts = expanded;
+            }
+            Ok(m) if m.is_dir() => done.push(part),
+            Ok(_) => return None,
+        }
+    }
+    Some(done.iter().fold(root.to_path_buf(), |p, c| p.join(c)))
+}
+
+/// Steps that show the guest kernel's `lib/modules/<release>` read-only in the container at
+/// `/lib/modules/<release>`, so that `modprobe overlay`, `modprobe br_netfilter` (dockerd,
+/// kind, k3s) find the module built in and succeed quietly, as they do on a host whose
+/// /lib/modules is bind-mounted into the container. Nothing when the agent has no such
+/// directory or the image brings its own.
+pub fn modules_ops(release: &str, source_root: &Path, container_root: &Path) -> Vec<Op> {
+    let source = source_root
+        .join(MODULES.trim_start_matches('/'))
+        .join(release);
+    if !source.is_dir() {
+        return Vec::new();
+    }
+    let Some(target) = resolve_below(container_root, &format!("lib/modules/{release}")) else {
+        return Vec::new();
+    };
+    if target.exists() {
+        return Vec::new();
+    }
+    let (src, dst) = (source.display().to_string(), target.display().to_string());
+    vec![
+        mkdir(&dst, 0o755),
+        mnt(&src, &dst, "", MsFlags::MS_BIND, None),
+        mnt(
+            "none",
+            &dst,
+            "",
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+            None,
+        ),
+    ]
+}
+
 /// What to unmount when powering off, innermost first.
 pub fn unmount_order() -> Vec<String> {
     let r = |p: &str| format!("{ROOT}{p}");
-    vec![
-        r("/dev/shm"),
-        r("/dev/pts"),
-        r("/dev"),
-        r("/sys/fs/cgroup"),
-        r("/sys"),
-        r("/proc"),
-        ROOT.to_string(),
-        SCRATCH.to_string(),
-        RW.to_string(),
-        LOWER.to_string(),
-    ]
-    .into_iter()
-    .chain((0..MAX_LOWER).map(lower_dir))
-    .collect()
+    let modules = kernel_release()
+        .and_then(|rel| resolve_below(Path::new(ROOT), &format!("lib/modules/{rel}")))
+        .map(|p| p.display().to_string());
+    modules
+        .into_iter()
+        .chain(vec![
+            r("/dev/shm"),
+            r("/dev/pts"),
+            r("/dev"),
+            r("/sys/fs/cgroup"),
+            r("/sys"),
+            r("/proc"),
+            ROOT.to_string(),
+            SCRATCH.to_string(),
+            RW.to_string(),
+            LOWER.to_string(),
+        ])
+        .chain((0..MAX_LOWER).map(lower_dir))
+        .collect()
 }
 
 fn errno_io(e: Errno) -> std::io::Error {
@@ -441,6 +538,49 @@ fn run(op: &Op) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn modules_are_shown_below_merged_usr_unless_the_image_has_them() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("lib/modules/6.12.9")).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", root.path().join("lib")).unwrap();
+        let ops = modules_ops("6.12.9", src.path(), root.path());
+        let want = root
+            .path()
+            .join("usr/lib/modules/6.12.9")
+            .display()
+            .to_string();
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        assert_eq!(ops[0], mkdir(&want, 0o755));
+        assert!(
+            matches!(&ops[1], Op::Mount { target, flags, .. } if *target == want && *flags == MsFlags::MS_BIND)
+        );
+        assert!(
+            matches!(&ops[2], Op::Mount { flags, .. } if flags.contains(MsFlags::MS_RDONLY | MsFlags::MS_REMOUNT))
+        );
+        // Another release: nothing to show.
+        assert!(modules_ops("6.1.0", src.path(), root.path()).is_empty());
+        // The image has its own.
+        std::fs::create_dir_all(root.path().join("usr/lib/modules/6.12.9")).unwrap();
+        assert!(modules_ops("6.12.9", src.path(), root.path()).is_empty());
+    }
+
+    #[test]
+    fn modules_never_follow_a_symlink_out_of_the_root() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(src.path().join("lib/modules/6.12.9")).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/usr/lib", root.path().join("lib")).unwrap();
+        assert!(modules_ops("6.12.9", src.path(), root.path()).is_empty());
+        let root = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("../../etc", root.path().join("lib")).unwrap();
+        assert!(modules_ops("6.12.9", src.path(), root.path()).is_empty());
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("lib"), "a file").unwrap();
+        assert!(modules_ops("6.12.9", src.path(), root.path()).is_empty());
+    }
 
     fn spec(overlay: bool) -> RootfsSpec {
         RootfsSpec {

@@ -146,6 +146,17 @@ impl Agent {
             None => {
                 rootfs::execute(&rootfs::plan(spec))?;
                 info!("mounted container rootfs from {}", spec.device);
+                // Best effort: a container without them only loses `modprobe` of built-ins.
+                if let Some(rel) = rootfs::kernel_release() {
+                    let ops = rootfs::modules_ops(
+                        &rel,
+                        std::path::Path::new("/"),
+                        std::path::Path::new(rootfs::ROOT),
+                    );
+                    if let Err(e) = rootfs::execute(&ops) {
+                        debug!("lib/modules not shown in the container: {e}");
+                    }
+                }
                 *mounted = Some(spec.clone());
             }
         }

@@ -48,6 +48,14 @@ check dockerd '^overlay2 2$' docker info --format '{{.Driver}} {{.CgroupVersion}
 check storage '^tmpfs$' stat -f -c %T /var/lib/docker
 check load '^Loaded image: busybox:latest$' docker load -i /opt/agentvm/nested-images.tar
 check echo '^nested-ok$' docker run --rm busybox echo nested-ok
+check iptables 'addrtype --dst-type LOCAL -j DOCKER' iptables -t nat -S PREROUTING
+# Docker's own kernel checklist (Debian ships it): no "Generally Necessary" item missing.
+necessary_missing() {
+  sh /usr/share/docker.io/contrib/check-config.sh 2>&1 \
+    | sed -n '/^Generally Necessary/,/^Optional Features/p' | grep -c missing
+  return 0
+}
+check check-config '^0$' necessary_missing
 check publish-start '^[0-9a-f]{64}$' docker run -d --name web -p 8080:80 busybox \
   sh -c 'mkdir -p /www && echo nested-http-ok > /www/index.html && exec httpd -f -p 80 -h /www'
 check publish-loopback '^nested-http-ok$' fetch http://127.0.0.1:8080/
@@ -180,6 +188,8 @@ fn nested_docker_runs_publishes_and_builds() {
         "storage",
         "load",
         "echo",
+        "iptables",
+        "check-config",
         "publish-start",
         "publish-loopback",
         "publish-eth0",

@@ -164,9 +164,39 @@ pub fn elf_is_static(elf: &[u8]) -> bool {
     })
 }
 
-/// Returns the initramfs holding the agent as `/init`, building and caching it (keyed by the
-/// agent's hash) on first use.
-pub fn initramfs_for(agent: &Path) -> Result<PathBuf> {
+/// The `lib/modules/<release>/` trees kernel/build.sh puts beside the kernel (`modules/`):
+/// modules.builtin and depmod's indexes, so that `modprobe` in the guest finds what is built
+/// in. Empty when the kernel has none (an older kernel, or one built without CONFIG_MODULES).
+pub fn kernel_modules(kernel: &Path) -> Vec<(String, Vec<u8>)> {
+    let Some(base) = kernel.parent().map(|d| d.join("modules/lib/modules")) else {
+        return Vec::new();
+    };
+    let mut files = Vec::new();
+    let Ok(releases) = std::fs::read_dir(&base) else {
+        return files;
+    };
+    for rel in releases.filter_map(|e| e.ok()) {
+        let name = rel.file_name().to_string_lossy().into_owned();
+        let Ok(entries) = std::fs::read_dir(rel.path()) else {
+            continue;
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            if !e.file_type().is_ok_and(|t| t.is_file()) {
+                continue;
+            }
+            if let Ok(bytes) = std::fs::read(e.path()) {
+                let file = e.file_name().to_string_lossy().into_owned();
+                files.push((format!("lib/modules/{name}/{file}"), bytes));
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// Returns the initramfs holding the agent as `/init` and the kernel's `lib/modules` files
+/// ([`kernel_modules`]), building and caching it (keyed by their hash) on first use.
+pub fn initramfs_for(agent: &Path, modules: &[(String, Vec<u8>)]) -> Result<PathBuf> {
     let bytes = std::fs::read(agent).map_err(|e| Error::io("read agent", agent, e))?;
     if !elf_is_static(&bytes) {
         return Err(Error::Invalid(format!(
@@ -175,14 +205,22 @@ pub fn initramfs_for(agent: &Path) -> Result<PathBuf> {
             agent.display()
         )));
     }
-    let hash = hex(&Sha256::digest(&bytes)[..8]);
+    let mut h = Sha256::new();
+    h.update(&bytes);
+    for (name, data) in modules {
+        h.update(name.as_bytes());
+        h.update((data.len() as u64).to_le_bytes());
+        h.update(data);
+    }
+    let hash = hex(&h.finalize()[..8]);
     let dir = cache_dir().join("initramfs");
     let out = dir.join(format!("agent-{hash}.cpio"));
     if out.is_file() {
         return Ok(out);
     }
     std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
-    let archive = initramfs_archive(&bytes).map_err(|e| Error::io("build initramfs", &out, e))?;
+    let archive =
+        initramfs_archive(&bytes, modules).map_err(|e| Error::io("build initramfs", &out, e))?;
     let tmp = dir.join(format!(".agent-{hash}.{}.tmp", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
@@ -198,8 +236,9 @@ pub fn initramfs_for(agent: &Path) -> Result<PathBuf> {
 }
 
 /// A newc archive with the directories the agent mounts on, `/dev/console` (the kernel opens
-/// it for init's stdio before anything is mounted) and the agent as `/init`.
-fn initramfs_archive(agent: &[u8]) -> std::io::Result<Vec<u8>> {
+/// it for init's stdio before anything is mounted), the agent as `/init` and the kernel's
+/// `lib/modules` files (read-only, 0644).
+fn initramfs_archive(agent: &[u8], modules: &[(String, Vec<u8>)]) -> std::io::Result<Vec<u8>> {
     use cpio::newc::ModeFileType;
     use cpio::NewcBuilder;
     let dir = |name: &str| {
@@ -208,7 +247,7 @@ fn initramfs_archive(agent: &[u8]) -> std::io::Result<Vec<u8>> {
             .set_mode_file_type(ModeFileType::Directory)
             .nlink(2)
     };
-    let entries: Vec<(NewcBuilder, Cursor<Vec<u8>>)> = vec![
+    let mut entries: Vec<(NewcBuilder, Cursor<Vec<u8>>)> = vec![
         (dir("dev"), Cursor::new(Vec::new())),
         (dir("proc"), Cursor::new(Vec::new())),
         (dir("sys"), Cursor::new(Vec::new())),
@@ -231,6 +270,33 @@ fn initramfs_archive(agent: &[u8]) -> std::io::Result<Vec<u8>> {
             Cursor::new(agent.to_vec()),
         ),
     ];
+    let mut dirs: Vec<String> = Vec::new();
+    for (name, data) in modules {
+        // Parents first: lib, lib/modules, lib/modules/<release>.
+        let mut parent = String::new();
+        for part in name
+            .split('/')
+            .collect::<Vec<_>>()
+            .split_last()
+            .map_or(&[][..], |(_, d)| d)
+        {
+            if !parent.is_empty() {
+                parent.push('/');
+            }
+            parent.push_str(part);
+            if !dirs.contains(&parent) {
+                dirs.push(parent.clone());
+                entries.push((dir(&parent), Cursor::new(Vec::new())));
+            }
+        }
+        entries.push((
+            NewcBuilder::new(name)
+                .mode(0o644)
+                .set_mode_file_type(ModeFileType::Regular)
+                .nlink(1),
+            Cursor::new(data.clone()),
+        ));
+    }
     cpio::write_cpio(entries.into_iter(), Vec::new())
 }
 
@@ -270,7 +336,11 @@ mod tests {
 
     #[test]
     fn initramfs_holds_init_and_console() {
-        let archive = initramfs_archive(b"\x7fELFagent").unwrap();
+        let modules = vec![(
+            "lib/modules/6.12.0/modules.builtin".to_string(),
+            b"kernel/fs/overlayfs/overlay.ko\n".to_vec(),
+        )];
+        let archive = initramfs_archive(b"\x7fELFagent", &modules).unwrap();
         let mut names = Vec::new();
         let mut rest: &[u8] = &archive;
         loop {
@@ -290,6 +360,10 @@ mod tests {
         assert!(names
             .iter()
             .any(|(n, m, _)| n == "proc" && m & 0o170000 == 0o040000));
+        let at = |want: &str| names.iter().position(|(n, _, _)| n == want).unwrap();
+        assert!(at("lib") < at("lib/modules"));
+        assert!(at("lib/modules/6.12.0") < at("lib/modules/6.12.0/modules.builtin"));
+        assert!(names.contains(&("lib/modules/6.12.0/modules.builtin".into(), 0o100644, 0)));
     }
 
     #[test]

@@ -1,9 +1,13 @@
 //! `agentvm check`: what this host has and lacks, and what to do about each.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use crate::accel;
+use sha2::{Digest, Sha256};
+
+use crate::accel::{self, AccelChoice};
 use crate::assets::{self, Assets};
+use crate::error::{Error, Result};
 
 /// One line of the report.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +156,130 @@ fn qemu_version(p: &Path) -> Result<String, String> {
             "{first}: this QEMU lacks the microvm machine type; install Debian's qemu-system-x86"
         ))
     }
+}
+
+/// The static syscall probe (`agentvm-syscall-probe`, from the `probe/` crate):
+/// `$AGENTVM_SYSCALL_PROBE`, or the one hack/setup.sh installs.
+pub fn syscall_probe_path() -> Result<PathBuf> {
+    let p = std::env::var_os("AGENTVM_SYSCALL_PROBE")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(assets::SHARE_DIR).join("agentvm-syscall-probe"));
+    if p.is_file() {
+        Ok(p)
+    } else {
+        Err(Error::Missing {
+            what: "agentvm-syscall-probe".into(),
+            hint: format!(
+                "looked for {} (hack/setup.sh builds and installs it, or set \
+                 $AGENTVM_SYSCALL_PROBE)",
+                p.display()
+            ),
+        })
+    }
+}
+
+/// A tiny ext4 root holding only the probe (as `/agentvm-syscall-probe`) and the directories
+/// the agent mounts on, cached by the probe's hash under the cache dir.
+pub fn probe_rootfs(probe: &Path) -> Result<PathBuf> {
+    let bytes = std::fs::read(probe).map_err(|e| Error::io("read", probe, e))?;
+    if !assets::elf_is_static(&bytes) {
+        return Err(Error::Invalid(format!(
+            "{} is not a static binary (build it with RUSTFLAGS=\"-C target-feature=+crt-static\")",
+            probe.display()
+        )));
+    }
+    let key = assets::hex(&Sha256::digest(&bytes)[..8]);
+    let dir = assets::cache_dir().join("guest-check");
+    let out = dir.join(format!("probe-{key}.ext4"));
+    if out.is_file() {
+        return Ok(out);
+    }
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+    let stage = tempfile_dir(&dir)?;
+    let build = || -> std::io::Result<()> {
+        for d in ["proc", "sys", "dev", "run", "tmp", "etc"] {
+            std::fs::create_dir(stage.join(d))?;
+        }
+        // The landlock workload reads /etc/passwd before and after restricting itself.
+        std::fs::write(
+            stage.join("etc/passwd"),
+            "root:x:0:0:root:/:/agentvm-syscall-probe\n",
+        )?;
+        let dst = stage.join("agentvm-syscall-probe");
+        std::fs::write(&dst, &bytes)?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o755))?;
+        Ok(())
+    };
+    let tmp = out.with_extension("ext4.tmp");
+    let result = build()
+        .map_err(|e| Error::io("stage", &stage, e))
+        .and_then(|()| {
+            let mkfs = assets::find_program("mkfs.ext4")
+                .or_else(|| {
+                    ["/usr/sbin/mkfs.ext4", "/sbin/mkfs.ext4"]
+                        .iter()
+                        .map(PathBuf::from)
+                        .find(|p| p.is_file())
+                })
+                .ok_or_else(|| Error::Missing {
+                    what: "mkfs.ext4".into(),
+                    hint: "apt-get install e2fsprogs".into(),
+                })?;
+            let size_mib = bytes.len() / (1 << 20) + 8;
+            let status = std::process::Command::new(&mkfs)
+                .args(["-q", "-F", "-t", "ext4", "-O", "^has_journal", "-d"])
+                .arg(&stage)
+                .arg(&tmp)
+                .arg(format!("{size_mib}M"))
+                .stdout(std::process::Stdio::null())
+                .status()
+                .map_err(|e| Error::Spawn {
+                    program: mkfs.display().to_string(),
+                    source: e,
+                })?;
+            if !status.success() {
+                return Err(Error::Invalid(format!("mkfs.ext4 failed ({status})")));
+            }
+            std::fs::rename(&tmp, &out).map_err(|e| Error::io("rename", &tmp, e))
+        });
+    let _ = std::fs::remove_dir_all(&stage);
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| out)
+}
+
+fn tempfile_dir(parent: &Path) -> Result<PathBuf> {
+    let p = parent.join(format!(".stage-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&p);
+    std::fs::create_dir(&p).map_err(|e| Error::io("create", &p, e))?;
+    Ok(p)
+}
+
+/// `agentvm check --guest`: boots a VM from [`probe_rootfs`] and runs `agentvm-syscall-probe
+/// all` in it (every syscall Docker's default seccomp profile allows, then the timer, madvise,
+/// process_vm_readv and Landlock workloads). Its report goes to stdout; returns its exit status.
+pub async fn guest(accel: AccelChoice) -> Result<i32> {
+    let probe = syscall_probe_path()?;
+    let rootfs = probe_rootfs(&probe)?;
+    let opts = crate::run::RunOptions {
+        rootfs,
+        process: agentvm_protocol::ProcessSpec {
+            args: vec!["/agentvm-syscall-probe".into(), "all".into()],
+            cwd: "/".into(),
+            ..Default::default()
+        },
+        interactive: false,
+        memory_mib: crate::run::DEFAULT_MEMORY_MIB,
+        vcpus: crate::run::DEFAULT_VCPUS,
+        accel,
+        boot_timeout: Duration::from_secs(120),
+        icount: false,
+        debug: false,
+    };
+    crate::run::run(opts).await
 }
 
 /// Formats the report; returns it and whether everything required is present.

@@ -25,6 +25,11 @@ enum Command {
         /// Boot a test VM under KVM to find out whether KVM really works here.
         #[arg(long)]
         probe: bool,
+        /// Also boot a VM and check the guest kernel: every syscall Docker's default seccomp
+        /// profile allows must be implemented, and timers, madvise, process_vm_readv and
+        /// Landlock must work (runs agentvm-syscall-probe in the guest).
+        #[arg(long)]
+        guest: bool,
     },
     /// Register the agentvm runtime with Docker (/etc/docker/daemon.json) and containerd's CRI
     /// plugin (/etc/containerd/config.toml). Restarts nothing: it says what to reload.
@@ -143,11 +148,30 @@ fn main() {
                     125
                 }
             },
-            Command::Check { probe } => {
+            Command::Check { probe, guest } => {
                 let findings = agentvm::check::check(probe).await;
                 let (text, ready) = agentvm::check::render(&findings);
                 print!("{text}");
-                i32::from(!ready)
+                let mut code = i32::from(!ready);
+                if guest && ready {
+                    println!("guest kernel (agentvm-syscall-probe all in a VM):");
+                    use std::io::Write;
+                    let _ = std::io::stdout().flush();
+                    match agentvm::check::guest(AccelChoice::Auto).await {
+                        Ok(0) => {
+                            println!("the guest kernel has every syscall and feature checked.")
+                        }
+                        Ok(c) => {
+                            println!("the guest kernel lacks something above (probe exit {c}).");
+                            code = 1;
+                        }
+                        Err(e) => {
+                            eprintln!("agentvm: error: guest check: {e:#}");
+                            code = 1;
+                        }
+                    }
+                }
+                code
             }
             Command::Install(a) => install_cmd(&a, true),
             Command::Uninstall(a) => install_cmd(&a, false),

@@ -240,7 +240,8 @@ impl Sandbox {
     /// VM is stopped; the state dir stays until the sandbox is dropped or destroyed.
     pub async fn launch(&mut self, cfg: &SandboxConfig, assets: &Assets) -> Result<AgentConn> {
         self.timings.started = Instant::now();
-        let initrd = assets::initramfs_for(&assets.agent)?;
+        let modules = assets::kernel_modules(&assets.kernel);
+        let initrd = assets::initramfs_for(&assets.agent, &modules)?;
         let mut cmdline = vec![format!("agentvm.port={}", proto::AGENT_PORT)];
         if cfg.debug {
             cmdline.push("agentvm.debug=1".into());
