@@ -61,6 +61,8 @@ pub struct Netns {
     label: String,
     /// The guarded taps, and the task that reports their drops while the VM runs.
     guard: Mutex<Guard>,
+    /// The egress audit reader (its tap descriptor keeps the namespace alive).
+    audit: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +179,7 @@ impl Netns {
             fd: Arc::new(fd),
             label: label.display().to_string(),
             guard: Mutex::default(),
+            audit: Mutex::default(),
         })
     }
 
@@ -349,7 +352,16 @@ impl Netns {
         apply_egress(&self.fd, nft, &record).await?;
         let state_dir = PathBuf::from(&self.label);
         record.save(&state_dir)?;
-        spawn_audit_reader(Arc::clone(&self.fd), state_dir)
+        let reader = spawn_audit_reader(Arc::clone(&self.fd), state_dir)?;
+        let old = self
+            .audit
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(reader);
+        if let Some(old) = old {
+            old.abort();
+        }
+        Ok(())
     }
 
     /// Installs the ingress qdisc and the guard's filters on `tap` in one `tc -batch`.
@@ -408,6 +420,14 @@ impl Netns {
             .take();
         if let Some(m) = monitor {
             m.abort();
+        }
+        let audit = self
+            .audit
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(a) = audit {
+            a.abort();
         }
         for (tap, drops) in self.guard_drops().await {
             tracing::warn!(
@@ -493,44 +513,63 @@ fn parse_counter(text: &str) -> u64 {
 }
 
 /// Reads the frames the policy blocked from the audit tap and logs each (rate-limited by the
-/// table) to the sandbox's `egress.log` and the shim's log. The thread ends with the tap (the
-/// namespace going away).
-fn spawn_audit_reader(fd: Arc<OwnedFd>, state_dir: PathBuf) -> Result<()> {
+/// table) to the sandbox's `egress.log` and the shim's log, until aborted ([`Netns::destroy`]:
+/// the tap's descriptor holds the namespace) or the tap goes.
+fn spawn_audit_reader(fd: Arc<OwnedFd>, state_dir: PathBuf) -> Result<tokio::task::JoinHandle<()>> {
     let tap = open_tap_in(&fd, egress::AUDIT_TAP)?;
-    std::thread::Builder::new()
-        .name("egress-audit".into())
-        .spawn(move || {
-            use std::io::{Read, Write};
-            let mut tap = std::fs::File::from(tap);
-            let mut buf = vec![0u8; 65536];
-            let log = egress::log_path(&state_dir);
-            while let Ok(n) = tap.read(&mut buf) {
-                let Some((dst, proto, port)) = egress::parse_frame(&buf[..n]) else {
-                    continue;
-                };
-                // The record may have changed (`agentvm policy set`): read at each frame.
-                let Ok(record) = egress::Record::load(&state_dir) else {
-                    continue;
-                };
-                let line = egress::audit_line(&record.policy, &record.facts, dst, proto, port);
-                tracing::warn!("egress: {line} ({})", state_dir.display());
-                if std::fs::metadata(&log).is_ok_and(|m| m.len() > EGRESS_LOG_CAP) {
-                    let _ = std::fs::rename(&log, log.with_extension("log.1"));
-                }
-                if let Ok(mut f) = std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .unwrap_or_default();
-                    let _ = writeln!(f, "{}.{:03} {line}", now.as_secs(), now.subsec_millis());
-                }
-            }
-        })
-        .map_err(|e| Error::Invalid(format!("start the egress audit reader: {e}")))?;
-    Ok(())
+    nix::fcntl::fcntl(
+        tap.as_raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )
+    .map_err(|e| Error::io("set up the audit tap", egress::AUDIT_TAP, e.into()))?;
+    // SAFETY: `tap` is an OwnedFd moved into the AsyncFd: it stays open and the same
+    // descriptor for the AsyncFd's whole life.
+    let tap = unsafe { tokio::io::unix::AsyncFd::register(tap) }
+        .map_err(|e| Error::io("set up the audit tap", egress::AUDIT_TAP, e.into()))?;
+    Ok(tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let Ok(mut ready) = tap.readable().await else {
+                return;
+            };
+            let n = match ready.try_io(|t| {
+                nix::unistd::read(t.get_ref().as_raw_fd(), &mut buf).map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(n)) => n,
+                Ok(Err(_)) => return,
+                Err(_would_block) => continue,
+            };
+            audit(&state_dir, &buf[..n]);
+        }
+    }))
+}
+
+/// Logs one blocked frame.
+fn audit(state_dir: &Path, frame: &[u8]) {
+    use std::io::Write;
+    let Some((dst, proto, port)) = egress::parse_frame(frame) else {
+        return;
+    };
+    // The record may have changed (`agentvm policy set`): read at each frame.
+    let Ok(record) = egress::Record::load(state_dir) else {
+        return;
+    };
+    let line = egress::audit_line(&record.policy, &record.facts, dst, proto, port);
+    tracing::warn!("egress: {line} ({})", state_dir.display());
+    let log = egress::log_path(state_dir);
+    if std::fs::metadata(&log).is_ok_and(|m| m.len() > EGRESS_LOG_CAP) {
+        let _ = std::fs::rename(&log, log.with_extension("log.1"));
+    }
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)
+    {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let _ = writeln!(f, "{}.{:03} {line}", now.as_secs(), now.subsec_millis());
+    }
 }
 
 /// The audit log's size before it is rotated (one older half kept).
