@@ -347,11 +347,21 @@ impl DockerEnv {
         loop {
             let procs = processes_mentioning(&dir);
             let exists = Path::new(&dir).exists();
-            if procs.is_empty() && !exists {
+            // The sandbox's uid is given back (runtime/src/sandboxuser.rs).
+            let claimed = std::fs::read_dir("/run/agentvm/.uids")
+                .map(|rd| {
+                    rd.flatten()
+                        .any(|e| std::fs::read(e.path()).is_ok_and(|o| o == dir.as_bytes()))
+                })
+                .unwrap_or(false);
+            if procs.is_empty() && !exists && !claimed {
                 return;
             }
             if Instant::now() > deadline {
-                panic!("leaked after the container ended: state dir exists={exists}, processes {procs:?}");
+                panic!(
+                    "leaked after the container ended: state dir exists={exists}, uid still \
+                     claimed={claimed}, processes {procs:?}"
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }

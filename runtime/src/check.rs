@@ -127,7 +127,40 @@ pub async fn check(probe: bool) -> Vec<Finding> {
         Err(e) => Err(e.to_string()),
     };
     out.push(finding("tcg", false, tcg));
+    out.push(finding(
+        "egress",
+        false,
+        match crate::egress::nft_program() {
+            Some(p) => Ok(format!(
+                "nftables ({}): egress policies can be enforced (docs/security.md)",
+                p.display()
+            )),
+            None => Err(
+                "no nft: only the open egress policy is possible, and a container that names \
+                 another fails to start (apt-get install nftables)"
+                    .into(),
+            ),
+        },
+    ));
+    out.push(finding(
+        "sandbox-uids",
+        false,
+        crate::config::HostConfig::load()
+            .map(|c| sandbox_uids_line(c.sandbox_uid_base(), &crate::sandbox::state_root()))
+            .map_err(|e| e.to_string()),
+    ));
     out
+}
+
+/// The sandboxes' uid range and how many are claimed now.
+fn sandbox_uids_line(base: u32, state_root: &Path) -> String {
+    let claimed = crate::sandboxuser::live_claims(&state_root.join(".uids"));
+    format!(
+        "QEMU and its vsock helper run as uids {base}..{} (sandbox_uid_base in {}; keep \
+         them free of other users), {claimed} in use",
+        u64::from(base) + u64::from(crate::config::SANDBOX_UID_COUNT) - 1,
+        crate::config::path().display()
+    )
 }
 
 fn describe_file(p: &Path) -> String {
@@ -308,6 +341,27 @@ pub fn render(findings: &[Finding]) -> (String, bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sandbox_uid_range_and_its_claims_are_reported() {
+        let t = tempfile::tempdir().unwrap();
+        let line = sandbox_uids_line(5000, t.path());
+        assert!(
+            line.contains("uids 5000..70535") && line.ends_with("0 in use"),
+            "{line}"
+        );
+        std::fs::create_dir(t.path().join(".uids")).unwrap();
+        let live = t.path().join("live");
+        std::fs::create_dir(&live).unwrap();
+        std::fs::write(
+            t.path().join(".uids/7"),
+            live.as_os_str().as_encoded_bytes(),
+        )
+        .unwrap();
+        // A claim whose sandbox is gone counts for nothing.
+        std::fs::write(t.path().join(".uids/8"), "/run/agentvm/gone").unwrap();
+        assert!(sandbox_uids_line(5000, t.path()).ends_with("1 in use"));
+    }
 
     #[test]
     fn render_marks_required_gaps() {

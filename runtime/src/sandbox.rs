@@ -461,6 +461,8 @@ fn console_says_ready(console: &Path) -> bool {
 }
 
 fn remove_state_dir(dir: &Path) {
+    // Whatever path ended the sandbox, its uid is free again with its state.
+    crate::sandboxuser::release_claims_of(&state_root().join(".uids"), dir);
     // A pod sandbox's share may still hold containers' roots bound below it: never walk
     // into those.
     let pod = dir.join("pod");

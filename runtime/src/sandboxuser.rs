@@ -31,6 +31,7 @@ impl SandboxUser {
     /// the same uid).
     pub fn claim(claims: &Path, base: u32, count: u32, state_dir: &Path) -> Result<SandboxUser> {
         std::fs::create_dir_all(claims).map_err(|e| Error::io("create", claims, e))?;
+        sweep(claims);
         let count = count.clamp(1, SANDBOX_UID_COUNT);
         let start = fnv1a(state_dir.as_os_str().as_bytes()) % count;
         for i in 0..count {
@@ -81,6 +82,49 @@ impl Drop for SandboxUser {
     }
 }
 
+/// Frees every uid claimed for the sandbox whose state dir is `state_dir` (its end, however
+/// it came: a killed shim never drops its [`SandboxUser`]).
+pub fn release_claims_of(claims: &Path, state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(claims) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if std::fs::read(e.path()).is_ok_and(|owner| owner == state_dir.as_os_str().as_bytes()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Removes the claims whose sandbox is gone (a claim being written, still empty, stays).
+fn sweep(claims: &Path) {
+    let Ok(entries) = std::fs::read_dir(claims) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(owner) = std::fs::read(e.path()) else {
+            continue;
+        };
+        if !owner.is_empty() && !Path::new(std::ffi::OsStr::from_bytes(&owner)).exists() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The claims whose sandbox is still there.
+pub fn live_claims(claims: &Path) -> usize {
+    std::fs::read_dir(claims)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| {
+                    std::fs::read(e.path()).is_ok_and(|o| {
+                        !o.is_empty() && Path::new(std::ffi::OsStr::from_bytes(&o)).exists()
+                    })
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
 /// FNV-1a, 32 bits: a stable spread of state dir names over the slots.
 fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, &b| {
@@ -120,6 +164,34 @@ mod tests {
         drop(users);
         let again = SandboxUser::claim(&claims, 5000, 3, &extra).unwrap();
         assert!((5000..5003).contains(&again.uid));
+    }
+
+    #[test]
+    fn a_sandboxs_end_releases_its_claim_and_only_its() {
+        let t = tempfile::tempdir().unwrap();
+        let claims = t.path().join(".uids");
+        let (a, b) = (t.path().join("a"), t.path().join("b"));
+        std::fs::create_dir(&a).unwrap();
+        std::fs::create_dir(&b).unwrap();
+        let ua = SandboxUser::claim(&claims, 9000, 8, &a).unwrap();
+        let ub = SandboxUser::claim(&claims, 9000, 8, &b).unwrap();
+        assert_eq!(live_claims(&claims), 2);
+        // `a`'s owner dies without dropping its claim; its state goes.
+        std::mem::forget(ua);
+        std::fs::remove_dir(&a).unwrap();
+        assert_eq!(live_claims(&claims), 1);
+        release_claims_of(&claims, &a);
+        assert_eq!(std::fs::read_dir(&claims).unwrap().count(), 1);
+        // Stale claims are swept by the next claim.
+        let gone = t.path().join("gone");
+        std::fs::write(claims.join("5"), gone.as_os_str().as_encoded_bytes()).unwrap();
+        let c = t.path().join("c");
+        std::fs::create_dir(&c).unwrap();
+        let uc = SandboxUser::claim(&claims, 9000, 8, &c).unwrap();
+        assert!(!claims.join("5").exists() || uc.uid == 9005);
+        drop(uc);
+        drop(ub);
+        assert_eq!(std::fs::read_dir(&claims).unwrap().count(), 0);
     }
 
     #[test]
