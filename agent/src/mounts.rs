@@ -758,8 +758,7 @@ mod tests {
     /// nothing escapes the root. Needs root for mount(2).
     #[test]
     fn real_mounts_in_a_scratch_root() {
-        if !crate::testutil::is_root() {
-            eprintln!("skipping real_mounts_in_a_scratch_root: needs root for mount(2)");
+        if !crate::testutil::as_root("real_mounts_in_a_scratch_root", "mount(2)") {
             return;
         }
         let t = TempDir::new("real");

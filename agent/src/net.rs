@@ -970,8 +970,10 @@ mod tests {
     /// lack the dummy driver) is found by MAC, renamed, addressed, brought up and routed.
     #[test]
     fn configures_a_real_interface_in_a_new_netns() {
-        if !crate::testutil::is_root() {
-            eprintln!("skipping configures_a_real_interface_in_a_new_netns: needs root for a network namespace");
+        if !crate::testutil::as_root(
+            "configures_a_real_interface_in_a_new_netns",
+            "a network namespace",
+        ) {
             return;
         }
         if std::process::Command::new("ip").arg("-V").output().is_err() {

@@ -902,8 +902,10 @@ mod tests {
     /// seal the root refuses writes while a mount inside it (the container's /dev) does not.
     #[test]
     fn real_read_only_root_gets_its_mount_points_then_turns_read_only() {
-        if !crate::testutil::is_root() {
-            eprintln!("skipping real_read_only_root_...: needs root for mount(2)");
+        if !crate::testutil::as_root(
+            "real_read_only_root_gets_its_mount_points_then_turns_read_only",
+            "mount(2)",
+        ) {
             return;
         }
         let dir = std::env::temp_dir().join(format!("agentvm-rootfs-ro-{}", std::process::id()));

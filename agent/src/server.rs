@@ -1322,122 +1322,133 @@ mod tests {
         req
     }
 
+    /// Runs `body` with an agent whose container root is `/`, on a runtime of its own, serially
+    /// with other tests that reap children. Needs root (`chroot`, namespaces).
+    fn with_root_agent<F, Fut>(test: &str, body: F)
+    where
+        F: FnOnce(Arc<Agent>) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        if !crate::testutil::as_root(test, "chroot and namespaces") {
+            return;
+        }
+        let _guard = crate::testutil::child_lock();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let reaper = Reaper::start().unwrap();
+            let agent = Arc::new(Agent::with_root(
+                reaper,
+                crate::process::caps::kernel_last_cap(),
+                "/",
+            ));
+            body(agent).await;
+        });
+    }
+
     /// Pod containers beside the VM's own: each has its own PID namespace (its init is pid 1
     /// there, an exec joins it), execs reach only an existing container, the init's end
     /// ends its exec processes (reported first, 137) and forgets the container, and a
     /// second container runs while the first does. Needs root (namespaces, `chroot`).
     #[test]
     fn pod_containers_are_tracked_and_ended_one_by_one() {
-        if !crate::testutil::is_root() {
-            eprintln!("SKIPPED pod_containers_are_tracked_and_ended_one_by_one: needs root");
-            return;
-        }
-        let _guard = crate::testutil::child_lock();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let reaper = Reaper::start().unwrap();
-            let agent = Arc::new(Agent::with_root(
-                reaper,
-                crate::process::caps::kernel_last_cap(),
-                "/",
-            ));
-            // No such container yet.
-            let f = connect(&agent, member_request("c1", false, &["true"]))
-                .await
-                .rest()
-                .await;
-            assert!(
-                matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("no container c1")),
-                "{f:?}"
-            );
-            let mut c1 = connect(&agent, member_request("c1", true, &["sleep", "30"])).await;
-            assert!(matches!(c1.recv().await, Some(Frame::Msg(Message::Started { .. }))));
-            let f = connect(&agent, member_request("c1", true, &["true"]))
-                .await
-                .rest()
-                .await;
-            assert!(
-                matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("exists already")),
-                "{f:?}"
-            );
-            let mut c2 = connect(&agent, member_request("c2", true, &["sleep", "30"])).await;
-            assert!(matches!(c2.recv().await, Some(Frame::Msg(Message::Started { .. }))));
-            // An exec in c1 is in c1's PID namespace: its shell is not pid 1 there, c1's
-            // init (sleep) is.
-            let f = connect(
-                &agent,
-                member_request("c1", false, &["sh", "-c", "echo $$; cat /proc/1/comm >/dev/null"]),
-            )
-            .await
-            .rest()
-            .await;
-            let pid: i32 = String::from_utf8_lossy(&data(&f, Stream::Stdout))
-                .trim()
-                .parse()
-                .unwrap();
-            assert!(pid > 1 && pid < 100, "pid {pid} in c1's own namespace");
-            assert_eq!(exited(&f), ExitStatus::exited(0));
-            let mut ex = connect(&agent, member_request("c1", false, &["sleep", "30"])).await;
-            assert!(matches!(ex.recv().await, Some(Frame::Msg(Message::Started { .. }))));
-            // c1's init ends: its exec goes with it (the namespace's end), reported first.
-            c1.send(msg(Message::Signal { signal: 9 })).await;
-            assert_eq!(exited(&ex.rest().await), ExitStatus::signaled(9));
-            assert_eq!(exited(&c1.rest().await), ExitStatus::signaled(9));
-            assert!(!lock(&agent.members).contains_key("c1"));
-            // c2 still runs and is served.
-            let f = connect(&agent, member_request("c2", false, &["true"]))
-                .await
-                .rest()
-                .await;
-            assert_eq!(exited(&f), ExitStatus::exited(0));
-            // As under runc: the init of a PID namespace gets only the signals it handles
-            // (sleep has no SIGTERM handler), and SIGKILL.
-            c2.send(msg(Message::Signal { signal: 15 })).await;
-            assert!(
-                tokio::time::timeout(Duration::from_millis(300), c2.recv())
+        with_root_agent(
+            "pod_containers_are_tracked_and_ended_one_by_one",
+            |agent| async move {
+                // No such container yet.
+                let f = connect(&agent, member_request("c1", false, &["true"]))
                     .await
-                    .is_err(),
-                "sleep as pid 1 ignores SIGTERM"
-            );
-            c2.send(msg(Message::Signal { signal: 9 })).await;
-            assert_eq!(exited(&c2.rest().await), ExitStatus::signaled(9));
-            assert!(lock(&agent.members).is_empty());
-            // Invalid ids never become paths.
-            let f = connect(&agent, member_request("../x", true, &["true"]))
+                    .rest()
+                    .await;
+                assert!(
+                    matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("no container c1")),
+                    "{f:?}"
+                );
+                let mut c1 = connect(&agent, member_request("c1", true, &["sleep", "30"])).await;
+                assert!(matches!(
+                    c1.recv().await,
+                    Some(Frame::Msg(Message::Started { .. }))
+                ));
+                let f = connect(&agent, member_request("c1", true, &["true"]))
+                    .await
+                    .rest()
+                    .await;
+                assert!(
+                    matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("exists already")),
+                    "{f:?}"
+                );
+                let mut c2 = connect(&agent, member_request("c2", true, &["sleep", "30"])).await;
+                assert!(matches!(
+                    c2.recv().await,
+                    Some(Frame::Msg(Message::Started { .. }))
+                ));
+                // An exec in c1 is in c1's PID namespace: its shell is not pid 1 there, c1's
+                // init (sleep) is.
+                let f = connect(
+                    &agent,
+                    member_request(
+                        "c1",
+                        false,
+                        &["sh", "-c", "echo $$; cat /proc/1/comm >/dev/null"],
+                    ),
+                )
                 .await
                 .rest()
                 .await;
-            assert!(
-                matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("invalid container id")),
-                "{f:?}"
-            );
-        });
+                let pid: i32 = String::from_utf8_lossy(&data(&f, Stream::Stdout))
+                    .trim()
+                    .parse()
+                    .unwrap();
+                assert!(pid > 1 && pid < 100, "pid {pid} in c1's own namespace");
+                assert_eq!(exited(&f), ExitStatus::exited(0));
+                let mut ex = connect(&agent, member_request("c1", false, &["sleep", "30"])).await;
+                assert!(matches!(
+                    ex.recv().await,
+                    Some(Frame::Msg(Message::Started { .. }))
+                ));
+                // c1's init ends: its exec goes with it (the namespace's end), reported first.
+                c1.send(msg(Message::Signal { signal: 9 })).await;
+                assert_eq!(exited(&ex.rest().await), ExitStatus::signaled(9));
+                assert_eq!(exited(&c1.rest().await), ExitStatus::signaled(9));
+                assert!(!lock(&agent.members).contains_key("c1"));
+                // c2 still runs and is served.
+                let f = connect(&agent, member_request("c2", false, &["true"]))
+                    .await
+                    .rest()
+                    .await;
+                assert_eq!(exited(&f), ExitStatus::exited(0));
+                // As under runc: the init of a PID namespace gets only the signals it handles
+                // (sleep has no SIGTERM handler), and SIGKILL.
+                c2.send(msg(Message::Signal { signal: 15 })).await;
+                assert!(
+                    tokio::time::timeout(Duration::from_millis(300), c2.recv())
+                        .await
+                        .is_err(),
+                    "sleep as pid 1 ignores SIGTERM"
+                );
+                c2.send(msg(Message::Signal { signal: 9 })).await;
+                assert_eq!(exited(&c2.rest().await), ExitStatus::signaled(9));
+                assert!(lock(&agent.members).is_empty());
+                // Invalid ids never become paths.
+                let f = connect(&agent, member_request("../x", true, &["true"]))
+                    .await
+                    .rest()
+                    .await;
+                assert!(
+                    matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains("invalid container id")),
+                    "{f:?}"
+                );
+            },
+        );
     }
 
     /// End-to-end over a socketpair, with `/` as the container root. Needs root (`chroot`).
     /// One test, run serially: the agent's reaper waits for any child of the test process.
     #[test]
     fn protocol_sessions() {
-        if !crate::testutil::is_root() {
-            eprintln!("SKIPPED protocol_sessions: needs root to chroot");
-            return;
-        }
-        let _guard = crate::testutil::child_lock();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let reaper = Reaper::start().unwrap();
-            let agent = Arc::new(Agent::with_root(
-                reaper,
-                crate::process::caps::kernel_last_cap(),
-                "/",
-            ));
-
+        with_root_agent("protocol_sessions", |agent| async move {
             // Output on both streams, exit code.
             let mut h = connect(
                 &agent,
@@ -1486,7 +1497,10 @@ mod tests {
 
             // Stdin relay and stdin EOF.
             let mut h = connect(&agent, start_request(&["cat"])).await;
-            assert!(matches!(h.recv().await, Some(Frame::Msg(Message::Started { .. }))));
+            assert!(matches!(
+                h.recv().await,
+                Some(Frame::Msg(Message::Started { .. }))
+            ));
             h.send(Frame::Data(Stream::Stdin, b"hello ".to_vec())).await;
             h.send(Frame::Data(Stream::Stdin, b"agent".to_vec())).await;
             h.send(Frame::Data(Stream::Stdin, Vec::new())).await;
@@ -1496,7 +1510,10 @@ mod tests {
 
             // Signals.
             let mut h = connect(&agent, start_request(&["sleep", "30"])).await;
-            assert!(matches!(h.recv().await, Some(Frame::Msg(Message::Started { .. }))));
+            assert!(matches!(
+                h.recv().await,
+                Some(Frame::Msg(Message::Started { .. }))
+            ));
             h.send(msg(Message::Signal { signal: 15 })).await;
             let f = h.rest().await;
             assert_eq!(exited(&f), ExitStatus::signaled(15));
@@ -1534,12 +1551,18 @@ mod tests {
 
             // A first frame that is not Start.
             let (a, b) = UnixStream::pair().unwrap();
-            tokio::spawn(connection(Arc::clone(&agent), FdStream::new(a.into()).unwrap()));
+            tokio::spawn(connection(
+                Arc::clone(&agent),
+                FdStream::new(a.into()).unwrap(),
+            ));
             let mut h = Host {
                 stream: FdStream::new(b.into()).unwrap(),
                 pid: None,
             };
-            assert!(matches!(h.recv().await, Some(Frame::Msg(Message::Hello { .. }))));
+            assert!(matches!(
+                h.recv().await,
+                Some(Frame::Msg(Message::Hello { .. }))
+            ));
             h.send(msg(Message::Resize { rows: 1, cols: 1 })).await;
             let f = h.rest().await;
             assert!(

@@ -10,7 +10,16 @@ pub fn child_lock() -> MutexGuard<'static, ()> {
     CHILDREN.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Whether the tests run as root (needed for `chroot`); tests that need it print why they skip.
-pub fn is_root() -> bool {
-    nix::unistd::geteuid().is_root()
+/// Whether a test that needs root (`chroot`, mounts, namespaces) can run: without root it
+/// prints why it skips; under CI (`AGENTVM_REQUIRE_VM=1`) it fails instead.
+pub fn as_root(test: &str, why: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("AGENTVM_REQUIRE_VM").as_deref() != Ok("1"),
+        "{test}: needs root for {why} (AGENTVM_REQUIRE_VM=1 forbids skipping)"
+    );
+    eprintln!("SKIP {test}: needs root for {why}");
+    false
 }
