@@ -432,6 +432,26 @@ fn read_log(path: &Path, lines: usize) -> String {
     }
 }
 
+/// `$runc` and `$agentvm`: the test `$body` against the handler `runc` (the reference) and
+/// against `agentvm`, with the same assertions.
+macro_rules! against_both {
+    ($body:ident, $runc:ident, $agentvm:ident) => {
+        #[test]
+        fn $runc() {
+            if let Some(cri) = Cri::get(stringify!($runc)) {
+                $body(&cri, RUNC);
+            }
+        }
+
+        #[test]
+        fn $agentvm() {
+            if let Some(cri) = Cri::get(stringify!($agentvm)) {
+                $body(&cri, AGENTVM);
+            }
+        }
+    };
+}
+
 /// The pod lifecycle kubelet drives, with the same assertions for every handler.
 fn pod_lifecycle(cri: &Cri, handler: &str) {
     let test = "lifecycle";
@@ -546,21 +566,7 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
     assert_nothing_left(&ids, netns.as_deref());
 }
 
-#[test]
-fn pod_lifecycle_runc() {
-    let Some(cri) = Cri::get("pod_lifecycle_runc") else {
-        return;
-    };
-    pod_lifecycle(&cri, RUNC);
-}
-
-#[test]
-fn pod_lifecycle_agentvm() {
-    let Some(cri) = Cri::get("pod_lifecycle_agentvm") else {
-        return;
-    };
-    pod_lifecycle(&cri, AGENTVM);
-}
+against_both!(pod_lifecycle, pod_lifecycle_runc, pod_lifecycle_agentvm);
 
 /// One VM for the pod: one QEMU, the sandbox's, and no VM or state dir of the containers'.
 fn assert_one_vm(sandbox_id: &str, containers: &[&str]) {
@@ -690,21 +696,11 @@ fn two_container_pod(cri: &Cri, handler: &str) {
     assert_nothing_left(&ids, netns.as_deref());
 }
 
-#[test]
-fn two_container_pod_runc() {
-    let Some(cri) = Cri::get("two_container_pod_runc") else {
-        return;
-    };
-    two_container_pod(&cri, RUNC);
-}
-
-#[test]
-fn two_container_pod_agentvm() {
-    let Some(cri) = Cri::get("two_container_pod_agentvm") else {
-        return;
-    };
-    two_container_pod(&cri, AGENTVM);
-}
+against_both!(
+    two_container_pod,
+    two_container_pod_runc,
+    two_container_pod_agentvm
+);
 
 /// The namespace options of a pod that shares one of the host's namespaces.
 fn host_namespace_options() -> [(&'static str, NamespaceOption); 3] {
@@ -830,21 +826,7 @@ fn readonly_root(cri: &Cri, handler: &str) {
     assert_nothing_left(&ids, None);
 }
 
-#[test]
-fn readonly_root_runc() {
-    let Some(cri) = Cri::get("readonly_root_runc") else {
-        return;
-    };
-    readonly_root(&cri, RUNC);
-}
-
-#[test]
-fn readonly_root_agentvm() {
-    let Some(cri) = Cri::get("readonly_root_agentvm") else {
-        return;
-    };
-    readonly_root(&cri, AGENTVM);
-}
+against_both!(readonly_root, readonly_root_runc, readonly_root_agentvm);
 
 /// Figures for docs/decisions.md ("A pod's later containers"): CreateContainer +
 /// StartContainer of a container added to a running pod, and 500 small-file creates in its
