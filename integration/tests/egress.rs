@@ -139,6 +139,22 @@ fn docker(env: &DockerEnv, args: &[&str]) -> (Option<i32>, String) {
     (out.status.code(), format!("{so}{se}"))
 }
 
+/// Starts container `name` (`sleep 600` under agentvm, with `args` before the image) and waits
+/// until exec works in it; returns its id.
+fn start(env: &DockerEnv, name: &str, args: &[&str]) -> String {
+    let mut all = vec!["run", "-d", "--runtime=agentvm", "--name", name];
+    all.extend_from_slice(args);
+    all.extend_from_slice(&[env.image.as_str(), "sleep", "600"]);
+    let (code, id) = docker(env, &all);
+    assert_eq!(code, Some(0), "docker run: {id}");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while docker(env, &["exec", name, "true"]).0 != Some(0) {
+        assert!(Instant::now() < deadline, "the VM never answered exec");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    id.trim().to_string()
+}
+
 /// Whether a TCP connection from the container to `addr:port` opens (5 s).
 fn reaches(env: &DockerEnv, name: &str, addr: &str, port: u16) -> bool {
     let script = format!("timeout 5 nc {addr} {port} </dev/null && echo OPEN || echo CLOSED");
@@ -165,28 +181,7 @@ fn egress_policies_block_and_allow_on_a_running_container() {
     };
     let _servers = Servers::start();
     let name = unique_name("egress");
-    let (code, id) = docker(
-        &env,
-        &[
-            "run",
-            "-d",
-            "--runtime=agentvm",
-            "--annotation",
-            "io.agentvm.egress=agent",
-            "--name",
-            &name,
-            &env.image,
-            "sleep",
-            "600",
-        ],
-    );
-    assert_eq!(code, Some(0), "docker run: {id}");
-    let id = id.trim().to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while docker(&env, &["exec", &name, "true"]).0 != Some(0) {
-        assert!(Instant::now() < deadline, "the VM never answered exec");
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let id = start(&env, &name, &["--annotation", "io.agentvm.egress=agent"]);
     let (_, gw) = docker(
         &env,
         &[
@@ -315,32 +310,18 @@ fn domain_rules_allow_what_the_relay_resolved_for_its_ttl() {
     let (code, out) = docker(&env, &["network", "create", &net]);
     assert_eq!(code, Some(0), "{out}");
     let policy = "io.agentvm.egress=none-but; allow example.test tcp port 8080";
-    let (code, id) = docker(
+    let id = start(
         &env,
+        &name,
         &[
-            "run",
-            "-d",
-            "--runtime=agentvm",
             "--network",
             &net,
             "--dns",
             "10.231.77.1",
             "--annotation",
             policy,
-            "--name",
-            &name,
-            &env.image,
-            "sleep",
-            "600",
         ],
     );
-    assert_eq!(code, Some(0), "docker run: {id}");
-    let id = id.trim().to_string();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while docker(&env, &["exec", &name, "true"]).0 != Some(0) {
-        assert!(Instant::now() < deadline, "the VM never answered exec");
-        std::thread::sleep(Duration::from_millis(500));
-    }
     assert!(
         reaches(&env, &name, "example.test", 8080),
         "the allowed name"
