@@ -107,7 +107,7 @@ enum Phase<C> {
 }
 
 /// The stdio containerd gave a process.
-#[derive(Clone)]
+#[derive(Clone, Default)]
 struct Stdio {
     stdin: String,
     stdout: String,
@@ -1197,6 +1197,26 @@ const METRICS_TYPE_URL: &str = "io.containerd.cgroups.v2.Metrics";
 mod tests {
     use super::*;
 
+    /// A container entry of the fake-agent tests: `init` is its init process, no hooks or
+    /// annotations, nothing mounted by the shim.
+    fn test_entry(
+        id: &str,
+        bundle: &std::path::Path,
+        init: Proc<Box<Created>>,
+        pod_share: Option<(std::path::PathBuf, String)>,
+    ) -> Entry {
+        Entry {
+            id: id.into(),
+            bundle: bundle.display().to_string(),
+            mounted_rootfs: false,
+            hooks: None,
+            annotations: HashMap::new(),
+            init,
+            execs: Mutex::new(HashMap::new()),
+            pod_share,
+        }
+    }
+
     #[test]
     fn guest_stats_become_cgroup_v2_metrics() {
         let any = metrics_any(&GuestStats {
@@ -1397,28 +1417,14 @@ mod tests {
                     }
                 );
                 assert_eq!(started.unwrap(), host_pid);
-                let io = Stdio {
-                    stdin: String::new(),
-                    stdout: String::new(),
-                    stderr: String::new(),
-                    terminal: false,
-                };
-                let entry = Entry {
+                let init = Proc {
                     id: "c".into(),
-                    bundle: dir.path().display().to_string(),
-                    mounted_rootfs: false,
-                    hooks: None,
-                    annotations: HashMap::new(),
-                    init: Proc {
-                        id: "c".into(),
-                        io,
-                        pid: AtomicU32::new(host_pid),
-                        phase: tokio::sync::Mutex::new(Phase::Running(init)),
-                        exit: watch::channel(None).0,
-                    },
-                    execs: Mutex::new(HashMap::new()),
-                    pod_share: None,
+                    io: Stdio::default(),
+                    pid: AtomicU32::new(host_pid),
+                    phase: tokio::sync::Mutex::new(Phase::Running(init)),
+                    exit: watch::channel(None).0,
                 };
+                let entry = super::test_entry("c", dir.path(), init, None);
                 svc.containers
                     .lock()
                     .unwrap()
@@ -1582,30 +1588,21 @@ mod tests {
                     readonly_root: false,
                 }),
             };
-            let io = Stdio {
-                stdin: String::new(),
-                stdout: String::new(),
-                stderr: String::new(),
-                terminal: false,
-            };
-            let entry = Entry {
-                id: "m".into(),
-                bundle: bundle.path().display().to_string(),
-                mounted_rootfs: false,
-                hooks: None,
-                annotations: HashMap::new(),
-                init: Proc::new(
-                    "m".into(),
-                    io,
-                    host_pid,
-                    Box::new(Created::Member {
-                        sandbox,
-                        request: Box::new(request),
-                    }),
-                ),
-                execs: Mutex::new(HashMap::new()),
-                pod_share: Some((share.path().to_path_buf(), "m".into())),
-            };
+            let init = Proc::new(
+                "m".into(),
+                Stdio::default(),
+                host_pid,
+                Box::new(Created::Member {
+                    sandbox,
+                    request: Box::new(request),
+                }),
+            );
+            let entry = super::test_entry(
+                "m",
+                bundle.path(),
+                init,
+                Some((share.path().to_path_buf(), "m".into())),
+            );
             h.svc
                 .containers
                 .lock()
