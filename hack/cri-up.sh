@@ -136,18 +136,8 @@ if answers && [ "$(cat "$config" 2>/dev/null)" != "$new_config" ]; then
 fi
 printf '%s\n' "$new_config" >"$config"
 
-# The daemon outlives this script (and the checkout it runs from): no AGENTVM_* settings
-# that point into it, and no descriptor beyond stdio (a caller's lock would stay held).
-clean_env=(env)
-for v in ${!AGENTVM_@}; do clean_env+=(-u "$v"); done
-close_fds() {
-  local fd
-  for fd in /proc/self/fd/*; do
-    fd=${fd##*/}
-    [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null
-  done
-  return 0
-}
+# shellcheck source=hack/daemon-env.sh
+. hack/daemon-env.sh
 if ! answers; then
   log "starting the CRI test containerd (socket $sock, log $logs/containerd.log)"
   (close_fds; exec "${clean_env[@]}" PATH="$root/bin:$PATH" AGENTVM_AGENT="$root/bin/${agent##*/}" \

@@ -30,19 +30,8 @@ wait_for() { # what, seconds, command...
   exit 1
 }
 
-# The daemons outlive this script (and the checkout it runs from): they must not inherit
-# AGENTVM_* settings that point into it, or every later shim would use them.
-clean_env=(env)
-for v in ${!AGENTVM_@}; do clean_env+=(-u "$v"); done
-# Nor any descriptor beyond stdio (a caller's lock file would stay locked while they run).
-close_fds() {
-  local fd
-  for fd in /proc/self/fd/*; do
-    fd=${fd##*/}
-    [ "$fd" -gt 2 ] && eval "exec $fd>&-" 2>/dev/null
-  done
-  return 0
-}
+# shellcheck source=hack/daemon-env.sh
+. hack/daemon-env.sh
 
 if ! ctr version >/dev/null 2>&1; then
   log "starting containerd (log: $logs/containerd.log)"
