@@ -543,11 +543,11 @@ async fn boot(
             (Some(nft), Ok(mut record)) => {
                 record.dns_relay = true;
                 record.save(&sandbox.state_dir)?;
-                Some(dns::EgressHook {
-                    netns: netns.fd(),
-                    state_dir: sandbox.state_dir.clone(),
+                Some(dns::EgressHook::new(
+                    netns.fd(),
+                    sandbox.state_dir.clone(),
                     nft,
-                })
+                ))
             }
             _ => None,
         };

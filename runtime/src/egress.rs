@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 pub const ANNOTATION: &str = "io.agentvm.egress";
 /// The host's policy file.
 pub const POLICY_PATH: &str = "/etc/agentvm/policy.toml";
+/// The nftables table (family `netdev`) of the policy in a sandbox's namespace.
+pub const TABLE: &str = "agentvm";
 /// The tap blocked frames are forwarded to, read by the shim for the audit log.
 pub const AUDIT_TAP: &str = "avmaudit0";
 /// Blocked frames logged per second at most (the rest are counted only).
@@ -878,16 +880,27 @@ pub fn parse_host_addresses(json: &str) -> Vec<IpAddr> {
 const LEARN_MIN_SECS: u32 = 5;
 const LEARN_MAX_SECS: u32 = 86_400;
 
+/// An address the relay learnt for a domain rule: it goes into the set `set` (`dom4_i` or
+/// `dom6_i`) for `ttl` seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Learnt {
+    pub set: String,
+    pub addr: IpAddr,
+    pub ttl: u32,
+}
+
 /// What the relay must add to the table for a DNS answer: the addresses of a name a domain
-/// rule names, each for its record's TTL, as an nftables script (`None`: nothing to add, or
-/// not a DNS answer). The question decides which rules apply (an answer's A records may carry
-/// the canonical name of a CNAME chain).
-pub fn learn(policy: &Policy, answer: &[u8]) -> Option<String> {
+/// rule names, each for its record's TTL (empty: nothing to add, or not a DNS answer). The
+/// question decides which rules apply (an answer's A records may carry the canonical name of
+/// a CNAME chain).
+pub fn learn(policy: &Policy, answer: &[u8]) -> Vec<Learnt> {
     let domains = policy.domains();
     if domains.is_empty() {
-        return None;
+        return Vec::new();
     }
-    let packet = simple_dns::Packet::parse(answer).ok()?;
+    let Ok(packet) = simple_dns::Packet::parse(answer) else {
+        return Vec::new();
+    };
     let mut names: Vec<String> = packet
         .questions
         .iter()
@@ -900,10 +913,10 @@ pub fn learn(policy: &Policy, answer: &[u8]) -> Option<String> {
         .filter(|(_, d)| names.iter().any(|n| domain_matches(d, n)))
         .map(|(i, _)| i)
         .collect();
+    let mut out = Vec::new();
     if sets.is_empty() {
-        return None;
+        return out;
     }
-    let mut script = String::new();
     for a in &packet.answers {
         let ttl = a.ttl.clamp(LEARN_MIN_SECS, LEARN_MAX_SECS);
         let (fam, addr) = match &a.rdata {
@@ -916,12 +929,79 @@ pub fn learn(policy: &Policy, answer: &[u8]) -> Option<String> {
             _ => continue,
         };
         for i in &sets {
-            script.push_str(&format!(
-                "add element netdev agentvm dom{fam}_{i} {{ {addr} timeout {ttl}s }}\n"
-            ));
+            out.push(Learnt {
+                set: format!("dom{fam}_{i}"),
+                addr,
+                ttl,
+            });
         }
     }
-    (!script.is_empty()).then_some(script)
+    out
+}
+
+/// The same additions as an nftables script (what `nft -f -` takes; the relay's fallback when
+/// it cannot talk netlink itself).
+pub fn learnt_script(learnt: &[Learnt]) -> String {
+    learnt
+        .iter()
+        .map(|l| {
+            format!(
+                "add element netdev {TABLE} {} {{ {} timeout {}s }}\n",
+                l.set, l.addr, l.ttl
+            )
+        })
+        .collect()
+}
+
+/// The learnt addresses a policy change keeps: those in the old table's domain sets
+/// (`json`: `nft -j list table netdev agentvm`) whose domain the new policy names too, each
+/// for what is left of its timeout, moved to the new policy's set for that domain. Without
+/// this, `agentvm policy set` would forget every resolved name until its next lookup.
+pub fn carried_over(old: &Policy, new: &Policy, json: &str) -> Vec<Learnt> {
+    let (old_domains, new_domains) = (old.domains(), new.domains());
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let items = doc["nftables"].as_array().cloned().unwrap_or_default();
+    for item in &items {
+        let set = &item["set"];
+        let Some(name) = set["name"].as_str() else {
+            continue;
+        };
+        let Some((fam, index)) = name
+            .strip_prefix("dom")
+            .and_then(|rest| rest.split_once('_'))
+        else {
+            continue;
+        };
+        let Some(domain) = index.parse::<usize>().ok().and_then(|i| old_domains.get(i)) else {
+            continue;
+        };
+        let Some(j) = new_domains.iter().position(|d| d == domain) else {
+            continue;
+        };
+        for elem in set["elem"].as_array().into_iter().flatten() {
+            let e = &elem["elem"];
+            let (Some(addr), Some(left)) = (
+                e["val"].as_str().and_then(|v| v.parse::<IpAddr>().ok()),
+                e["expires"].as_u64(),
+            ) else {
+                continue;
+            };
+            if left == 0 || (fam == "4") != addr.is_ipv4() {
+                continue;
+            }
+            out.push(Learnt {
+                set: format!("dom{fam}_{j}"),
+                addr,
+                ttl: u32::try_from(left)
+                    .unwrap_or(LEARN_MAX_SECS)
+                    .min(LEARN_MAX_SECS),
+            });
+        }
+    }
+    out
 }
 
 /// A blocked frame from the audit tap: destination, protocol, port. `None` for frames that
@@ -1265,7 +1345,7 @@ mod tests {
                 address: u32::from_be_bytes(ip),
             })
         };
-        let script = learn(
+        let script = learnt_script(&learn(
             &p,
             &answer(
                 "example.test",
@@ -1274,21 +1354,19 @@ mod tests {
                     ("example.test", 0, a([198, 51, 100, 9])),
                 ],
             ),
-        )
-        .unwrap();
+        ));
         assert_eq!(
             script,
             "add element netdev agentvm dom4_0 { 198.51.100.7 timeout 300s }\n\
              add element netdev agentvm dom4_0 { 198.51.100.9 timeout 5s }\n"
         );
-        let script = learn(
+        let script = learnt_script(&learn(
             &p,
             &answer(
                 "x.evil.test",
                 vec![("x.evil.test", 60, a([203, 0, 113, 66]))],
             ),
-        )
-        .unwrap();
+        ));
         assert!(
             script.contains("dom4_1 { 203.0.113.66 timeout 60s }"),
             "{script}"
@@ -1298,9 +1376,9 @@ mod tests {
                 &p,
                 &answer("other.test", vec![("other.test", 60, a([1, 2, 3, 4]))])
             ),
-            None
+            []
         );
-        assert_eq!(learn(&p, b"not dns"), None);
+        assert_eq!(learn(&p, b"not dns"), []);
         // The script: a set per domain, DNS past the relay denied first, the gateway's DNS not
         // allowed, the rule on the set.
         let s = nft_script(&p, &facts());
@@ -1317,6 +1395,43 @@ mod tests {
         assert!(dns < rule, "{s}");
         assert!(s.contains("ip6 daddr @dom6_1 counter jump deny"), "{s}");
         assert!(!s.contains("th dport 53 counter fwd"), "{s}");
+    }
+
+    #[test]
+    fn a_policy_change_keeps_what_the_relay_learnt_for_names_it_still_allows() {
+        let file = PolicyFile::default();
+        let old = file
+            .select(Some("none-but; allow a.test; allow b.test"))
+            .unwrap();
+        let new = file
+            .select(Some("agent; allow c.test; allow b.test tcp port 443"))
+            .unwrap();
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "netdev", "name": "agentvm"}},
+            {"set": {"name": "dom4_0", "elem": [{"elem": {"val": "198.51.100.1", "timeout": 300, "expires": 200}}]}},
+            {"set": {"name": "dom4_1", "elem": [{"elem": {"val": "198.51.100.2", "timeout": 300, "expires": 100}},
+                                                {"elem": {"val": "198.51.100.3", "timeout": 5, "expires": 0}}]}},
+            {"set": {"name": "dom6_1", "elem": [{"elem": {"val": "2001:db8::2", "timeout": 60, "expires": 59}},
+                                                {"elem": {"val": "198.51.100.9", "timeout": 60, "expires": 59}}]}},
+            {"set": {"name": "dom4_7", "elem": [{"elem": {"val": "198.51.100.4", "expires": 50}}]}},
+            {"set": {"name": "other", "elem": [{"elem": {"val": "198.51.100.5", "expires": 50}}]}}]}"#;
+        let kept = carried_over(&old, &new, json);
+        let l = |set: &str, addr: &str, ttl| Learnt {
+            set: set.into(),
+            addr: addr.parse().unwrap(),
+            ttl,
+        };
+        // b.test was old set 1 and is new set 1; a.test is gone; expired and mismatched
+        // entries and sets of no old domain are dropped.
+        assert_eq!(
+            kept,
+            [
+                l("dom4_1", "198.51.100.2", 100),
+                l("dom6_1", "2001:db8::2", 59)
+            ]
+        );
+        assert_eq!(carried_over(&old, &new, "not json"), []);
+        assert_eq!(carried_over(&old, &Policy::open(), json), []);
     }
 
     #[test]

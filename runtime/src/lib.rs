@@ -20,6 +20,7 @@ pub mod layers;
 pub mod mounts;
 pub mod netguard;
 pub mod netns;
+pub mod nftlink;
 pub mod oci;
 pub mod pod;
 pub mod qmp;

@@ -268,10 +268,27 @@ async fn policy_cmd(cmd: PolicyCmd) -> agentvm::Result<()> {
                 "blocked: {blocked} packets ({logged} logged; logging is limited to {} a second)",
                 egress::AUDIT_RATE
             );
+            if record.policy.has_domains() {
+                let listing = agentvm::netns::egress_listing(&fd, &nft).await?;
+                let learnt = egress::carried_over(&record.policy, &record.policy, &listing);
+                let domains = record.policy.domains();
+                println!("learnt from DNS answers: {}", learnt.len());
+                for l in &learnt {
+                    let domain = l
+                        .set
+                        .rsplit('_')
+                        .next()
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .and_then(|i| domains.get(i))
+                        .map_or("?", String::as_str);
+                    println!("  {domain} {} ({} s left)", l.addr, l.ttl);
+                }
+            }
             Ok(())
         }
         PolicyCmd::Set { policy, .. } => {
             let mut record = egress::Record::load(&dir).map_err(|_| no_table())?;
+            let old = record.policy.clone();
             let file = egress::PolicyFile::load(&egress::policy_path())
                 .map_err(|e| agentvm::Error::Invalid(e.to_string()))?;
             record.policy = file
@@ -284,7 +301,7 @@ async fn policy_cmd(cmd: PolicyCmd) -> agentvm::Result<()> {
             }
             let fd = open_netns(&record.netns)?;
             let nft = egress::nft_program().ok_or_else(|| egress::nft_missing(&record.policy))?;
-            agentvm::netns::apply_egress(&fd, &nft, &record).await?;
+            agentvm::netns::change_egress(&fd, &nft, &old, &record).await?;
             record.save(&dir)?;
             println!(
                 "agentvm: egress policy of {} is now {:?}",

@@ -484,6 +484,37 @@ pub async fn apply_egress(fd: &Arc<OwnedFd>, nft: &Path, record: &egress::Record
     nft_in(fd, nft, egress::nft_script(&record.policy, &record.facts)).await
 }
 
+/// The egress table of the namespace `fd` as `nft -j` prints it (with the learnt sets).
+pub async fn egress_listing(fd: &Arc<OwnedFd>, nft: &Path) -> Result<String> {
+    run_in(
+        fd,
+        &nft.display().to_string(),
+        ["-j", "list", "table", "netdev", egress::TABLE],
+        None,
+    )
+    .await
+}
+
+/// Replaces the policy `old` in the namespace `fd` with `record`'s, keeping the addresses the
+/// relay learnt for names both allow (for what is left of their TTLs), in one transaction.
+pub async fn change_egress(
+    fd: &Arc<OwnedFd>,
+    nft: &Path,
+    old: &egress::Policy,
+    record: &egress::Record,
+) -> Result<()> {
+    let mut script = egress::nft_script(&record.policy, &record.facts);
+    if old.has_domains() && record.policy.has_domains() {
+        let listing = egress_listing(fd, nft).await.unwrap_or_default();
+        script.push_str(&egress::learnt_script(&egress::carried_over(
+            old,
+            &record.policy,
+            &listing,
+        )));
+    }
+    nft_in(fd, nft, script).await
+}
+
 /// Runs an nftables script in the namespace `fd` (one transaction).
 pub async fn nft_in(fd: &Arc<OwnedFd>, nft: &Path, script: String) -> Result<()> {
     run_in(fd, &nft.display().to_string(), ["-f", "-"], Some(script))
@@ -1186,5 +1217,121 @@ mod tests {
         let path = format!("/proc/{}/ns/net", ns.pid());
         ns.destroy().await;
         assert!(!Path::new(&path).exists(), "the holder must be gone");
+    }
+
+    /// Learnt addresses reach the table's sets over netlink, with their timeouts, in the
+    /// namespace the socket was opened in (not the caller's); a set that does not exist is an
+    /// error the relay sees (it then falls back to nft).
+    #[tokio::test]
+    async fn learnt_addresses_go_into_the_sets_over_netlink() {
+        let test = "learnt_addresses_go_into_the_sets_over_netlink";
+        if !crate::test_support::as_root(test) {
+            return;
+        }
+        if egress::nft_program().is_none() {
+            crate::test_support::runnable(
+                test,
+                Some("nft is not installed (apt-get install nftables)"),
+            );
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let ns = Netns::create(&NetnsMode::New, state.path()).unwrap();
+        let table = "table netdev agentvm {\n set dom4_0 { type ipv4_addr; flags timeout; }\n \
+                     set dom6_0 { type ipv6_addr; flags timeout; }\n}\n";
+        run_in(&ns.fd(), "nft", ["-f", "-"], Some(table.to_string()))
+            .await
+            .unwrap();
+        let mut w = crate::nftlink::SetWriter::open_in(&ns.fd()).unwrap();
+        let l = |set: &str, addr: &str, ttl| egress::Learnt {
+            set: set.into(),
+            addr: addr.parse().unwrap(),
+            ttl,
+        };
+        w.add(
+            egress::TABLE,
+            &[
+                l("dom4_0", "198.51.100.7", 300),
+                l("dom4_0", "198.51.100.9", 5),
+                l("dom6_0", "2001:db8::7", 60),
+            ],
+        )
+        .unwrap();
+        // Again: an address already there is no error.
+        w.add(egress::TABLE, &[l("dom4_0", "198.51.100.7", 300)])
+            .unwrap();
+        let sets = ns
+            .run("nft", ["list", "table", "netdev", "agentvm"])
+            .await
+            .unwrap();
+        for want in [
+            "198.51.100.7 timeout 5m",
+            "198.51.100.9 timeout 5s",
+            "2001:db8::7 timeout 1m",
+        ] {
+            assert!(sets.contains(want), "{want} not in\n{sets}");
+        }
+        // Not in the caller's namespace.
+        let own = tokio::process::Command::new("nft")
+            .args(["list", "tables", "netdev"])
+            .output()
+            .await
+            .unwrap();
+        assert!(!String::from_utf8_lossy(&own.stdout).contains("198.51.100.9"));
+        let e = w
+            .add(egress::TABLE, &[l("dom4_9", "198.51.100.7", 300)])
+            .unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e}");
+        ns.destroy().await;
+    }
+
+    /// What the relay adds to a lookup of an allowed name: the netlink batch against spawning
+    /// `nft` (median of 50 each). Run by hand: `cargo test -p agentvm --lib
+    /// learnt_address_cost -- --ignored --nocapture` as root.
+    #[tokio::test]
+    #[ignore = "a measurement, run by hand"]
+    async fn learnt_address_cost() {
+        if !crate::test_support::as_root("learnt_address_cost") {
+            return;
+        }
+        let state = tempfile::tempdir().unwrap();
+        let ns = Netns::create(&NetnsMode::New, state.path()).unwrap();
+        let table = "table netdev agentvm {\n set dom4_0 { type ipv4_addr; flags timeout; }\n}\n";
+        run_in(&ns.fd(), "nft", ["-f", "-"], Some(table.to_string()))
+            .await
+            .unwrap();
+        let nft = egress::nft_program().unwrap();
+        let mut w = crate::nftlink::SetWriter::open_in(&ns.fd()).unwrap();
+        let median = |mut v: Vec<Duration>| {
+            v.sort();
+            v[v.len() / 2]
+        };
+        let (mut direct, mut spawned) = (Vec::new(), Vec::new());
+        for i in 0..50u8 {
+            let learnt = [egress::Learnt {
+                set: "dom4_0".into(),
+                addr: std::net::IpAddr::from([198, 51, 100, i]),
+                ttl: 60,
+            }];
+            let t = Instant::now();
+            w.add(egress::TABLE, &learnt).unwrap();
+            direct.push(t.elapsed());
+            let learnt = [egress::Learnt {
+                set: "dom4_0".into(),
+                addr: std::net::IpAddr::from([203, 0, 113, i]),
+                ttl: 60,
+            }];
+            let t = Instant::now();
+            nft_in(&ns.fd(), &nft, egress::learnt_script(&learnt))
+                .await
+                .unwrap();
+            spawned.push(t.elapsed());
+        }
+        println!(
+            "learnt address: netlink median {:?}, nft spawned median {:?}",
+            median(direct),
+            median(spawned)
+        );
+        ns.destroy().await;
     }
 }
