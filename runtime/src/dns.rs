@@ -50,7 +50,7 @@ impl EgressHook {
         }
     }
 
-    async fn learn(&self, answer: &[u8]) {
+    pub(crate) async fn learn(&self, answer: &[u8]) {
         let Ok(record) = crate::egress::Record::load(&self.state_dir) else {
             return;
         };
