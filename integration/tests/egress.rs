@@ -356,7 +356,11 @@ fn domain_rules_allow_what_the_relay_resolved_for_its_ttl() {
     assert!(reaches(&env, &name, "example.test", 8080), "resolved again");
     let (ok, log) = agentvm(&["policy", "log", &id]);
     assert!(ok, "{log}");
-    assert!(log.contains("blocked tcp to 198.51.100.8:8080"), "{log}");
+    // The block names the name the address was resolved from.
+    assert!(
+        log.contains("blocked tcp to 198.51.100.8:8080 (other.test) (policy"),
+        "{log}"
+    );
     assert!(
         log.contains("blocked udp to 10.231.77.1:53") && log.contains("DNS past agentvm's relay"),
         "{log}"

@@ -547,6 +547,7 @@ async fn boot(
                     netns.fd(),
                     sandbox.state_dir.clone(),
                     nft,
+                    netns.resolved(),
                 ))
             }
             _ => None,

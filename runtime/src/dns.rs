@@ -34,6 +34,8 @@ pub struct EgressHook {
     pub nft: std::path::PathBuf,
     /// The netlink socket in the namespace, opened at the first answer that needs it.
     writer: std::sync::Arc<std::sync::Mutex<Option<crate::nftlink::SetWriter>>>,
+    /// Every answer's addresses by name, for the audit log.
+    resolved: std::sync::Arc<crate::egress::Resolved>,
 }
 
 impl EgressHook {
@@ -41,16 +43,19 @@ impl EgressHook {
         netns: std::sync::Arc<std::os::fd::OwnedFd>,
         state_dir: std::path::PathBuf,
         nft: std::path::PathBuf,
+        resolved: std::sync::Arc<crate::egress::Resolved>,
     ) -> EgressHook {
         EgressHook {
             netns,
             state_dir,
             nft,
             writer: Default::default(),
+            resolved,
         }
     }
 
     pub(crate) async fn learn(&self, answer: &[u8]) {
+        self.resolved.note(answer);
         let Ok(record) = crate::egress::Record::load(&self.state_dir) else {
             return;
         };

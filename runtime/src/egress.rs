@@ -239,7 +239,21 @@ impl Rule {
     /// Whether a packet to `dst` (protocol, destination port) matches. A domain rule matches
     /// no address here: which addresses it stands for only the relay knows at the time.
     pub fn matches(&self, dst: IpAddr, proto: Option<Proto>, port: Option<u16>) -> bool {
-        self.domain.is_none()
+        self.matches_named(dst, None, proto, port)
+    }
+
+    /// [`Rule::matches`] for an address the relay resolved from `name`: a domain rule naming
+    /// it matches too.
+    pub fn matches_named(
+        &self,
+        dst: IpAddr,
+        name: Option<&str>,
+        proto: Option<Proto>,
+        port: Option<u16>,
+    ) -> bool {
+        self.domain
+            .as_deref()
+            .is_none_or(|d| name.is_some_and(|n| domain_matches(d, n)))
             && self.net.is_none_or(|n| n.contains(dst))
             && self.proto.is_none_or(|p| Some(p) == proto)
             && self
@@ -434,10 +448,23 @@ impl Policy {
         proto: Option<Proto>,
         port: Option<u16>,
     ) -> (Action, Option<String>) {
+        self.verdict_named(facts, dst, None, proto, port)
+    }
+
+    /// [`Policy::verdict`] for an address the relay resolved from `name` (its domain rules
+    /// apply to it).
+    pub fn verdict_named(
+        &self,
+        facts: &Facts,
+        dst: IpAddr,
+        name: Option<&str>,
+        proto: Option<Proto>,
+        port: Option<u16>,
+    ) -> (Action, Option<String>) {
         let (rules, default) = self.effective(facts);
         rules
             .iter()
-            .find(|r| r.matches(dst, proto, port))
+            .find(|r| r.matches_named(dst, name, proto, port))
             .map(|r| (r.action, Some(r.text.clone())))
             .unwrap_or((default, None))
     }
@@ -1042,15 +1069,79 @@ pub fn parse_frame(frame: &[u8]) -> Option<(IpAddr, Option<Proto>, Option<u16>)>
     Some((dst, proto, port))
 }
 
+/// The names the relay resolved, by address, for the audit log: a blocked connection to an
+/// address a DNS answer gave is logged with the name it was resolved from, and judged by the
+/// domain rules that name it. Bounded; entries last their record's TTL (at least
+/// [`LEARN_MIN_SECS`]).
+#[derive(Debug, Default)]
+pub struct Resolved {
+    names: std::sync::Mutex<std::collections::HashMap<IpAddr, (String, std::time::Instant)>>,
+}
+
+/// How many addresses [`Resolved`] remembers.
+const RESOLVED_CAP: usize = 4096;
+
+impl Resolved {
+    /// Notes the A/AAAA records of a DNS answer under its question's name.
+    pub fn note(&self, answer: &[u8]) {
+        let Ok(packet) = simple_dns::Packet::parse(answer) else {
+            return;
+        };
+        let Some(q) = packet.questions.first() else {
+            return;
+        };
+        let name = q
+            .qname
+            .to_string()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let now = std::time::Instant::now();
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        for a in &packet.answers {
+            let addr = match &a.rdata {
+                simple_dns::rdata::RData::A(r) => IpAddr::from(std::net::Ipv4Addr::from(r.address)),
+                simple_dns::rdata::RData::AAAA(r) => {
+                    IpAddr::from(std::net::Ipv6Addr::from(r.address))
+                }
+                _ => continue,
+            };
+            if names.len() >= RESOLVED_CAP && !names.contains_key(&addr) {
+                names.retain(|_, (_, until)| *until > now);
+                if names.len() >= RESOLVED_CAP {
+                    continue;
+                }
+            }
+            let ttl = a.ttl.clamp(LEARN_MIN_SECS, LEARN_MAX_SECS);
+            names.insert(
+                addr,
+                (
+                    name.clone(),
+                    now + std::time::Duration::from_secs(ttl.into()),
+                ),
+            );
+        }
+    }
+
+    /// The name `addr` was last resolved from, while its record lives.
+    pub fn name_of(&self, addr: IpAddr) -> Option<String> {
+        let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        names
+            .get(&addr)
+            .filter(|(_, until)| *until > std::time::Instant::now())
+            .map(|(n, _)| n.clone())
+    }
+}
+
 /// The audit log's line for a blocked frame.
 pub fn audit_line(
     policy: &Policy,
     facts: &Facts,
     dst: IpAddr,
+    name: Option<&str>,
     proto: Option<Proto>,
     port: Option<u16>,
 ) -> String {
-    let (_, rule) = policy.verdict(facts, dst, proto, port);
+    let (_, rule) = policy.verdict_named(facts, dst, name, proto, port);
     let proto_name = match proto {
         Some(Proto::Tcp) => "tcp",
         Some(Proto::Udp) => "udp",
@@ -1063,8 +1154,9 @@ pub fn audit_line(
         (None, a) => a.to_string(),
     };
     let why = rule.unwrap_or_else(|| format!("the default of {}", policy.base.name()));
+    let from = name.map(|n| format!(" ({n})")).unwrap_or_default();
     format!(
-        "blocked {proto_name} to {to} (policy {:?}, rule: {why})",
+        "blocked {proto_name} to {to}{from} (policy {:?}, rule: {why})",
         policy.name
     )
 }
@@ -1445,6 +1537,73 @@ mod tests {
         assert!(parse_host_addresses("garbage").is_empty());
     }
 
+    /// A blocked connection to an address the relay resolved is logged with its name and
+    /// judged by the domain rule naming it (not the next rule or the default).
+    #[test]
+    fn blocks_name_the_domain_an_address_was_resolved_from() {
+        use simple_dns::{rdata::RData, Name, Packet, Question, ResourceRecord};
+        use simple_dns::{CLASS, QCLASS, QTYPE, TYPE};
+        let answer = |q: &str, ip: [u8; 4], ttl: u32| {
+            let mut pk = Packet::new_reply(1);
+            pk.questions.push(Question::new(
+                Name::new_unchecked(q),
+                QTYPE::TYPE(TYPE::A),
+                QCLASS::CLASS(CLASS::IN),
+                false,
+            ));
+            pk.answers.push(ResourceRecord::new(
+                Name::new_unchecked(q),
+                CLASS::IN,
+                ttl,
+                RData::A(simple_dns::rdata::A {
+                    address: u32::from_be_bytes(ip),
+                }),
+            ));
+            pk.build_bytes_vec().unwrap()
+        };
+        let resolved = Resolved::default();
+        resolved.note(&answer("X.Evil.Test", [203, 0, 113, 66], 60));
+        resolved.note(&answer("other.test", [198, 51, 100, 8], 60));
+        resolved.note(b"not dns");
+        assert_eq!(
+            resolved.name_of(ip("203.0.113.66")).as_deref(),
+            Some("x.evil.test")
+        );
+        assert_eq!(resolved.name_of(ip("192.0.2.1")), None);
+        let p = PolicyFile::default()
+            .select(Some("agent; deny *.evil.test"))
+            .unwrap();
+        let name = resolved.name_of(ip("203.0.113.66"));
+        assert_eq!(
+            audit_line(
+                &p,
+                &facts(),
+                ip("203.0.113.66"),
+                name.as_deref(),
+                Some(Proto::Tcp),
+                Some(443)
+            ),
+            "blocked tcp to 203.0.113.66:443 (x.evil.test) (policy \"agent; deny *.evil.test\", \
+             rule: deny *.evil.test)"
+        );
+        let p = PolicyFile::default()
+            .select(Some("none-but; allow example.test tcp port 443"))
+            .unwrap();
+        let name = resolved.name_of(ip("198.51.100.8"));
+        assert_eq!(
+            audit_line(
+                &p,
+                &facts(),
+                ip("198.51.100.8"),
+                name.as_deref(),
+                Some(Proto::Tcp),
+                Some(8080)
+            ),
+            "blocked tcp to 198.51.100.8:8080 (other.test) (policy \"none-but; allow \
+             example.test tcp port 443\", rule: the default of none-but)"
+        );
+    }
+
     #[test]
     fn blocked_frames_are_described_with_their_rule() {
         let mut frame = vec![0u8; 14 + 20 + 8];
@@ -1460,7 +1619,7 @@ mod tests {
         );
         let p = PolicyFile::default().select(Some("agent")).unwrap();
         assert_eq!(
-            audit_line(&p, &facts(), dst, proto, port),
+            audit_line(&p, &facts(), dst, None, proto, port),
             "blocked tcp to 169.254.169.254:80 (policy \"agent\", rule: cloud metadata)"
         );
         // Truncated and non-IP frames are nothing.

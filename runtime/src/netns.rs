@@ -63,6 +63,8 @@ pub struct Netns {
     guard: Mutex<Guard>,
     /// The egress audit reader (its tap descriptor keeps the namespace alive).
     audit: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The names the DNS relay resolved, for the audit log.
+    resolved: Arc<egress::Resolved>,
 }
 
 #[derive(Debug, Default)]
@@ -180,7 +182,13 @@ impl Netns {
             label: label.display().to_string(),
             guard: Mutex::default(),
             audit: Mutex::default(),
+            resolved: Arc::default(),
         })
+    }
+
+    /// The names the DNS relay resolved in this sandbox (it notes them; the audit log reads).
+    pub fn resolved(&self) -> Arc<egress::Resolved> {
+        Arc::clone(&self.resolved)
     }
 
     /// The holder's host pid: the task pid reported to containerd.
@@ -352,7 +360,7 @@ impl Netns {
         apply_egress(&self.fd, nft, &record).await?;
         let state_dir = PathBuf::from(&self.label);
         record.save(&state_dir)?;
-        let reader = spawn_audit_reader(Arc::clone(&self.fd), state_dir)?;
+        let reader = spawn_audit_reader(Arc::clone(&self.fd), state_dir, self.resolved())?;
         let old = self
             .audit
             .lock()
@@ -546,7 +554,11 @@ fn parse_counter(text: &str) -> u64 {
 /// Reads the frames the policy blocked from the audit tap and logs each (rate-limited by the
 /// table) to the sandbox's `egress.log` and the shim's log, until aborted ([`Netns::destroy`]:
 /// the tap's descriptor holds the namespace) or the tap goes.
-fn spawn_audit_reader(fd: Arc<OwnedFd>, state_dir: PathBuf) -> Result<tokio::task::JoinHandle<()>> {
+fn spawn_audit_reader(
+    fd: Arc<OwnedFd>,
+    state_dir: PathBuf,
+    resolved: Arc<egress::Resolved>,
+) -> Result<tokio::task::JoinHandle<()>> {
     let tap = open_tap_in(&fd, egress::AUDIT_TAP)?;
     nix::fcntl::fcntl(
         tap.as_raw_fd(),
@@ -570,13 +582,13 @@ fn spawn_audit_reader(fd: Arc<OwnedFd>, state_dir: PathBuf) -> Result<tokio::tas
                 Ok(Err(_)) => return,
                 Err(_would_block) => continue,
             };
-            audit(&state_dir, &buf[..n]);
+            audit(&state_dir, &resolved, &buf[..n]);
         }
     }))
 }
 
 /// Logs one blocked frame.
-fn audit(state_dir: &Path, frame: &[u8]) {
+fn audit(state_dir: &Path, resolved: &egress::Resolved, frame: &[u8]) {
     use std::io::Write;
     let Some((dst, proto, port)) = egress::parse_frame(frame) else {
         return;
@@ -585,7 +597,15 @@ fn audit(state_dir: &Path, frame: &[u8]) {
     let Ok(record) = egress::Record::load(state_dir) else {
         return;
     };
-    let line = egress::audit_line(&record.policy, &record.facts, dst, proto, port);
+    let name = resolved.name_of(dst);
+    let line = egress::audit_line(
+        &record.policy,
+        &record.facts,
+        dst,
+        name.as_deref(),
+        proto,
+        port,
+    );
     tracing::warn!("egress: {line} ({})", state_dir.display());
     let log = egress::log_path(state_dir);
     if std::fs::metadata(&log).is_ok_and(|m| m.len() > EGRESS_LOG_CAP) {
@@ -1339,7 +1359,12 @@ mod tests {
             dns_relay: true,
         };
         record.save(state.path()).unwrap();
-        let hook = crate::dns::EgressHook::new(ns.fd(), state.path().to_path_buf(), nft.clone());
+        let hook = crate::dns::EgressHook::new(
+            ns.fd(),
+            state.path().to_path_buf(),
+            nft.clone(),
+            ns.resolved(),
+        );
         let mut whole = Vec::new();
         for i in 0..50u8 {
             use simple_dns::{rdata::RData, Name, Packet, Question, ResourceRecord};
