@@ -160,25 +160,22 @@ impl Refresher {
     ) -> Refresher {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
-            let (mut host_seen, mut guest_seen) = (view.host_writes(), view.guest_writes());
+            let mut guest_seen = view.guest_writes();
             let mut forget = false;
             loop {
                 tokio::select! {
                     _ = stopped.changed() => break,
                     _ = tokio::time::sleep(HOST_VIEW_REFRESH) => {}
                 }
-                // A copy-up by the host changes its work dir's mtime; a remount (ours, at a
-                // pause too) makes the dir anew, another inode: no host write.
-                let host = view.host_writes();
-                if let (Some(seen), Some(now)) = (host_seen, host) {
-                    forget |= seen.0 == now.0 && seen != now;
-                }
+                forget |= shared.host_wrote(&view);
                 let guest = view.guest_writes();
                 if guest != guest_seen {
                     guest_seen = guest;
                     refresh_view(&view).await;
+                    // Our remount made the work dir anew: not a host write.
+                    *shared.host_seen.lock().unwrap_or_else(|p| p.into_inner()) =
+                        view.host_writes();
                 }
-                host_seen = view.host_writes();
                 // A paused guest cannot answer: after the resume.
                 if forget && !shared.paused.load(Ordering::SeqCst) {
                     tokio::select! {
@@ -201,6 +198,34 @@ impl Refresher {
     async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+impl VmShared {
+    /// Whether the host wrote into the shared root since the last look (and notes that it
+    /// looked). A copy-up by the host changes its overlay's work dir's mtime; a remount (ours,
+    /// at a pause too) makes the dir anew, another inode: no host write.
+    fn host_wrote(&self, view: &layers::HostView) -> bool {
+        let now = view.host_writes();
+        let mut seen = self.host_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let wrote = matches!((*seen, now), (Some(s), Some(n)) if s.0 == n.0 && s != n);
+        *seen = now;
+        wrote
+    }
+
+    /// Before an exec: when the host wrote into the root since the refresher last looked
+    /// (`docker cp` then `docker exec` at once), the guest forgets its cached root first, so
+    /// the exec sees the host's write (as under runc) instead of up to a second later.
+    async fn catch_up(&self, vm: &mpsc::UnboundedSender<Control>) {
+        let Some(view) = &self.host_view else {
+            return;
+        };
+        if self.paused.load(Ordering::SeqCst) || !self.host_wrote(view) {
+            return;
+        }
+        if let Err(e) = forget_guest_caches(vm).await {
+            tracing::warn!("have the guest forget its cached root before an exec: {e}");
+        }
     }
 }
 
@@ -399,6 +424,7 @@ impl Container {
             qmp: owner.sandbox.state_dir.join("qmp.sock"),
             paused: AtomicBool::new(false),
             memory_mib: cfg.memory_mib,
+            host_seen: std::sync::Mutex::new(host_view.as_ref().and_then(|v| v.host_writes())),
             host_view,
             log: GuestLog::new(cfg.id.clone(), guest::GUEST_LOG_PER_SECOND),
         });
@@ -933,6 +959,10 @@ struct VmShared {
     memory_mib: u32,
     /// The host's mount of a layered root, refreshed when the VM pauses.
     host_view: Option<layers::HostView>,
+    /// The host overlay's work dir token last seen ([`layers::HostView::host_writes`]): the
+    /// refresher and each exec compare against it, and have the guest forget its cached
+    /// root when the host wrote (`docker cp` into the container).
+    host_seen: std::sync::Mutex<Option<(u64, i64, i64)>>,
     /// The rate limit of what this VM's agent makes the host log.
     log: GuestLog,
 }
@@ -1034,7 +1064,11 @@ impl Running {
         start_timeout: Duration,
     ) -> (Running, Started) {
         let vm = self.vm.clone();
-        let conn: ConnSource = Box::pin(async move { connect_via(&vm).await });
+        let shared = Arc::clone(&self.shared);
+        let conn: ConnSource = Box::pin(async move {
+            shared.catch_up(&vm).await;
+            connect_via(&vm).await
+        });
         launch(
             conn,
             request,
@@ -1480,6 +1514,7 @@ pub mod testing {
             paused: AtomicBool::new(false),
             memory_mib: 128,
             host_view: None,
+            host_seen: Default::default(),
             log: GuestLog::new("fake", guest::GUEST_LOG_PER_SECOND),
         });
         let link = VmLink {
