@@ -116,6 +116,13 @@ pub enum Message {
     /// behind the guest's back (`docker cp` into a running container): drop the cached
     /// directory entries so the guest looks again. The agent answers [`Message::Ready`].
     ForgetCaches,
+    /// Host -> guest, first frame of a port-forward connection (the CRI's PortForward, as
+    /// `kubectl port-forward` reaches `localhost:PORT` in the pod): connect to `port` on the
+    /// guest's loopback (127.0.0.1, else ::1). The agent answers [`Message::Ready`] and then
+    /// relays the connection's bytes, host -> guest as [`Stream::Stdin`] data and guest -> host
+    /// as [`Stream::Stdout`] data, an empty frame ending that direction; or
+    /// [`Message::Error`] when nothing accepts the connection.
+    Connect { port: u16 },
     /// Guest -> host: the request failed. For a start failure `exit_code` is what a runc user
     /// would see (127 for a missing binary, 126 for one that cannot be executed).
     Error {
@@ -672,6 +679,7 @@ mod tests {
         roundtrip(Frame::Msg(Message::Ready));
         roundtrip(Frame::Msg(Message::Stats));
         roundtrip(Frame::Msg(Message::ForgetCaches));
+        roundtrip(Frame::Msg(Message::Connect { port: 8080 }));
         roundtrip(Frame::Msg(Message::StatsReply(GuestStats {
             cpu_usage_usec: 12,
             memory_usage: 1 << 20,

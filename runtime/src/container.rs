@@ -554,6 +554,12 @@ async fn boot(
         // The relay task ends when its agent connection closes with the VM.
         dns::start_relay(relay_conn, socket, upstream, hook).await?;
     }
+    if matches!(
+        crate::pod::PodRole::of(&cfg.annotations),
+        crate::pod::PodRole::Sandbox { .. }
+    ) {
+        start_port_forward(sandbox, netns).await?;
+    }
     let network = (!wiring.interfaces.is_empty()).then(|| wiring.network_spec());
     let mut request = start_request(cfg, network, plan.mounts, rootfs);
     for iface in &wiring.interfaces {
@@ -566,6 +572,29 @@ async fn boot(
         }
     }
     Ok((conn, request, host_view))
+}
+
+/// The port-forward relay of a pod sandbox ([`crate::portfwd`]), held by its namespace.
+/// Without nftables the pod runs without it (a CRI PortForward then finds nothing), with a
+/// warning.
+async fn start_port_forward(sandbox: &Sandbox, netns: &Netns) -> Result<()> {
+    let Some(nft) = crate::egress::nft_program() else {
+        tracing::warn!(
+            "nft (nftables) is not installed: kubectl port-forward cannot reach this pod \
+             (apt-get install nftables)"
+        );
+        return Ok(());
+    };
+    let Some(channel) = sandbox.agent_channel() else {
+        return Ok(());
+    };
+    let listener = netns.tcp_listener(std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        crate::portfwd::RELAY_PORT,
+    )))?;
+    let task = crate::portfwd::start(&netns.fd(), &nft, listener, Arc::new(channel)).await?;
+    netns.hold(task);
+    Ok(())
 }
 
 /// The pod share of a pod sandbox's VM ([`crate::pod`]): the later containers' roots are

@@ -22,6 +22,7 @@ pub mod netguard;
 pub mod netns;
 pub mod oci;
 pub mod pod;
+pub mod portfwd;
 pub mod qmp;
 pub mod resources;
 pub mod ringlog;
