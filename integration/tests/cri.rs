@@ -14,17 +14,21 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxContainerConfig,
-    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    ListPodSandboxRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxFilter,
-    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, VersionRequest,
+    AttachRequest, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus,
+    ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest, ExecSyncResponse,
+    ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
+    LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxFilter, PodSandboxMetadata, PodSandboxState,
+    PodSandboxStatusRequest, PortForwardRequest, RemoveContainerRequest, RemovePodSandboxRequest,
+    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
+    VersionRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use agentvm_integration::processes_mentioning;
+
+#[path = "cri/streaming.rs"]
+mod streaming;
 
 /// The socket hack/cri-up.sh's containerd listens on, unless `AGENTVM_CRI_SOCKET` says.
 const DEFAULT_SOCKET: &str = "/run/agentvm-cri-test/containerd.sock";
@@ -168,6 +172,24 @@ fn pod_config(test: &str, handler: &str, logs: &Path, ns: NamespaceOption) -> Po
     }
 }
 
+/// A busybox container running `sh -c script`, logging to `<name>.log` in the pod's log
+/// directory.
+fn container_config(name: &str, script: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: BUSYBOX.into(),
+            ..Default::default()
+        }),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
 impl<'a> Pod<'a> {
     /// RunPodSandbox with `handler` and the namespace options `ns`.
     fn run(
@@ -211,24 +233,24 @@ impl<'a> Pod<'a> {
         script: &str,
         linux: Option<LinuxContainerConfig>,
     ) -> String {
+        self.start_config(ContainerConfig {
+            linux,
+            ..container_config(name, script)
+        })
+    }
+
+    /// CreateContainer + StartContainer of `config`.
+    fn start_config(&mut self, config: ContainerConfig) -> String {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         let c = self.cri;
         let id = c
             .block(c.client().create_container(CreateContainerRequest {
                 pod_sandbox_id: self.id.clone(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: name.into(),
-                        attempt: 0,
-                    }),
-                    image: Some(ImageSpec {
-                        image: BUSYBOX.into(),
-                        ..Default::default()
-                    }),
-                    command: vec!["sh".into(), "-c".into(), script.into()],
-                    log_path: format!("{name}.log"),
-                    linux,
-                    ..Default::default()
-                }),
+                config: Some(config),
                 sandbox_config: Some(self.config.clone()),
             }))
             .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
@@ -240,6 +262,50 @@ impl<'a> Pod<'a> {
         }))
         .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
         id
+    }
+
+    /// The streaming URL of an `Exec` of `cmd` in container `id`.
+    fn exec_url(&self, id: &str, cmd: &[&str], stdin: bool, tty: bool) -> String {
+        let c = self.cri;
+        c.block(c.client().exec(ExecRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            tty,
+            stdin,
+            stdout: true,
+            // kubelet asks for no stderr with a terminal: it is the terminal's output.
+            stderr: !tty,
+        }))
+        .unwrap_or_else(|e| panic!("Exec: {e}"))
+        .into_inner()
+        .url
+    }
+
+    /// The streaming URL of an `Attach` to container `id`'s stdout and stderr (and stdin).
+    fn attach_url(&self, id: &str, stdin: bool) -> String {
+        let c = self.cri;
+        c.block(c.client().attach(AttachRequest {
+            container_id: id.into(),
+            stdin,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        }))
+        .unwrap_or_else(|e| panic!("Attach: {e}"))
+        .into_inner()
+        .url
+    }
+
+    /// The streaming URL of a `PortForward` to the pod's `port`.
+    fn port_forward_url(&self, port: u16) -> String {
+        let c = self.cri;
+        c.block(c.client().port_forward(PortForwardRequest {
+            pod_sandbox_id: self.id.clone(),
+            port: vec![port.into()],
+        }))
+        .unwrap_or_else(|e| panic!("PortForward: {e}"))
+        .into_inner()
+        .url
     }
 
     fn status(&self, id: &str) -> ContainerStatus {
@@ -795,6 +861,176 @@ fn host_namespaces_are_refused_by_agentvm() {
         .collect();
     assert!(left.is_empty(), "{left:?}");
 }
+
+/// How long a stream may stay silent before a streaming test gives up.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `kubectl exec` and `kubectl attach` through the CRI streaming server: an exec reading
+/// stdin and writing stdout and stderr, with its exit code; an exec in a terminal (the size
+/// sent on the resize channel, its exit code); attach to a running container's stdout, and to
+/// the stdin of one created with `stdin: true`.
+fn exec_attach(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "streaming", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let talker = pod.start(
+        "talker",
+        "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.3; done",
+    );
+    let echoer = pod.start_config(ContainerConfig {
+        stdin: true,
+        ..container_config(
+            "echoer",
+            "while read -r line; do echo echo:$line; echo err:$line >&2; done",
+        )
+    });
+    pod.wait_state(&talker, ContainerState::ContainerRunning);
+    pod.wait_state(&echoer, ContainerState::ContainerRunning);
+
+    // Exec with stdin, stdout, stderr and an exit code.
+    let url = pod.exec_url(
+        &talker,
+        &[
+            "sh",
+            "-c",
+            "read -r line; echo got:$line; echo to-err >&2; exit 3",
+        ],
+        true,
+        false,
+    );
+    let mut s = streaming::Stream::open(&url, STREAM_TIMEOUT).expect("open exec stream");
+    s.send(streaming::STDIN, b"hello\n");
+    let out = s.collect();
+    assert_eq!(
+        (out.stdout(), out.stderr(), out.exit_code()),
+        ("got:hello\n".into(), "to-err\n".into(), Some(3)),
+        "{out:?}"
+    );
+
+    // Exec without stdin: a success.
+    let url = pod.exec_url(&talker, &["sh", "-c", "echo plain; hostname"], false, false);
+    let out = streaming::Stream::open(&url, STREAM_TIMEOUT)
+        .expect("open exec stream")
+        .collect();
+    assert_eq!(
+        (out.stdout(), out.exit_code()),
+        ("plain\ncri-pod\n".into(), Some(0)),
+        "{out:?}"
+    );
+
+    // Exec in a terminal: stdin is a tty of the size sent, output comes as the terminal's.
+    let url = pod.exec_url(
+        &talker,
+        &[
+            "sh",
+            "-c",
+            "read -r x; test -t 0 && echo is-a-tty; stty size; exit 7",
+        ],
+        true,
+        true,
+    );
+    let mut s = streaming::Stream::open(&url, STREAM_TIMEOUT).expect("open tty exec stream");
+    s.resize(91, 33);
+    // The size goes its own way (ResizePty): let it land before the command reads it.
+    std::thread::sleep(Duration::from_secs(1));
+    s.send(streaming::STDIN, b"go\r");
+    let out = s.collect();
+    let text = out.stdout();
+    assert!(
+        text.contains("is-a-tty\r\n") && text.contains("33 91\r\n"),
+        "{out:?}"
+    );
+    assert_eq!(out.exit_code(), Some(7), "{out:?}");
+
+    // Attach to a running container's stdout: its ticks keep coming.
+    let url = pod.attach_url(&talker, false);
+    let mut s = streaming::Stream::open(&url, STREAM_TIMEOUT).expect("open attach stream");
+    let seen = s.stdout_until("\n");
+    let first: u32 = seen
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tick-")?.parse().ok())
+        .unwrap_or_else(|| panic!("no tick in {seen:?}"));
+    let later = format!("tick-{}\n", first + 2);
+    s.stdout_until(&later);
+    s.close();
+    // Attach ends without ending the container.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        pod.status(&talker).state,
+        ContainerState::ContainerRunning as i32
+    );
+
+    // Attach with stdin to a container created with `stdin: true`.
+    let url = pod.attach_url(&echoer, true);
+    let mut s = streaming::Stream::open(&url, STREAM_TIMEOUT).expect("open attach stream");
+    s.send(streaming::STDIN, b"ping\n");
+    s.stdout_until("echo:ping\n");
+    s.close();
+    let log = parse_cri_log(&read_log(&pod.logs.path().join("echoer.log"), 2));
+    assert!(
+        log.contains(&("stdout".into(), "echo:ping".into()))
+            && log.contains(&("stderr".into(), "err:ping".into())),
+        "{log:?}"
+    );
+
+    let ids = [pod.id.clone(), talker, echoer];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, None);
+}
+
+against_both!(exec_attach, exec_attach_runc, exec_attach_agentvm);
+
+/// `kubectl port-forward` through the CRI's PortForward: the streaming server connects to
+/// `localhost:PORT` in the pod's network namespace, which reaches a server listening on the
+/// pod's loopback only and one on every address; a port where nothing listens ends the forward
+/// with an error on the port's error channel.
+fn port_forward(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "portforward", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let web = pod.start(
+        "web",
+        "mkdir -p /www && echo hello-over-forward > /www/index.html && \
+         httpd -p 127.0.0.1:8080 -h /www && exec httpd -f -p 8081 -h /www",
+    );
+    pod.wait_state(&web, ContainerState::ContainerRunning);
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    while pod
+        .exec_sync(&web, &["wget", "-qO-", "http://127.0.0.1:8081/"], 60)
+        .map(|r| r.exit_code)
+        != Ok(0)
+    {
+        assert!(Instant::now() < deadline, "the web server never answered");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    for port in [8080u16, 8081] {
+        let url = pod.port_forward_url(port);
+        let (data, errors) =
+            streaming::forward_once(&url, port, b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n")
+                .unwrap_or_else(|e| panic!("port-forward to {port}: {e}"));
+        let text = String::from_utf8_lossy(&data);
+        assert!(
+            text.starts_with("HTTP/1.") && text.ends_with("hello-over-forward\n"),
+            "port {port}: {text:?} (errors {errors:?})"
+        );
+        assert_eq!(errors, "", "port {port}");
+    }
+    // Nothing listens on 8082: the forward ends with an error.
+    let url = pod.port_forward_url(8082);
+    let (data, errors) = streaming::forward_once(&url, 8082, b"GET / HTTP/1.0\r\n\r\n")
+        .unwrap_or_else(|e| panic!("port-forward to 8082: {e}"));
+    assert!(
+        data.is_empty() && !errors.is_empty(),
+        "data {:?}, errors {errors:?}",
+        String::from_utf8_lossy(&data)
+    );
+
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), web];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(port_forward, port_forward_runc, port_forward_agentvm);
 
 /// A container with `readonly_rootfs`: writes to its root fail as read-only, its /dev/shm and
 /// the kernel filesystems under it still work; its log says so.
