@@ -290,6 +290,10 @@ pub enum MountSource {
     /// A small host file (`/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`), copied: the
     /// agent writes `content` to a file of its own and bind-mounts it on `destination`.
     File { content: String, mode: u32 },
+    /// A directory of a share already mounted for a pod's containers (the pod share, `tag`),
+    /// bound on `destination`: a later container's volume, which the host bound into the
+    /// pod share as `subdir` (relative, without `..`).
+    ShareDir { tag: String, subdir: String },
     /// A tmpfs with mount(2) `data` options, e.g. `size=65536k,mode=1777`.
     Tmpfs {
         #[serde(default)]
@@ -680,6 +684,18 @@ mod tests {
         roundtrip(Frame::Msg(Message::Stats));
         roundtrip(Frame::Msg(Message::ForgetCaches));
         roundtrip(Frame::Msg(Message::Connect { port: 8080 }));
+        let volume = MountSpec {
+            destination: "/data".into(),
+            source: MountSource::ShareDir {
+                tag: "pod".into(),
+                subdir: "c1/mounts/0".into(),
+            },
+            readonly: true,
+        };
+        assert_eq!(
+            serde_json::from_str::<MountSpec>(&serde_json::to_string(&volume).unwrap()).unwrap(),
+            volume
+        );
         roundtrip(Frame::Msg(Message::StatsReply(GuestStats {
             cpu_usage_usec: 12,
             memory_usage: 1 << 20,
