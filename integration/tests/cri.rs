@@ -17,7 +17,7 @@ use k8s_cri::v1::{
     AttachRequest, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus,
     ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest, ExecSyncResponse,
     ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListPodSandboxRequest, NamespaceMode, NamespaceOption,
+    LinuxSandboxSecurityContext, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
     PodSandboxConfig, PodSandboxFilter, PodSandboxMetadata, PodSandboxState,
     PodSandboxStatusRequest, PortForwardRequest, RemoveContainerRequest, RemovePodSandboxRequest,
     RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
@@ -1031,6 +1031,109 @@ fn port_forward(cri: &Cri, handler: &str) {
 }
 
 against_both!(port_forward, port_forward_runc, port_forward_agentvm);
+
+/// kubelet's volumes are bind mounts of host directories in the container spec: an emptyDir
+/// given to two containers of a pod (both see each other's files, and so does the host), a
+/// read-only one (a configMap's: readable, not writable, also not by root).
+fn volumes(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "volumes", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let host = tempfile::Builder::new()
+        .prefix("agentvm-cri-volumes.")
+        .tempdir()
+        .expect("volume dirs");
+    let (shared, config) = (host.path().join("shared"), host.path().join("config"));
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(config.join("key"), "value-from-host\n").unwrap();
+    let mount = |path: &Path, at: &str, readonly: bool| Mount {
+        container_path: at.into(),
+        host_path: path.display().to_string(),
+        readonly,
+        ..Default::default()
+    };
+    let writer = pod.start_config(ContainerConfig {
+        mounts: vec![
+            mount(&shared, "/shared", false),
+            mount(&config, "/config", true),
+        ],
+        ..container_config(
+            "writer",
+            "echo from-writer > /shared/note && exec sleep 600",
+        )
+    });
+    let reader = pod.start_config(ContainerConfig {
+        mounts: vec![mount(&shared, "/data", false)],
+        ..container_config("reader", "exec sleep 600")
+    });
+    pod.wait_state(&writer, ContainerState::ContainerRunning);
+    pod.wait_state(&reader, ContainerState::ContainerRunning);
+    let sh = |id: &str, script: &str| {
+        let r = pod
+            .exec_sync(id, &["sh", "-c", script], 60)
+            .expect("ExecSync");
+        (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned())
+    };
+
+    // The writer's file, seen by the reader and the host.
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    while sh(&reader, "cat /data/note").1 != "from-writer\n" {
+        assert!(Instant::now() < deadline, "the reader never saw the note");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        std::fs::read_to_string(shared.join("note")).unwrap(),
+        "from-writer\n"
+    );
+    // The reader's answer, seen by the writer and the host.
+    assert_eq!(sh(&reader, "echo from-reader > /data/answer").0, 0);
+    assert_eq!(
+        sh(&writer, "cat /shared/answer"),
+        (0, "from-reader\n".into())
+    );
+    assert_eq!(
+        std::fs::read_to_string(shared.join("answer")).unwrap(),
+        "from-reader\n"
+    );
+    // A file the host adds appears in the pod.
+    std::fs::write(shared.join("from-host"), "host-line\n").unwrap();
+    assert_eq!(
+        sh(&reader, "cat /data/from-host"),
+        (0, "host-line\n".into())
+    );
+
+    // The read-only volume: readable, refuses writes (the container runs as root).
+    assert_eq!(
+        sh(&writer, "cat /config/key"),
+        (0, "value-from-host\n".into())
+    );
+    assert_eq!(
+        sh(
+            &writer,
+            "if touch /config/probe 2>/dev/null; then echo writable; else echo read-only; fi"
+        ),
+        (0, "read-only\n".into())
+    );
+    assert!(!config.join("probe").exists());
+
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), writer, reader];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+    // The volumes' content stays on the host; no mount is left on them.
+    assert_eq!(
+        std::fs::read_to_string(shared.join("note")).unwrap(),
+        "from-writer\n"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = host.path().display().to_string();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&path)),
+        "a volume is still mounted"
+    );
+}
+
+against_both!(volumes, volumes_runc, volumes_agentvm);
 
 /// A container with `readonly_rootfs`: writes to its root fail as read-only, its /dev/shm and
 /// the kernel filesystems under it still work; its log says so.
