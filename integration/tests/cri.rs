@@ -14,14 +14,15 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    AttachRequest, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus,
-    ContainerStatusRequest, CreateContainerRequest, ExecRequest, ExecSyncRequest, ExecSyncResponse,
-    ImageSpec, LinuxContainerConfig, LinuxContainerSecurityContext, LinuxPodSandboxConfig,
-    LinuxSandboxSecurityContext, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
+    AttachRequest, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsFilter,
+    ContainerStatsRequest, ContainerStatus, ContainerStatusRequest, CreateContainerRequest,
+    ExecRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxContainerConfig,
+    LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
+    ListContainerStatsRequest, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
     PodSandboxConfig, PodSandboxFilter, PodSandboxMetadata, PodSandboxState,
-    PodSandboxStatusRequest, PortForwardRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
-    VersionRequest,
+    PodSandboxStatsRequest, PodSandboxStatusRequest, PortForwardRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, ReopenContainerLogRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -36,6 +37,9 @@ const DEFAULT_SOCKET: &str = "/run/agentvm-cri-test/containerd.sock";
 const BUSYBOX: &str = "docker.io/agentvm-test/busybox:latest";
 /// Deadline of one CRI call that may boot a VM (TCG, two cores shared with other tests).
 const CALL_TIMEOUT: Duration = Duration::from_secs(180);
+/// The cgroup the test pods' cgroups are made in (cgroupfs paths, as kubelet's
+/// `cgroupDriver: cgroupfs` gives).
+const CGROUP_PARENT: &str = "/agentvm-cri-test";
 /// The pod network of hack/cri-up.sh.
 const POD_SUBNET_PREFIX: &str = "10.231.0.";
 
@@ -158,6 +162,8 @@ fn pod_config(test: &str, handler: &str, logs: &Path, ns: NamespaceOption) -> Po
         },
         log_directory: logs.display().to_string(),
         linux: Some(LinuxPodSandboxConfig {
+            // kubelet always names the pod's cgroup (PodSandboxStats reads it).
+            cgroup_parent: CGROUP_PARENT.into(),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(ns),
                 ..Default::default()
@@ -1134,6 +1140,133 @@ fn volumes(cri: &Cri, handler: &str) {
 }
 
 against_both!(volumes, volumes_runc, volumes_agentvm);
+
+/// What kubelet does with a pod's container over its life: after the first attempt exits, a
+/// new container of the same name with attempt 1 in the same (running) pod; log rotation
+/// (the log renamed, ReopenContainerLog, new lines in a new file at the path); the stats
+/// kubelet's summary API reads (ContainerStats, ListContainerStats, PodSandboxStats) with
+/// non-zero CPU and memory.
+fn restart_logs_stats(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "restart", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let first = pod.start("worker", "echo attempt-0; exit 2");
+    let s = pod.wait_state(&first, ContainerState::ContainerExited);
+    assert_eq!((s.exit_code, s.reason.as_str()), (2, "Error"), "{s:?}");
+
+    // The restart: attempt 1, its own log, in the same pod.
+    let log = pod.logs.path().join("worker-1.log");
+    let second = pod.start_config(ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: "worker".into(),
+            attempt: 1,
+        }),
+        log_path: "worker-1.log".into(),
+        ..container_config(
+            "worker",
+            "echo attempt-1; i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; \
+             while true; do if [ -e /tmp/mark ]; then cat /tmp/mark; rm /tmp/mark; fi; \
+             sleep 0.2; done",
+        )
+    });
+    let s = pod.wait_state(&second, ContainerState::ContainerRunning);
+    assert_eq!(s.metadata.as_ref().map(|m| m.attempt), Some(1), "{s:?}");
+    assert_eq!(
+        pod.status(&first).exit_code,
+        2,
+        "the first attempt's status stays"
+    );
+    let lines = |path: &Path, n: usize| -> Vec<String> {
+        parse_cri_log(&read_log(path, n))
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
+    };
+    assert_eq!(lines(&log, 1), ["attempt-1"]);
+    assert_eq!(lines(&pod.logs.path().join("worker.log"), 1), ["attempt-0"]);
+
+    // Rotation: kubelet renames the log and asks for it to be reopened.
+    let rotated = pod.logs.path().join("worker-1.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    cri.block(
+        cri.client()
+            .reopen_container_log(ReopenContainerLogRequest {
+                container_id: second.clone(),
+            }),
+    )
+    .expect("ReopenContainerLog");
+    let r = pod
+        .exec_sync(&second, &["sh", "-c", "echo after-reopen > /tmp/mark"], 60)
+        .expect("ExecSync");
+    assert_eq!(r.exit_code, 0);
+    assert_eq!(lines(&log, 1), ["after-reopen"]);
+    assert_eq!(lines(&rotated, 1), ["attempt-1"]);
+
+    // Stats of the container and of the pod.
+    let stats = cri
+        .block(cri.client().container_stats(ContainerStatsRequest {
+            container_id: second.clone(),
+        }))
+        .expect("ContainerStats")
+        .into_inner()
+        .stats
+        .expect("container stats");
+    let cpu = |c: &Option<k8s_cri::v1::CpuUsage>| {
+        c.as_ref()
+            .and_then(|c| c.usage_core_nano_seconds.as_ref())
+            .map_or(0, |v| v.value)
+    };
+    let mem = |m: &Option<k8s_cri::v1::MemoryUsage>| {
+        m.as_ref()
+            .and_then(|m| m.working_set_bytes.as_ref())
+            .map_or(0, |v| v.value)
+    };
+    assert!(cpu(&stats.cpu) > 0 && mem(&stats.memory) > 0, "{stats:?}");
+    let listed = cri
+        .block(
+            cri.client()
+                .list_container_stats(ListContainerStatsRequest {
+                    filter: Some(ContainerStatsFilter {
+                        pod_sandbox_id: pod.id.clone(),
+                        ..Default::default()
+                    }),
+                }),
+        )
+        .expect("ListContainerStats")
+        .into_inner()
+        .stats;
+    let of_second = listed
+        .iter()
+        .find(|s| s.attributes.as_ref().is_some_and(|a| a.id == second))
+        .unwrap_or_else(|| panic!("the running container is not listed: {listed:?}"));
+    assert!(
+        cpu(&of_second.cpu) > 0 && mem(&of_second.memory) > 0,
+        "{of_second:?}"
+    );
+    let pod_stats = cri
+        .block(cri.client().pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: pod.id.clone(),
+        }))
+        .expect("PodSandboxStats")
+        .into_inner()
+        .stats
+        .and_then(|s| s.linux)
+        .expect("linux pod stats");
+    assert!(
+        cpu(&pod_stats.cpu) > 0 && mem(&pod_stats.memory) > 0,
+        "{pod_stats:?}"
+    );
+
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), first, second];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(
+    restart_logs_stats,
+    restart_logs_stats_runc,
+    restart_logs_stats_agentvm
+);
 
 /// A container with `readonly_rootfs`: writes to its root fail as read-only, its /dev/shm and
 /// the kernel filesystems under it still work; its log says so.
