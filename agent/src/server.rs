@@ -268,6 +268,28 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
             let _ = out.send(msg(Message::StatsReply(stats))).await;
             After::Close
         }
+        Some(Ok(Frame::Msg(Message::UpdateContainer { container, limits }))) => {
+            let member = lock(&agent.members).get(&container).cloned();
+            let reply = match member.as_ref().map(|m| &m.cgroup) {
+                None => error(format!("no container {container} runs in this VM"), None),
+                Some(None) => error(
+                    format!(
+                        "container {container} has no cgroup of its own (see the VM's console \
+                         log); its limits cannot be changed"
+                    ),
+                    None,
+                ),
+                Some(Some(cg)) => match cg.apply(&limits) {
+                    Ok(skipped) => msg(Message::Updated { skipped }),
+                    Err(e) => {
+                        info!("update {container} {limits:?}: {e}");
+                        error(e.to_string(), None)
+                    }
+                },
+            };
+            let _ = out.send(reply).await;
+            After::Close
+        }
         Some(Ok(Frame::Msg(Message::Update(limits)))) => {
             let reply = match &agent.cgroup {
                 None => error(

@@ -106,6 +106,13 @@ pub enum Message {
     /// limits to the container's cgroup; the agent answers [`Message::Updated`] or
     /// [`Message::Error`] and closes.
     Update(ResourceLimits),
+    /// Host -> guest, first frame of an update connection for a container of a pod's VM
+    /// beside the VM's own (the CRI's UpdateContainerResources): as [`Message::Update`], on
+    /// that container's cgroup.
+    UpdateContainer {
+        container: String,
+        limits: ResourceLimits,
+    },
     /// Guest -> host: the limits of a [`Message::Update`] are in place, except the ones named
     /// in `skipped` (files the guest kernel does not have, e.g. `memory.swap.max` without swap).
     Updated {
@@ -684,6 +691,10 @@ mod tests {
         roundtrip(Frame::Msg(Message::Stats));
         roundtrip(Frame::Msg(Message::ForgetCaches));
         roundtrip(Frame::Msg(Message::Connect { port: 8080 }));
+        roundtrip(Frame::Msg(Message::UpdateContainer {
+            container: "c1".into(),
+            limits: ResourceLimits::default(),
+        }));
         let volume = MountSpec {
             destination: "/data".into(),
             source: MountSource::ShareDir {

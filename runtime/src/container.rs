@@ -1118,12 +1118,21 @@ impl Running {
         }
     }
 
-    /// Sets the cgroup limits of the container's processes in the guest (`docker update`).
+    /// Sets the cgroup limits of the container's processes in the guest (`docker update`,
+    /// the CRI's UpdateContainerResources): the VM's container's, or a pod container's.
     /// A memory limit above the VM's RAM is refused: that is fixed at boot. Returns the
     /// limits the guest has no file for (`memory.swap.max` without swap).
     pub async fn update(&self, limits: agentvm_protocol::ResourceLimits) -> Result<Vec<String>> {
         crate::resources::check_memory(&limits, self.shared.memory_mib)?;
-        match ask(&self.vm, Message::Update(limits), "update").await? {
+        // A pod's later container has a cgroup of its own beside the VM's container's.
+        let request = match &self.member {
+            Some(id) => Message::UpdateContainer {
+                container: id.to_string(),
+                limits,
+            },
+            None => Message::Update(limits),
+        };
+        match ask(&self.vm, request, "update").await? {
             Frame::Msg(Message::Updated { skipped }) => {
                 Ok(skipped.iter().take(16).map(|f| guest::text(f)).collect())
             }
