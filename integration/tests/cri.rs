@@ -24,6 +24,7 @@ use k8s_cri::v1::{
     RemovePodSandboxRequest, ReopenContainerLogRequest, RunPodSandboxRequest,
     StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
+use k8s_cri::v1::{LinuxContainerResources, UpdateContainerResourcesRequest};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use agentvm_integration::processes_mentioning;
@@ -1266,6 +1267,67 @@ against_both!(
     restart_logs_stats,
     restart_logs_stats_runc,
     restart_logs_stats_agentvm
+);
+
+/// The memory limit and CPU quota of the calling process's own cgroup, as
+/// "<memory> <quota>": cgroup v2's files (under the process's cgroup, as the VM's guest has
+/// them) or v1's (runc's containers on a cgroup v1 host).
+const CGROUP_LIMITS: &str = r#"cg=$(sed -n 's/^0:://p' /proc/self/cgroup)
+if [ -f "/sys/fs/cgroup$cg/memory.max" ]; then d=/sys/fs/cgroup$cg
+elif [ -f /sys/fs/cgroup/memory.max ]; then d=/sys/fs/cgroup; fi
+if [ -n "$d" ]; then echo "$(cat $d/memory.max) $(cut -d' ' -f1 $d/cpu.max)"
+else echo "$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes) $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us)"; fi"#;
+
+/// UpdateContainerResources (`kubectl` in-place resize, VPA): the container's memory limit
+/// and CPU quota change in its own cgroup, and only in its own (a second container of the pod
+/// keeps none).
+fn update_resources(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "update", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let limited = pod.start("limited", "exec sleep 600");
+    let other = pod.start("other", "exec sleep 600");
+    pod.wait_state(&limited, ContainerState::ContainerRunning);
+    pod.wait_state(&other, ContainerState::ContainerRunning);
+    let limits = |id: &str| {
+        let r = pod
+            .exec_sync(id, &["sh", "-c", CGROUP_LIMITS], 60)
+            .expect("ExecSync");
+        assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+        String::from_utf8_lossy(&r.stdout).trim().to_string()
+    };
+    let before = limits(&other);
+    cri.block(
+        cri.client()
+            .update_container_resources(UpdateContainerResourcesRequest {
+                container_id: limited.clone(),
+                linux: Some(LinuxContainerResources {
+                    memory_limit_in_bytes: 100 << 20,
+                    cpu_period: 100_000,
+                    cpu_quota: 50_000,
+                    cpu_shares: 512,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+    )
+    .expect("UpdateContainerResources");
+    assert_eq!(limits(&limited), format!("{} 50000", 100 << 20));
+    assert_eq!(
+        limits(&other),
+        before,
+        "the other container's limits changed"
+    );
+
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), limited, other];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(
+    update_resources,
+    update_resources_runc,
+    update_resources_agentvm
 );
 
 /// A container with `readonly_rootfs`: writes to its root fail as read-only, its /dev/shm and
