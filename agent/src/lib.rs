@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod cmdline;
 pub mod dns;
 pub mod fdio;
+pub mod forward;
 pub mod log;
 pub mod mounts;
 pub mod net;

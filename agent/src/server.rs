@@ -2,7 +2,8 @@
 //!
 //! Per connection: `Hello`, then `Start` (or `Shutdown`); the process is spawned, stdio is
 //! relayed as `Data` frames, `Signal`/`Resize` are applied, and `Exited` is the last frame.
-//! A connection that starts with `DnsRelay` instead carries DNS messages (see [`crate::dns`]).
+//! A connection that starts with `DnsRelay` instead carries DNS messages (see [`crate::dns`]),
+//! one that starts with `Connect` a port-forwarded TCP connection (see [`crate::forward`]).
 //! Every connection runs as its own task; all tasks share one thread (see the crate docs).
 
 use std::collections::{HashMap, HashSet};
@@ -247,6 +248,10 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
         Some(Ok(Frame::Msg(Message::Shutdown))) => {
             After::PowerOffNow("shutdown requested by the host")
         }
+        Some(Ok(Frame::Msg(Message::Connect { port }))) => {
+            crate::forward::serve(port, &out, &mut host).await;
+            After::Close
+        }
         Some(Ok(Frame::Msg(Message::ForgetCaches))) => {
             // 2: dentries and inodes; file data of inodes still in use stays cached.
             if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "2") {
@@ -261,6 +266,28 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
                 cg.limit_stats(&mut stats);
             }
             let _ = out.send(msg(Message::StatsReply(stats))).await;
+            After::Close
+        }
+        Some(Ok(Frame::Msg(Message::UpdateContainer { container, limits }))) => {
+            let member = lock(&agent.members).get(&container).cloned();
+            let reply = match member.as_ref().map(|m| &m.cgroup) {
+                None => error(format!("no container {container} runs in this VM"), None),
+                Some(None) => error(
+                    format!(
+                        "container {container} has no cgroup of its own (see the VM's console \
+                         log); its limits cannot be changed"
+                    ),
+                    None,
+                ),
+                Some(Some(cg)) => match cg.apply(&limits) {
+                    Ok(skipped) => msg(Message::Updated { skipped }),
+                    Err(e) => {
+                        info!("update {container} {limits:?}: {e}");
+                        error(e.to_string(), None)
+                    }
+                },
+            };
+            let _ = out.send(reply).await;
             After::Close
         }
         Some(Ok(Frame::Msg(Message::Update(limits)))) => {
@@ -1157,6 +1184,44 @@ mod tests {
         let frames = h.rest().await;
         assert!(
             matches!(&frames[..], [Frame::Msg(Message::StatsReply(s))] if s.memory_limit > 0),
+            "{frames:?}"
+        );
+    }
+
+    /// A port-forward connection reaches a server on the guest's loopback: Ready, the bytes
+    /// both ways, each direction's end; a port where nothing listens answers an error.
+    #[tokio::test(flavor = "current_thread")]
+    async fn port_forward_session() {
+        let agent = Arc::new(Agent::with_root(Arc::new(Reaper::default()), 40, "/"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            s.write_all(&got.to_ascii_uppercase()).await.unwrap();
+        });
+        let mut h = greeted(&agent).await;
+        h.send(msg(Message::Connect { port })).await;
+        assert_eq!(h.recv().await, Some(msg(Message::Ready)));
+        h.send(Frame::Data(Stream::Stdin, b"hello".to_vec())).await;
+        h.send(Frame::Data(Stream::Stdin, Vec::new())).await;
+        assert_eq!(
+            h.rest().await,
+            [
+                Frame::Data(Stream::Stdout, b"HELLO".to_vec()),
+                Frame::Data(Stream::Stdout, Vec::new())
+            ]
+        );
+        server.await.unwrap();
+
+        // Nothing listens on the port now.
+        let mut h = greeted(&agent).await;
+        h.send(msg(Message::Connect { port })).await;
+        let frames = h.rest().await;
+        assert!(
+            matches!(&frames[..], [Frame::Msg(Message::Error { message, .. })]
+                if message.contains(&format!("localhost:{port}"))),
             "{frames:?}"
         );
     }

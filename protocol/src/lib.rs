@@ -106,6 +106,13 @@ pub enum Message {
     /// limits to the container's cgroup; the agent answers [`Message::Updated`] or
     /// [`Message::Error`] and closes.
     Update(ResourceLimits),
+    /// Host -> guest, first frame of an update connection for a container of a pod's VM
+    /// beside the VM's own (the CRI's UpdateContainerResources): as [`Message::Update`], on
+    /// that container's cgroup.
+    UpdateContainer {
+        container: String,
+        limits: ResourceLimits,
+    },
     /// Guest -> host: the limits of a [`Message::Update`] are in place, except the ones named
     /// in `skipped` (files the guest kernel does not have, e.g. `memory.swap.max` without swap).
     Updated {
@@ -116,6 +123,13 @@ pub enum Message {
     /// behind the guest's back (`docker cp` into a running container): drop the cached
     /// directory entries so the guest looks again. The agent answers [`Message::Ready`].
     ForgetCaches,
+    /// Host -> guest, first frame of a port-forward connection (the CRI's PortForward, as
+    /// `kubectl port-forward` reaches `localhost:PORT` in the pod): connect to `port` on the
+    /// guest's loopback (127.0.0.1, else ::1). The agent answers [`Message::Ready`] and then
+    /// relays the connection's bytes, host -> guest as [`Stream::Stdin`] data and guest -> host
+    /// as [`Stream::Stdout`] data, an empty frame ending that direction; or
+    /// [`Message::Error`] when nothing accepts the connection.
+    Connect { port: u16 },
     /// Guest -> host: the request failed. For a start failure `exit_code` is what a runc user
     /// would see (127 for a missing binary, 126 for one that cannot be executed).
     Error {
@@ -283,6 +297,10 @@ pub enum MountSource {
     /// A small host file (`/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`), copied: the
     /// agent writes `content` to a file of its own and bind-mounts it on `destination`.
     File { content: String, mode: u32 },
+    /// A directory of a share already mounted for a pod's containers (the pod share, `tag`),
+    /// bound on `destination`: a later container's volume, which the host bound into the
+    /// pod share as `subdir` (relative, without `..`).
+    ShareDir { tag: String, subdir: String },
     /// A tmpfs with mount(2) `data` options, e.g. `size=65536k,mode=1777`.
     Tmpfs {
         #[serde(default)]
@@ -672,6 +690,23 @@ mod tests {
         roundtrip(Frame::Msg(Message::Ready));
         roundtrip(Frame::Msg(Message::Stats));
         roundtrip(Frame::Msg(Message::ForgetCaches));
+        roundtrip(Frame::Msg(Message::Connect { port: 8080 }));
+        roundtrip(Frame::Msg(Message::UpdateContainer {
+            container: "c1".into(),
+            limits: ResourceLimits::default(),
+        }));
+        let volume = MountSpec {
+            destination: "/data".into(),
+            source: MountSource::ShareDir {
+                tag: "pod".into(),
+                subdir: "c1/mounts/0".into(),
+            },
+            readonly: true,
+        };
+        assert_eq!(
+            serde_json::from_str::<MountSpec>(&serde_json::to_string(&volume).unwrap()).unwrap(),
+            volume
+        );
         roundtrip(Frame::Msg(Message::StatsReply(GuestStats {
             cpu_usage_usec: 12,
             memory_usage: 1 << 20,

@@ -581,6 +581,12 @@ async fn boot(
         // The relay task ends when its agent connection closes with the VM.
         dns::start_relay(relay_conn, socket, upstream, hook).await?;
     }
+    if matches!(
+        crate::pod::PodRole::of(&cfg.annotations),
+        crate::pod::PodRole::Sandbox { .. }
+    ) {
+        start_port_forward(sandbox, netns).await?;
+    }
     let network = (!wiring.interfaces.is_empty()).then(|| wiring.network_spec());
     let mut request = start_request(cfg, network, plan.mounts, rootfs);
     for iface in &wiring.interfaces {
@@ -593,6 +599,29 @@ async fn boot(
         }
     }
     Ok((conn, request, host_view))
+}
+
+/// The port-forward relay of a pod sandbox ([`crate::portfwd`]), held by its namespace.
+/// Without nftables the pod runs without it (a CRI PortForward then finds nothing), with a
+/// warning.
+async fn start_port_forward(sandbox: &Sandbox, netns: &Netns) -> Result<()> {
+    let Some(nft) = crate::egress::nft_program() else {
+        tracing::warn!(
+            "nft (nftables) is not installed: kubectl port-forward cannot reach this pod \
+             (apt-get install nftables)"
+        );
+        return Ok(());
+    };
+    let Some(channel) = sandbox.agent_channel() else {
+        return Ok(());
+    };
+    let listener = netns.tcp_listener(std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        crate::portfwd::RELAY_PORT,
+    )))?;
+    let task = crate::portfwd::start(&netns.fd(), &nft, listener, Arc::new(channel)).await?;
+    netns.hold(task);
+    Ok(())
 }
 
 /// The pod share of a pod sandbox's VM ([`crate::pod`]): the later containers' roots are
@@ -1124,12 +1153,21 @@ impl Running {
         }
     }
 
-    /// Sets the cgroup limits of the container's processes in the guest (`docker update`).
+    /// Sets the cgroup limits of the container's processes in the guest (`docker update`,
+    /// the CRI's UpdateContainerResources): the VM's container's, or a pod container's.
     /// A memory limit above the VM's RAM is refused: that is fixed at boot. Returns the
     /// limits the guest has no file for (`memory.swap.max` without swap).
     pub async fn update(&self, limits: agentvm_protocol::ResourceLimits) -> Result<Vec<String>> {
         crate::resources::check_memory(&limits, self.shared.memory_mib)?;
-        match ask(&self.vm, Message::Update(limits), "update").await? {
+        // A pod's later container has a cgroup of its own beside the VM's container's.
+        let request = match &self.member {
+            Some(id) => Message::UpdateContainer {
+                container: id.to_string(),
+                limits,
+            },
+            None => Message::Update(limits),
+        };
+        match ask(&self.vm, request, "update").await? {
             Frame::Msg(Message::Updated { skipped }) => {
                 Ok(skipped.iter().take(16).map(|f| guest::text(f)).collect())
             }

@@ -23,6 +23,7 @@ pub mod netns;
 pub mod nftlink;
 pub mod oci;
 pub mod pod;
+pub mod portfwd;
 pub mod qmp;
 pub mod resources;
 pub mod ringlog;

@@ -65,6 +65,8 @@ pub struct Netns {
     audit: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The names the DNS relay resolved, for the audit log.
     resolved: Arc<egress::Resolved>,
+    /// Other tasks with sockets in the namespace ([`Netns::hold`]).
+    held: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug, Default)]
@@ -183,6 +185,7 @@ impl Netns {
             guard: Mutex::default(),
             audit: Mutex::default(),
             resolved: Arc::default(),
+            held: Mutex::default(),
         })
     }
 
@@ -398,23 +401,44 @@ impl Netns {
     /// A UDP socket living in the namespace (it keeps talking from there whatever thread uses
     /// it): the host end of the DNS relay to Docker's resolver at 127.0.0.11.
     pub fn udp_socket(&self) -> Result<std::net::UdpSocket> {
+        self.socket_in("create a UDP socket in", || {
+            std::net::UdpSocket::bind("0.0.0.0:0")
+        })
+    }
+
+    /// A TCP listener on `addr` inside the namespace (the port-forward relay).
+    pub fn tcp_listener(&self, addr: std::net::SocketAddr) -> Result<std::net::TcpListener> {
+        self.socket_in("listen on TCP in", move || {
+            std::net::TcpListener::bind(addr)
+        })
+    }
+
+    /// Runs `make` (which makes a socket) on a thread that entered the namespace.
+    fn socket_in<T: Send + 'static>(
+        &self,
+        what: &'static str,
+        make: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> Result<T> {
         let fd = Arc::clone(&self.fd);
-        std::thread::spawn(move || -> std::io::Result<std::net::UdpSocket> {
+        std::thread::spawn(move || -> std::io::Result<T> {
             // SAFETY: setns on a valid namespace fd affects only this short-lived thread.
             if unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            std::net::UdpSocket::bind("0.0.0.0:0")
+            make()
         })
         .join()
         .map_err(|_| Error::Invalid("the namespace socket thread panicked".into()))?
-        .map_err(|e| {
-            Error::io(
-                "create a UDP socket in",
-                format!("/proc/{}/ns/net", self.pid),
-                e,
-            )
-        })
+        .map_err(|e| Error::io(what, format!("/proc/{}/ns/net", self.pid), e))
+    }
+
+    /// Keeps `task` (one holding sockets of the namespace, which keep it alive) until the
+    /// namespace is destroyed, and aborts it then.
+    pub fn hold(&self, task: tokio::task::JoinHandle<()>) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
     }
 
     /// Kills the holder; the namespace goes with the last process in it. What the guard
@@ -436,6 +460,9 @@ impl Netns {
             .take();
         if let Some(a) = audit {
             a.abort();
+        }
+        for task in std::mem::take(self.held.get_mut().unwrap_or_else(|p| p.into_inner())) {
+            task.abort();
         }
         for (tap, drops) in self.guard_drops().await {
             tracing::warn!(

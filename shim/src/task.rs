@@ -416,7 +416,7 @@ impl TaskService {
         }
         let name = sandbox_id(&req.id).map_err(invalid)?;
         let subdir = agentvm::pod::bind_root(&share, &name, &spec.root).map_err(internal)?;
-        let request = match agentvm::pod::member_request(&name, subdir, spec) {
+        let request = match agentvm::pod::member_request(&name, subdir, spec, &share) {
             Ok(r) => r,
             Err(e) => {
                 agentvm::pod::unbind_root(&share, &name);
