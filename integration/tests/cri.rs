@@ -205,11 +205,26 @@ impl<'a> Pod<'a> {
         handler: &str,
         ns: NamespaceOption,
     ) -> Result<Pod<'a>, String> {
+        Self::run_annotated(cri, test, handler, ns, &[])
+    }
+
+    /// [`Pod::run`] with pod annotations.
+    fn run_annotated(
+        cri: &'a Cri,
+        test: &str,
+        handler: &str,
+        ns: NamespaceOption,
+        annotations: &[(&str, &str)],
+    ) -> Result<Pod<'a>, String> {
         let logs = tempfile::Builder::new()
             .prefix("agentvm-cri-logs.")
             .tempdir()
             .expect("log dir");
-        let config = pod_config(test, handler, logs.path(), ns);
+        let mut config = pod_config(test, handler, logs.path(), ns);
+        config.annotations = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let id = cri
             .block(cri.client().run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(config.clone()),
@@ -1416,4 +1431,132 @@ fn pod_container_costs() {
         );
         pod.remove().expect("remove the pod");
     }
+}
+
+/// Whether a TCP connection from container `id` of `pod` to `addr:port` opens (3 s).
+fn pod_reaches(pod: &Pod, id: &str, addr: &str, port: u16) -> bool {
+    let script = format!("timeout 3 nc {addr} {port} </dev/null && echo OPEN || echo CLOSED");
+    let out = pod
+        .exec_sync(id, &["sh", "-c", &script], 30)
+        .unwrap_or_else(|e| panic!("exec in {id}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("OPEN") || text.contains("CLOSED"), "{text}");
+    text.contains("OPEN")
+}
+
+/// The egress policy of a pod (agentvm only: runc has none): the pod annotation
+/// `io.agentvm.egress=agent` (passed to the runtime through the handler's `pod_annotations`)
+/// holds for every container of the pod, as one policy on the pod's VM. A service of this host
+/// on the pod network's gateway is refused to both of the pod's containers while a pod without
+/// the policy reaches it; another pod of the pod network (its own network) is reached;
+/// `agentvm policy show` names the policy and `policy log` the blocks.
+#[test]
+fn pod_egress_policy_holds_for_every_container_of_the_pod() {
+    let test = "pod_egress_policy_holds_for_every_container_of_the_pod";
+    let Some(cri) = Cri::get(test) else {
+        return;
+    };
+    // The host's address on the pod network (the CNI bridge's): the pods' gateway.
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", "avmcri0"])
+        .output()
+        .expect("ip");
+    let gateway = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .map(str::to_string)
+        .expect("an address on avmcri0");
+    let listener = std::net::TcpListener::bind((gateway.as_str(), 0)).expect("listen");
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+
+    let mut open = Pod::run(&cri, "egress-open", AGENTVM, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"));
+    let web = open.start(
+        "web",
+        "mkdir -p /www && echo hi > /www/index.html && exec httpd -f -p 8080 -h /www",
+    );
+    open.wait_state(&web, ContainerState::ContainerRunning);
+    let web_ip = cri
+        .block(cri.client().pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: open.id.clone(),
+            verbose: false,
+        }))
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(!web_ip.is_empty());
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    while !pod_reaches(&open, &web, &gateway, port) {
+        assert!(
+            Instant::now() < deadline,
+            "a pod without policy never reached the host"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    let mut guarded = Pod::run_annotated(
+        &cri,
+        "egress-agent",
+        AGENTVM,
+        NamespaceOption::default(),
+        &[("io.agentvm.egress", "agent")],
+    )
+    .unwrap_or_else(|e| panic!("RunPodSandbox under agent: {e}"));
+    let a = guarded.start("a", "exec sleep 600");
+    let b = guarded.start("b", "exec sleep 600");
+    guarded.wait_state(&a, ContainerState::ContainerRunning);
+    guarded.wait_state(&b, ContainerState::ContainerRunning);
+    for id in [&a, &b] {
+        assert!(
+            !pod_reaches(&guarded, id, &gateway, port),
+            "container {id} reached the host under agent"
+        );
+        assert!(
+            pod_reaches(&guarded, id, &web_ip, 8080),
+            "container {id} did not reach the other pod"
+        );
+    }
+    let agentvm = |args: &[&str]| {
+        let out = std::process::Command::new(agentvm_integration::agentvm_bin())
+            .args(args)
+            .output()
+            .expect("agentvm");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, show) = agentvm(&["policy", "show", &guarded.id]);
+    assert!(ok && show.contains("policy: agent (base agent)"), "{show}");
+    let (ok, log) = agentvm(&["policy", "log", &guarded.id]);
+    assert!(
+        ok && log.contains(&format!("blocked tcp to {gateway}:{port}"))
+            && log.contains("the host's own address"),
+        "{log}"
+    );
+    let (ok, show) = agentvm(&["policy", "show", &open.id]);
+    assert!(ok && show.contains("policy: open"), "{show}");
+
+    let ids = [guarded.id.clone(), a, b];
+    let netns = guarded.netns_path();
+    guarded.remove().expect("remove the guarded pod");
+    assert_nothing_left(&ids, netns.as_deref());
+    let ids = [open.id.clone(), web];
+    let netns = open.netns_path();
+    open.remove().expect("remove the open pod");
+    assert_nothing_left(&ids, netns.as_deref());
 }
