@@ -1042,6 +1042,7 @@ mod tests {
             mounts: Vec::new(),
             sysctls: Default::default(),
             container: None,
+            secrets: Vec::new(),
         }
     }
 

@@ -82,6 +82,9 @@ pub struct ContainerConfig {
     pub host_cgroup: Option<hostcgroup::Request>,
     /// What writable volumes may not leave on the host (from the spec's capabilities).
     pub volume_limits: crate::vmm::VolumeLimits,
+    /// The container's secrets, decrypted ([`crate::secrets`]): sent with the init's start
+    /// request, nowhere else (their `Debug` shows no value).
+    pub secrets: Vec<agentvm_protocol::SecretSpec>,
 }
 
 /// The stdio of a process; `None` streams are not connected.
@@ -466,6 +469,7 @@ fn start_request(
         mounts,
         sysctls: cfg.sysctls.clone(),
         container: None,
+        secrets: cfg.secrets.clone(),
     }
 }
 
@@ -1013,6 +1017,7 @@ impl Running {
                     own_pid_namespace: false,
                     readonly_root: false,
                 }),
+            secrets: Vec::new(),
         };
         self.spawn_in_vm(request, io, EXEC_START_TIMEOUT)
     }
@@ -1473,6 +1478,7 @@ pub mod testing {
             mounts: Vec::new(),
             sysctls: Default::default(),
             container: None,
+            secrets: Vec::new(),
         };
         let shared = Arc::new(VmShared {
             qmp: PathBuf::from("/nonexistent/qmp.sock"),

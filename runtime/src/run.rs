@@ -172,6 +172,7 @@ async fn drive(
         mounts: Vec::new(),
         sysctls: Default::default(),
         container: None,
+        secrets: Vec::new(),
     };
     let t_start = Instant::now();
     tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Start(Box::new(start)))).await?;
