@@ -258,7 +258,7 @@ fn decode_hex(s: &[u8]) -> Option<Vec<u8>> {
             _ => None,
         }
     }
-    if !s.len().is_multiple_of(2) {
+    if s.len() & 1 == 1 {
         return None;
     }
     let mut out = Vec::with_capacity(s.len() / 2);

@@ -80,7 +80,10 @@ pub enum SecretError {
     },
     #[error("secret {name:?}: {} is not an agentvm secret file", path.display())]
     Malformed { name: String, path: PathBuf },
-    #[error("secret {name:?} holds a NUL byte and cannot be an environment variable")]
+    #[error(
+        "secret {name:?} cannot be an environment variable: it holds a NUL byte or is not \
+         UTF-8 text (deliver it as a file: {ANNOTATION})"
+    )]
     NulInEnv { name: String },
     #[error("key file {}: {problem}", path.display())]
     KeyFile { path: PathBuf, problem: String },
@@ -365,7 +368,8 @@ impl Store {
         let mut total = 0;
         for w in wanted {
             let value = self.get(&w.name)?;
-            if w.env && value.as_bytes().contains(&0) {
+            let text = std::str::from_utf8(value.as_bytes()).is_ok();
+            if w.env && (!text || value.as_bytes().contains(&0)) {
                 return Err(SecretError::NulInEnv {
                     name: w.name.clone(),
                 });
@@ -859,6 +863,7 @@ mod tests {
         let (_tmp, s) = store();
         s.set("A", b"alpha").unwrap();
         s.set("NUL", b"a\0b").unwrap();
+        s.set("BIN", b"\xff\xfe").unwrap();
         let got = s
             .resolve(&wanted(&ann(&[(ANNOTATION, "A"), (ENV_ANNOTATION, "A")])).unwrap())
             .unwrap();
@@ -875,6 +880,10 @@ mod tests {
             .unwrap();
         let e = s
             .resolve(&wanted(&ann(&[(ENV_ANNOTATION, "NUL")])).unwrap())
+            .unwrap_err();
+        assert!(matches!(e, SecretError::NulInEnv { .. }));
+        let e = s
+            .resolve(&wanted(&ann(&[(ENV_ANNOTATION, "BIN")])).unwrap())
             .unwrap_err();
         assert!(matches!(e, SecretError::NulInEnv { .. }));
     }
