@@ -306,3 +306,60 @@ fn a_missing_or_undecryptable_secret_fails_the_run_and_leaves_no_vm() {
     );
     env.assert_vm_gone(id.trim());
 }
+
+/// `agentvm run --secret/--secret-env` (no Docker): the same store and delivery.
+#[test]
+fn agentvm_run_gets_secrets_as_file_and_variable() {
+    let test = "agentvm_run_gets_secrets_as_file_and_variable";
+    let Some(vm) = agentvm_integration::VmEnv::get(test) else {
+        return;
+    };
+    let store = tempfile::tempdir().unwrap();
+    let value = random_value();
+    let out = secret_cmd(&["set", "API_TOKEN"], value.as_bytes(), Some(store.path()));
+    assert!(out.status.success(), "{:?}", text(&out));
+    let mut c = vm.run_cmd(&[
+        "--user",
+        "1000:1000",
+        "--secret",
+        "API_TOKEN",
+        "--secret-env",
+        "API_TOKEN",
+        "--",
+        "sh",
+        "-c",
+        "ls -ln /run/secrets; cat /run/secrets/API_TOKEN; echo; echo \"$API_TOKEN\"",
+    ]);
+    c.env("AGENTVM_SECRETS_DIR", store.path().join("secrets"))
+        .env("AGENTVM_SECRETS_KEY", store.path().join("secrets.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = agentvm_integration::wait_with_deadline(c.spawn().unwrap(), T);
+    let (so, se) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "stderr: {se}");
+    let lines: Vec<&str> = so.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("-r--------") && l.contains(" 1000 ")),
+        "{so}"
+    );
+    assert_eq!(
+        &lines[lines.len() - 2..],
+        [value.as_str(), value.as_str()],
+        "{so}"
+    );
+    vm.assert_clean();
+
+    // A secret that is not there: refused before a VM boots, naming it.
+    let mut c = vm.run_cmd(&["--secret", "NOT_THERE", "--", "true"]);
+    c.env("AGENTVM_SECRETS_DIR", store.path().join("secrets"))
+        .env("AGENTVM_SECRETS_KEY", store.path().join("secrets.key"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = agentvm_integration::wait_with_deadline(c.spawn().unwrap(), T);
+    let (_, se) = text(&out);
+    assert_eq!(out.status.code(), Some(125), "{se}");
+    assert!(se.contains("\"NOT_THERE\" is not set"), "{se}");
+    vm.assert_clean();
+}

@@ -144,6 +144,13 @@ struct RunArgs {
     /// Print a timing breakdown (and turn on the agent's debug log on the VM console).
     #[arg(long)]
     debug: bool,
+    /// Give the process secret NAME as the file /run/secrets/NAME (stored first with
+    /// `agentvm secret set NAME`); repeatable.
+    #[arg(long = "secret", value_name = "NAME")]
+    secrets: Vec<String>,
+    /// Give the process secret NAME as the environment variable NAME; repeatable.
+    #[arg(long = "secret-env", value_name = "NAME")]
+    secret_env: Vec<String>,
     /// The command and its arguments.
     #[arg(last = true)]
     command: Vec<String>,
@@ -529,6 +536,23 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<i32> {
     if a.cpus == 0 || a.memory < 64 {
         anyhow::bail!("--cpus must be at least 1 and --memory at least 64 (MiB)");
     }
+    // Before anything boots: a missing secret fails here, naming it.
+    let asked = std::collections::HashMap::from([
+        (
+            agentvm::secrets::ANNOTATION.to_string(),
+            a.secrets.join(","),
+        ),
+        (
+            agentvm::secrets::ENV_ANNOTATION.to_string(),
+            a.secret_env.join(","),
+        ),
+    ]);
+    let secrets = agentvm::secrets::wanted(&asked)?;
+    let secrets = if secrets.is_empty() {
+        Vec::new()
+    } else {
+        agentvm::secrets::Store::host().resolve(&secrets)?
+    };
     let wanted = image::UserProcess {
         args: a.command,
         env: a.env,
@@ -571,6 +595,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<i32> {
         boot_timeout: Duration::from_secs(a.boot_timeout),
         icount: a.icount,
         debug: a.debug,
+        secrets,
     };
     Ok(run::run(opts).await?)
 }

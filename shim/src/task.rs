@@ -1320,6 +1320,37 @@ mod tests {
         assert_eq!(code(unimplemented("pause")), Code::UNIMPLEMENTED);
     }
 
+    /// The create's secrets: none asked, none read; a missing one fails with its name
+    /// (FAILED_PRECONDITION), a bad annotation as INVALID_ARGUMENT; no value in any error.
+    #[test]
+    fn secrets_resolve_at_create_or_fail_naming_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        // No other test of this binary reads these.
+        std::env::set_var("AGENTVM_SECRETS_DIR", dir.path().join("secrets"));
+        std::env::set_var("AGENTVM_SECRETS_KEY", dir.path().join("secrets.key"));
+        agentvm::secrets::Store::host()
+            .set("TOKEN", b"tok-value")
+            .unwrap();
+        let ann =
+            |v: &str| HashMap::from([(agentvm::secrets::ANNOTATION.to_string(), v.to_string())]);
+        let status = |e: ttrpc::Error| match e {
+            ttrpc::Error::RpcStatus(s) => (s.code(), s.message),
+            other => panic!("not a status: {other:?}"),
+        };
+        assert!(resolve_secrets("c", &HashMap::new()).unwrap().is_empty());
+        let got = resolve_secrets("c", &ann("TOKEN")).unwrap();
+        assert_eq!(got[0].value.as_bytes(), b"tok-value");
+        let (code, msg) = status(resolve_secrets("c", &ann("TOKEN,GONE")).unwrap_err());
+        assert_eq!(code, Code::FAILED_PRECONDITION);
+        assert!(
+            msg.contains("container c") && msg.contains("\"GONE\" is not set"),
+            "{msg}"
+        );
+        assert!(!msg.contains("tok-value"), "{msg}");
+        let (code, msg) = status(resolve_secrets("c", &ann("../etc")).unwrap_err());
+        assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    }
+
     #[test]
     fn timestamps_split_seconds_and_nanos() {
         let t = SystemTime::UNIX_EPOCH + Duration::new(5, 7);
