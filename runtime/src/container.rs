@@ -1406,7 +1406,11 @@ fn spawn_writer(
     mut out: mpsc::UnboundedReceiver<Out>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        if tokio_io::write_frame(&mut writer, &first).await.is_err() {
+        let sent = tokio_io::write_frame(&mut writer, &first).await;
+        // The start request may carry secrets: not kept for the process's lifetime (their
+        // buffers are zeroed as they drop).
+        drop(first);
+        if sent.is_err() {
             return;
         }
         let mut stdin_open = stdin.is_some();

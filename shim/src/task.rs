@@ -640,8 +640,12 @@ impl Task for TaskService {
         let spec = agentvm::oci::load_bundle(&bundle, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         // Before anything is made: a secret that is missing or does not decrypt fails the
-        // create with its name, and leaves nothing behind.
-        let secrets = resolve_secrets(&req.id, &spec.annotations)?;
+        // create with its name, and leaves nothing behind. A pod's sandbox (the pause
+        // container, which sees the pod's annotations too) needs none.
+        let secrets = match agentvm::pod::PodRole::of(&spec.annotations) {
+            agentvm::pod::PodRole::Sandbox { .. } => Vec::new(),
+            _ => resolve_secrets(&req.id, &spec.annotations)?,
+        };
         let mounted_rootfs = !req.rootfs.is_empty();
         if mounted_rootfs {
             crate::rootfs::mount_all(&req.rootfs, &bundle.join("rootfs"))
