@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use agentvm_protocol::tokio_io::{read_frame, write_frame};
 use agentvm_protocol::{
-    ExitStatus, Frame, Message, ProtocolError, RootfsSpec, StartRequest, Stream, HOST_CID,
-    MAX_DATA_CHUNK, VERSION,
+    ExitStatus, Frame, Message, ProtocolError, RootfsSpec, SecretSpec, StartRequest, Stream,
+    HOST_CID, MAX_DATA_CHUNK, VERSION,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -30,7 +30,7 @@ use crate::process::spawn::{open_pty, resize, spawn, SpawnError};
 use crate::process::Plan;
 use crate::reaper::Reaper;
 use crate::vsock::Listener;
-use crate::{boot, debug, dns, info, mounts, net, power, rootfs};
+use crate::{boot, debug, dns, info, mounts, net, power, rootfs, secrets};
 
 /// How long stdout/stderr may stay open after the process exited (an orphan holding them)
 /// before `Exited` is reported anyway.
@@ -64,6 +64,9 @@ pub struct Agent {
     members: Mutex<HashMap<String, Arc<Member>>>,
     /// Shares mounted once for the roots of pod containers, by tag.
     shares: Mutex<HashSet<String>>,
+    /// The env secrets of the VM's own container, from its init's start request: its exec
+    /// processes get them too.
+    secret_env: Mutex<Vec<SecretSpec>>,
 }
 
 /// A container of a pod's VM beside the VM's own (the pod sandbox's): its root, cgroup and
@@ -78,6 +81,8 @@ struct Member {
     pid_ns: Option<OwnedFd>,
     /// Exec processes being served: the init's end waits for their exits to go out.
     others: tokio::sync::watch::Sender<usize>,
+    /// The container's env secrets, which its exec processes get too.
+    secret_env: Vec<SecretSpec>,
 }
 
 /// Counts one process other than the init while it is served ([`Agent::others`]).
@@ -109,6 +114,7 @@ impl Agent {
             others: tokio::sync::watch::Sender::new(0),
             members: Mutex::new(HashMap::new()),
             shares: Mutex::new(HashSet::new()),
+            secret_env: Mutex::new(Vec::new()),
         }
     }
 
@@ -501,6 +507,18 @@ async fn run(
             let _ = out.send(error(e.to_string(), None)).await;
             return failed;
         }
+        // Last, so no mount of the spec covers them; before the root turns read-only.
+        if !agent.preset_root {
+            let user = &req.process.user;
+            if let Err(e) =
+                secrets::install(&req.secrets, &agent.root, mounts::FILES, user.uid, user.gid)
+            {
+                info!("{e}");
+                let _ = out.send(error(e.to_string(), None)).await;
+                return failed;
+            }
+        }
+        *lock(&agent.secret_env) = secrets::env_only(&req.secrets);
         // Every mount point exists now: a read-only root turns read-only.
         if let Err(e) = agent.seal_rootfs(&req.rootfs) {
             info!("{e}");
@@ -510,7 +528,11 @@ async fn run(
     } else if req.network.is_some() || !req.mounts.is_empty() || !req.sysctls.is_empty() {
         debug!("ignoring the network and mounts of a process that is not the init process");
     }
-    let plan = match Plan::new(&req.process, &agent.root, agent.last_cap) {
+    let secret_env = lock(&agent.secret_env).clone();
+    let process = secrets::with_env(&req.process, &secret_env);
+    let planned = Plan::new(&process, &agent.root, agent.last_cap);
+    secrets::scrub(process);
+    let plan = match planned {
         Ok(mut p) => {
             p.cgroup_procs = agent.cgroup.as_ref().and_then(Cgroup::procs_path);
             Arc::new(p)
@@ -671,7 +693,10 @@ fn create_member(
         .map_err(|e| e.to_string())?;
         rootfs::execute(&ops).map_err(|e| e.to_string())?;
         lock(&agent.shares).insert(tag);
-        mounts::apply_with_files(&req.mounts, &root, &format!("{base}/files"))
+        let files = format!("{base}/files");
+        mounts::apply_with_files(&req.mounts, &root, &files).map_err(|e| e.to_string())?;
+        let user = &req.process.user;
+        secrets::install(&req.secrets, &root, &files, user.uid, user.gid)
             .map_err(|e| e.to_string())?;
         if pc.readonly_root {
             rootfs::execute(&[rootfs::Op::RemountReadonly {
@@ -690,8 +715,11 @@ fn create_member(
                 None
             }
         });
-    let mut plan = Plan::new(&req.process, &root, agent.last_cap)
-        .map_err(|e| format!("invalid process spec: {e}"))?;
+    let secret_env = secrets::env_only(&req.secrets);
+    let process = secrets::with_env(&req.process, &secret_env);
+    let planned = Plan::new(&process, &root, agent.last_cap);
+    secrets::scrub(process);
+    let mut plan = planned.map_err(|e| format!("invalid process spec: {e}"))?;
     plan.cgroup_procs = cgroup.as_ref().and_then(Cgroup::procs_path);
     if !agent.preset_root {
         plan.mount_ns = MountNs::New;
@@ -708,6 +736,7 @@ fn create_member(
         mnt_ns: None,
         pid_ns: None,
         others: tokio::sync::watch::Sender::new(0),
+        secret_env,
     };
     Ok((member, plan))
 }
@@ -765,6 +794,7 @@ async fn run_member(
                 mnt_ns: None,
                 pid_ns: None,
                 others: tokio::sync::watch::Sender::new(0),
+                secret_env: Vec::new(),
             };
             remove_member(agent, &id, &partial).await;
             return After::Close;
@@ -783,6 +813,7 @@ async fn run_member(
             mnt_ns: if preset { None } else { open_ns(pid, "mnt") },
             pid_ns: if own_pid { open_ns(pid, "pid") } else { None },
             others: member.others.clone(),
+            secret_env: member.secret_env.clone(),
         };
         lock(&agent.members).insert(id.clone(), Arc::new(m));
     };
@@ -834,7 +865,10 @@ async fn exec_in_member(
         return After::Close;
     };
     let _served = Other::enter(&member.others);
-    let mut plan = match Plan::new(&req.process, &member.root, agent.last_cap) {
+    let process = secrets::with_env(&req.process, &member.secret_env);
+    let planned = Plan::new(&process, &member.root, agent.last_cap);
+    secrets::scrub(process);
+    let mut plan = match planned {
         Ok(p) => p,
         Err(e) => {
             let _ = out
@@ -1069,6 +1103,7 @@ mod tests {
             mounts: Vec::new(),
             sysctls: Default::default(),
             container: None,
+            secrets: Vec::new(),
         }
     }
 
@@ -1511,6 +1546,32 @@ mod tests {
 
     /// End-to-end over a socketpair, with `/` as the container root. Needs root (`chroot`).
     /// One test, run serially: the agent's reaper waits for any child of the test process.
+    /// Env secrets: an exec of the VM's own container gets those of its init's start
+    /// request, a pod container's init its own (replacing a variable of the same name).
+    #[test]
+    fn env_secrets_reach_the_containers_processes() {
+        with_root_agent(
+            "env_secrets_reach_the_containers_processes",
+            |agent| async move {
+                let token = |v: &str| SecretSpec {
+                    name: "TOKEN".into(),
+                    value: agentvm_protocol::SecretValue::new(v.as_bytes().to_vec()),
+                    file: false,
+                    env: true,
+                };
+                *lock(&agent.secret_env) = vec![token("vm-s3cret")];
+                let echo = ["sh", "-c", "echo \"$TOKEN\""];
+                let f = connect(&agent, start_request(&echo)).await.rest().await;
+                assert_eq!(data(&f, Stream::Stdout), b"vm-s3cret\n");
+                let mut req = member_request("sec1", true, &echo);
+                req.process.env.push("TOKEN=from-the-image".into());
+                req.secrets = vec![token("pod-s3cret")];
+                let f = connect(&agent, req).await.rest().await;
+                assert_eq!(data(&f, Stream::Stdout), b"pod-s3cret\n", "{f:?}");
+            },
+        );
+    }
+
     #[test]
     fn protocol_sessions() {
         with_root_agent("protocol_sessions", |agent| async move {

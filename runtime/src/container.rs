@@ -82,6 +82,9 @@ pub struct ContainerConfig {
     pub host_cgroup: Option<hostcgroup::Request>,
     /// What writable volumes may not leave on the host (from the spec's capabilities).
     pub volume_limits: crate::vmm::VolumeLimits,
+    /// The container's secrets, decrypted ([`crate::secrets`]): sent with the init's start
+    /// request, nowhere else (their `Debug` shows no value).
+    pub secrets: Vec<agentvm_protocol::SecretSpec>,
 }
 
 /// The stdio of a process; `None` streams are not connected.
@@ -492,6 +495,7 @@ fn start_request(
         mounts,
         sysctls: cfg.sysctls.clone(),
         container: None,
+        secrets: cfg.secrets.clone(),
     }
 }
 
@@ -1073,6 +1077,7 @@ impl Running {
                     own_pid_namespace: false,
                     readonly_root: false,
                 }),
+            secrets: Vec::new(),
         };
         self.spawn_in_vm(request, io, EXEC_START_TIMEOUT)
     }
@@ -1474,7 +1479,11 @@ fn spawn_writer(
     mut out: mpsc::UnboundedReceiver<Out>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        if tokio_io::write_frame(&mut writer, &first).await.is_err() {
+        let sent = tokio_io::write_frame(&mut writer, &first).await;
+        // The start request may carry secrets: not kept for the process's lifetime (their
+        // buffers are zeroed as they drop).
+        drop(first);
+        if sent.is_err() {
             return;
         }
         let mut stdin_open = stdin.is_some();
@@ -1546,6 +1555,7 @@ pub mod testing {
             mounts: Vec::new(),
             sysctls: Default::default(),
             container: None,
+            secrets: Vec::new(),
         };
         let shared = Arc::new(VmShared {
             qmp: PathBuf::from("/nonexistent/qmp.sock"),

@@ -30,6 +30,7 @@ pub mod ringlog;
 pub mod run;
 pub mod sandbox;
 pub mod sandboxuser;
+pub mod secrets;
 pub mod vmm;
 
 pub use error::{Error, Result};

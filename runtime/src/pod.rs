@@ -319,6 +319,7 @@ pub fn member_request(
             own_pid_namespace: bundle.own_pid_namespace,
             readonly_root: bundle.root_readonly,
         }),
+        secrets: Vec::new(),
     })
 }
 
