@@ -1560,3 +1560,79 @@ fn pod_egress_policy_holds_for_every_container_of_the_pod() {
     open.remove().expect("remove the open pod");
     assert_nothing_left(&ids, netns.as_deref());
 }
+
+/// Secrets of a pod (agentvm only): the pod annotations `io.agentvm.secrets` and
+/// `io.agentvm.secrets-env` (let through by the handler's `pod_annotations`) give each of the
+/// pod's containers the secret as a file on /run/secrets and as a variable; the pod's sandbox
+/// spec carries the name only.
+#[test]
+fn pod_secrets_reach_its_containers() {
+    let test = "pod_secrets_reach_its_containers";
+    let Some(cri) = Cri::get(test) else {
+        return;
+    };
+    let name = format!("AVM_CRI_{}", std::process::id());
+    let value = format!(
+        "pod-secret-{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    let secret = |args: &[&str], input: &[u8]| {
+        use std::io::Write;
+        let mut child = std::process::Command::new(agentvm_integration::agentvm_bin())
+            .arg("secret")
+            .args(args)
+            .env_remove("AGENTVM_SECRETS_DIR")
+            .env_remove("AGENTVM_SECRETS_KEY")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("agentvm secret");
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        child.wait_with_output().expect("agentvm secret")
+    };
+    struct Forget<'a>(&'a dyn Fn());
+    impl Drop for Forget<'_> {
+        fn drop(&mut self) {
+            (self.0)();
+        }
+    }
+    let out = secret(&["set", &name], value.as_bytes());
+    assert!(out.status.success(), "{out:?}");
+    let rm = || {
+        let _ = secret(&["rm", &name], b"");
+    };
+    let _forget = Forget(&rm);
+
+    let mut pod = Pod::run_annotated(
+        &cri,
+        "secrets",
+        AGENTVM,
+        NamespaceOption::default(),
+        &[
+            ("io.agentvm.secrets", name.as_str()),
+            ("io.agentvm.secrets-env", name.as_str()),
+        ],
+    )
+    .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"));
+    let app = pod.start("app", "exec sleep 600");
+    pod.wait_state(&app, ContainerState::ContainerRunning);
+    let script = format!("cat /run/secrets/{name}; echo; echo env=${name}");
+    let out = pod
+        .exec_sync(&app, &["sh", "-c", &script], 60)
+        .unwrap_or_else(|e| panic!("exec: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        stdout,
+        format!("{value}\nenv={value}\n"),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ids = [pod.id.clone(), app];
+    let netns = pod.netns_path();
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
