@@ -51,8 +51,13 @@ def base(t):
     add(t, "bin/busybox", data=open(BUSYBOX, "rb").read(), mode=0o755)
     applets = subprocess.run([BUSYBOX, "--list"], capture_output=True, text=True).stdout.split()
     for a in applets:
-        if a != "busybox":
-            add(t, f"bin/{a}", tarfile.SYMTYPE, link="busybox", mode=0o777)
+        if a not in ("busybox", "pgrep", "ipcs"):
+            # Hard links, as in the busybox image: masking /bin/ls must not mask the shell.
+            add(t, f"bin/{a}", tarfile.LNKTYPE, link="bin/busybox", mode=0o755)
+    # Applets Debian's busybox lacks and critest's commands use.
+    add(t, "bin/pgrep", data=b'#!/bin/sh\nps -o pid,comm | awk -v n="$1" \'NR > 1 && $2 == n { print $1 }\'\n',
+        mode=0o755)
+    add(t, "bin/ipcs", data=b"#!/bin/sh\ncat /proc/sysvipc/shm\n", mode=0o755)
     add(t, "etc/passwd", data=PASSWD)
     add(t, "etc/group", data=GROUP)
     add(t, "www/index.html", data=b"Welcome to nginx!\n")

@@ -64,6 +64,13 @@ if [ ! -e "$stamp" ]; then
   hack/critest-images.py "$registry" >/dev/null
   touch "$stamp"
 fi
+# Pulled afresh from the registry by the specs (an older push may be in containerd's store).
+ctr_bin=ctr
+[ -n "${AGENTVM_CRI_CONTAINERD:-}" ] && [ -x "$(dirname "$AGENTVM_CRI_CONTAINERD")/ctr" ] \
+  && ctr_bin=$(dirname "$AGENTVM_CRI_CONTAINERD")/ctr
+"$ctr_bin" --address "$sock" -n k8s.io images ls -q \
+  | grep -E '^(registry\.k8s\.io/e2e-test-images|gcr\.io/k8s-staging-cri-tools)/' \
+  | xargs -r "$ctr_bin" --address "$sock" -n k8s.io images rm >/dev/null || true
 for host in registry.k8s.io gcr.io; do
   mkdir -p "$state/certs.d/$host"
   cat >"$state/certs.d/$host/hosts.toml" <<TOML
