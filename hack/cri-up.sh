@@ -8,22 +8,43 @@
 #     (io.containerd.agentvm.v1), Debian's CNI plugins (bridge `avmcri0` + host-local in
 #     10.231.0.0/24, no masquerading: pods talk to this host only; $AGENTVM_CRI_IP_RANGE
 #     (`FIRST-LAST`, e.g. 10.231.0.200-10.231.0.250) confines this instance's pod addresses,
-#     so a second instance with its own state and root can share the bridge),
+#     so a second instance with its own state and root can share the bridge), `portmap` for
+#     hostPort mappings (critest),
 #   - the pod sandbox image built locally (hack/make-pause-image.py) and the busybox test image
 #     (hack/make-test-image.py), imported into containerd's `k8s.io` namespace.
 # Usage: hack/cri-up.sh [SHIM [AGENT]] (default: the installed containerd-shim-agentvm-v1 and
-# guest agent). Copies both into a directory of this containerd's own ($AGENTVM_CRI_ROOT/bin),
+# guest agent). $AGENTVM_CRI_CONTAINERD names another containerd binary (e.g. a 2.x built from
+# source; its directory's ctr and containerd-shim-runc-v2 are used when present): a 2.x gets a
+# `version = 3` config (the io.containerd.cri.v1.runtime/images tables). Registry hosts
+# (containerd's hosts.toml) are read from $AGENTVM_CRI_STATE/certs.d (hack/critest.sh). Copies both into a directory of this containerd's own ($AGENTVM_CRI_ROOT/bin),
 # which is first on its PATH and holds the AGENTVM_AGENT it passes to the shims, so other
 # checkouts' installs do not change what it runs. Starts containerd when its socket does not
 # answer (or its config changed). Idempotent. Prints the socket path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 log() { printf '==> %s\n' "$*" >&2; }
+containerd_bin=${AGENTVM_CRI_CONTAINERD:-containerd}
+containerd_dir=
+case $containerd_bin in
+*/*)
+  containerd_bin=$(realpath "$containerd_bin")
+  containerd_dir=${containerd_bin%/*}
+  ;;
+esac
+command -v "$containerd_bin" >/dev/null || { echo "hack/cri-up.sh: $containerd_bin missing: run hack/install-deps.sh" >&2; exit 1; }
+containerd_major=$("$containerd_bin" --version | sed -nE 's/.* v?([0-9]+)\.[0-9]+\.[0-9]+.*/\1/p')
+# A containerd 2.x gets its own state, root and log (and a part of the pod network's
+# addresses), so that Debian's 1.7 instance and its metadata are never touched by it.
+v2=
+if [ "${containerd_major:-1}" -ge 2 ]; then
+  v2=-v2
+  : "${AGENTVM_CRI_IP_RANGE:=10.231.0.160-10.231.0.250}"
+fi
 shim=${1:-/usr/local/bin/containerd-shim-agentvm-v1}
 agent=${2:-${AGENTVM_SHARE:-/usr/local/share/agentvm}/agentvm-agent}
-state=${AGENTVM_CRI_STATE:-/run/agentvm-cri-test}
-root=${AGENTVM_CRI_ROOT:-/var/lib/agentvm-cri-test}
-logs=${AGENTVM_CRI_LOGS:-/tmp/agentvm-cri-logs}
+state=${AGENTVM_CRI_STATE:-/run/agentvm-cri-test$v2}
+root=${AGENTVM_CRI_ROOT:-/var/lib/agentvm-cri-test$v2}
+logs=${AGENTVM_CRI_LOGS:-/tmp/agentvm-cri-logs$v2}
 sock="$state/containerd.sock"
 ip_range=${AGENTVM_CRI_IP_RANGE:-}
 range_limits=
@@ -34,13 +55,15 @@ cni_bin=/usr/lib/cni
 pause_ref=docker.io/agentvm-test/pause:3.9
 busybox_ref=docker.io/agentvm-test/busybox:latest
 
-for b in containerd ctr runc; do
+for b in "$containerd_bin" ctr runc; do
   command -v "$b" >/dev/null || { echo "hack/cri-up.sh: $b missing: run hack/install-deps.sh" >&2; exit 1; }
 done
+ctr_bin=ctr
+[ -n "$containerd_dir" ] && [ -x "$containerd_dir/ctr" ] && ctr_bin=$containerd_dir/ctr
 for p in bridge host-local loopback; do
   [ -x "$cni_bin/$p" ] || { echo "hack/cri-up.sh: $cni_bin/$p missing: run hack/install-deps.sh (containernetworking-plugins)" >&2; exit 1; }
 done
-mkdir -p "$state/net.d" "$root/bin" "$logs"
+mkdir -p "$state/net.d" "$state/certs.d" "$root/bin" "$logs"
 chmod 0711 "$state" "$root"
 # Replaced by rename: running shims keep their binary.
 for f in "$shim" "$agent"; do
@@ -69,31 +92,85 @@ cat >"$state/net.d/10-agentvm-cri-test.conflist" <<CNI
     },
     {
       "type": "firewall"
+    },
+    {
+      "type": "portmap",
+      "capabilities": {"portMappings": true}
     }
   ]
 }
 CNI
 
 config="$state/config.toml"
-new_config=$(cat <<TOML
-# Written by hack/cri-up.sh: the CRI tests' own containerd.
-# Its shim and guest agent: $root/bin (PATH and AGENTVM_AGENT of the daemon).
-version = 2
-root = "$root"
-state = "$state/containerd"
-disabled_plugins = ["io.containerd.nri.v1.nri"]
+header="# Written by hack/cri-up.sh: the CRI tests' own containerd ($containerd_bin).
+# Its shim and guest agent: $root/bin (PATH and AGENTVM_AGENT of the daemon)."
+common="root = \"$root\"
+state = \"$state/containerd\"
+disabled_plugins = [\"io.containerd.nri.v1.nri\"]
 
 [grpc]
-  address = "$sock"
+  address = \"$sock\"
 
 [ttrpc]
-  address = "$sock.ttrpc"
+  address = \"$sock.ttrpc\"
 
 [debug]
-  address = "$state/debug.sock"
+  address = \"$state/debug.sock\"
 
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$root/opt"
+[plugins.\"io.containerd.internal.v1.opt\"]
+  path = \"$root/opt\""
+if [ "${containerd_major:-1}" -ge 2 ]; then
+  # containerd 2.x: the CRI plugin is split into runtime, images and the gRPC server.
+  new_config=$(cat <<TOML
+$header
+version = 3
+$common
+
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "overlayfs"
+
+[plugins."io.containerd.cri.v1.images".pinned_images]
+  sandbox = "$pause_ref"
+
+[plugins."io.containerd.cri.v1.images".registry]
+  config_path = "$state/certs.d"
+
+[plugins."io.containerd.cri.v1.runtime"]
+  # These hosts do not let a process lower its OOM score (/work/shared/DESIGN.md).
+  restrict_oom_score_adj = true
+  enable_selinux = false
+  # Pod network namespaces under this instance's state dir, not /var/run/netns.
+  netns_mounts_under_state_dir = true
+
+[plugins."io.containerd.cri.v1.runtime".containerd]
+  default_runtime_name = "runc"
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+  Root = "$state/runc"
+
+[plugins."io.containerd.cri.v1.runtime".containerd.runtimes.agentvm]
+  runtime_type = "io.containerd.agentvm.v1"
+  # Pod annotations agentvm reads (io.agentvm.egress, share and root choices).
+  pod_annotations = ["io.agentvm.*"]
+
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = ["$cni_bin"]
+  conf_dir = "$state/net.d"
+  max_conf_num = 1
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+TOML
+  )
+else
+  new_config=$(cat <<TOML
+$header
+version = 2
+$common
 
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$pause_ref"
@@ -124,10 +201,14 @@ disabled_plugins = ["io.containerd.nri.v1.nri"]
   bin_dir = "$cni_bin"
   conf_dir = "$state/net.d"
   max_conf_num = 1
-TOML
-)
 
-answers() { ctr --address "$sock" version >/dev/null 2>&1; }
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "$state/certs.d"
+TOML
+  )
+fi
+
+answers() { "$ctr_bin" --address "$sock" version >/dev/null 2>&1; }
 # A containerd started with another config (an older checkout of this script) is replaced.
 if answers && [ "$(cat "$config" 2>/dev/null)" != "$new_config" ]; then
   pid=$(cat "$state/containerd.pid" 2>/dev/null || true)
@@ -143,8 +224,8 @@ printf '%s\n' "$new_config" >"$config"
 . hack/daemon-env.sh
 if ! answers; then
   log "starting the CRI test containerd (socket $sock, log $logs/containerd.log)"
-  (close_fds; exec "${clean_env[@]}" PATH="$root/bin:$PATH" AGENTVM_AGENT="$root/bin/${agent##*/}" \
-    setsid nohup containerd \
+  (close_fds; exec "${clean_env[@]}" PATH="$root/bin${containerd_dir:+:$containerd_dir}:$PATH" \
+    AGENTVM_AGENT="$root/bin/${agent##*/}" setsid nohup "$containerd_bin" \
     --config "$config" >"$logs/containerd.log" 2>&1 </dev/null) &
   echo $! >"$state/containerd.pid"
   for _ in $(seq 1 300); do answers && break; sleep 0.1; done
@@ -158,12 +239,12 @@ fi
 # Images, into the CRI plugin's namespace. An OCI layout becomes an archive for ctr.
 import() { # ref, layout dir
   local ref=$1 dir=$2 name=${1%:*}
-  if ctr --address "$sock" -n k8s.io image ls -q | grep -qxF "$ref" \
+  if "$ctr_bin" --address "$sock" -n k8s.io image ls -q | grep -qxF "$ref" \
     && [ "$(cat "$state/imported-${name##*/}" 2>/dev/null)" = "$dir" ]; then
     return 0
   fi
   log "importing $ref from $dir"
-  tar -C "$dir" -cf - . | ctr --address "$sock" -n k8s.io image import --base-name "$name" - >/dev/null
+  tar -C "$dir" -cf - . | "$ctr_bin" --address "$sock" -n k8s.io image import --base-name "$name" - >/dev/null
   echo "$dir" >"$state/imported-${name##*/}"
 }
 import "$pause_ref" "$(hack/make-pause-image.py)"

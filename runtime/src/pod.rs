@@ -275,6 +275,42 @@ pub fn unbind_root(share: &Path, id: &str) {
     let _ = std::fs::remove_dir(&dir);
 }
 
+/// Whether a mount point of `mountinfo` (the text of /proc/self/mountinfo) lies below `dir`
+/// (canonicalized when it exists).
+fn has_submounts(mountinfo: &str, dir: &Path) -> bool {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .any(|p| p.starts_with(&dir) && p != dir)
+}
+
+/// A mountinfo path with its octal escapes (`\040` for a space) decoded.
+fn unescape_mountinfo(p: &str) -> PathBuf {
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (b[i], octal) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+}
+
 /// What the agent is asked to run for a pod's container `id` whose root is `subdir` of the
 /// pod share `share`: its process, its mounts (files copied, tmpfs, directory binds bound
 /// into the pod share with [`bind_volume`] and bound from there in the guest), its
@@ -289,12 +325,22 @@ pub fn member_request(
     let mut mounts = plan.mounts;
     for (n, volume) in plan.shares.iter().enumerate() {
         let dir = bind_volume(share, id, n, &volume.path, volume.readonly)?;
+        // The host's bind is read-only at its top only, as runc's (non-recursive) read-only
+        // mount is: mounts below it stay writable. The guest sees the whole tree as one
+        // virtio-fs mount, where a read-only remount would cover them too: when the volume
+        // has mounts below it, read-only is left to the host's bind.
+        let guest_readonly = volume.readonly
+            && !has_submounts(
+                &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+                &volume.path,
+            );
         for m in mounts.iter_mut() {
             if matches!(&m.source, MountSource::Share { tag, .. } if *tag == volume.tag) {
                 m.source = MountSource::ShareDir {
                     tag: SHARE_TAG.into(),
                     subdir: dir.clone(),
                 };
+                m.readonly = guest_readonly;
             }
         }
     }
@@ -326,6 +372,19 @@ pub fn member_request(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A read-only volume with a mount below it (critest's non-recursive read-only mount)
+    /// is found by its mountinfo lines, escapes decoded; the volume's own mount is not one.
+    #[test]
+    fn submounts_of_a_volume_are_found_in_mountinfo() {
+        let info = "22 1 8:1 / / rw - ext4 /dev/vda rw\n\
+                    30 22 0:5 / /srv/vol rw - ext4 /dev/vda rw\n\
+                    31 30 0:6 / /srv/my\\040vol/tmpfs rw - tmpfs tmpfs rw\n";
+        assert!(has_submounts(info, Path::new("/srv/my vol")));
+        assert!(!has_submounts(info, Path::new("/srv/vol")));
+        assert!(!has_submounts(info, Path::new("/srv/v")));
+        assert_eq!(unescape_mountinfo("/a\\040b\\"), PathBuf::from("/a b\\"));
+    }
 
     fn spec(namespaces: &[&str]) -> Spec {
         let ns: Vec<String> = namespaces
