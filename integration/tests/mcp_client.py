@@ -11,6 +11,7 @@ inherits this process's environment (AGENTVM_STATE_ROOT among it).
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -106,6 +107,12 @@ async def full(s, image):
     await call(s, "file_write", {"sandbox_id": sid, "path": "/tmp/bin", "content": "AAEC/w==", "encoding": "base64"})
     r = await call(s, "file_read", {"sandbox_id": sid, "path": "/tmp/bin"})
     assert (r["encoding"], r["content"], r["size"]) == ("base64", "AAEC/w==", 4), r
+    # Root in the guest cannot leave setuid files or device nodes in the host's workspace.
+    r = await call(s, "exec", {"sandbox_id": sid, "shell":
+                               "touch suid; chmod 4755 suid; mknod null c 1 3; ls -l suid; true"})
+    st = os.stat(os.path.join(workspace, "suid"))
+    assert not st.st_mode & 0o6000, (oct(st.st_mode), r)
+    assert not os.path.exists(os.path.join(workspace, "null")), r
     ls = await call(s, "file_list", {"sandbox_id": sid, "path": "/workspace"})
     names = {(x["name"], x["type"]) for x in ls["entries"]}
     assert {("notes", "directory"), ("from-host.txt", "file")} <= names, ls
@@ -159,6 +166,8 @@ async def full(s, image):
     assert e["error"]["code"] == "unknown_sandbox", e
     assert (await call(s, "sandbox_list", {}))["sandboxes"] == []
     say("ok stop/remove")
+
+    shutil.rmtree(workspace)
 
     # One more, left for the session's end to remove.
     c = await call(s, "sandbox_create", {"image": image})

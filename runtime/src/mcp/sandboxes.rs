@@ -405,7 +405,23 @@ impl Manager {
             tracing::warn!("{w}");
             warnings.push(w);
         }
-        let policy = crate::mounts::SharePolicy::detect(&HashMap::new())?;
+        let mut policy = crate::mounts::SharePolicy::detect(&HashMap::new())?;
+        // The workspace is the user's own directory: root in the guest may not leave device
+        // nodes, file capabilities or setuid/setgid files there for the host to trip over.
+        policy.limits = crate::vmm::VolumeLimits {
+            no_devices: true,
+            no_file_caps: true,
+            no_setid: true,
+        };
+        let virtio_fs = matches!(policy.volumes, crate::vmm::ShareTransport::VirtioFs(_));
+        if workspace.is_some() && !req.workspace_readonly && !virtio_fs {
+            return Err(McpError::Unsupported(
+                "a writable workspace needs virtiofsd (its file server bounds what the guest \
+                 leaves on the host; 9p cannot): cargo install virtiofsd, or run \
+                 hack/install-deps.sh, or pass workspace_readonly: true"
+                    .into(),
+            ));
+        }
         let oci_mounts = match &workspace {
             Some(dir) => vec![workspace_mount(dir, req.workspace_readonly)?],
             None => Vec::new(),
