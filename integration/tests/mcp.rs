@@ -309,8 +309,8 @@ fn mcp_malformed_json_rpc_is_answered_and_the_session_goes_on() {
 }
 
 #[test]
-fn mcp_sigterm_removes_the_sandboxes() {
-    let test = "mcp_sigterm_removes_the_sandboxes";
+fn mcp_cancel_kills_the_command_and_sigterm_removes_the_sandboxes() {
+    let test = "mcp_cancel_kills_the_command_and_sigterm_removes_the_sandboxes";
     let Some(env) = VmEnv::get(test) else { return };
     let Some(image) = env.test_image(test) else {
         return;
@@ -329,6 +329,50 @@ fn mcp_sigterm_removes_the_sandboxes() {
         "{r}"
     );
     assert!(!env.leftover_processes().is_empty(), "no VM runs");
+    let id = r["result"]["structuredContent"]["sandbox"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A call the client cancels: its command is killed in the sandbox.
+    let call = |n: u32, args: serde_json::Value| {
+        serde_json::json!({
+            "jsonrpc": "2.0", "id": n, "method": "tools/call",
+            "params": {"name": "exec", "arguments": args}
+        })
+        .to_string()
+    };
+    s.send(&call(
+        2,
+        serde_json::json!({"sandbox_id": id, "argv": ["sleep", "300"]}),
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    s.send(r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":2}}"#);
+    let mut gone = false;
+    for n in 3..30 {
+        s.send(&call(
+            n,
+            serde_json::json!({"sandbox_id": id, "shell": "ps"}),
+        ));
+        // The cancelled call may still be answered first.
+        let mut r = s.recv(Duration::from_secs(30));
+        if r["id"] == 2 {
+            assert_eq!(
+                r["result"]["structuredContent"]["error"]["code"], "cancelled",
+                "{r}"
+            );
+            r = s.recv(Duration::from_secs(30));
+        }
+        let ps = r["result"]["structuredContent"]["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if !ps.lines().any(|l| l.trim_end().ends_with("sleep 300")) {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(gone, "the cancelled command still runs");
     // SAFETY: kill(2) on the child we spawned and have not reaped.
     unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
     let st = s.wait(Duration::from_secs(30));

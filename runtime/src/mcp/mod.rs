@@ -70,6 +70,9 @@ pub enum McpError {
     /// The command could not start (a missing program: 127; one that cannot run: 126).
     #[error("the command could not start (exit code {exit_code}): {message}")]
     NotStarted { exit_code: i32, message: String },
+    /// The client cancelled the call (`notifications/cancelled`); its command was killed.
+    #[error("cancelled by the client; the command was killed")]
+    Cancelled,
     /// Something this server does not do (yet).
     #[error("{0}")]
     Unsupported(Cow<'static, str>),
@@ -91,6 +94,7 @@ impl McpError {
             McpError::State { .. } => "invalid_state",
             McpError::Timeout { .. } => "timeout",
             McpError::NotStarted { .. } => "not_started",
+            McpError::Cancelled => "cancelled",
             McpError::Unsupported(_) => "unsupported",
             McpError::Runtime(_) => "runtime_error",
         }

@@ -118,6 +118,18 @@ struct Job {
     stderr: Arc<Mutex<Capture>>,
 }
 
+/// Kills a process whose caller went away: a tool call the client cancelled (or whose
+/// request was dropped) must not leave its command running in the sandbox.
+struct KillOnDrop<'a>(&'a Running);
+
+impl Drop for KillOnDrop<'_> {
+    fn drop(&mut self) {
+        if self.0.exited().is_none() {
+            let _ = self.0.signal(libc::SIGKILL);
+        }
+    }
+}
+
 /// One sandbox of the session.
 struct Entry {
     id: String,
@@ -564,6 +576,7 @@ impl Manager {
             Ok(job) => job,
             Err(outcome) => return Ok(outcome),
         };
+        let _guard = KillOnDrop(&job.proc);
         match tokio::time::timeout(timeout, job.proc.wait()).await {
             Ok(exit) => Ok(finish(&job, exit.code, t)),
             Err(_) => {
@@ -670,6 +683,7 @@ impl Manager {
             stderr: Some(Box::new(Sink::Capture(Arc::clone(&stderr)))),
         };
         let (proc, started) = entry.init.spawn_exec(process, io);
+        let _guard = KillOnDrop(&proc);
         if let Err(e) = started.await {
             let code = tokio::time::timeout(Duration::from_secs(5), proc.wait())
                 .await

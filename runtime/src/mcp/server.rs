@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::{tool, tool_handler, tool_router, Json, ServerHandler};
+use rmcp::service::RequestContext;
+use rmcp::{tool, tool_handler, tool_router, Json, RoleServer, ServerHandler};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -324,6 +325,18 @@ fn exec_request(
     })
 }
 
+/// Runs `work` until it ends or the client cancels the request: dropping it then kills the
+/// command it started ([`super::sandboxes`]'s kill-on-drop guard).
+async fn cancellable<T>(
+    ctx: &RequestContext<RoleServer>,
+    work: impl std::future::Future<Output = ToolResult<T>>,
+) -> ToolResult<T> {
+    tokio::select! {
+        r = work => r,
+        () = ctx.ct.cancelled() => Err(McpError::Cancelled),
+    }
+}
+
 #[tool_router]
 impl AgentvmServer {
     pub fn new(manager: Arc<Manager>) -> AgentvmServer {
@@ -392,6 +405,7 @@ impl AgentvmServer {
     async fn exec(
         &self,
         Parameters(p): Parameters<ExecParams>,
+        ctx: RequestContext<RoleServer>,
     ) -> Result<Json<ExecOutcome>, McpError> {
         let timeout = limits::seconds(
             p.timeout_seconds,
@@ -408,10 +422,10 @@ impl AgentvmServer {
             p.user,
             p.max_output_bytes,
         )?;
-        let out = self
+        let work = self
             .manager
-            .exec(&p.sandbox_id, req, Duration::from_secs(timeout))
-            .await?;
+            .exec(&p.sandbox_id, req, Duration::from_secs(timeout));
+        let out = cancellable(&ctx, work).await?;
         Ok(Json(out))
     }
 
