@@ -164,6 +164,36 @@ fn mcp_sandboxes_go_when_the_client_is_killed() {
     assert_all_gone(&env, Duration::from_secs(30));
 }
 
+#[test]
+fn mcp_persistent_sandboxes_outlive_their_session() {
+    let test = "mcp_persistent_sandboxes_outlive_their_session";
+    let Some(env) = VmEnv::get(test) else { return };
+    let Some(image) = env.test_image(test) else {
+        return;
+    };
+    let Some(python) = mcp_python(test) else {
+        return;
+    };
+    let child = Command::new(python)
+        .arg(client_script())
+        .arg(&env.bin)
+        .arg(&image)
+        .arg("persist")
+        .env("AGENTVM_STATE_ROOT", env.state_root.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the MCP client");
+    let out = wait_with_deadline(child, Duration::from_secs(600));
+    let (so, se) = text(&out);
+    eprintln!("{so}");
+    assert!(out.status.success(), "client failed:\n{so}\n{se}");
+    assert!(so.contains("ok persistent used in a new session and removed"), "{so}");
+    // The host process went with its sandbox, and the other session's sandbox with its session.
+    assert_all_gone(&env, Duration::from_secs(30));
+}
+
 /// Reads lines until one starts with `prefix`; returns it, or `None` at the end or deadline.
 fn read_until(out: ChildStdout, prefix: &str, timeout: Duration) -> Option<String> {
     let (tx, rx) = std::sync::mpsc::channel();

@@ -4,6 +4,8 @@ Python SDK (PyPI `mcp`, from hack/mcp-client.sh).
     mcp_client.py AGENTVM_BIN IMAGE full       the whole tour; exits 0 when every check held
     mcp_client.py AGENTVM_BIN IMAGE hold       creates a sandbox, prints "READY <id>", then
                                                waits to be killed (the test SIGKILLs it)
+    mcp_client.py AGENTVM_BIN IMAGE persist    a persistent sandbox: made in one session, used
+                                               and removed in the next
 
 Every step prints one line ("ok <step> ..."), so a failure shows how far it got. The server
 inherits this process's environment (AGENTVM_STATE_ROOT among it).
@@ -184,13 +186,54 @@ async def hold(s, image):
     await asyncio.sleep(3600)
 
 
-async def main():
-    bin_, image, mode = sys.argv[1:4]
+async def persist_make(s, image):
+    await s.initialize()
+    c = await call(s, "sandbox_create", {"image": image, "persistent": True})
+    assert c["sandbox"]["persistent"] is True, c
+    sid = c["sandbox"]["id"]
+    await call(s, "file_write", {"sandbox_id": sid, "path": "/tmp/keep", "content": "still here\n"})
+    gone = await call(s, "sandbox_create", {"image": image})
+    say("ok persistent created", sid, "and one not", gone["sandbox"]["id"])
+    return sid
+
+
+async def persist_use(s, sid):
+    await s.initialize()
+    listed = (await call(s, "sandbox_list", {}))["sandboxes"]
+    assert [(x["id"], x["persistent"]) for x in listed] == [(sid, True)], listed
+    r = await call(s, "exec", {"sandbox_id": sid, "argv": ["cat", "/tmp/keep"]})
+    assert r["stdout"] == "still here\n", r
+    x = await call(s, "exec_start", {"sandbox_id": sid, "shell": "echo bg"})
+    o = await call(s, "exec_output", {"sandbox_id": sid, "exec_id": x["exec_id"], "wait_seconds": 10})
+    assert o["stdout"] == "bg\n" and o["exit_code"] == 0, o
+    rm = await call(s, "sandbox_remove", {"sandbox_id": sid})
+    assert rm["id"] == sid, rm
+    for _ in range(50):
+        if not (await call(s, "sandbox_list", {}))["sandboxes"]:
+            break
+        await asyncio.sleep(0.2)
+    assert (await call(s, "sandbox_list", {}))["sandboxes"] == []
+    e = await call(s, "exec", {"sandbox_id": sid, "argv": ["true"]}, expect_error=True)
+    assert e["error"]["code"] == "unknown_sandbox", e
+    say("ok persistent used in a new session and removed")
+
+
+async def session(bin_, fn, *args):
     params = StdioServerParameters(command=bin_, args=["mcp"], env=dict(os.environ))
     async with stdio_client(params) as (r, w):
         async with ClientSession(r, w) as s:
-            await {"full": full, "hold": hold}[mode](s, image)
+            out = await fn(s, *args)
     say("ok session closed")
+    return out
+
+
+async def main():
+    bin_, image, mode = sys.argv[1:4]
+    if mode == "persist":
+        sid = await session(bin_, persist_make, image)
+        await session(bin_, persist_use, sid)
+    else:
+        await session(bin_, {"full": full, "hold": hold}[mode], image)
 
 
 asyncio.run(main())

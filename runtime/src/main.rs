@@ -76,6 +76,9 @@ enum McpCmd {
     Install(McpInstallArgs),
     /// Take the "agentvm" MCP server out of Claude Code's config again.
     Uninstall(McpInstallArgs),
+    /// The host process of one persistent sandbox (started by `agentvm mcp`).
+    #[command(hide = true)]
+    Host,
 }
 
 #[derive(clap::Args, Debug)]
@@ -202,6 +205,15 @@ fn main() {
             Command::Install(a) => install_cmd(&a, true),
             Command::Uninstall(a) => install_cmd(&a, false),
             Command::Mcp { action: None } => match agentvm::mcp::serve_stdio().await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("agentvm: error: {e}");
+                    1
+                }
+            },
+            Command::Mcp {
+                action: Some(McpCmd::Host),
+            } => match agentvm::mcp::persist::host().await {
                 Ok(()) => 0,
                 Err(e) => {
                     eprintln!("agentvm: error: {e}");
@@ -471,6 +483,7 @@ fn mcp_install_cmd(action: McpCmd) -> i32 {
     let (install, a) = match action {
         McpCmd::Install(a) => (true, a),
         McpCmd::Uninstall(a) => (false, a),
+        McpCmd::Host => return 2,
     };
     let Some(config) = a.config.or_else(install::default_config) else {
         eprintln!("agentvm: error: HOME is not set: pass --config PATH");

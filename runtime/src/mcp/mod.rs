@@ -5,7 +5,8 @@
 //! ([`crate::container::boot_image`]) and owns it; nothing but agentvm (kernel, agent, QEMU)
 //! needs to be installed, and containerd or Docker never see these sandboxes. When the session
 //! ends (stdin closes, as when the client exits or is killed; SIGTERM, SIGINT or SIGHUP) every
-//! sandbox is torn down before the server exits.
+//! sandbox is torn down before the server exits — except those created `persistent`, which
+//! live in a host process of their own until removed ([`persist`]).
 //!
 //! | module | what |
 //! |---|---|
@@ -14,11 +15,13 @@
 //! | [`limits`] | argument checks, guest path resolution and output capping (pure) |
 //! | [`guestfs`] | the shell helpers that read, write and list files inside the guest |
 //! | [`stdio`] | the stdio framing: JSON-RPC parse errors answered, the rest passed on |
+//! | [`persist`] | persistent sandboxes: a host process each, reached over a unix socket |
 //! | [`install`] | `agentvm mcp install`/`uninstall`: Claude Code's `~/.claude.json` |
 
 pub mod guestfs;
 pub mod install;
 pub mod limits;
+pub mod persist;
 pub mod sandboxes;
 pub mod server;
 pub mod stdio;

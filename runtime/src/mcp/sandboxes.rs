@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use agentvm_protocol::{ProcessSpec, User};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::limits::{self, Capture, Sink, Tail};
 use super::{guestfs, McpError, ToolResult};
@@ -59,7 +59,7 @@ pub struct ExecRequest {
 }
 
 /// A sandbox as the tools report it.
-#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct SandboxInfo {
     /// Pass this to every other tool.
     pub id: String,
@@ -80,6 +80,9 @@ pub struct SandboxInfo {
     pub exit_code: Option<i32>,
     /// exec_start processes not yet reported finished by exec_output.
     pub execs: usize,
+    /// It outlives the session that created it (until sandbox_remove).
+    #[serde(default)]
+    pub persistent: bool,
 }
 
 /// The outcome of a finished process.
@@ -146,6 +149,8 @@ struct Entry {
     state_dir: PathBuf,
     execs: Mutex<HashMap<String, Job>>,
     next_exec: AtomicU64,
+    /// Served by a host process of its own ([`super::persist`]).
+    persistent: bool,
 }
 
 impl Entry {
@@ -161,6 +166,7 @@ impl Entry {
 
     fn info(&self) -> SandboxInfo {
         SandboxInfo {
+            persistent: self.persistent,
             id: self.id.clone(),
             image: self.image.clone(),
             state: self.state().into(),
@@ -235,6 +241,8 @@ pub struct Manager {
     sandboxes: Mutex<BTreeMap<String, Arc<Entry>>>,
     /// Creates under way, counted against the limit.
     creating: AtomicU64,
+    /// This is the host process of a persistent sandbox ([`super::persist::host`]).
+    hosting: bool,
 }
 
 impl std::fmt::Debug for Manager {
@@ -256,13 +264,6 @@ pub fn check_create(req: &CreateRequest) -> ToolResult<()> {
         return Err(McpError::Unsupported(
             "secrets not supported yet: this agentvm has no secret store; pass values in env \
              instead, or leave secrets out"
-                .into(),
-        ));
-    }
-    if req.persistent {
-        return Err(McpError::Unsupported(
-            "persistent sandboxes are not supported yet: in library mode a sandbox's VM lives \
-             in this server process and ends with the session"
                 .into(),
         ));
     }
@@ -353,6 +354,23 @@ fn workspace_mount(dir: &Path, readonly: bool) -> ToolResult<oci_spec::runtime::
 impl Manager {
     pub fn new() -> Manager {
         Manager::default()
+    }
+
+    /// The manager of a persistent sandbox's host process.
+    pub fn hosting(self) -> Manager {
+        Manager {
+            hosting: true,
+            ..self
+        }
+    }
+
+    pub fn is_hosting(&self) -> bool {
+        self.hosting
+    }
+
+    /// Whether this session has sandbox `id`.
+    pub fn has(&self, id: &str) -> bool {
+        lock(&self.sandboxes).contains_key(id)
     }
 
     fn get(&self, id: &str) -> ToolResult<Arc<Entry>> {
@@ -494,6 +512,7 @@ impl Manager {
             state_dir: crate::sandbox::state_root().join(&id),
             execs: Mutex::new(HashMap::new()),
             next_exec: AtomicU64::new(1),
+            persistent: self.hosting,
         });
         let info = entry.info();
         lock(&self.sandboxes).insert(id, entry);
@@ -932,13 +951,6 @@ mod tests {
         .unwrap_err();
         assert_eq!(e.code(), "unsupported");
         assert!(e.to_string().contains("secrets not supported yet"), "{e}");
-        assert_eq!(
-            code(CreateRequest {
-                persistent: true,
-                ..req()
-            }),
-            "unsupported"
-        );
         assert!(check_create(&CreateRequest {
             egress: Some("none".into()),
             ..req()

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use rmcp::handler::server::tool::IntoCallToolResult;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::service::RequestContext;
 use rmcp::{tool, tool_handler, tool_router, Json, RoleServer, ServerHandler};
@@ -59,8 +60,8 @@ pub struct CreateParams {
     /// refused with an error.
     #[serde(default)]
     pub secrets: Vec<String>,
-    /// Keep the sandbox after this session ends. Not supported yet: sandboxes always end with
-    /// the session.
+    /// Keep the sandbox after this session ends (until sandbox_remove): later sessions list
+    /// and use it. Default false: the sandbox is removed when the session ends.
     #[serde(default)]
     pub persistent: bool,
     /// The sandbox's main process (argv). Default: an idle process, so the sandbox waits for
@@ -78,7 +79,7 @@ pub struct CreateParams {
 }
 
 /// `sandbox_create`'s result.
-#[derive(Debug, Serialize, JsonSchema)]
+#[derive(Debug, Serialize, Deserialize, JsonSchema)]
 pub struct Created {
     pub sandbox: SandboxInfo,
     /// Things to know, e.g. that the VM runs under slow software emulation.
@@ -372,6 +373,14 @@ impl AgentvmServer {
             workdir: p.workdir,
             user: p.user,
         };
+        if req.persistent && !self.manager.is_hosting() {
+            let created = super::persist::create(req).await?;
+            return serde_json::from_value(created).map(Json).map_err(|e| {
+                McpError::Runtime(crate::Error::Invalid(format!(
+                    "the sandbox host answered nonsense: {e}"
+                )))
+            });
+        }
         let (sandbox, warnings) = self.manager.create(req).await?;
         Ok(Json(Created { sandbox, warnings }))
     }
@@ -386,9 +395,11 @@ impl AgentvmServer {
         )
     )]
     async fn sandbox_list(&self) -> Json<Listing> {
-        Json(Listing {
-            sandboxes: self.manager.list(),
-        })
+        let mut sandboxes = self.manager.list();
+        if !self.manager.is_hosting() {
+            sandboxes.extend(super::persist::list().await);
+        }
+        Json(Listing { sandboxes })
     }
 
     #[tool(
@@ -668,6 +679,34 @@ impl AgentvmServer {
 
 #[tool_handler]
 impl ServerHandler for AgentvmServer {
+    /// The router's, except that a call naming a persistent sandbox of another process goes
+    /// to that sandbox's host ([`super::persist`]).
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
+        let id = request
+            .arguments
+            .as_ref()
+            .and_then(|a| a.get("sandbox_id"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        if let Some(id) = id {
+            if !self.manager.is_hosting()
+                && !self.manager.has(&id)
+                && super::persist::is_hosted(&id)
+            {
+                return match super::persist::forward(&id, request).await {
+                    Ok(r) => Ok(r.into()),
+                    Err(e) => e.into_call_tool_result(),
+                };
+            }
+        }
+        let tcc = rmcp::handler::server::tool::ToolCallContext::new(self, request, context);
+        Self::tool_router().call(tcc).await
+    }
+
     fn get_info(&self) -> rmcp::model::ServerConfig {
         rmcp::model::ServerConfig::new(
             rmcp::model::ServerCapabilities::builder()
