@@ -189,7 +189,10 @@ fn mcp_persistent_sandboxes_outlive_their_session() {
     let (so, se) = text(&out);
     eprintln!("{so}");
     assert!(out.status.success(), "client failed:\n{so}\n{se}");
-    assert!(so.contains("ok persistent used in a new session and removed"), "{so}");
+    assert!(
+        so.contains("ok persistent used in a new session and removed"),
+        "{so}"
+    );
     // The host process went with its sandbox, and the other session's sandbox with its session.
     assert_all_gone(&env, Duration::from_secs(30));
 }

@@ -383,6 +383,13 @@ impl Manager {
     /// Boots a sandbox; returns it and warnings for the caller (TCG emulation).
     pub async fn create(&self, req: CreateRequest) -> ToolResult<(SandboxInfo, Vec<String>)> {
         check_create(&req)?;
+        if !nix::unistd::geteuid().is_root() {
+            return Err(McpError::Unsupported(
+                "agentvm mcp must run as root to boot VMs (as agentvm run does): register it \
+                 as `sudo agentvm mcp` (claude mcp add agentvm -- sudo agentvm mcp)"
+                    .into(),
+            ));
+        }
         let workspace = req.workspace.as_deref().map(workspace_dir).transpose()?;
         let busy = lock(&self.sandboxes).len() as u64 + self.creating.load(Ordering::SeqCst);
         if busy >= limits::MAX_SANDBOXES as u64 {
