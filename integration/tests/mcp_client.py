@@ -171,9 +171,19 @@ async def full(s, image):
 
     shutil.rmtree(workspace)
 
-    # One more, left for the session's end to remove.
-    c = await call(s, "sandbox_create", {"image": image})
-    say("ok left running", c["sandbox"]["id"])
+    # One more with a main process of its own, left for the session's end to remove.
+    c = await call(s, "sandbox_create", {"image": image,
+                                         "command": ["sh", "-c", "echo main says hi; exec sleep 1000"]})
+    sid = c["sandbox"]["id"]
+    # Tool calls run concurrently: three one-second commands take about one second.
+    t = time.monotonic()
+    rs = await asyncio.gather(*[call(s, "exec", {"sandbox_id": sid, "shell": f"sleep 1; echo {i}"})
+                                for i in range(3)])
+    assert [r["stdout"] for r in rs] == ["0\n", "1\n", "2\n"], rs
+    assert time.monotonic() - t < 2.9, time.monotonic() - t
+    lg = await call(s, "logs", {"sandbox_id": sid})
+    assert lg["output"] == "main says hi\n", lg
+    say("ok left running", sid, f"(3 parallel execs: {time.monotonic() - t:.1f}s)")
 
 
 async def hold(s, image):
