@@ -414,6 +414,28 @@ fn mcp_cancel_kills_the_command_and_sigterm_removes_the_sandboxes() {
 }
 
 #[test]
+fn mcp_session_ending_mid_create_removes_that_sandbox_too() {
+    let test = "mcp_session_ending_mid_create_removes_that_sandbox_too";
+    let Some(env) = VmEnv::get(test) else { return };
+    let Some(image) = env.test_image(test) else {
+        return;
+    };
+    let mut s = Raw::spawn(&env.bin, Some(env.state_root.path()));
+    s.initialize();
+    let create = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "sandbox_create", "arguments": {"image": image}}
+    });
+    s.send(&create.to_string());
+    // The client goes away while the VM boots.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(s.child.stdin.take());
+    let st = s.wait(Duration::from_secs(300));
+    assert!(st.success(), "{st}");
+    assert_all_gone(&env, Duration::from_secs(10));
+}
+
+#[test]
 fn mcp_install_and_uninstall_edit_claude_code_config() {
     let test = "mcp_install_and_uninstall_edit_claude_code_config";
     let bin = agentvm_bin();

@@ -239,8 +239,10 @@ fn parse_user(u: &str) -> ToolResult<(u32, u32)> {
 #[derive(Default)]
 pub struct Manager {
     sandboxes: Mutex<BTreeMap<String, Arc<Entry>>>,
-    /// Creates under way, counted against the limit.
+    /// Creates under way, counted against the limit; shutdown waits for them.
     creating: AtomicU64,
+    /// The session ended: no more creates.
+    closed: std::sync::atomic::AtomicBool,
     /// This is the host process of a persistent sandbox ([`super::persist::host`]).
     hosting: bool,
 }
@@ -398,10 +400,19 @@ impl Manager {
                 limits::MAX_SANDBOXES
             )));
         }
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(McpError::InvalidArgument("the session is ending".into()));
+        }
+        // Counted until the boot ends, also when the call is dropped half-way.
+        struct Creating<'a>(&'a AtomicU64);
+        impl Drop for Creating<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         self.creating.fetch_add(1, Ordering::SeqCst);
-        let r = self.boot(req, workspace).await;
-        self.creating.fetch_sub(1, Ordering::SeqCst);
-        r
+        let _creating = Creating(&self.creating);
+        self.boot(req, workspace).await
     }
 
     async fn boot(
@@ -866,6 +877,13 @@ impl Manager {
 
     /// Removes every sandbox of the session (at its end); returns how many there were.
     pub async fn shutdown(&self) -> usize {
+        self.closed.store(true, Ordering::SeqCst);
+        // A create still booting (its client gone mid-call) adds its sandbox when it ends:
+        // wait for it, so that sandbox is removed too.
+        let deadline = tokio::time::Instant::now() + BOOT_TIMEOUT + Duration::from_secs(60);
+        while self.creating.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         let all: Vec<Arc<Entry>> = std::mem::take(&mut *lock(&self.sandboxes))
             .into_values()
             .collect();
