@@ -66,6 +66,9 @@ cat >"$state/net.d/10-agentvm-cri-test.conflist" <<CNI
         "routes": [{"dst": "0.0.0.0/0"}],
         "dataDir": "$state/cni-ipam"
       }
+    },
+    {
+      "type": "firewall"
     }
   ]
 }

@@ -185,6 +185,35 @@ pub fn plan(mounts: &[MountSpec], files_dir: &str) -> Result<Vec<Op>, MountError
                     data,
                 });
             }
+            MountSource::ShareDir { tag, subdir } => {
+                let relative = |p: &str| {
+                    !p.is_empty()
+                        && !p.starts_with('/')
+                        && !p.split('/').any(|c| c == ".." || c == ".")
+                };
+                if !relative(subdir) || !relative(tag) || tag.contains('/') {
+                    return Err(MountError::Invalid {
+                        destination: dest,
+                        reason: "a share directory must be a relative path without `..` in a \
+                                 share named without `/`",
+                    });
+                }
+                ops.push(Op::MountPoint {
+                    dest: dest.clone(),
+                    kind: PointKind::Dir,
+                });
+                ops.push(Op::Bind {
+                    source: format!(
+                        "{}/{tag}/{}",
+                        crate::rootfs::SHARES,
+                        subdir.trim_end_matches('/')
+                    ),
+                    dest: dest.clone(),
+                });
+                if m.readonly {
+                    ops.push(Op::RemountReadonly { dest });
+                }
+            }
             MountSource::Tmpfs { options } => {
                 let (flags, data) = split_options(options.as_deref().unwrap_or(""));
                 ops.push(Op::MountPoint {
@@ -314,7 +343,7 @@ fn describe(op: &Op) -> String {
             fstype,
             ..
         } => format!("mount {source} ({fstype}) on {dest}"),
-        Op::Bind { dest, .. } => format!("bind-mount a file on {dest}"),
+        Op::Bind { source, dest } => format!("bind-mount {source} on {dest}"),
         Op::RemountReadonly { dest } => format!("make {dest} read-only"),
     }
 }
@@ -465,6 +494,40 @@ mod tests {
                 fstype: "9p".into(),
             },
             readonly,
+        }
+    }
+
+    /// A pod container's volume: a bind of its directory of the mounted pod share, made
+    /// read-only when asked; paths leaving the share are refused.
+    #[test]
+    fn share_dirs_are_bound_from_the_mounted_share() {
+        let vol = |subdir: &str, readonly: bool| MountSpec {
+            destination: "/data".into(),
+            source: MountSource::ShareDir {
+                tag: "pod".into(),
+                subdir: subdir.into(),
+            },
+            readonly,
+        };
+        assert_eq!(
+            plan(&[vol("c1/mounts/0", true)], "/f").unwrap(),
+            [
+                Op::MountPoint {
+                    dest: "/data".into(),
+                    kind: PointKind::Dir
+                },
+                Op::Bind {
+                    source: "/run/agentvm/shares/pod/c1/mounts/0".into(),
+                    dest: "/data".into()
+                },
+                Op::RemountReadonly {
+                    dest: "/data".into()
+                },
+            ]
+        );
+        assert_eq!(plan(&[vol("c1/mounts/0", false)], "/f").unwrap().len(), 2);
+        for bad in ["", "/etc", "c1/../../x", "./c1"] {
+            assert!(plan(&[vol(bad, false)], "/f").is_err(), "{bad}");
         }
     }
 

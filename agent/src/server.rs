@@ -2,7 +2,8 @@
 //!
 //! Per connection: `Hello`, then `Start` (or `Shutdown`); the process is spawned, stdio is
 //! relayed as `Data` frames, `Signal`/`Resize` are applied, and `Exited` is the last frame.
-//! A connection that starts with `DnsRelay` instead carries DNS messages (see [`crate::dns`]).
+//! A connection that starts with `DnsRelay` instead carries DNS messages (see [`crate::dns`]),
+//! one that starts with `Connect` a port-forwarded TCP connection (see [`crate::forward`]).
 //! Every connection runs as its own task; all tasks share one thread (see the crate docs).
 
 use std::collections::{HashMap, HashSet};
@@ -12,8 +13,8 @@ use std::time::Duration;
 
 use agentvm_protocol::tokio_io::{read_frame, write_frame};
 use agentvm_protocol::{
-    ExitStatus, Frame, Message, ProtocolError, RootfsSpec, StartRequest, Stream, HOST_CID,
-    MAX_DATA_CHUNK, VERSION,
+    ExitStatus, Frame, Message, ProtocolError, RootfsSpec, SecretSpec, StartRequest, Stream,
+    HOST_CID, MAX_DATA_CHUNK, VERSION,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -29,7 +30,7 @@ use crate::process::spawn::{open_pty, resize, spawn, SpawnError};
 use crate::process::Plan;
 use crate::reaper::Reaper;
 use crate::vsock::Listener;
-use crate::{boot, debug, dns, info, mounts, net, power, rootfs};
+use crate::{boot, debug, dns, info, mounts, net, power, rootfs, secrets};
 
 /// How long stdout/stderr may stay open after the process exited (an orphan holding them)
 /// before `Exited` is reported anyway.
@@ -63,6 +64,9 @@ pub struct Agent {
     members: Mutex<HashMap<String, Arc<Member>>>,
     /// Shares mounted once for the roots of pod containers, by tag.
     shares: Mutex<HashSet<String>>,
+    /// The env secrets of the VM's own container, from its init's start request: its exec
+    /// processes get them too.
+    secret_env: Mutex<Vec<SecretSpec>>,
 }
 
 /// A container of a pod's VM beside the VM's own (the pod sandbox's): its root, cgroup and
@@ -77,6 +81,8 @@ struct Member {
     pid_ns: Option<OwnedFd>,
     /// Exec processes being served: the init's end waits for their exits to go out.
     others: tokio::sync::watch::Sender<usize>,
+    /// The container's env secrets, which its exec processes get too.
+    secret_env: Vec<SecretSpec>,
 }
 
 /// Counts one process other than the init while it is served ([`Agent::others`]).
@@ -108,6 +114,7 @@ impl Agent {
             others: tokio::sync::watch::Sender::new(0),
             members: Mutex::new(HashMap::new()),
             shares: Mutex::new(HashSet::new()),
+            secret_env: Mutex::new(Vec::new()),
         }
     }
 
@@ -247,6 +254,10 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
         Some(Ok(Frame::Msg(Message::Shutdown))) => {
             After::PowerOffNow("shutdown requested by the host")
         }
+        Some(Ok(Frame::Msg(Message::Connect { port }))) => {
+            crate::forward::serve(port, &out, &mut host).await;
+            After::Close
+        }
         Some(Ok(Frame::Msg(Message::ForgetCaches))) => {
             // 2: dentries and inodes; file data of inodes still in use stays cached.
             if let Err(e) = std::fs::write("/proc/sys/vm/drop_caches", "2") {
@@ -261,6 +272,28 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
                 cg.limit_stats(&mut stats);
             }
             let _ = out.send(msg(Message::StatsReply(stats))).await;
+            After::Close
+        }
+        Some(Ok(Frame::Msg(Message::UpdateContainer { container, limits }))) => {
+            let member = lock(&agent.members).get(&container).cloned();
+            let reply = match member.as_ref().map(|m| &m.cgroup) {
+                None => error(format!("no container {container} runs in this VM"), None),
+                Some(None) => error(
+                    format!(
+                        "container {container} has no cgroup of its own (see the VM's console \
+                         log); its limits cannot be changed"
+                    ),
+                    None,
+                ),
+                Some(Some(cg)) => match cg.apply(&limits) {
+                    Ok(skipped) => msg(Message::Updated { skipped }),
+                    Err(e) => {
+                        info!("update {container} {limits:?}: {e}");
+                        error(e.to_string(), None)
+                    }
+                },
+            };
+            let _ = out.send(reply).await;
             After::Close
         }
         Some(Ok(Frame::Msg(Message::Update(limits)))) => {
@@ -474,6 +507,18 @@ async fn run(
             let _ = out.send(error(e.to_string(), None)).await;
             return failed;
         }
+        // Last, so no mount of the spec covers them; before the root turns read-only.
+        if !agent.preset_root {
+            let user = &req.process.user;
+            if let Err(e) =
+                secrets::install(&req.secrets, &agent.root, mounts::FILES, user.uid, user.gid)
+            {
+                info!("{e}");
+                let _ = out.send(error(e.to_string(), None)).await;
+                return failed;
+            }
+        }
+        *lock(&agent.secret_env) = secrets::env_only(&req.secrets);
         // Every mount point exists now: a read-only root turns read-only.
         if let Err(e) = agent.seal_rootfs(&req.rootfs) {
             info!("{e}");
@@ -483,7 +528,11 @@ async fn run(
     } else if req.network.is_some() || !req.mounts.is_empty() || !req.sysctls.is_empty() {
         debug!("ignoring the network and mounts of a process that is not the init process");
     }
-    let plan = match Plan::new(&req.process, &agent.root, agent.last_cap) {
+    let secret_env = lock(&agent.secret_env).clone();
+    let process = secrets::with_env(&req.process, &secret_env);
+    let planned = Plan::new(&process, &agent.root, agent.last_cap);
+    secrets::scrub(process);
+    let plan = match planned {
         Ok(mut p) => {
             p.cgroup_procs = agent.cgroup.as_ref().and_then(Cgroup::procs_path);
             Arc::new(p)
@@ -644,7 +693,10 @@ fn create_member(
         .map_err(|e| e.to_string())?;
         rootfs::execute(&ops).map_err(|e| e.to_string())?;
         lock(&agent.shares).insert(tag);
-        mounts::apply_with_files(&req.mounts, &root, &format!("{base}/files"))
+        let files = format!("{base}/files");
+        mounts::apply_with_files(&req.mounts, &root, &files).map_err(|e| e.to_string())?;
+        let user = &req.process.user;
+        secrets::install(&req.secrets, &root, &files, user.uid, user.gid)
             .map_err(|e| e.to_string())?;
         if pc.readonly_root {
             rootfs::execute(&[rootfs::Op::RemountReadonly {
@@ -663,8 +715,11 @@ fn create_member(
                 None
             }
         });
-    let mut plan = Plan::new(&req.process, &root, agent.last_cap)
-        .map_err(|e| format!("invalid process spec: {e}"))?;
+    let secret_env = secrets::env_only(&req.secrets);
+    let process = secrets::with_env(&req.process, &secret_env);
+    let planned = Plan::new(&process, &root, agent.last_cap);
+    secrets::scrub(process);
+    let mut plan = planned.map_err(|e| format!("invalid process spec: {e}"))?;
     plan.cgroup_procs = cgroup.as_ref().and_then(Cgroup::procs_path);
     if !agent.preset_root {
         plan.mount_ns = MountNs::New;
@@ -681,6 +736,7 @@ fn create_member(
         mnt_ns: None,
         pid_ns: None,
         others: tokio::sync::watch::Sender::new(0),
+        secret_env,
     };
     Ok((member, plan))
 }
@@ -738,6 +794,7 @@ async fn run_member(
                 mnt_ns: None,
                 pid_ns: None,
                 others: tokio::sync::watch::Sender::new(0),
+                secret_env: Vec::new(),
             };
             remove_member(agent, &id, &partial).await;
             return After::Close;
@@ -756,6 +813,7 @@ async fn run_member(
             mnt_ns: if preset { None } else { open_ns(pid, "mnt") },
             pid_ns: if own_pid { open_ns(pid, "pid") } else { None },
             others: member.others.clone(),
+            secret_env: member.secret_env.clone(),
         };
         lock(&agent.members).insert(id.clone(), Arc::new(m));
     };
@@ -807,7 +865,10 @@ async fn exec_in_member(
         return After::Close;
     };
     let _served = Other::enter(&member.others);
-    let mut plan = match Plan::new(&req.process, &member.root, agent.last_cap) {
+    let process = secrets::with_env(&req.process, &member.secret_env);
+    let planned = Plan::new(&process, &member.root, agent.last_cap);
+    secrets::scrub(process);
+    let mut plan = match planned {
         Ok(p) => p,
         Err(e) => {
             let _ = out
@@ -1042,6 +1103,7 @@ mod tests {
             mounts: Vec::new(),
             sysctls: Default::default(),
             container: None,
+            secrets: Vec::new(),
         }
     }
 
@@ -1157,6 +1219,44 @@ mod tests {
         let frames = h.rest().await;
         assert!(
             matches!(&frames[..], [Frame::Msg(Message::StatsReply(s))] if s.memory_limit > 0),
+            "{frames:?}"
+        );
+    }
+
+    /// A port-forward connection reaches a server on the guest's loopback: Ready, the bytes
+    /// both ways, each direction's end; a port where nothing listens answers an error.
+    #[tokio::test(flavor = "current_thread")]
+    async fn port_forward_session() {
+        let agent = Arc::new(Agent::with_root(Arc::new(Reaper::default()), 40, "/"));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut got = Vec::new();
+            s.read_to_end(&mut got).await.unwrap();
+            s.write_all(&got.to_ascii_uppercase()).await.unwrap();
+        });
+        let mut h = greeted(&agent).await;
+        h.send(msg(Message::Connect { port })).await;
+        assert_eq!(h.recv().await, Some(msg(Message::Ready)));
+        h.send(Frame::Data(Stream::Stdin, b"hello".to_vec())).await;
+        h.send(Frame::Data(Stream::Stdin, Vec::new())).await;
+        assert_eq!(
+            h.rest().await,
+            [
+                Frame::Data(Stream::Stdout, b"HELLO".to_vec()),
+                Frame::Data(Stream::Stdout, Vec::new())
+            ]
+        );
+        server.await.unwrap();
+
+        // Nothing listens on the port now.
+        let mut h = greeted(&agent).await;
+        h.send(msg(Message::Connect { port })).await;
+        let frames = h.rest().await;
+        assert!(
+            matches!(&frames[..], [Frame::Msg(Message::Error { message, .. })]
+                if message.contains(&format!("localhost:{port}"))),
             "{frames:?}"
         );
     }
@@ -1446,6 +1546,32 @@ mod tests {
 
     /// End-to-end over a socketpair, with `/` as the container root. Needs root (`chroot`).
     /// One test, run serially: the agent's reaper waits for any child of the test process.
+    /// Env secrets: an exec of the VM's own container gets those of its init's start
+    /// request, a pod container's init its own (replacing a variable of the same name).
+    #[test]
+    fn env_secrets_reach_the_containers_processes() {
+        with_root_agent(
+            "env_secrets_reach_the_containers_processes",
+            |agent| async move {
+                let token = |v: &str| SecretSpec {
+                    name: "TOKEN".into(),
+                    value: agentvm_protocol::SecretValue::new(v.as_bytes().to_vec()),
+                    file: false,
+                    env: true,
+                };
+                *lock(&agent.secret_env) = vec![token("vm-s3cret")];
+                let echo = ["sh", "-c", "echo \"$TOKEN\""];
+                let f = connect(&agent, start_request(&echo)).await.rest().await;
+                assert_eq!(data(&f, Stream::Stdout), b"vm-s3cret\n");
+                let mut req = member_request("sec1", true, &echo);
+                req.process.env.push("TOKEN=from-the-image".into());
+                req.secrets = vec![token("pod-s3cret")];
+                let f = connect(&agent, req).await.rest().await;
+                assert_eq!(data(&f, Stream::Stdout), b"pod-s3cret\n", "{f:?}");
+            },
+        );
+    }
+
     #[test]
     fn protocol_sessions() {
         with_root_agent("protocol_sessions", |agent| async move {

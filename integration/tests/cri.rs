@@ -14,17 +14,23 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
-    ContainerConfig, ContainerMetadata, ContainerState, ContainerStatus, ContainerStatusRequest,
-    CreateContainerRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxContainerConfig,
+    AttachRequest, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsFilter,
+    ContainerStatsRequest, ContainerStatus, ContainerStatusRequest, CreateContainerRequest,
+    ExecRequest, ExecSyncRequest, ExecSyncResponse, ImageSpec, LinuxContainerConfig,
     LinuxContainerSecurityContext, LinuxPodSandboxConfig, LinuxSandboxSecurityContext,
-    ListPodSandboxRequest, NamespaceMode, NamespaceOption, PodSandboxConfig, PodSandboxFilter,
-    PodSandboxMetadata, PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest,
-    RemovePodSandboxRequest, RunPodSandboxRequest, StartContainerRequest, StopContainerRequest,
-    StopPodSandboxRequest, VersionRequest,
+    ListContainerStatsRequest, ListPodSandboxRequest, Mount, NamespaceMode, NamespaceOption,
+    PodSandboxConfig, PodSandboxFilter, PodSandboxMetadata, PodSandboxState,
+    PodSandboxStatsRequest, PodSandboxStatusRequest, PortForwardRequest, RemoveContainerRequest,
+    RemovePodSandboxRequest, ReopenContainerLogRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
+use k8s_cri::v1::{LinuxContainerResources, UpdateContainerResourcesRequest};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use agentvm_integration::processes_mentioning;
+
+#[path = "cri/streaming.rs"]
+mod streaming;
 
 /// The socket hack/cri-up.sh's containerd listens on, unless `AGENTVM_CRI_SOCKET` says.
 const DEFAULT_SOCKET: &str = "/run/agentvm-cri-test/containerd.sock";
@@ -32,6 +38,9 @@ const DEFAULT_SOCKET: &str = "/run/agentvm-cri-test/containerd.sock";
 const BUSYBOX: &str = "docker.io/agentvm-test/busybox:latest";
 /// Deadline of one CRI call that may boot a VM (TCG, two cores shared with other tests).
 const CALL_TIMEOUT: Duration = Duration::from_secs(180);
+/// The cgroup the test pods' cgroups are made in (cgroupfs paths, as kubelet's
+/// `cgroupDriver: cgroupfs` gives).
+const CGROUP_PARENT: &str = "/agentvm-cri-test";
 /// The pod network of hack/cri-up.sh.
 const POD_SUBNET_PREFIX: &str = "10.231.0.";
 
@@ -154,6 +163,8 @@ fn pod_config(test: &str, handler: &str, logs: &Path, ns: NamespaceOption) -> Po
         },
         log_directory: logs.display().to_string(),
         linux: Some(LinuxPodSandboxConfig {
+            // kubelet always names the pod's cgroup (PodSandboxStats reads it).
+            cgroup_parent: CGROUP_PARENT.into(),
             security_context: Some(LinuxSandboxSecurityContext {
                 namespace_options: Some(ns),
                 ..Default::default()
@@ -168,6 +179,24 @@ fn pod_config(test: &str, handler: &str, logs: &Path, ns: NamespaceOption) -> Po
     }
 }
 
+/// A busybox container running `sh -c script`, logging to `<name>.log` in the pod's log
+/// directory.
+fn container_config(name: &str, script: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: BUSYBOX.into(),
+            ..Default::default()
+        }),
+        command: vec!["sh".into(), "-c".into(), script.into()],
+        log_path: format!("{name}.log"),
+        ..Default::default()
+    }
+}
+
 impl<'a> Pod<'a> {
     /// RunPodSandbox with `handler` and the namespace options `ns`.
     fn run(
@@ -176,11 +205,26 @@ impl<'a> Pod<'a> {
         handler: &str,
         ns: NamespaceOption,
     ) -> Result<Pod<'a>, String> {
+        Self::run_annotated(cri, test, handler, ns, &[])
+    }
+
+    /// [`Pod::run`] with pod annotations.
+    fn run_annotated(
+        cri: &'a Cri,
+        test: &str,
+        handler: &str,
+        ns: NamespaceOption,
+        annotations: &[(&str, &str)],
+    ) -> Result<Pod<'a>, String> {
         let logs = tempfile::Builder::new()
             .prefix("agentvm-cri-logs.")
             .tempdir()
             .expect("log dir");
-        let config = pod_config(test, handler, logs.path(), ns);
+        let mut config = pod_config(test, handler, logs.path(), ns);
+        config.annotations = annotations
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let id = cri
             .block(cri.client().run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(config.clone()),
@@ -211,24 +255,24 @@ impl<'a> Pod<'a> {
         script: &str,
         linux: Option<LinuxContainerConfig>,
     ) -> String {
+        self.start_config(ContainerConfig {
+            linux,
+            ..container_config(name, script)
+        })
+    }
+
+    /// CreateContainer + StartContainer of `config`.
+    fn start_config(&mut self, config: ContainerConfig) -> String {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|m| m.name.clone())
+            .unwrap_or_default();
         let c = self.cri;
         let id = c
             .block(c.client().create_container(CreateContainerRequest {
                 pod_sandbox_id: self.id.clone(),
-                config: Some(ContainerConfig {
-                    metadata: Some(ContainerMetadata {
-                        name: name.into(),
-                        attempt: 0,
-                    }),
-                    image: Some(ImageSpec {
-                        image: BUSYBOX.into(),
-                        ..Default::default()
-                    }),
-                    command: vec!["sh".into(), "-c".into(), script.into()],
-                    log_path: format!("{name}.log"),
-                    linux,
-                    ..Default::default()
-                }),
+                config: Some(config),
                 sandbox_config: Some(self.config.clone()),
             }))
             .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
@@ -240,6 +284,50 @@ impl<'a> Pod<'a> {
         }))
         .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
         id
+    }
+
+    /// The streaming URL of an `Exec` of `cmd` in container `id`.
+    fn exec_url(&self, id: &str, cmd: &[&str], stdin: bool, tty: bool) -> String {
+        let c = self.cri;
+        c.block(c.client().exec(ExecRequest {
+            container_id: id.into(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            tty,
+            stdin,
+            stdout: true,
+            // kubelet asks for no stderr with a terminal: it is the terminal's output.
+            stderr: !tty,
+        }))
+        .unwrap_or_else(|e| panic!("Exec: {e}"))
+        .into_inner()
+        .url
+    }
+
+    /// The streaming URL of an `Attach` to container `id`'s stdout and stderr (and stdin).
+    fn attach_url(&self, id: &str, stdin: bool) -> String {
+        let c = self.cri;
+        c.block(c.client().attach(AttachRequest {
+            container_id: id.into(),
+            stdin,
+            tty: false,
+            stdout: true,
+            stderr: true,
+        }))
+        .unwrap_or_else(|e| panic!("Attach: {e}"))
+        .into_inner()
+        .url
+    }
+
+    /// The streaming URL of a `PortForward` to the pod's `port`.
+    fn port_forward_url(&self, port: u16) -> String {
+        let c = self.cri;
+        c.block(c.client().port_forward(PortForwardRequest {
+            pod_sandbox_id: self.id.clone(),
+            port: vec![port.into()],
+        }))
+        .unwrap_or_else(|e| panic!("PortForward: {e}"))
+        .into_inner()
+        .url
     }
 
     fn status(&self, id: &str) -> ContainerStatus {
@@ -796,6 +884,467 @@ fn host_namespaces_are_refused_by_agentvm() {
     assert!(left.is_empty(), "{left:?}");
 }
 
+/// How long a stream may stay silent before a streaming test gives up.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `kubectl exec` and `kubectl attach` through the CRI streaming server: an exec reading
+/// stdin and writing stdout and stderr, with its exit code; an exec in a terminal (the size
+/// sent on the resize channel, its exit code); attach to a running container's stdout, and to
+/// the stdin of one created with `stdin: true`.
+fn exec_attach(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "streaming", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let talker = pod.start(
+        "talker",
+        "i=0; while true; do echo tick-$i; i=$((i+1)); sleep 0.3; done",
+    );
+    let echoer = pod.start_config(ContainerConfig {
+        stdin: true,
+        ..container_config(
+            "echoer",
+            "while read -r line; do echo echo:$line; echo err:$line >&2; done",
+        )
+    });
+    pod.wait_state(&talker, ContainerState::ContainerRunning);
+    pod.wait_state(&echoer, ContainerState::ContainerRunning);
+
+    // Exec with stdin, stdout, stderr and an exit code.
+    let url = pod.exec_url(
+        &talker,
+        &[
+            "sh",
+            "-c",
+            "read -r line; echo got:$line; echo to-err >&2; exit 3",
+        ],
+        true,
+        false,
+    );
+    let mut s = streaming::Stream::open(&url, STREAM_TIMEOUT).expect("open exec stream");
+    s.send(streaming::STDIN, b"hello\n");
+    let out = s.collect();
+    assert_eq!(
+        (out.stdout(), out.stderr(), out.exit_code()),
+        ("got:hello\n".into(), "to-err\n".into(), Some(3)),
+        "{out:?}"
+    );
+
+    // Exec without stdin: a success.
+    let url = pod.exec_url(&talker, &["sh", "-c", "echo plain; hostname"], false, false);
+    let out = streaming::Stream::open(&url, STREAM_TIMEOUT)
+        .expect("open exec stream")
+        .collect();
+    assert_eq!(
+        (out.stdout(), out.exit_code()),
+        ("plain\ncri-pod\n".into(), Some(0)),
+        "{out:?}"
+    );
+
+    // Exec in a terminal: stdin is a tty of the size sent, output comes as the terminal's.
+    let url = pod.exec_url(
+        &talker,
+        &[
+            "sh",
+            "-c",
+            "read -r x; test -t 0 && echo is-a-tty; stty size; exit 7",
+        ],
+        true,
+        true,
+    );
+    let mut s = streaming::Stream::open(&url, STREAM_TIMEOUT).expect("open tty exec stream");
+    s.resize(91, 33);
+    // The size goes its own way (ResizePty): let it land before the command reads it.
+    std::thread::sleep(Duration::from_secs(1));
+    s.send(streaming::STDIN, b"go\r");
+    let out = s.collect();
+    let text = out.stdout();
+    assert!(
+        text.contains("is-a-tty\r\n") && text.contains("33 91\r\n"),
+        "{out:?}"
+    );
+    assert_eq!(out.exit_code(), Some(7), "{out:?}");
+
+    // Attach to a running container's stdout: its ticks keep coming.
+    let url = pod.attach_url(&talker, false);
+    let mut s = streaming::Stream::open(&url, STREAM_TIMEOUT).expect("open attach stream");
+    let seen = s.stdout_until("\n");
+    let first: u32 = seen
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("tick-")?.parse().ok())
+        .unwrap_or_else(|| panic!("no tick in {seen:?}"));
+    let later = format!("tick-{}\n", first + 2);
+    s.stdout_until(&later);
+    s.close();
+    // Attach ends without ending the container.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        pod.status(&talker).state,
+        ContainerState::ContainerRunning as i32
+    );
+
+    // Attach with stdin to a container created with `stdin: true`.
+    let url = pod.attach_url(&echoer, true);
+    let mut s = streaming::Stream::open(&url, STREAM_TIMEOUT).expect("open attach stream");
+    s.send(streaming::STDIN, b"ping\n");
+    s.stdout_until("echo:ping\n");
+    s.close();
+    let log = parse_cri_log(&read_log(&pod.logs.path().join("echoer.log"), 2));
+    assert!(
+        log.contains(&("stdout".into(), "echo:ping".into()))
+            && log.contains(&("stderr".into(), "err:ping".into())),
+        "{log:?}"
+    );
+
+    let ids = [pod.id.clone(), talker, echoer];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, None);
+}
+
+against_both!(exec_attach, exec_attach_runc, exec_attach_agentvm);
+
+/// `kubectl port-forward` through the CRI's PortForward: the streaming server connects to
+/// `localhost:PORT` in the pod's network namespace, which reaches a server listening on the
+/// pod's loopback only and one on every address; a port where nothing listens ends the forward
+/// with an error on the port's error channel.
+fn port_forward(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "portforward", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let web = pod.start(
+        "web",
+        "mkdir -p /www && echo hello-over-forward > /www/index.html && \
+         httpd -p 127.0.0.1:8080 -h /www && exec httpd -f -p 8081 -h /www",
+    );
+    pod.wait_state(&web, ContainerState::ContainerRunning);
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    while pod
+        .exec_sync(&web, &["wget", "-qO-", "http://127.0.0.1:8081/"], 60)
+        .map(|r| r.exit_code)
+        != Ok(0)
+    {
+        assert!(Instant::now() < deadline, "the web server never answered");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    for port in [8080u16, 8081] {
+        let url = pod.port_forward_url(port);
+        let (data, errors) =
+            streaming::forward_once(&url, port, b"GET / HTTP/1.0\r\nHost: pod\r\n\r\n")
+                .unwrap_or_else(|e| panic!("port-forward to {port}: {e}"));
+        let text = String::from_utf8_lossy(&data);
+        assert!(
+            text.starts_with("HTTP/1.") && text.ends_with("hello-over-forward\n"),
+            "port {port}: {text:?} (errors {errors:?})"
+        );
+        assert_eq!(errors, "", "port {port}");
+    }
+    // Nothing listens on 8082: the forward ends with an error.
+    let url = pod.port_forward_url(8082);
+    let (data, errors) = streaming::forward_once(&url, 8082, b"GET / HTTP/1.0\r\n\r\n")
+        .unwrap_or_else(|e| panic!("port-forward to 8082: {e}"));
+    assert!(
+        data.is_empty() && !errors.is_empty(),
+        "data {:?}, errors {errors:?}",
+        String::from_utf8_lossy(&data)
+    );
+
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), web];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(port_forward, port_forward_runc, port_forward_agentvm);
+
+/// kubelet's volumes are bind mounts of host directories in the container spec: an emptyDir
+/// given to two containers of a pod (both see each other's files, and so does the host), a
+/// read-only one (a configMap's: readable, not writable, also not by root).
+fn volumes(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "volumes", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let host = tempfile::Builder::new()
+        .prefix("agentvm-cri-volumes.")
+        .tempdir()
+        .expect("volume dirs");
+    let (shared, config) = (host.path().join("shared"), host.path().join("config"));
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(config.join("key"), "value-from-host\n").unwrap();
+    let mount = |path: &Path, at: &str, readonly: bool| Mount {
+        container_path: at.into(),
+        host_path: path.display().to_string(),
+        readonly,
+        ..Default::default()
+    };
+    let writer = pod.start_config(ContainerConfig {
+        mounts: vec![
+            mount(&shared, "/shared", false),
+            mount(&config, "/config", true),
+        ],
+        ..container_config(
+            "writer",
+            "echo from-writer > /shared/note && exec sleep 600",
+        )
+    });
+    let reader = pod.start_config(ContainerConfig {
+        mounts: vec![mount(&shared, "/data", false)],
+        ..container_config("reader", "exec sleep 600")
+    });
+    pod.wait_state(&writer, ContainerState::ContainerRunning);
+    pod.wait_state(&reader, ContainerState::ContainerRunning);
+    let sh = |id: &str, script: &str| {
+        let r = pod
+            .exec_sync(id, &["sh", "-c", script], 60)
+            .expect("ExecSync");
+        (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned())
+    };
+
+    // The writer's file, seen by the reader and the host.
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    while sh(&reader, "cat /data/note").1 != "from-writer\n" {
+        assert!(Instant::now() < deadline, "the reader never saw the note");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        std::fs::read_to_string(shared.join("note")).unwrap(),
+        "from-writer\n"
+    );
+    // The reader's answer, seen by the writer and the host.
+    assert_eq!(sh(&reader, "echo from-reader > /data/answer").0, 0);
+    assert_eq!(
+        sh(&writer, "cat /shared/answer"),
+        (0, "from-reader\n".into())
+    );
+    assert_eq!(
+        std::fs::read_to_string(shared.join("answer")).unwrap(),
+        "from-reader\n"
+    );
+    // A file the host adds appears in the pod.
+    std::fs::write(shared.join("from-host"), "host-line\n").unwrap();
+    assert_eq!(
+        sh(&reader, "cat /data/from-host"),
+        (0, "host-line\n".into())
+    );
+
+    // The read-only volume: readable, refuses writes (the container runs as root).
+    assert_eq!(
+        sh(&writer, "cat /config/key"),
+        (0, "value-from-host\n".into())
+    );
+    assert_eq!(
+        sh(
+            &writer,
+            "if touch /config/probe 2>/dev/null; then echo writable; else echo read-only; fi"
+        ),
+        (0, "read-only\n".into())
+    );
+    assert!(!config.join("probe").exists());
+
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), writer, reader];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+    // The volumes' content stays on the host; no mount is left on them.
+    assert_eq!(
+        std::fs::read_to_string(shared.join("note")).unwrap(),
+        "from-writer\n"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = host.path().display().to_string();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&path)),
+        "a volume is still mounted"
+    );
+}
+
+against_both!(volumes, volumes_runc, volumes_agentvm);
+
+/// What kubelet does with a pod's container over its life: after the first attempt exits, a
+/// new container of the same name with attempt 1 in the same (running) pod; log rotation
+/// (the log renamed, ReopenContainerLog, new lines in a new file at the path); the stats
+/// kubelet's summary API reads (ContainerStats, ListContainerStats, PodSandboxStats) with
+/// non-zero CPU and memory.
+fn restart_logs_stats(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "restart", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let first = pod.start("worker", "echo attempt-0; exit 2");
+    let s = pod.wait_state(&first, ContainerState::ContainerExited);
+    assert_eq!((s.exit_code, s.reason.as_str()), (2, "Error"), "{s:?}");
+
+    // The restart: attempt 1, its own log, in the same pod.
+    let log = pod.logs.path().join("worker-1.log");
+    let second = pod.start_config(ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: "worker".into(),
+            attempt: 1,
+        }),
+        log_path: "worker-1.log".into(),
+        ..container_config(
+            "worker",
+            "echo attempt-1; i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; \
+             while true; do if [ -e /tmp/mark ]; then cat /tmp/mark; rm /tmp/mark; fi; \
+             sleep 0.2; done",
+        )
+    });
+    let s = pod.wait_state(&second, ContainerState::ContainerRunning);
+    assert_eq!(s.metadata.as_ref().map(|m| m.attempt), Some(1), "{s:?}");
+    assert_eq!(
+        pod.status(&first).exit_code,
+        2,
+        "the first attempt's status stays"
+    );
+    let lines = |path: &Path, n: usize| -> Vec<String> {
+        parse_cri_log(&read_log(path, n))
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect()
+    };
+    assert_eq!(lines(&log, 1), ["attempt-1"]);
+    assert_eq!(lines(&pod.logs.path().join("worker.log"), 1), ["attempt-0"]);
+
+    // Rotation: kubelet renames the log and asks for it to be reopened.
+    let rotated = pod.logs.path().join("worker-1.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    cri.block(
+        cri.client()
+            .reopen_container_log(ReopenContainerLogRequest {
+                container_id: second.clone(),
+            }),
+    )
+    .expect("ReopenContainerLog");
+    let r = pod
+        .exec_sync(&second, &["sh", "-c", "echo after-reopen > /tmp/mark"], 60)
+        .expect("ExecSync");
+    assert_eq!(r.exit_code, 0);
+    assert_eq!(lines(&log, 1), ["after-reopen"]);
+    assert_eq!(lines(&rotated, 1), ["attempt-1"]);
+
+    // Stats of the container and of the pod.
+    let stats = cri
+        .block(cri.client().container_stats(ContainerStatsRequest {
+            container_id: second.clone(),
+        }))
+        .expect("ContainerStats")
+        .into_inner()
+        .stats
+        .expect("container stats");
+    let cpu = |c: &Option<k8s_cri::v1::CpuUsage>| {
+        c.as_ref()
+            .and_then(|c| c.usage_core_nano_seconds.as_ref())
+            .map_or(0, |v| v.value)
+    };
+    let mem = |m: &Option<k8s_cri::v1::MemoryUsage>| {
+        m.as_ref()
+            .and_then(|m| m.working_set_bytes.as_ref())
+            .map_or(0, |v| v.value)
+    };
+    assert!(cpu(&stats.cpu) > 0 && mem(&stats.memory) > 0, "{stats:?}");
+    let listed = cri
+        .block(
+            cri.client()
+                .list_container_stats(ListContainerStatsRequest {
+                    filter: Some(ContainerStatsFilter {
+                        pod_sandbox_id: pod.id.clone(),
+                        ..Default::default()
+                    }),
+                }),
+        )
+        .expect("ListContainerStats")
+        .into_inner()
+        .stats;
+    let of_second = listed
+        .iter()
+        .find(|s| s.attributes.as_ref().is_some_and(|a| a.id == second))
+        .unwrap_or_else(|| panic!("the running container is not listed: {listed:?}"));
+    assert!(
+        cpu(&of_second.cpu) > 0 && mem(&of_second.memory) > 0,
+        "{of_second:?}"
+    );
+    let pod_stats = cri
+        .block(cri.client().pod_sandbox_stats(PodSandboxStatsRequest {
+            pod_sandbox_id: pod.id.clone(),
+        }))
+        .expect("PodSandboxStats")
+        .into_inner()
+        .stats
+        .and_then(|s| s.linux)
+        .expect("linux pod stats");
+    assert!(
+        cpu(&pod_stats.cpu) > 0 && mem(&pod_stats.memory) > 0,
+        "{pod_stats:?}"
+    );
+
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), first, second];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(
+    restart_logs_stats,
+    restart_logs_stats_runc,
+    restart_logs_stats_agentvm
+);
+
+/// The memory limit and CPU quota of the calling process's own cgroup, as
+/// "<memory> <quota>": cgroup v2's files (under the process's cgroup, as the VM's guest has
+/// them) or v1's (runc's containers on a cgroup v1 host).
+const CGROUP_LIMITS: &str = r#"cg=$(sed -n 's/^0:://p' /proc/self/cgroup)
+if [ -f "/sys/fs/cgroup$cg/memory.max" ]; then d=/sys/fs/cgroup$cg
+elif [ -f /sys/fs/cgroup/memory.max ]; then d=/sys/fs/cgroup; fi
+if [ -n "$d" ]; then echo "$(cat $d/memory.max) $(cut -d' ' -f1 $d/cpu.max)"
+else echo "$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes) $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us)"; fi"#;
+
+/// UpdateContainerResources (`kubectl` in-place resize, VPA): the container's memory limit
+/// and CPU quota change in its own cgroup, and only in its own (a second container of the pod
+/// keeps none).
+fn update_resources(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "update", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let limited = pod.start("limited", "exec sleep 600");
+    let other = pod.start("other", "exec sleep 600");
+    pod.wait_state(&limited, ContainerState::ContainerRunning);
+    pod.wait_state(&other, ContainerState::ContainerRunning);
+    let limits = |id: &str| {
+        let r = pod
+            .exec_sync(id, &["sh", "-c", CGROUP_LIMITS], 60)
+            .expect("ExecSync");
+        assert_eq!(r.exit_code, 0, "{}", String::from_utf8_lossy(&r.stderr));
+        String::from_utf8_lossy(&r.stdout).trim().to_string()
+    };
+    let before = limits(&other);
+    cri.block(
+        cri.client()
+            .update_container_resources(UpdateContainerResourcesRequest {
+                container_id: limited.clone(),
+                linux: Some(LinuxContainerResources {
+                    memory_limit_in_bytes: 100 << 20,
+                    cpu_period: 100_000,
+                    cpu_quota: 50_000,
+                    cpu_shares: 512,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+    )
+    .expect("UpdateContainerResources");
+    assert_eq!(limits(&limited), format!("{} 50000", 100 << 20));
+    assert_eq!(
+        limits(&other),
+        before,
+        "the other container's limits changed"
+    );
+
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), limited, other];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(
+    update_resources,
+    update_resources_runc,
+    update_resources_agentvm
+);
+
 /// A container with `readonly_rootfs`: writes to its root fail as read-only, its /dev/shm and
 /// the kernel filesystems under it still work; its log says so.
 fn readonly_root(cri: &Cri, handler: &str) {
@@ -882,4 +1431,132 @@ fn pod_container_costs() {
         );
         pod.remove().expect("remove the pod");
     }
+}
+
+/// Whether a TCP connection from container `id` of `pod` to `addr:port` opens (3 s).
+fn pod_reaches(pod: &Pod, id: &str, addr: &str, port: u16) -> bool {
+    let script = format!("timeout 3 nc {addr} {port} </dev/null && echo OPEN || echo CLOSED");
+    let out = pod
+        .exec_sync(id, &["sh", "-c", &script], 30)
+        .unwrap_or_else(|e| panic!("exec in {id}: {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("OPEN") || text.contains("CLOSED"), "{text}");
+    text.contains("OPEN")
+}
+
+/// The egress policy of a pod (agentvm only: runc has none): the pod annotation
+/// `io.agentvm.egress=agent` (passed to the runtime through the handler's `pod_annotations`)
+/// holds for every container of the pod, as one policy on the pod's VM. A service of this host
+/// on the pod network's gateway is refused to both of the pod's containers while a pod without
+/// the policy reaches it; another pod of the pod network (its own network) is reached;
+/// `agentvm policy show` names the policy and `policy log` the blocks.
+#[test]
+fn pod_egress_policy_holds_for_every_container_of_the_pod() {
+    let test = "pod_egress_policy_holds_for_every_container_of_the_pod";
+    let Some(cri) = Cri::get(test) else {
+        return;
+    };
+    // The host's address on the pod network (the CNI bridge's): the pods' gateway.
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "addr", "show", "dev", "avmcri0"])
+        .output()
+        .expect("ip");
+    let gateway = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .map(str::to_string)
+        .expect("an address on avmcri0");
+    let listener = std::net::TcpListener::bind((gateway.as_str(), 0)).expect("listen");
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for c in listener.incoming() {
+            drop(c);
+        }
+    });
+
+    let mut open = Pod::run(&cri, "egress-open", AGENTVM, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"));
+    let web = open.start(
+        "web",
+        "mkdir -p /www && echo hi > /www/index.html && exec httpd -f -p 8080 -h /www",
+    );
+    open.wait_state(&web, ContainerState::ContainerRunning);
+    let web_ip = cri
+        .block(cri.client().pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: open.id.clone(),
+            verbose: false,
+        }))
+        .expect("PodSandboxStatus")
+        .into_inner()
+        .status
+        .and_then(|s| s.network)
+        .map(|n| n.ip)
+        .unwrap_or_default();
+    assert!(!web_ip.is_empty());
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    while !pod_reaches(&open, &web, &gateway, port) {
+        assert!(
+            Instant::now() < deadline,
+            "a pod without policy never reached the host"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    let mut guarded = Pod::run_annotated(
+        &cri,
+        "egress-agent",
+        AGENTVM,
+        NamespaceOption::default(),
+        &[("io.agentvm.egress", "agent")],
+    )
+    .unwrap_or_else(|e| panic!("RunPodSandbox under agent: {e}"));
+    let a = guarded.start("a", "exec sleep 600");
+    let b = guarded.start("b", "exec sleep 600");
+    guarded.wait_state(&a, ContainerState::ContainerRunning);
+    guarded.wait_state(&b, ContainerState::ContainerRunning);
+    for id in [&a, &b] {
+        assert!(
+            !pod_reaches(&guarded, id, &gateway, port),
+            "container {id} reached the host under agent"
+        );
+        assert!(
+            pod_reaches(&guarded, id, &web_ip, 8080),
+            "container {id} did not reach the other pod"
+        );
+    }
+    let agentvm = |args: &[&str]| {
+        let out = std::process::Command::new(agentvm_integration::agentvm_bin())
+            .args(args)
+            .output()
+            .expect("agentvm");
+        (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (ok, show) = agentvm(&["policy", "show", &guarded.id]);
+    assert!(ok && show.contains("policy: agent (base agent)"), "{show}");
+    let (ok, log) = agentvm(&["policy", "log", &guarded.id]);
+    assert!(
+        ok && log.contains(&format!("blocked tcp to {gateway}:{port}"))
+            && log.contains("the host's own address"),
+        "{log}"
+    );
+    let (ok, show) = agentvm(&["policy", "show", &open.id]);
+    assert!(ok && show.contains("policy: open"), "{show}");
+
+    let ids = [guarded.id.clone(), a, b];
+    let netns = guarded.netns_path();
+    guarded.remove().expect("remove the guarded pod");
+    assert_nothing_left(&ids, netns.as_deref());
+    let ids = [open.id.clone(), web];
+    let netns = open.netns_path();
+    open.remove().expect("remove the open pod");
+    assert_nothing_left(&ids, netns.as_deref());
 }

@@ -104,10 +104,12 @@ impl Drop for Servers {
     }
 }
 
-/// The test's DNS zone, served at 10.231.77.1:53: `example.test` (TTL 3 s) and `other.test`.
+/// The test's DNS zone, served at 10.231.77.1:53: `example.test` (TTL 3 s), `other.test` and
+/// `kept.test` (both 198.51.100.8, TTL 60 s).
 const DNS_SERVER: &str = r#"
 import socket, struct
-ZONE = {"example.test.": ("198.51.100.7", 3), "other.test.": ("198.51.100.8", 60)}
+ZONE = {"example.test.": ("198.51.100.7", 3), "other.test.": ("198.51.100.8", 60),
+        "kept.test.": ("198.51.100.8", 60)}
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("10.231.77.1", 53))
 while True:
@@ -171,6 +173,38 @@ fn agentvm(args: &[&str]) -> (bool, String) {
         .expect("agentvm");
     let (so, se) = text(&out);
     (out.status.success(), format!("{so}{se}"))
+}
+
+/// Containers and networks a test made, removed when it ends (also when it fails), so a failed
+/// run leaves no network holding its subnet.
+struct Leftovers {
+    containers: Vec<String>,
+    networks: Vec<String>,
+}
+
+impl Leftovers {
+    fn network(env: &DockerEnv, name: &str, args: &[&str]) -> Leftovers {
+        let mut all = vec!["network", "create"];
+        all.extend_from_slice(args);
+        all.push(name);
+        let (code, out) = docker(env, &all);
+        assert_eq!(code, Some(0), "{out}");
+        Leftovers {
+            containers: Vec::new(),
+            networks: vec![name.to_string()],
+        }
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for c in &self.containers {
+            let _ = Command::new("docker").args(["rm", "-f", c]).output();
+        }
+        for n in &self.networks {
+            let _ = Command::new("docker").args(["network", "rm", n]).output();
+        }
+    }
 }
 
 #[test]
@@ -307,8 +341,8 @@ fn domain_rules_allow_what_the_relay_resolved_for_its_ttl() {
     let _servers = Servers::start();
     let net = unique_name("egress-net");
     let name = unique_name("egress-dns");
-    let (code, out) = docker(&env, &["network", "create", &net]);
-    assert_eq!(code, Some(0), "{out}");
+    let mut leftovers = Leftovers::network(&env, &net, &[]);
+    leftovers.containers.push(name.clone());
     let policy = "io.agentvm.egress=none-but; allow example.test tcp port 8080";
     let id = start(
         &env,
@@ -354,15 +388,42 @@ fn domain_rules_allow_what_the_relay_resolved_for_its_ttl() {
     assert!(reaches(&env, &name, "example.test", 8080), "resolved again");
     let (ok, log) = agentvm(&["policy", "log", &id]);
     assert!(ok, "{log}");
-    assert!(log.contains("blocked tcp to 198.51.100.8:8080"), "{log}");
+    // The block names the name the address was resolved from.
+    assert!(
+        log.contains("blocked tcp to 198.51.100.8:8080 (other.test) (policy"),
+        "{log}"
+    );
     assert!(
         log.contains("blocked udp to 10.231.77.1:53") && log.contains("DNS past agentvm's relay"),
         "{log}"
     );
+    // A policy change keeps what the relay learnt for names the new policy still allows:
+    // kept.test's address stays reachable by itself after the change, with no new lookup.
+    let (ok, out) = agentvm(&[
+        "policy",
+        "set",
+        &id,
+        "none-but; allow kept.test tcp port 8080",
+    ]);
+    assert!(ok, "{out}");
+    assert!(reaches(&env, &name, "kept.test", 8080), "kept.test by name");
+    let (ok, out) = agentvm(&[
+        "policy",
+        "set",
+        &id,
+        "none-but; allow nothing.test; allow kept.test tcp port 8080",
+    ]);
+    assert!(ok, "{out}");
+    let (ok, show) = agentvm(&["policy", "show", &id]);
+    assert!(ok && show.contains("kept.test 198.51.100.8 ("), "{show}");
+    assert!(
+        reaches(&env, &name, "198.51.100.8", 8080),
+        "the address learnt before the change"
+    );
     let (code, out) = docker(&env, &["rm", "-f", &name]);
     assert_eq!(code, Some(0), "{out}");
     env.assert_vm_gone(&id);
-    let _ = docker(&env, &["network", "rm", &net]);
+    drop(leftovers);
 
     // The default bridge has no relay: refused, with the reason.
     let bad = unique_name("egress-dns-bridge");
@@ -386,4 +447,165 @@ fn domain_rules_allow_what_the_relay_resolved_for_its_ttl() {
         "{out}"
     );
     let _ = docker(&env, &["rm", "-f", &bad]);
+}
+
+/// Compose with two services on the project's network under `agent`: they reach each other by
+/// service name (their own network is allowed), the web service's published port answers on
+/// the host, the internal host stays blocked; after `docker restart` the policy is there again
+/// (the annotation's: a restart is a new task) and `agentvm policy show` says so.
+#[test]
+fn compose_services_under_the_agent_policy_and_a_restart() {
+    let test = "compose_services_under_the_agent_policy_and_a_restart";
+    let Some(env) = DockerEnv::get(test) else {
+        return;
+    };
+    let _servers = Servers::start();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("compose.yaml");
+    let compose = format!(
+        r#"services:
+  web:
+    image: {image}
+    runtime: agentvm
+    annotations:
+      io.agentvm.egress: agent
+    ports: ["127.0.0.1::8080"]
+    command: ["sh", "-c", "mkdir -p /www && echo hello-policy > /www/index.html && exec httpd -f -p 8080 -h /www"]
+  client:
+    image: {image}
+    runtime: agentvm
+    annotations:
+      io.agentvm.egress: agent
+    command: ["sleep", "600"]
+"#,
+        image = env.image
+    );
+    std::fs::write(&file, compose).unwrap();
+    let project = unique_name("egress-compose");
+    let f = file.to_str().unwrap();
+    let compose_cmd = |args: &[&str]| {
+        let mut all = vec!["compose", "-p", &project, "-f", f];
+        all.extend_from_slice(args);
+        let out = env.docker(&all, None, T);
+        let (so, se) = text(&out);
+        (out.status.code(), format!("{so}{se}"))
+    };
+    let (code, out) = compose_cmd(&["up", "-d"]);
+    let ids: Vec<String> = compose_cmd(&["ps", "-aq"])
+        .1
+        .lines()
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty())
+        .map(|i| {
+            docker(&env, &["inspect", "-f", "{{.Id}}", &i])
+                .1
+                .trim()
+                .to_string()
+        })
+        .collect();
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        assert_eq!(code, Some(0), "compose up: {out}");
+        let client = format!("{project}-client-1");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while docker(&env, &["exec", &client, "true"]).0 != Some(0) {
+            assert!(
+                Instant::now() < deadline,
+                "the client's VM never answered exec"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let fetch =
+            "for i in $(seq 100); do wget -qO- http://web:8080/ && exit 0; sleep 0.3; done; exit 1";
+        let (code, page) = docker(&env, &["exec", &client, "sh", "-c", fetch]);
+        assert_eq!(code, Some(0), "client → web by name: {page}");
+        assert!(page.contains("hello-policy"), "{page}");
+        let (_, port) = compose_cmd(&["port", "web", "8080"]);
+        let port = port.trim().rsplit(':').next().unwrap_or("").to_string();
+        let (ok, body) = sh(&format!(
+            "for i in $(seq 50); do wget -qO- http://127.0.0.1:{port}/ && exit 0; sleep 0.3; done; exit 1"
+        ));
+        assert!(
+            ok && body.contains("hello-policy"),
+            "published port {port}: {body}"
+        );
+        assert!(
+            !reaches(&env, &client, "10.231.77.1", 8080),
+            "the internal host"
+        );
+        // A restart: the new task has the annotation's policy again.
+        let (code, out) = docker(&env, &["restart", "-t", "1", &client]);
+        assert_eq!(code, Some(0), "docker restart: {out}");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while docker(&env, &["exec", &client, "true"]).0 != Some(0) {
+            assert!(
+                Instant::now() < deadline,
+                "the restarted VM never answered exec"
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        assert!(
+            !reaches(&env, &client, "10.231.77.1", 8080),
+            "after the restart"
+        );
+        assert!(reaches(&env, &client, "web", 8080), "web after the restart");
+        let (_, cid) = docker(&env, &["inspect", "-f", "{{.Id}}", &client]);
+        let (ok, show) = agentvm(&["policy", "show", cid.trim()]);
+        assert!(ok && show.contains("policy: agent (base agent)"), "{show}");
+        assert!(!show.contains("blocked: 0 packets"), "{show}");
+    }));
+    let (code, out) = compose_cmd(&["down", "--timeout", "2"]);
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    assert_eq!(code, Some(0), "compose down: {out}");
+    assert_eq!(ids.len(), 2, "{ids:?}");
+    for id in &ids {
+        env.assert_vm_gone(id);
+    }
+}
+
+/// IPv6 under `agent`: on a Docker network with IPv6 (a ULA subnet of the test's own), a
+/// connection to another ULA address is blocked and logged, also through a route the guest
+/// adds itself: the table judges every frame on the tap,
+/// whatever the guest's routing says. Nothing listens at those addresses; the audit log shows
+/// the frames reached the policy's deny chain instead of leaving the namespace.
+#[test]
+fn ipv6_under_the_agent_policy() {
+    let test = "ipv6_under_the_agent_policy";
+    let Some(env) = DockerEnv::get(test) else {
+        return;
+    };
+    let net = unique_name("egress-v6");
+    let mut leftovers = Leftovers::network(&env, &net, &["--ipv6", "--subnet", "fd77:a9e7:1::/64"]);
+    let name = unique_name("egress-v6");
+    leftovers.containers.push(name.clone());
+    let id = start(
+        &env,
+        &name,
+        &["--network", &net, "--annotation", "io.agentvm.egress=agent"],
+    );
+    let script = "ip -6 addr show dev eth0 | grep -q 'fd77:a9e7:1::' && echo HAS-V6; \
+                  timeout 3 nc fd00:77::1 80 </dev/null; \
+                  ip -6 route add fd00:78::/64 via fd77:a9e7:1::1 dev eth0 && echo ROUTED; \
+                  timeout 3 nc fd00:78::1 80 </dev/null; true";
+    let (_, out) = docker(&env, &["exec", &name, "sh", "-c", script]);
+    assert!(out.contains("HAS-V6") && out.contains("ROUTED"), "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let (ok, log) = agentvm(&["policy", "log", &id]);
+        assert!(ok, "{log}");
+        if log.contains("[fd00:78::1]:80") || Instant::now() > deadline {
+            break log;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    for line in [
+        "blocked tcp to [fd00:77::1]:80 (policy \"agent\", rule: unique local (ULA))",
+        "blocked tcp to [fd00:78::1]:80 (policy \"agent\", rule: unique local (ULA))",
+    ] {
+        assert!(log.contains(line), "{line} not in the log:\n{log}");
+    }
+    let (code, out) = docker(&env, &["rm", "-f", &name]);
+    assert_eq!(code, Some(0), "{out}");
+    env.assert_vm_gone(&id);
 }

@@ -89,12 +89,31 @@ fn mcp_session_with_the_python_sdk() {
     let Some(python) = mcp_python(test) else {
         return;
     };
+    // A secret in a store of the test's own.
+    let store = tempfile::tempdir().unwrap();
+    let value = format!("mcp-secret-{}", std::process::id());
+    let mut set = Command::new(&env.bin)
+        .args(["secret", "set", "MCP_TOKEN"])
+        .env("AGENTVM_SECRETS_DIR", store.path().join("secrets"))
+        .env("AGENTVM_SECRETS_KEY", store.path().join("secrets.key"))
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("agentvm secret set");
+    set.stdin
+        .take()
+        .unwrap()
+        .write_all(value.as_bytes())
+        .unwrap();
+    assert!(set.wait().unwrap().success(), "agentvm secret set failed");
     let child = Command::new(python)
         .arg(client_script())
         .arg(&env.bin)
         .arg(&image)
         .arg("full")
         .env("AGENTVM_STATE_ROOT", env.state_root.path())
+        .env("AGENTVM_SECRETS_DIR", store.path().join("secrets"))
+        .env("AGENTVM_SECRETS_KEY", store.path().join("secrets.key"))
+        .env("MCP_TEST_SECRET_VALUE", &value)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -106,7 +125,7 @@ fn mcp_session_with_the_python_sdk() {
     assert!(out.status.success(), "client failed:\n{so}\n{se}");
     for step in [
         "ok initialize",
-        "ok exec echo",
+        "ok exec echo, secrets as a file and an env var",
         "ok exec timeout",
         "ok files",
         "ok exec_start/exec_output",

@@ -55,16 +55,19 @@ async def full(s, image):
     # Bad input first: each a clear error, and the session goes on.
     e = await call(s, "exec", {"sandbox_id": "nope", "argv": ["true"]}, expect_error=True)
     assert e["error"]["code"] == "unknown_sandbox", e
-    e = await call(s, "sandbox_create", {"image": image, "secrets": ["API_KEY"]}, expect_error=True)
-    assert "secrets not supported yet" in e["error"]["message"], e
+    e = await call(s, "sandbox_create", {"image": image, "secrets": ["NO_SUCH_SECRET"]}, expect_error=True)
+    assert e["error"]["code"] == "secret_error" and "NO_SUCH_SECRET" in e["error"]["message"], e
     say("ok bad input")
 
     workspace = tempfile.mkdtemp(prefix="agentvm-mcp-ws.")
     with open(os.path.join(workspace, "from-host.txt"), "w") as f:
         f.write("host says hi\n")
     t = time.monotonic()
+    secret = os.environ["MCP_TEST_SECRET_VALUE"]
     c = await call(s, "sandbox_create", {"image": image, "workspace": workspace,
-                                         "env": {"GREETING": "hello"}})
+                                         "env": {"GREETING": "hello"},
+                                         "secrets": ["MCP_TOKEN"], "secret_env": ["MCP_TOKEN"]})
+    assert secret not in json.dumps(c), c
     sid = c["sandbox"]["id"]
     assert c["sandbox"]["state"] == "running", c
     say("ok sandbox_create", sid, f"{time.monotonic() - t:.1f}s")
@@ -76,7 +79,10 @@ async def full(s, image):
     assert r["exit_code"] == 0 and r["stdout"] == "hello from the guest\n", r
     r = await call(s, "exec", {"sandbox_id": sid, "shell": "echo $GREETING $X; pwd", "env": {"X": "y"}})
     assert r["stdout"] == "hello y\n/workspace\n", r
-    say("ok exec echo")
+    r = await call(s, "exec", {"sandbox_id": sid, "shell":
+                               "cat /run/secrets/MCP_TOKEN; echo; echo $MCP_TOKEN; stat -c %a /run/secrets/MCP_TOKEN"})
+    assert r["stdout"] == f"{secret}\n{secret}\n400\n", r
+    say("ok exec echo, secrets as a file and an env var")
 
     r = await call(s, "exec", {"sandbox_id": sid, "shell": "echo out; echo err >&2; exit 7"})
     assert (r["exit_code"], r["stdout"], r["stderr"]) == (7, "out\n", "err\n"), r
@@ -84,8 +90,11 @@ async def full(s, image):
     assert r["exit_code"] == 127, r
     r = await call(s, "exec", {"sandbox_id": sid, "argv": ["cat"], "stdin": "fed in\n"})
     assert r["stdout"] == "fed in\n", r
-    r = await call(s, "exec", {"sandbox_id": sid, "shell": "yes | head -c 100000", "max_output_bytes": 1000})
-    assert r["stdout_truncated"] and len(r["stdout"]) == 1000, {k: r[k] for k in r if k != "stdout"}
+    # 4000 bytes cut at 1000. (Small on purpose: bulk guest output through vhost-device-vsock
+    # stalls at times on these hosts, with `agentvm run` too; see the branch's report.)
+    r = await call(s, "exec", {"sandbox_id": sid, "shell": "i=0; while [ $i -lt 400 ]; do echo 123456789; i=$((i+1)); done",
+                               "max_output_bytes": 1000})
+    assert r["stdout_truncated"] and r["stdout"] == "123456789\n" * 100, {k: r[k] for k in r if k != "stdout"}
     say("ok exec exit codes, stdin, capping")
 
     t = time.monotonic()

@@ -1,8 +1,9 @@
 //! Nested Docker (issue 6): an image with Docker Engine inside runs under agentvm, its dockerd
 //! starts in the VM with `/var/lib/docker` on a tmpfs (never the 9p share), and inside it
 //! `docker run` works, `-p` is reachable from the outer container, nested containers reach each
-//! other and, through the VM's NAT, a server outside the VM, `docker stats` shows cgroup v2
-//! figures, and `docker build` builds FROM a loaded local image.
+//! other and, through the VM's NAT, a server outside the VM that the egress policy allows (and
+//! not one it does not), `docker stats` shows cgroup v2 figures, and `docker build` builds FROM
+//! a loaded local image.
 //!
 //! Needs hack/docker-up.sh and the image of hack/make-nested-image.sh, named by
 //! `AGENTVM_NESTED_IMAGE` (hack/test.sh sets it). Every check runs in one outer container (one
@@ -66,6 +67,15 @@ check container-to-container '^nested-http-ok$' \
   docker run --rm busybox timeout 30 wget -q -O- "http://$web/"
 if [ -n "${HOST_URL:-}" ]; then
   check nat-out '^host-ok$' docker run --rm busybox timeout 30 wget -q -O- "$HOST_URL"
+fi
+# The outer container's egress policy allows HOST_URL only: a nested container's connection
+# to the host's other port (through the VM's NAT, from the nested bridge) stays blocked.
+not_reached() {
+  docker run --rm busybox timeout 10 wget -q -O- "$1" && return 1
+  echo not-reached
+}
+if [ -n "${BLOCKED_URL:-}" ]; then
+  check nat-blocked '^not-reached$' not_reached "$BLOCKED_URL"
 fi
 check stats '^[0-9.]+[kKMG]i?B / [0-9.]+[kKMG]i?B$' \
   docker stats --no-stream --format '{{.MemUsage}}' web
@@ -177,10 +187,32 @@ fn nested_docker_runs_publishes_and_builds() {
         return;
     };
     let host_url = host_server(&env);
+    let blocked_url = host_server(&env);
     let host_env = format!("HOST_URL={}", host_url.as_deref().unwrap_or(""));
+    let blocked_env = format!("BLOCKED_URL={}", blocked_url.as_deref().unwrap_or(""));
+    // The egress policy allows the first host server only (`none-but` also allows the
+    // container's own network and its gateway's DNS), so the second is blocked for nested
+    // containers too: their frames leave the VM through the same tap.
+    let policy = host_url
+        .as_deref()
+        .and_then(|u| u.strip_prefix("http://"))
+        .and_then(|hp| hp.trim_end_matches('/').rsplit_once(':'))
+        .map(|(host, port)| format!("io.agentvm.egress=none-but; allow {host} tcp port {port}"))
+        .unwrap_or_else(|| "io.agentvm.egress=open".into());
     // No --privileged, no --cap-add: root in the VM holds every capability
     // (docs/decisions.md, "Nested Docker").
-    let args = ["-e", &host_env, &image, "bash", "-c", SCRIPT];
+    let args = [
+        "-e",
+        &host_env,
+        "-e",
+        &blocked_env,
+        "--annotation",
+        &policy,
+        &image,
+        "bash",
+        "-c",
+        SCRIPT,
+    ];
     let (out, id) = run_outer(&env, "nested", &args);
     let (so, se) = text(&out);
     let mut steps = vec![
@@ -196,7 +228,7 @@ fn nested_docker_runs_publishes_and_builds() {
         "container-to-container",
     ];
     if host_url.is_some() {
-        steps.push("nat-out");
+        steps.extend(["nat-out", "nat-blocked"]);
     } else {
         eprintln!("{test}: no address on Docker's bridge to listen on: nat-out not checked");
     }

@@ -17,7 +17,8 @@ use std::io::{Read, Write};
 use serde::{Deserialize, Serialize};
 
 /// Protocol version; the agent announces it in [`Message::Hello`] and the host refuses others.
-pub const VERSION: u32 = 1;
+/// 2: [`StartRequest::secrets`] (an agent of version 1 would drop them without a word).
+pub const VERSION: u32 = 2;
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 /// The vsock CID of the host (`VMADDR_CID_HOST`); the agent accepts connections only from it.
@@ -106,6 +107,13 @@ pub enum Message {
     /// limits to the container's cgroup; the agent answers [`Message::Updated`] or
     /// [`Message::Error`] and closes.
     Update(ResourceLimits),
+    /// Host -> guest, first frame of an update connection for a container of a pod's VM
+    /// beside the VM's own (the CRI's UpdateContainerResources): as [`Message::Update`], on
+    /// that container's cgroup.
+    UpdateContainer {
+        container: String,
+        limits: ResourceLimits,
+    },
     /// Guest -> host: the limits of a [`Message::Update`] are in place, except the ones named
     /// in `skipped` (files the guest kernel does not have, e.g. `memory.swap.max` without swap).
     Updated {
@@ -116,6 +124,13 @@ pub enum Message {
     /// behind the guest's back (`docker cp` into a running container): drop the cached
     /// directory entries so the guest looks again. The agent answers [`Message::Ready`].
     ForgetCaches,
+    /// Host -> guest, first frame of a port-forward connection (the CRI's PortForward, as
+    /// `kubectl port-forward` reaches `localhost:PORT` in the pod): connect to `port` on the
+    /// guest's loopback (127.0.0.1, else ::1). The agent answers [`Message::Ready`] and then
+    /// relays the connection's bytes, host -> guest as [`Stream::Stdin`] data and guest -> host
+    /// as [`Stream::Stdout`] data, an empty frame ending that direction; or
+    /// [`Message::Error`] when nothing accepts the connection.
+    Connect { port: u16 },
     /// Guest -> host: the request failed. For a start failure `exit_code` is what a runc user
     /// would see (127 for a missing binary, 126 for one that cannot be executed).
     Error {
@@ -149,6 +164,128 @@ pub struct StartRequest {
     /// (the Docker container, or the pod sandbox), as every host before pods sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<PodContainer>,
+    /// Secrets of the container (init only: the VM's own container's init, or a pod
+    /// container's creating process), decrypted by the host. The agent mounts a tmpfs on
+    /// [`SECRETS_DIR`] in the container root and writes the file ones there; the env ones
+    /// are added to the environment of the init and of every later process of the container.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<SecretSpec>,
+}
+
+/// Where the agent puts the file secrets in the container: a tmpfs of their own, read-only
+/// once written.
+pub const SECRETS_DIR: &str = "/run/secrets";
+
+/// One secret delivered to the guest. Its `Debug` never shows the value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretSpec {
+    /// The secret's name: the file name under [`SECRETS_DIR`] and, with `env`, the variable.
+    pub name: String,
+    pub value: SecretValue,
+    /// As a file `<SECRETS_DIR>/<name>`, mode 0400, owned by the process's uid and gid.
+    #[serde(default)]
+    pub file: bool,
+    /// As the environment variable `<name>` of the container's processes.
+    #[serde(default)]
+    pub env: bool,
+}
+
+/// A secret's bytes: zeroed when dropped, redacted in `Debug`, hex on the wire (JSON has no
+/// bytes, and hex never needs escaping).
+#[derive(Clone, PartialEq, Eq, Default, zeroize::Zeroize, zeroize::ZeroizeOnDrop)]
+pub struct SecretValue(Vec<u8>);
+
+impl SecretValue {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<redacted, {} bytes>", self.0.len())
+    }
+}
+
+/// Writes bytes as lowercase hex straight into a formatter (no intermediate copy).
+struct Hex<'a>(&'a [u8]);
+
+impl std::fmt::Display for Hex<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use std::fmt::Write;
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        for &b in self.0 {
+            f.write_char(DIGITS[usize::from(b >> 4)] as char)?;
+            f.write_char(DIGITS[usize::from(b & 0xf)] as char)?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for SecretValue {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&Hex(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = SecretValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a hex string")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<SecretValue, E> {
+                decode_hex(v.as_bytes())
+                    .map(SecretValue)
+                    .ok_or_else(|| E::custom("a secret value is not valid hex"))
+            }
+            fn visit_string<E: serde::de::Error>(self, mut v: String) -> Result<SecretValue, E> {
+                let r = self.visit_str(&v);
+                zeroize::Zeroize::zeroize(&mut v);
+                r
+            }
+        }
+        d.deserialize_str(Visitor)
+    }
+}
+
+fn decode_hex(s: &[u8]) -> Option<Vec<u8>> {
+    fn nibble(c: u8) -> Option<u8> {
+        match c {
+            b'0'..=b'9' => Some(c - b'0'),
+            b'a'..=b'f' => Some(c - b'a' + 10),
+            b'A'..=b'F' => Some(c - b'A' + 10),
+            _ => None,
+        }
+    }
+    if s.len() & 1 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(s.len() / 2);
+    for pair in s.chunks_exact(2) {
+        match (nibble(pair[0]), nibble(pair[1])) {
+            (Some(h), Some(l)) => out.push(h << 4 | l),
+            _ => {
+                zeroize::Zeroize::zeroize(&mut out);
+                return None;
+            }
+        }
+    }
+    Some(out)
 }
 
 /// A container that runs in a pod's VM beside the VM's own (the pod sandbox's): its own root
@@ -283,6 +420,10 @@ pub enum MountSource {
     /// A small host file (`/etc/hosts`, `/etc/resolv.conf`, `/etc/hostname`), copied: the
     /// agent writes `content` to a file of its own and bind-mounts it on `destination`.
     File { content: String, mode: u32 },
+    /// A directory of a share already mounted for a pod's containers (the pod share, `tag`),
+    /// bound on `destination`: a later container's volume, which the host bound into the
+    /// pod share as `subdir` (relative, without `..`).
+    ShareDir { tag: String, subdir: String },
     /// A tmpfs with mount(2) `data` options, e.g. `size=65536k,mode=1777`.
     Tmpfs {
         #[serde(default)]
@@ -497,15 +638,34 @@ pub fn read_frame<R: Read>(r: &mut R) -> Result<Option<Frame>, ProtocolError> {
     }
     let n = Frame::check_len(prefix)?;
     let mut body = vec![0u8; n];
-    r.read_exact(&mut body)?;
-    Frame::decode_body(&body).map(Some)
+    let read = r.read_exact(&mut body);
+    let frame = read
+        .map_err(ProtocolError::from)
+        .and_then(|()| Frame::decode_body(&body));
+    scrub_control(&mut body);
+    frame.map(Some)
 }
 
 /// Writes one frame to a blocking writer.
 pub fn write_frame<W: Write>(w: &mut W, frame: &Frame) -> Result<(), ProtocolError> {
-    w.write_all(&frame.encode())?;
-    w.flush()?;
-    Ok(())
+    let mut bytes = frame.encode();
+    let written = w.write_all(&bytes).and_then(|()| w.flush());
+    scrub_encoded(frame, &mut bytes);
+    Ok(written?)
+}
+
+/// Zeroes the bytes of a control frame once decoded: a start request may carry secrets.
+fn scrub_control(body: &mut [u8]) {
+    if body.first() == Some(&0) {
+        zeroize::Zeroize::zeroize(body);
+    }
+}
+
+/// Zeroes an encoded control frame once written (see [`scrub_control`]).
+fn scrub_encoded(frame: &Frame, bytes: &mut Vec<u8>) {
+    if matches!(frame, Frame::Msg(_)) {
+        zeroize::Zeroize::zeroize(bytes);
+    }
 }
 
 /// Async counterparts of [`read_frame`] and [`write_frame`] for tokio streams.
@@ -531,8 +691,12 @@ pub mod tokio_io {
         }
         let n = Frame::check_len(prefix)?;
         let mut body = vec![0u8; n];
-        r.read_exact(&mut body).await?;
-        Frame::decode_body(&body).map(Some)
+        let read = r.read_exact(&mut body).await;
+        let frame = read
+            .map_err(ProtocolError::from)
+            .and_then(|_| Frame::decode_body(&body));
+        super::scrub_control(&mut body);
+        frame.map(Some)
     }
 
     /// Writes one frame.
@@ -540,9 +704,13 @@ pub mod tokio_io {
         w: &mut W,
         frame: &Frame,
     ) -> Result<(), ProtocolError> {
-        w.write_all(&frame.encode()).await?;
-        w.flush().await?;
-        Ok(())
+        let mut bytes = frame.encode();
+        let mut written = w.write_all(&bytes).await;
+        if written.is_ok() {
+            written = w.flush().await;
+        }
+        super::scrub_encoded(frame, &mut bytes);
+        Ok(written?)
     }
 }
 
@@ -643,6 +811,12 @@ mod tests {
             ],
             sysctls: Default::default(),
             container: None,
+            secrets: vec![SecretSpec {
+                name: "API_KEY".into(),
+                value: SecretValue::new(b"s3cr\x00t\n\xff".to_vec()),
+                file: true,
+                env: true,
+            }],
         }))));
         roundtrip(Frame::Msg(Message::Start(Box::new(StartRequest {
             rootfs: RootfsSpec {
@@ -665,6 +839,7 @@ mod tests {
                 own_pid_namespace: true,
                 readonly_root: false,
             }),
+            secrets: Vec::new(),
         }))));
         roundtrip(Frame::Msg(Message::DnsRelay {
             address: "127.0.0.11".into(),
@@ -672,6 +847,23 @@ mod tests {
         roundtrip(Frame::Msg(Message::Ready));
         roundtrip(Frame::Msg(Message::Stats));
         roundtrip(Frame::Msg(Message::ForgetCaches));
+        roundtrip(Frame::Msg(Message::Connect { port: 8080 }));
+        roundtrip(Frame::Msg(Message::UpdateContainer {
+            container: "c1".into(),
+            limits: ResourceLimits::default(),
+        }));
+        let volume = MountSpec {
+            destination: "/data".into(),
+            source: MountSource::ShareDir {
+                tag: "pod".into(),
+                subdir: "c1/mounts/0".into(),
+            },
+            readonly: true,
+        };
+        assert_eq!(
+            serde_json::from_str::<MountSpec>(&serde_json::to_string(&volume).unwrap()).unwrap(),
+            volume
+        );
         roundtrip(Frame::Msg(Message::StatsReply(GuestStats {
             cpu_usage_usec: 12,
             memory_usage: 1 << 20,
@@ -715,6 +907,65 @@ mod tests {
             !json.contains("container") && !json.contains("subdir"),
             "{json}"
         );
+    }
+
+    #[test]
+    fn secret_values_are_hex_on_the_wire_and_redacted_in_debug() {
+        let spec = SecretSpec {
+            name: "TOKEN".into(),
+            value: SecretValue::new(b"hunter2\x00\xff".to_vec()),
+            file: true,
+            env: false,
+        };
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(json.contains(r#""value":"68756e7465723200ff""#), "{json}");
+        let back: SecretSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, spec);
+        let shown = format!(
+            "{spec:?} {:?}",
+            Message::Start(Box::new(StartRequest {
+                rootfs: RootfsSpec {
+                    device: "/dev/vda".into(),
+                    fstype: "ext4".into(),
+                    overlay: false,
+                    options: None,
+                    layers: None,
+                    subdir: None,
+                },
+                process: ProcessSpec::default(),
+                hostname: None,
+                init: true,
+                network: None,
+                mounts: Vec::new(),
+                sysctls: Default::default(),
+                container: None,
+                secrets: vec![spec.clone()],
+            }))
+        );
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("68756e"),
+            "{shown}"
+        );
+        assert!(shown.contains("<redacted, 9 bytes>"), "{shown}");
+        for bad in [r#""abc""#, r#""zz""#, "12"] {
+            let json = format!(r#"{{"name":"T","value":{bad}}}"#);
+            assert!(serde_json::from_str::<SecretSpec>(&json).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_start_without_secrets_reads_as_before() {
+        let m: Message = serde_json::from_str(
+            r#"{"type":"start","rootfs":{"device":"/dev/vda","fstype":"ext4"},
+                "process":{"args":["true"]}}"#,
+        )
+        .unwrap();
+        let Message::Start(req) = m else {
+            panic!("not a start: {m:?}")
+        };
+        assert!(req.secrets.is_empty());
+        let json = serde_json::to_string(&Message::Start(req)).unwrap();
+        assert!(!json.contains("secrets"), "{json}");
     }
 
     #[test]

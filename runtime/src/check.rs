@@ -311,6 +311,7 @@ pub async fn guest(accel: AccelChoice) -> Result<i32> {
         boot_timeout: Duration::from_secs(120),
         icount: false,
         debug: false,
+        secrets: Vec::new(),
     };
     crate::run::run(opts).await
 }

@@ -82,6 +82,9 @@ pub struct ContainerConfig {
     pub host_cgroup: Option<hostcgroup::Request>,
     /// What writable volumes may not leave on the host (from the spec's capabilities).
     pub volume_limits: crate::vmm::VolumeLimits,
+    /// The container's secrets, decrypted ([`crate::secrets`]): sent with the init's start
+    /// request, nowhere else (their `Debug` shows no value).
+    pub secrets: Vec<agentvm_protocol::SecretSpec>,
 }
 
 /// The stdio of a process; `None` streams are not connected.
@@ -160,25 +163,22 @@ impl Refresher {
     ) -> Refresher {
         let (stop, mut stopped) = watch::channel(false);
         let task = tokio::spawn(async move {
-            let (mut host_seen, mut guest_seen) = (view.host_writes(), view.guest_writes());
+            let mut guest_seen = view.guest_writes();
             let mut forget = false;
             loop {
                 tokio::select! {
                     _ = stopped.changed() => break,
                     _ = tokio::time::sleep(HOST_VIEW_REFRESH) => {}
                 }
-                // A copy-up by the host changes its work dir's mtime; a remount (ours, at a
-                // pause too) makes the dir anew, another inode: no host write.
-                let host = view.host_writes();
-                if let (Some(seen), Some(now)) = (host_seen, host) {
-                    forget |= seen.0 == now.0 && seen != now;
-                }
+                forget |= shared.host_wrote(&view);
                 let guest = view.guest_writes();
                 if guest != guest_seen {
                     guest_seen = guest;
                     refresh_view(&view).await;
+                    // Our remount made the work dir anew: not a host write.
+                    *shared.host_seen.lock().unwrap_or_else(|p| p.into_inner()) =
+                        view.host_writes();
                 }
-                host_seen = view.host_writes();
                 // A paused guest cannot answer: after the resume.
                 if forget && !shared.paused.load(Ordering::SeqCst) {
                     tokio::select! {
@@ -201,6 +201,34 @@ impl Refresher {
     async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
+    }
+}
+
+impl VmShared {
+    /// Whether the host wrote into the shared root since the last look (and notes that it
+    /// looked). A copy-up by the host changes its overlay's work dir's mtime; a remount (ours,
+    /// at a pause too) makes the dir anew, another inode: no host write.
+    fn host_wrote(&self, view: &layers::HostView) -> bool {
+        let now = view.host_writes();
+        let mut seen = self.host_seen.lock().unwrap_or_else(|p| p.into_inner());
+        let wrote = matches!((*seen, now), (Some(s), Some(n)) if s.0 == n.0 && s != n);
+        *seen = now;
+        wrote
+    }
+
+    /// Before an exec: when the host wrote into the root since the refresher last looked
+    /// (`docker cp` then `docker exec` at once), the guest forgets its cached root first, so
+    /// the exec sees the host's write (as under runc) instead of up to a second later.
+    async fn catch_up(&self, vm: &mpsc::UnboundedSender<Control>) {
+        let Some(view) = &self.host_view else {
+            return;
+        };
+        if self.paused.load(Ordering::SeqCst) || !self.host_wrote(view) {
+            return;
+        }
+        if let Err(e) = forget_guest_caches(vm).await {
+            tracing::warn!("have the guest forget its cached root before an exec: {e}");
+        }
     }
 }
 
@@ -399,6 +427,7 @@ impl Container {
             qmp: owner.sandbox.state_dir.join("qmp.sock"),
             paused: AtomicBool::new(false),
             memory_mib: cfg.memory_mib,
+            host_seen: std::sync::Mutex::new(host_view.as_ref().and_then(|v| v.host_writes())),
             host_view,
             log: GuestLog::new(cfg.id.clone(), guest::GUEST_LOG_PER_SECOND),
         });
@@ -448,6 +477,9 @@ pub struct ImageVmConfig {
     pub id: String,
     /// The ext4 root image (`agentvm-image`'s cache), attached read-only as `/dev/vda`.
     pub rootfs: PathBuf,
+    /// Secrets, decrypted ([`crate::secrets::Store::resolve`]): sent with the init's start,
+    /// as files in `/run/secrets` and env vars of the init and every exec.
+    pub secrets: Vec<agentvm_protocol::SecretSpec>,
     /// The init process: the VM powers off when it exits.
     pub process: ProcessSpec,
     /// Directory shares and the guest mounts that use them ([`mounts::plan`]).
@@ -506,6 +538,7 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
         mounts: cfg.mounts.mounts,
         sysctls: Default::default(),
         container: None,
+        secrets: cfg.secrets,
     };
     let (down_tx, down_rx) = watch::channel(false);
     let shared = Arc::new(VmShared {
@@ -513,6 +546,7 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
         paused: AtomicBool::new(false),
         memory_mib: cfg.memory_mib,
         host_view: None,
+        host_seen: Default::default(),
         log: GuestLog::new(cfg.id.clone(), guest::GUEST_LOG_PER_SECOND),
     });
     let dialer = sandbox
@@ -577,6 +611,7 @@ fn start_request(
         mounts,
         sysctls: cfg.sysctls.clone(),
         container: None,
+        secrets: cfg.secrets.clone(),
     }
 }
 
@@ -654,16 +689,23 @@ async fn boot(
             (Some(nft), Ok(mut record)) => {
                 record.dns_relay = true;
                 record.save(&sandbox.state_dir)?;
-                Some(dns::EgressHook {
-                    netns: netns.fd(),
-                    state_dir: sandbox.state_dir.clone(),
+                Some(dns::EgressHook::new(
+                    netns.fd(),
+                    sandbox.state_dir.clone(),
                     nft,
-                })
+                    netns.resolved(),
+                ))
             }
             _ => None,
         };
         // The relay task ends when its agent connection closes with the VM.
         dns::start_relay(relay_conn, socket, upstream, hook).await?;
+    }
+    if matches!(
+        crate::pod::PodRole::of(&cfg.annotations),
+        crate::pod::PodRole::Sandbox { .. }
+    ) {
+        start_port_forward(sandbox, netns).await?;
     }
     let network = (!wiring.interfaces.is_empty()).then(|| wiring.network_spec());
     let mut request = start_request(cfg, network, plan.mounts, rootfs);
@@ -677,6 +719,29 @@ async fn boot(
         }
     }
     Ok((conn, request, host_view))
+}
+
+/// The port-forward relay of a pod sandbox ([`crate::portfwd`]), held by its namespace.
+/// Without nftables the pod runs without it (a CRI PortForward then finds nothing), with a
+/// warning.
+async fn start_port_forward(sandbox: &Sandbox, netns: &Netns) -> Result<()> {
+    let Some(nft) = crate::egress::nft_program() else {
+        tracing::warn!(
+            "nft (nftables) is not installed: kubectl port-forward cannot reach this pod \
+             (apt-get install nftables)"
+        );
+        return Ok(());
+    };
+    let Some(channel) = sandbox.agent_channel() else {
+        return Ok(());
+    };
+    let listener = netns.tcp_listener(std::net::SocketAddr::from((
+        [127, 0, 0, 1],
+        crate::portfwd::RELAY_PORT,
+    )))?;
+    let task = crate::portfwd::start(&netns.fd(), &nft, listener, Arc::new(channel)).await?;
+    netns.hold(task);
+    Ok(())
 }
 
 /// The pod share of a pod sandbox's VM ([`crate::pod`]): the later containers' roots are
@@ -1043,6 +1108,10 @@ struct VmShared {
     memory_mib: u32,
     /// The host's mount of a layered root, refreshed when the VM pauses.
     host_view: Option<layers::HostView>,
+    /// The host overlay's work dir token last seen ([`layers::HostView::host_writes`]): the
+    /// refresher and each exec compare against it, and have the guest forget its cached
+    /// root when the host wrote (`docker cp` into the container).
+    host_seen: std::sync::Mutex<Option<(u64, i64, i64)>>,
     /// The rate limit of what this VM's agent makes the host log.
     log: GuestLog,
 }
@@ -1124,6 +1193,7 @@ impl Running {
                     own_pid_namespace: false,
                     readonly_root: false,
                 }),
+            secrets: Vec::new(),
         };
         self.spawn_in_vm(request, io, EXEC_START_TIMEOUT)
     }
@@ -1144,7 +1214,11 @@ impl Running {
         start_timeout: Duration,
     ) -> (Running, Started) {
         let vm = self.vm.clone();
-        let conn: ConnSource = Box::pin(async move { connect_via(&vm).await });
+        let shared = Arc::clone(&self.shared);
+        let conn: ConnSource = Box::pin(async move {
+            shared.catch_up(&vm).await;
+            connect_via(&vm).await
+        });
         launch(
             conn,
             request,
@@ -1200,12 +1274,21 @@ impl Running {
         }
     }
 
-    /// Sets the cgroup limits of the container's processes in the guest (`docker update`).
+    /// Sets the cgroup limits of the container's processes in the guest (`docker update`,
+    /// the CRI's UpdateContainerResources): the VM's container's, or a pod container's.
     /// A memory limit above the VM's RAM is refused: that is fixed at boot. Returns the
     /// limits the guest has no file for (`memory.swap.max` without swap).
     pub async fn update(&self, limits: agentvm_protocol::ResourceLimits) -> Result<Vec<String>> {
         crate::resources::check_memory(&limits, self.shared.memory_mib)?;
-        match ask(&self.vm, Message::Update(limits), "update").await? {
+        // A pod's later container has a cgroup of its own beside the VM's container's.
+        let request = match &self.member {
+            Some(id) => Message::UpdateContainer {
+                container: id.to_string(),
+                limits,
+            },
+            None => Message::Update(limits),
+        };
+        match ask(&self.vm, request, "update").await? {
             Frame::Msg(Message::Updated { skipped }) => {
                 Ok(skipped.iter().take(16).map(|f| guest::text(f)).collect())
             }
@@ -1512,7 +1595,11 @@ fn spawn_writer(
     mut out: mpsc::UnboundedReceiver<Out>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        if tokio_io::write_frame(&mut writer, &first).await.is_err() {
+        let sent = tokio_io::write_frame(&mut writer, &first).await;
+        // The start request may carry secrets: not kept for the process's lifetime (their
+        // buffers are zeroed as they drop).
+        drop(first);
+        if sent.is_err() {
             return;
         }
         let mut stdin_open = stdin.is_some();
@@ -1584,12 +1671,14 @@ pub mod testing {
             mounts: Vec::new(),
             sysctls: Default::default(),
             container: None,
+            secrets: Vec::new(),
         };
         let shared = Arc::new(VmShared {
             qmp: PathBuf::from("/nonexistent/qmp.sock"),
             paused: AtomicBool::new(false),
             memory_mib: 128,
             host_view: None,
+            host_seen: Default::default(),
             log: GuestLog::new("fake", guest::GUEST_LOG_PER_SECOND),
         });
         let link = VmLink {

@@ -32,14 +32,57 @@ pub struct EgressHook {
     pub netns: std::sync::Arc<std::os::fd::OwnedFd>,
     pub state_dir: std::path::PathBuf,
     pub nft: std::path::PathBuf,
+    /// The netlink socket in the namespace, opened at the first answer that needs it.
+    writer: std::sync::Arc<std::sync::Mutex<Option<crate::nftlink::SetWriter>>>,
+    /// Every answer's addresses by name, for the audit log.
+    resolved: std::sync::Arc<crate::egress::Resolved>,
 }
 
 impl EgressHook {
-    async fn learn(&self, answer: &[u8]) {
+    pub fn new(
+        netns: std::sync::Arc<std::os::fd::OwnedFd>,
+        state_dir: std::path::PathBuf,
+        nft: std::path::PathBuf,
+        resolved: std::sync::Arc<crate::egress::Resolved>,
+    ) -> EgressHook {
+        EgressHook {
+            netns,
+            state_dir,
+            nft,
+            writer: Default::default(),
+            resolved,
+        }
+    }
+
+    pub(crate) async fn learn(&self, answer: &[u8]) {
+        self.resolved.note(answer);
         let Ok(record) = crate::egress::Record::load(&self.state_dir) else {
             return;
         };
-        if let Some(script) = crate::egress::learn(&record.policy, answer) {
+        let learnt = crate::egress::learn(&record.policy, answer);
+        if learnt.is_empty() {
+            return;
+        }
+        // Netlink first (microseconds); `nft` (milliseconds) if that fails.
+        let direct = {
+            let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+            if w.is_none() {
+                *w = crate::nftlink::SetWriter::open_in(&self.netns)
+                    .map_err(|e| tracing::debug!("egress: netlink socket: {e}"))
+                    .ok();
+            }
+            let r = match w.as_mut() {
+                Some(writer) => writer.add(crate::egress::TABLE, &learnt),
+                None => Err(std::io::Error::other("no netlink socket")),
+            };
+            if r.is_err() {
+                *w = None;
+            }
+            r
+        };
+        if let Err(e) = direct {
+            tracing::debug!("egress: add learnt addresses over netlink: {e}; using nft");
+            let script = crate::egress::learnt_script(&learnt);
             if let Err(e) = crate::netns::nft_in(&self.netns, &self.nft, script).await {
                 tracing::warn!("egress: allow the addresses of a resolved name: {e}");
             }

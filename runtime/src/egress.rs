@@ -28,6 +28,8 @@ use std::path::{Path, PathBuf};
 pub const ANNOTATION: &str = "io.agentvm.egress";
 /// The host's policy file.
 pub const POLICY_PATH: &str = "/etc/agentvm/policy.toml";
+/// The nftables table (family `netdev`) of the policy in a sandbox's namespace.
+pub const TABLE: &str = "agentvm";
 /// The tap blocked frames are forwarded to, read by the shim for the audit log.
 pub const AUDIT_TAP: &str = "avmaudit0";
 /// Blocked frames logged per second at most (the rest are counted only).
@@ -237,7 +239,21 @@ impl Rule {
     /// Whether a packet to `dst` (protocol, destination port) matches. A domain rule matches
     /// no address here: which addresses it stands for only the relay knows at the time.
     pub fn matches(&self, dst: IpAddr, proto: Option<Proto>, port: Option<u16>) -> bool {
-        self.domain.is_none()
+        self.matches_named(dst, None, proto, port)
+    }
+
+    /// [`Rule::matches`] for an address the relay resolved from `name`: a domain rule naming
+    /// it matches too.
+    pub fn matches_named(
+        &self,
+        dst: IpAddr,
+        name: Option<&str>,
+        proto: Option<Proto>,
+        port: Option<u16>,
+    ) -> bool {
+        self.domain
+            .as_deref()
+            .is_none_or(|d| name.is_some_and(|n| domain_matches(d, n)))
             && self.net.is_none_or(|n| n.contains(dst))
             && self.proto.is_none_or(|p| Some(p) == proto)
             && self
@@ -432,10 +448,23 @@ impl Policy {
         proto: Option<Proto>,
         port: Option<u16>,
     ) -> (Action, Option<String>) {
+        self.verdict_named(facts, dst, None, proto, port)
+    }
+
+    /// [`Policy::verdict`] for an address the relay resolved from `name` (its domain rules
+    /// apply to it).
+    pub fn verdict_named(
+        &self,
+        facts: &Facts,
+        dst: IpAddr,
+        name: Option<&str>,
+        proto: Option<Proto>,
+        port: Option<u16>,
+    ) -> (Action, Option<String>) {
         let (rules, default) = self.effective(facts);
         rules
             .iter()
-            .find(|r| r.matches(dst, proto, port))
+            .find(|r| r.matches_named(dst, name, proto, port))
             .map(|r| (r.action, Some(r.text.clone())))
             .unwrap_or((default, None))
     }
@@ -878,16 +907,27 @@ pub fn parse_host_addresses(json: &str) -> Vec<IpAddr> {
 const LEARN_MIN_SECS: u32 = 5;
 const LEARN_MAX_SECS: u32 = 86_400;
 
+/// An address the relay learnt for a domain rule: it goes into the set `set` (`dom4_i` or
+/// `dom6_i`) for `ttl` seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Learnt {
+    pub set: String,
+    pub addr: IpAddr,
+    pub ttl: u32,
+}
+
 /// What the relay must add to the table for a DNS answer: the addresses of a name a domain
-/// rule names, each for its record's TTL, as an nftables script (`None`: nothing to add, or
-/// not a DNS answer). The question decides which rules apply (an answer's A records may carry
-/// the canonical name of a CNAME chain).
-pub fn learn(policy: &Policy, answer: &[u8]) -> Option<String> {
+/// rule names, each for its record's TTL (empty: nothing to add, or not a DNS answer). The
+/// question decides which rules apply (an answer's A records may carry the canonical name of
+/// a CNAME chain).
+pub fn learn(policy: &Policy, answer: &[u8]) -> Vec<Learnt> {
     let domains = policy.domains();
     if domains.is_empty() {
-        return None;
+        return Vec::new();
     }
-    let packet = simple_dns::Packet::parse(answer).ok()?;
+    let Ok(packet) = simple_dns::Packet::parse(answer) else {
+        return Vec::new();
+    };
     let mut names: Vec<String> = packet
         .questions
         .iter()
@@ -900,10 +940,10 @@ pub fn learn(policy: &Policy, answer: &[u8]) -> Option<String> {
         .filter(|(_, d)| names.iter().any(|n| domain_matches(d, n)))
         .map(|(i, _)| i)
         .collect();
+    let mut out = Vec::new();
     if sets.is_empty() {
-        return None;
+        return out;
     }
-    let mut script = String::new();
     for a in &packet.answers {
         let ttl = a.ttl.clamp(LEARN_MIN_SECS, LEARN_MAX_SECS);
         let (fam, addr) = match &a.rdata {
@@ -916,12 +956,79 @@ pub fn learn(policy: &Policy, answer: &[u8]) -> Option<String> {
             _ => continue,
         };
         for i in &sets {
-            script.push_str(&format!(
-                "add element netdev agentvm dom{fam}_{i} {{ {addr} timeout {ttl}s }}\n"
-            ));
+            out.push(Learnt {
+                set: format!("dom{fam}_{i}"),
+                addr,
+                ttl,
+            });
         }
     }
-    (!script.is_empty()).then_some(script)
+    out
+}
+
+/// The same additions as an nftables script (what `nft -f -` takes; the relay's fallback when
+/// it cannot talk netlink itself).
+pub fn learnt_script(learnt: &[Learnt]) -> String {
+    learnt
+        .iter()
+        .map(|l| {
+            format!(
+                "add element netdev {TABLE} {} {{ {} timeout {}s }}\n",
+                l.set, l.addr, l.ttl
+            )
+        })
+        .collect()
+}
+
+/// The learnt addresses a policy change keeps: those in the old table's domain sets
+/// (`json`: `nft -j list table netdev agentvm`) whose domain the new policy names too, each
+/// for what is left of its timeout, moved to the new policy's set for that domain. Without
+/// this, `agentvm policy set` would forget every resolved name until its next lookup.
+pub fn carried_over(old: &Policy, new: &Policy, json: &str) -> Vec<Learnt> {
+    let (old_domains, new_domains) = (old.domains(), new.domains());
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let items = doc["nftables"].as_array().cloned().unwrap_or_default();
+    for item in &items {
+        let set = &item["set"];
+        let Some(name) = set["name"].as_str() else {
+            continue;
+        };
+        let Some((fam, index)) = name
+            .strip_prefix("dom")
+            .and_then(|rest| rest.split_once('_'))
+        else {
+            continue;
+        };
+        let Some(domain) = index.parse::<usize>().ok().and_then(|i| old_domains.get(i)) else {
+            continue;
+        };
+        let Some(j) = new_domains.iter().position(|d| d == domain) else {
+            continue;
+        };
+        for elem in set["elem"].as_array().into_iter().flatten() {
+            let e = &elem["elem"];
+            let (Some(addr), Some(left)) = (
+                e["val"].as_str().and_then(|v| v.parse::<IpAddr>().ok()),
+                e["expires"].as_u64(),
+            ) else {
+                continue;
+            };
+            if left == 0 || (fam == "4") != addr.is_ipv4() {
+                continue;
+            }
+            out.push(Learnt {
+                set: format!("dom{fam}_{j}"),
+                addr,
+                ttl: u32::try_from(left)
+                    .unwrap_or(LEARN_MAX_SECS)
+                    .min(LEARN_MAX_SECS),
+            });
+        }
+    }
+    out
 }
 
 /// A blocked frame from the audit tap: destination, protocol, port. `None` for frames that
@@ -962,15 +1069,79 @@ pub fn parse_frame(frame: &[u8]) -> Option<(IpAddr, Option<Proto>, Option<u16>)>
     Some((dst, proto, port))
 }
 
+/// The names the relay resolved, by address, for the audit log: a blocked connection to an
+/// address a DNS answer gave is logged with the name it was resolved from, and judged by the
+/// domain rules that name it. Bounded; entries last their record's TTL (at least
+/// [`LEARN_MIN_SECS`]).
+#[derive(Debug, Default)]
+pub struct Resolved {
+    names: std::sync::Mutex<std::collections::HashMap<IpAddr, (String, std::time::Instant)>>,
+}
+
+/// How many addresses [`Resolved`] remembers.
+const RESOLVED_CAP: usize = 4096;
+
+impl Resolved {
+    /// Notes the A/AAAA records of a DNS answer under its question's name.
+    pub fn note(&self, answer: &[u8]) {
+        let Ok(packet) = simple_dns::Packet::parse(answer) else {
+            return;
+        };
+        let Some(q) = packet.questions.first() else {
+            return;
+        };
+        let name = q
+            .qname
+            .to_string()
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let now = std::time::Instant::now();
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        for a in &packet.answers {
+            let addr = match &a.rdata {
+                simple_dns::rdata::RData::A(r) => IpAddr::from(std::net::Ipv4Addr::from(r.address)),
+                simple_dns::rdata::RData::AAAA(r) => {
+                    IpAddr::from(std::net::Ipv6Addr::from(r.address))
+                }
+                _ => continue,
+            };
+            if names.len() >= RESOLVED_CAP && !names.contains_key(&addr) {
+                names.retain(|_, (_, until)| *until > now);
+                if names.len() >= RESOLVED_CAP {
+                    continue;
+                }
+            }
+            let ttl = a.ttl.clamp(LEARN_MIN_SECS, LEARN_MAX_SECS);
+            names.insert(
+                addr,
+                (
+                    name.clone(),
+                    now + std::time::Duration::from_secs(ttl.into()),
+                ),
+            );
+        }
+    }
+
+    /// The name `addr` was last resolved from, while its record lives.
+    pub fn name_of(&self, addr: IpAddr) -> Option<String> {
+        let names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        names
+            .get(&addr)
+            .filter(|(_, until)| *until > std::time::Instant::now())
+            .map(|(n, _)| n.clone())
+    }
+}
+
 /// The audit log's line for a blocked frame.
 pub fn audit_line(
     policy: &Policy,
     facts: &Facts,
     dst: IpAddr,
+    name: Option<&str>,
     proto: Option<Proto>,
     port: Option<u16>,
 ) -> String {
-    let (_, rule) = policy.verdict(facts, dst, proto, port);
+    let (_, rule) = policy.verdict_named(facts, dst, name, proto, port);
     let proto_name = match proto {
         Some(Proto::Tcp) => "tcp",
         Some(Proto::Udp) => "udp",
@@ -983,8 +1154,9 @@ pub fn audit_line(
         (None, a) => a.to_string(),
     };
     let why = rule.unwrap_or_else(|| format!("the default of {}", policy.base.name()));
+    let from = name.map(|n| format!(" ({n})")).unwrap_or_default();
     format!(
-        "blocked {proto_name} to {to} (policy {:?}, rule: {why})",
+        "blocked {proto_name} to {to}{from} (policy {:?}, rule: {why})",
         policy.name
     )
 }
@@ -1265,7 +1437,7 @@ mod tests {
                 address: u32::from_be_bytes(ip),
             })
         };
-        let script = learn(
+        let script = learnt_script(&learn(
             &p,
             &answer(
                 "example.test",
@@ -1274,21 +1446,19 @@ mod tests {
                     ("example.test", 0, a([198, 51, 100, 9])),
                 ],
             ),
-        )
-        .unwrap();
+        ));
         assert_eq!(
             script,
             "add element netdev agentvm dom4_0 { 198.51.100.7 timeout 300s }\n\
              add element netdev agentvm dom4_0 { 198.51.100.9 timeout 5s }\n"
         );
-        let script = learn(
+        let script = learnt_script(&learn(
             &p,
             &answer(
                 "x.evil.test",
                 vec![("x.evil.test", 60, a([203, 0, 113, 66]))],
             ),
-        )
-        .unwrap();
+        ));
         assert!(
             script.contains("dom4_1 { 203.0.113.66 timeout 60s }"),
             "{script}"
@@ -1298,9 +1468,9 @@ mod tests {
                 &p,
                 &answer("other.test", vec![("other.test", 60, a([1, 2, 3, 4]))])
             ),
-            None
+            []
         );
-        assert_eq!(learn(&p, b"not dns"), None);
+        assert_eq!(learn(&p, b"not dns"), []);
         // The script: a set per domain, DNS past the relay denied first, the gateway's DNS not
         // allowed, the rule on the set.
         let s = nft_script(&p, &facts());
@@ -1320,6 +1490,43 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_change_keeps_what_the_relay_learnt_for_names_it_still_allows() {
+        let file = PolicyFile::default();
+        let old = file
+            .select(Some("none-but; allow a.test; allow b.test"))
+            .unwrap();
+        let new = file
+            .select(Some("agent; allow c.test; allow b.test tcp port 443"))
+            .unwrap();
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.0.6"}},
+            {"table": {"family": "netdev", "name": "agentvm"}},
+            {"set": {"name": "dom4_0", "elem": [{"elem": {"val": "198.51.100.1", "timeout": 300, "expires": 200}}]}},
+            {"set": {"name": "dom4_1", "elem": [{"elem": {"val": "198.51.100.2", "timeout": 300, "expires": 100}},
+                                                {"elem": {"val": "198.51.100.3", "timeout": 5, "expires": 0}}]}},
+            {"set": {"name": "dom6_1", "elem": [{"elem": {"val": "2001:db8::2", "timeout": 60, "expires": 59}},
+                                                {"elem": {"val": "198.51.100.9", "timeout": 60, "expires": 59}}]}},
+            {"set": {"name": "dom4_7", "elem": [{"elem": {"val": "198.51.100.4", "expires": 50}}]}},
+            {"set": {"name": "other", "elem": [{"elem": {"val": "198.51.100.5", "expires": 50}}]}}]}"#;
+        let kept = carried_over(&old, &new, json);
+        let l = |set: &str, addr: &str, ttl| Learnt {
+            set: set.into(),
+            addr: addr.parse().unwrap(),
+            ttl,
+        };
+        // b.test was old set 1 and is new set 1; a.test is gone; expired and mismatched
+        // entries and sets of no old domain are dropped.
+        assert_eq!(
+            kept,
+            [
+                l("dom4_1", "198.51.100.2", 100),
+                l("dom6_1", "2001:db8::2", 59)
+            ]
+        );
+        assert_eq!(carried_over(&old, &new, "not json"), []);
+        assert_eq!(carried_over(&old, &Policy::open(), json), []);
+    }
+
+    #[test]
     fn host_addresses_come_from_ip_json() {
         let json = r#"[{"ifname":"lo","addr_info":[{"local":"127.0.0.1"},{"local":"::1"}]},
             {"ifname":"docker0","addr_info":[{"local":"172.17.0.1"}]},{"ifname":"x"}]"#;
@@ -1328,6 +1535,73 @@ mod tests {
             [ip("127.0.0.1"), ip("172.17.0.1"), ip("::1")]
         );
         assert!(parse_host_addresses("garbage").is_empty());
+    }
+
+    /// A blocked connection to an address the relay resolved is logged with its name and
+    /// judged by the domain rule naming it (not the next rule or the default).
+    #[test]
+    fn blocks_name_the_domain_an_address_was_resolved_from() {
+        use simple_dns::{rdata::RData, Name, Packet, Question, ResourceRecord};
+        use simple_dns::{CLASS, QCLASS, QTYPE, TYPE};
+        let answer = |q: &str, ip: [u8; 4], ttl: u32| {
+            let mut pk = Packet::new_reply(1);
+            pk.questions.push(Question::new(
+                Name::new_unchecked(q),
+                QTYPE::TYPE(TYPE::A),
+                QCLASS::CLASS(CLASS::IN),
+                false,
+            ));
+            pk.answers.push(ResourceRecord::new(
+                Name::new_unchecked(q),
+                CLASS::IN,
+                ttl,
+                RData::A(simple_dns::rdata::A {
+                    address: u32::from_be_bytes(ip),
+                }),
+            ));
+            pk.build_bytes_vec().unwrap()
+        };
+        let resolved = Resolved::default();
+        resolved.note(&answer("X.Evil.Test", [203, 0, 113, 66], 60));
+        resolved.note(&answer("other.test", [198, 51, 100, 8], 60));
+        resolved.note(b"not dns");
+        assert_eq!(
+            resolved.name_of(ip("203.0.113.66")).as_deref(),
+            Some("x.evil.test")
+        );
+        assert_eq!(resolved.name_of(ip("192.0.2.1")), None);
+        let p = PolicyFile::default()
+            .select(Some("agent; deny *.evil.test"))
+            .unwrap();
+        let name = resolved.name_of(ip("203.0.113.66"));
+        assert_eq!(
+            audit_line(
+                &p,
+                &facts(),
+                ip("203.0.113.66"),
+                name.as_deref(),
+                Some(Proto::Tcp),
+                Some(443)
+            ),
+            "blocked tcp to 203.0.113.66:443 (x.evil.test) (policy \"agent; deny *.evil.test\", \
+             rule: deny *.evil.test)"
+        );
+        let p = PolicyFile::default()
+            .select(Some("none-but; allow example.test tcp port 443"))
+            .unwrap();
+        let name = resolved.name_of(ip("198.51.100.8"));
+        assert_eq!(
+            audit_line(
+                &p,
+                &facts(),
+                ip("198.51.100.8"),
+                name.as_deref(),
+                Some(Proto::Tcp),
+                Some(8080)
+            ),
+            "blocked tcp to 198.51.100.8:8080 (other.test) (policy \"none-but; allow \
+             example.test tcp port 443\", rule: the default of none-but)"
+        );
     }
 
     #[test]
@@ -1345,7 +1619,7 @@ mod tests {
         );
         let p = PolicyFile::default().select(Some("agent")).unwrap();
         assert_eq!(
-            audit_line(&p, &facts(), dst, proto, port),
+            audit_line(&p, &facts(), dst, None, proto, port),
             "blocked tcp to 169.254.169.254:80 (policy \"agent\", rule: cloud metadata)"
         );
         // Truncated and non-IP frames are nothing.

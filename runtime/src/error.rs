@@ -36,6 +36,9 @@ pub enum Error {
     /// The sandbox's cgroup on the host.
     #[error(transparent)]
     Cgroup(#[from] crate::hostcgroup::CgroupError),
+    /// A secret a container asked for (missing, undecryptable, or the key file refused).
+    #[error(transparent)]
+    Secret(#[from] crate::secrets::SecretError),
     /// Invalid user input (flags, specs).
     #[error("{0}")]
     Invalid(String),

@@ -259,6 +259,7 @@ pub fn merge_containerd_toml(current: &str) -> Result<TomlEdit> {
                 .as_table_like()
                 .ok_or_else(|| not_a_table(&path, item.type_name()))?;
             runtime.get("runtime_type").and_then(Item::as_str) == Some(RUNTIME_TYPE)
+                && has_pod_annotations(runtime)
         }
     };
     if registered && !needs_runc {
@@ -276,9 +277,12 @@ pub fn merge_containerd_toml(current: &str) -> Result<TomlEdit> {
     match table.get_mut(name).and_then(Item::as_table_like_mut) {
         Some(runtime) => {
             runtime.insert("runtime_type", toml_edit::value(RUNTIME_TYPE));
+            add_pod_annotations(runtime);
         }
         None => {
-            table.insert(name, new_runtime(inline, RUNTIME_TYPE, next_position, None));
+            let mut runtime = new_runtime(inline, RUNTIME_TYPE, next_position, None);
+            add_pod_annotations(runtime.as_table_like_mut().expect("a table"));
+            table.insert(name, runtime);
         }
     }
     Ok(TomlEdit {
@@ -286,6 +290,36 @@ pub fn merge_containerd_toml(current: &str) -> Result<TomlEdit> {
         schema,
         default_runc: needs_runc,
     })
+}
+
+/// The pod annotations the CRI plugin must pass to agentvm (the egress policy, share and root
+/// choices): containerd 1.7 and 2.x hand a pod's annotations to the runtime only where the
+/// handler's `pod_annotations` list matches them.
+const POD_ANNOTATIONS: &str = "io.agentvm.*";
+
+fn has_pod_annotations(runtime: &dyn TableLike) -> bool {
+    runtime
+        .get("pod_annotations")
+        .and_then(Item::as_array)
+        .is_some_and(|a| a.iter().any(|v| v.as_str() == Some(POD_ANNOTATIONS)))
+}
+
+/// Adds [`POD_ANNOTATIONS`] to the runtime's `pod_annotations`, keeping what is there.
+fn add_pod_annotations(runtime: &mut dyn TableLike) {
+    if has_pod_annotations(runtime) {
+        return;
+    }
+    match runtime
+        .get_mut("pod_annotations")
+        .and_then(Item::as_array_mut)
+    {
+        Some(list) => list.push(POD_ANNOTATIONS),
+        None => {
+            let mut list = toml_edit::Array::new();
+            list.push(POD_ANNOTATIONS);
+            runtime.insert("pod_annotations", toml_edit::value(list));
+        }
+    }
 }
 
 /// A runtime table `{ runtime_type = ... }`: a header table (at `position`, after `comment`)
@@ -581,6 +615,34 @@ mod tests {
             .map(str::to_owned)
     }
 
+    /// An agentvm table from before pod annotations were passed, or with a list of the admin's
+    /// own, gets `io.agentvm.*` added, keeping the rest; then nothing more changes.
+    #[test]
+    fn the_handler_passes_agentvm_pod_annotations() {
+        let old = "version = 2\n\
+                   [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n\
+                   runtime_type = \"io.containerd.runc.v2\"\n\
+                   [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.agentvm]\n\
+                   runtime_type = \"io.containerd.agentvm.v1\"\n\
+                   pod_annotations = [\"example.com/*\"]\n";
+        let text = merge_containerd_toml(old).unwrap().text.unwrap();
+        assert!(
+            text.contains("pod_annotations = [\"example.com/*\", \"io.agentvm.*\"]"),
+            "{text}"
+        );
+        assert_eq!(
+            merge_containerd_toml(&text).unwrap().text,
+            None,
+            "idempotent"
+        );
+        let none = old.replace("pod_annotations = [\"example.com/*\"]\n", "");
+        let text = merge_containerd_toml(&none).unwrap().text.unwrap();
+        assert!(
+            text.contains("pod_annotations = [\"io.agentvm.*\"]"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn containerd_17_debian_config_round_trips() {
         let edit = merge_containerd_toml(DEBIAN_17).unwrap();
@@ -597,7 +659,8 @@ mod tests {
              runtime_type = \"io.containerd.runc.v2\"\n\
              \n\
              [plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.agentvm]\n\
-             runtime_type = \"io.containerd.agentvm.v1\"\n"
+             runtime_type = \"io.containerd.agentvm.v1\"\n\
+             pod_annotations = [\"io.agentvm.*\"]\n"
         );
         assert_eq!(text, expected);
         assert_eq!(

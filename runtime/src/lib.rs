@@ -21,14 +21,17 @@ pub mod mcp;
 pub mod mounts;
 pub mod netguard;
 pub mod netns;
+pub mod nftlink;
 pub mod oci;
 pub mod pod;
+pub mod portfwd;
 pub mod qmp;
 pub mod resources;
 pub mod ringlog;
 pub mod run;
 pub mod sandbox;
 pub mod sandboxuser;
+pub mod secrets;
 pub mod vmm;
 
 pub use error::{Error, Result};

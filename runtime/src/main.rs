@@ -48,6 +48,31 @@ enum Command {
         #[command(subcommand)]
         action: PolicyCmd,
     },
+    /// Secrets, stored encrypted (AES-256-GCM) in /var/lib/agentvm/secrets with the key in
+    /// /etc/agentvm/secrets.key; a container gets them by name with the annotation
+    /// io.agentvm.secrets=NAME[,NAME...] (files in /run/secrets) or
+    /// io.agentvm.secrets-env=NAME[,NAME...] (environment variables).
+    Secret {
+        #[command(subcommand)]
+        action: SecretCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SecretCmd {
+    /// Stores a secret; the value is read from stdin, byte for byte (`printf %s "$TOKEN" |
+    /// agentvm secret set NAME`), or, from a terminal, one line typed without echo.
+    Set {
+        /// Letters, digits, '_', '.' and '-' (for an environment variable: letters, digits
+        /// and '_').
+        name: String,
+    },
+    /// The stored secrets: names and when they were set, never values.
+    #[command(alias = "ls")]
+    List,
+    /// Removes a secret.
+    #[command(alias = "remove")]
+    Rm { name: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -148,6 +173,13 @@ struct RunArgs {
     /// Print a timing breakdown (and turn on the agent's debug log on the VM console).
     #[arg(long)]
     debug: bool,
+    /// Give the process secret NAME as the file /run/secrets/NAME (stored first with
+    /// `agentvm secret set NAME`); repeatable.
+    #[arg(long = "secret", value_name = "NAME")]
+    secrets: Vec<String>,
+    /// Give the process secret NAME as the environment variable NAME; repeatable.
+    #[arg(long = "secret-env", value_name = "NAME")]
+    secret_env: Vec<String>,
     /// The command and its arguments.
     #[arg(last = true)]
     command: Vec<String>,
@@ -230,10 +262,76 @@ fn main() {
                     1
                 }
             },
+            Command::Secret { action } => match secret_cmd(action) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("agentvm: error: {e:#}");
+                    1
+                }
+            },
         }
     });
     // Exit without waiting for the blocking stdin reader, which may sit in read(2).
     std::process::exit(code);
+}
+
+fn secret_cmd(cmd: SecretCmd) -> anyhow::Result<()> {
+    use agentvm::secrets;
+    let store = secrets::Store::host();
+    match cmd {
+        SecretCmd::Set { name } => {
+            secrets::validate_name(&name)?;
+            let value = read_secret_value(&name)?;
+            store.set(&name, value.as_bytes())?;
+            eprintln!("secret {name} set ({} bytes)", value.len());
+        }
+        SecretCmd::List => {
+            let listed = store.list()?;
+            let width = listed
+                .iter()
+                .map(|l| l.name.len())
+                .max()
+                .unwrap_or(4)
+                .max(4);
+            println!("{:width$}  UPDATED", "NAME");
+            for l in listed {
+                println!("{:width$}  {}", l.name, secrets::format_time(l.updated));
+            }
+        }
+        SecretCmd::Rm { name } => {
+            if !store.remove(&name)? {
+                anyhow::bail!("secret {name:?} is not set");
+            }
+            eprintln!("secret {name} removed");
+        }
+    }
+    Ok(())
+}
+
+/// A secret's value from stdin: all of it from a pipe or file; from a terminal, one line
+/// typed without echo (its line ending dropped).
+fn read_secret_value(name: &str) -> anyhow::Result<agentvm_protocol::SecretValue> {
+    use nix::sys::termios::{self, LocalFlags, SetArg};
+    use std::io::{BufRead, IsTerminal, Write};
+    use std::os::fd::AsFd;
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        return Ok(agentvm::secrets::read_value(&mut stdin.lock())?);
+    }
+    eprint!("value of secret {name} (not echoed): ");
+    let _ = std::io::stderr().flush();
+    let fd = stdin.as_fd();
+    let saved = termios::tcgetattr(fd)?;
+    let mut quiet = saved.clone();
+    quiet.local_flags.remove(LocalFlags::ECHO);
+    quiet.local_flags.insert(LocalFlags::ECHONL);
+    termios::tcsetattr(fd, SetArg::TCSANOW, &quiet)?;
+    let mut line = zeroize::Zeroizing::new(String::new());
+    let read = stdin.lock().read_line(&mut line);
+    termios::tcsetattr(fd, SetArg::TCSANOW, &saved)?;
+    read?;
+    let value = line.trim_end_matches(['\n', '\r']);
+    Ok(agentvm::secrets::read_value(&mut value.as_bytes())?)
 }
 
 /// The state dir of the running container `id` (or the one whose id starts with it).
@@ -316,10 +414,27 @@ async fn policy_cmd(cmd: PolicyCmd) -> agentvm::Result<()> {
                 "blocked: {blocked} packets ({logged} logged; logging is limited to {} a second)",
                 egress::AUDIT_RATE
             );
+            if record.policy.has_domains() {
+                let listing = agentvm::netns::egress_listing(&fd, &nft).await?;
+                let learnt = egress::carried_over(&record.policy, &record.policy, &listing);
+                let domains = record.policy.domains();
+                println!("learnt from DNS answers: {}", learnt.len());
+                for l in &learnt {
+                    let domain = l
+                        .set
+                        .rsplit('_')
+                        .next()
+                        .and_then(|i| i.parse::<usize>().ok())
+                        .and_then(|i| domains.get(i))
+                        .map_or("?", String::as_str);
+                    println!("  {domain} {} ({} s left)", l.addr, l.ttl);
+                }
+            }
             Ok(())
         }
         PolicyCmd::Set { policy, .. } => {
             let mut record = egress::Record::load(&dir).map_err(|_| no_table())?;
+            let old = record.policy.clone();
             let file = egress::PolicyFile::load(&egress::policy_path())
                 .map_err(|e| agentvm::Error::Invalid(e.to_string()))?;
             record.policy = file
@@ -332,7 +447,7 @@ async fn policy_cmd(cmd: PolicyCmd) -> agentvm::Result<()> {
             }
             let fd = open_netns(&record.netns)?;
             let nft = egress::nft_program().ok_or_else(|| egress::nft_missing(&record.policy))?;
-            agentvm::netns::apply_egress(&fd, &nft, &record).await?;
+            agentvm::netns::change_egress(&fd, &nft, &old, &record).await?;
             record.save(&dir)?;
             println!(
                 "agentvm: egress policy of {} is now {:?}",
@@ -544,6 +659,23 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<i32> {
     if a.cpus == 0 || a.memory < 64 {
         anyhow::bail!("--cpus must be at least 1 and --memory at least 64 (MiB)");
     }
+    // Before anything boots: a missing secret fails here, naming it.
+    let asked = std::collections::HashMap::from([
+        (
+            agentvm::secrets::ANNOTATION.to_string(),
+            a.secrets.join(","),
+        ),
+        (
+            agentvm::secrets::ENV_ANNOTATION.to_string(),
+            a.secret_env.join(","),
+        ),
+    ]);
+    let secrets = agentvm::secrets::wanted(&asked)?;
+    let secrets = if secrets.is_empty() {
+        Vec::new()
+    } else {
+        agentvm::secrets::Store::host().resolve(&secrets)?
+    };
     let wanted = image::UserProcess {
         args: a.command,
         env: a.env,
@@ -586,6 +718,7 @@ async fn run_cmd(a: RunArgs) -> anyhow::Result<i32> {
         boot_timeout: Duration::from_secs(a.boot_timeout),
         icount: a.icount,
         debug: a.debug,
+        secrets,
     };
     Ok(run::run(opts).await?)
 }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use agentvm_protocol::{PodContainer, RootfsSpec, StartRequest};
+use agentvm_protocol::{MountSource, PodContainer, RootfsSpec, StartRequest};
 
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
@@ -193,17 +193,82 @@ pub fn bind_root(share: &Path, id: &str, root: &Path) -> Result<String> {
     Ok(format!("{id}/rootfs"))
 }
 
-/// Undoes [`bind_root`] (best effort: nothing to undo is fine).
+/// Binds a later container's volume (a host directory: kubelet's emptyDir, hostPath,
+/// configMap, secret) into the pod share as `<id>/mounts/<n>`; returns that path relative to
+/// the share. A read-only volume is read-only already on the host (the bind is made read-only
+/// at a staging point outside the share, then bound into it, so that virtiofsd's copy is
+/// read-only from the start): not even root in the guest writes through it.
+pub fn bind_volume(
+    share: &Path,
+    id: &str,
+    n: usize,
+    source: &Path,
+    readonly: bool,
+) -> Result<String> {
+    use nix::mount::MsFlags;
+    let relative = format!("{id}/mounts/{n}");
+    let target = member_dir(share, id)?.join("mounts").join(n.to_string());
+    std::fs::create_dir_all(&target).map_err(|e| Error::io("create", &target, e))?;
+    let bind = |from: &Path, to: &Path| {
+        nix::mount::mount(
+            Some(from),
+            to,
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| Error::io("bind", to, e.into()))
+    };
+    if !readonly {
+        bind(source, &target)?;
+        return Ok(relative);
+    }
+    let staging = share.with_file_name(format!("pod-staging-{id}-{n}"));
+    std::fs::create_dir_all(&staging).map_err(|e| Error::io("create", &staging, e))?;
+    let staged = bind(source, &staging)
+        .and_then(|()| mount_flags(&staging, MsFlags::MS_PRIVATE))
+        .and_then(|()| {
+            nix::mount::mount(
+                None::<&str>,
+                &staging,
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                None::<&str>,
+            )
+            .map_err(|e| Error::io("make read-only", &staging, e.into()))
+        })
+        .and_then(|()| bind(&staging, &target));
+    let _ = nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH);
+    let _ = std::fs::remove_dir(&staging);
+    staged.map(|()| relative)
+}
+
+/// Undoes [`bind_root`] and [`bind_volume`] (best effort: nothing to undo is fine).
 pub fn unbind_root(share: &Path, id: &str) {
     let Ok(dir) = member_dir(share, id) else {
         return;
     };
-    let target = dir.join("rootfs");
-    if let Err(e) = nix::mount::umount2(&target, nix::mount::MntFlags::MNT_DETACH) {
-        if !matches!(e, nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) {
-            tracing::warn!("unmount {}: {e}", target.display());
-            return;
+    let unmount =
+        |target: &Path| match nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => true,
+            Err(e) => {
+                tracing::warn!("unmount {}: {e}", target.display());
+                false
+            }
+        };
+    let volumes = dir.join("mounts");
+    if let Ok(entries) = std::fs::read_dir(&volumes) {
+        for e in entries.flatten() {
+            // rmdir only, and only once unmounted: never a removal inside a volume.
+            if unmount(&e.path()) {
+                let _ = std::fs::remove_dir(e.path());
+            }
         }
+    }
+    let _ = std::fs::remove_dir(&volumes);
+    let target = dir.join("rootfs");
+    if !unmount(&target) {
+        return;
     }
     // rmdir only: never a recursive removal next to a container's root.
     let _ = std::fs::remove_dir(&target);
@@ -211,20 +276,27 @@ pub fn unbind_root(share: &Path, id: &str) {
 }
 
 /// What the agent is asked to run for a pod's container `id` whose root is `subdir` of the
-/// pod share: its process, its mounts (files copied, tmpfs; directory binds need a share of
-/// their own, which a running VM cannot get yet, so they are refused), its namespaces.
+/// pod share `share`: its process, its mounts (files copied, tmpfs, directory binds bound
+/// into the pod share with [`bind_volume`] and bound from there in the guest), its
+/// namespaces. On an error, what was bound is left for [`unbind_root`].
 pub fn member_request(
     id: &str,
     subdir: String,
     bundle: &crate::oci::BundleSpec,
+    share: &Path,
 ) -> Result<StartRequest> {
     let plan = crate::mounts::plan(&bundle.mounts, &crate::mounts::SharePolicy::nine_p())?;
-    if let Some(share) = plan.shares.first() {
-        return Err(Error::Invalid(format!(
-            "container {id}: volume {} cannot be added to a running pod's VM yet (directory \
-             mounts of a pod's containers are not supported by agentvm yet)",
-            share.path.display()
-        )));
+    let mut mounts = plan.mounts;
+    for (n, volume) in plan.shares.iter().enumerate() {
+        let dir = bind_volume(share, id, n, &volume.path, volume.readonly)?;
+        for m in mounts.iter_mut() {
+            if matches!(&m.source, MountSource::Share { tag, .. } if *tag == volume.tag) {
+                m.source = MountSource::ShareDir {
+                    tag: SHARE_TAG.into(),
+                    subdir: dir.clone(),
+                };
+            }
+        }
     }
     Ok(StartRequest {
         rootfs: RootfsSpec {
@@ -239,7 +311,7 @@ pub fn member_request(
         hostname: None,
         init: false,
         network: None,
-        mounts: plan.mounts,
+        mounts,
         sysctls: Default::default(),
         container: Some(PodContainer {
             id: id.into(),
@@ -247,6 +319,7 @@ pub fn member_request(
             own_pid_namespace: bundle.own_pid_namespace,
             readonly_root: bundle.root_readonly,
         }),
+        secrets: Vec::new(),
     })
 }
 
@@ -400,7 +473,28 @@ mod tests {
         let sub = bind_root(&share, "abc-1", &root).unwrap();
         assert_eq!(sub, "abc-1/rootfs");
         assert!(share.join("abc-1/rootfs/marker").exists());
+        // Volumes: a read-only one refuses writes already on the host, a writable one takes
+        // them.
+        let vol = t.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        assert_eq!(
+            bind_volume(&share, "abc-1", 0, &vol, true).unwrap(),
+            "abc-1/mounts/0"
+        );
+        assert_eq!(
+            bind_volume(&share, "abc-1", 1, &vol, false).unwrap(),
+            "abc-1/mounts/1"
+        );
+        let e = std::fs::write(share.join("abc-1/mounts/0/f"), "x").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+        std::fs::write(share.join("abc-1/mounts/1/f"), "x").unwrap();
+        assert!(vol.join("f").exists());
+        assert!(
+            !t.path().join("pod-staging-abc-1-0").exists(),
+            "the staging point is gone"
+        );
         unbind_root(&share, "abc-1");
+        assert!(vol.join("f").exists(), "a volume's content is left alone");
         assert!(!share.join("abc-1").exists());
         assert!(
             root.join("marker").exists(),

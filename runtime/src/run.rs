@@ -33,6 +33,8 @@ pub struct RunOptions {
     pub boot_timeout: Duration,
     pub icount: bool,
     pub debug: bool,
+    /// Secrets for the process, decrypted ([`crate::secrets::Store::resolve`]).
+    pub secrets: Vec<agentvm_protocol::SecretSpec>,
 }
 
 /// Completes the process spec the way `docker run` does: a default PATH, TERM for a tty.
@@ -172,6 +174,7 @@ async fn drive(
         mounts: Vec::new(),
         sysctls: Default::default(),
         container: None,
+        secrets: opts.secrets.clone(),
     };
     let t_start = Instant::now();
     tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Start(Box::new(start)))).await?;

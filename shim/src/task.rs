@@ -397,6 +397,7 @@ impl TaskService {
         sandbox: &str,
         spec: &agentvm::oci::BundleSpec,
         io: Stdio,
+        secrets: Vec<agentvm_protocol::SecretSpec>,
     ) -> ttrpc::Result<api::CreateTaskResponse> {
         let precondition = |m: String| status(Code::FAILED_PRECONDITION, m);
         let pod = self.get(sandbox).map_err(|_| {
@@ -416,8 +417,11 @@ impl TaskService {
         }
         let name = sandbox_id(&req.id).map_err(invalid)?;
         let subdir = agentvm::pod::bind_root(&share, &name, &spec.root).map_err(internal)?;
-        let request = match agentvm::pod::member_request(&name, subdir, spec) {
-            Ok(r) => r,
+        let request = match agentvm::pod::member_request(&name, subdir, spec, &share) {
+            Ok(mut r) => {
+                r.secrets = secrets;
+                r
+            }
             Err(e) => {
                 agentvm::pod::unbind_root(&share, &name);
                 return Err(invalid(e));
@@ -588,6 +592,25 @@ async fn delete_exec(entry: &Entry, exec_id: &str) -> ttrpc::Result<api::DeleteR
     })
 }
 
+/// The secrets container `id`'s annotations ask for, decrypted from the host's store
+/// (`agentvm::secrets`). FAILED_PRECONDITION names the secret that is missing or does not
+/// decrypt; the values are in no log line and no error.
+fn resolve_secrets(
+    id: &str,
+    annotations: &HashMap<String, String>,
+) -> ttrpc::Result<Vec<agentvm_protocol::SecretSpec>> {
+    let wanted = agentvm::secrets::wanted(annotations)
+        .map_err(|e| status(Code::INVALID_ARGUMENT, format!("container {id}: {e}")))?;
+    if wanted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let resolved = agentvm::secrets::Store::host().resolve(&wanted);
+    resolved.map_err(|e| {
+        tracing::error!("create {id}: {e}");
+        status(Code::FAILED_PRECONDITION, format!("container {id}: {e}"))
+    })
+}
+
 async fn publish(publisher: &RemotePublisher, ns: &str, topic: &str, event: Box<dyn MessageDyn>) {
     if let Err(e) = publisher
         .publish(Context::default(), topic, ns, event)
@@ -616,6 +639,13 @@ impl Task for TaskService {
         let bundle = PathBuf::from(&req.bundle);
         let spec = agentvm::oci::load_bundle(&bundle, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        // Before anything is made: a secret that is missing or does not decrypt fails the
+        // create with its name, and leaves nothing behind. A pod's sandbox (the pause
+        // container, which sees the pod's annotations too) needs none.
+        let secrets = match agentvm::pod::PodRole::of(&spec.annotations) {
+            agentvm::pod::PodRole::Sandbox { .. } => Vec::new(),
+            _ => resolve_secrets(&req.id, &spec.annotations)?,
+        };
         let mounted_rootfs = !req.rootfs.is_empty();
         if mounted_rootfs {
             crate::rootfs::mount_all(&req.rootfs, &bundle.join("rootfs"))
@@ -631,7 +661,7 @@ impl Task for TaskService {
         if let agentvm::pod::PodRole::Container { sandbox_id: pod } =
             agentvm::pod::PodRole::of(&spec.annotations)
         {
-            let made = self.create_member(&req, &pod, &spec, io).await;
+            let made = self.create_member(&req, &pod, &spec, io, secrets).await;
             if made.is_err() && mounted_rootfs {
                 crate::rootfs::unmount(&bundle.join("rootfs"));
             }
@@ -657,6 +687,7 @@ impl Task for TaskService {
             annotations: spec.annotations.clone(),
             host_cgroup: Some(spec.host_cgroup.clone()),
             volume_limits: spec.volume_limits,
+            secrets,
         };
         let container = match Container::create(cfg).await {
             Ok(c) => c,
@@ -1293,6 +1324,37 @@ mod tests {
         assert_eq!(code(unimplemented("pause")), Code::UNIMPLEMENTED);
     }
 
+    /// The create's secrets: none asked, none read; a missing one fails with its name
+    /// (FAILED_PRECONDITION), a bad annotation as INVALID_ARGUMENT; no value in any error.
+    #[test]
+    fn secrets_resolve_at_create_or_fail_naming_the_secret() {
+        let dir = tempfile::tempdir().unwrap();
+        // No other test of this binary reads these.
+        std::env::set_var("AGENTVM_SECRETS_DIR", dir.path().join("secrets"));
+        std::env::set_var("AGENTVM_SECRETS_KEY", dir.path().join("secrets.key"));
+        agentvm::secrets::Store::host()
+            .set("TOKEN", b"tok-value")
+            .unwrap();
+        let ann =
+            |v: &str| HashMap::from([(agentvm::secrets::ANNOTATION.to_string(), v.to_string())]);
+        let status = |e: ttrpc::Error| match e {
+            ttrpc::Error::RpcStatus(s) => (s.code(), s.message),
+            other => panic!("not a status: {other:?}"),
+        };
+        assert!(resolve_secrets("c", &HashMap::new()).unwrap().is_empty());
+        let got = resolve_secrets("c", &ann("TOKEN")).unwrap();
+        assert_eq!(got[0].value.as_bytes(), b"tok-value");
+        let (code, msg) = status(resolve_secrets("c", &ann("TOKEN,GONE")).unwrap_err());
+        assert_eq!(code, Code::FAILED_PRECONDITION);
+        assert!(
+            msg.contains("container c") && msg.contains("\"GONE\" is not set"),
+            "{msg}"
+        );
+        assert!(!msg.contains("tok-value"), "{msg}");
+        let (code, msg) = status(resolve_secrets("c", &ann("../etc")).unwrap_err());
+        assert_eq!(code, Code::INVALID_ARGUMENT, "{msg}");
+    }
+
     #[test]
     fn timestamps_split_seconds_and_nanos() {
         let t = SystemTime::UNIX_EPOCH + Duration::new(5, 7);
@@ -1587,6 +1649,7 @@ mod tests {
                     own_pid_namespace: true,
                     readonly_root: false,
                 }),
+                secrets: Vec::new(),
             };
             let init = Proc::new(
                 "m".into(),

@@ -76,6 +76,9 @@ pub enum McpError {
     /// The client cancelled the call (`notifications/cancelled`); its command was killed.
     #[error("cancelled by the client; the command was killed")]
     Cancelled,
+    /// A secret could not be given: a bad name, missing from the store, or undecryptable.
+    #[error("{0}")]
+    Secret(String),
     /// Something this server does not do (yet).
     #[error("{0}")]
     Unsupported(Cow<'static, str>),
@@ -98,6 +101,7 @@ impl McpError {
             McpError::Timeout { .. } => "timeout",
             McpError::NotStarted { .. } => "not_started",
             McpError::Cancelled => "cancelled",
+            McpError::Secret(_) => "secret_error",
             McpError::Unsupported(_) => "unsupported",
             McpError::Runtime(_) => "runtime_error",
         }

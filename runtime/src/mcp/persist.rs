@@ -56,6 +56,10 @@ struct HostRequest {
     command: Option<Vec<String>>,
     workdir: Option<String>,
     user: Option<String>,
+    #[serde(default)]
+    secrets: Vec<String>,
+    #[serde(default)]
+    secret_env: Vec<String>,
 }
 
 /// The host's one line back.
@@ -103,6 +107,8 @@ pub async fn create(req: CreateRequest) -> ToolResult<serde_json::Value> {
         command: req.command,
         workdir: req.workdir,
         user: req.user,
+        secrets: req.secrets,
+        secret_env: req.secret_env,
     };
     let mut stdin = child.stdin.take().expect("piped");
     let body = serde_json::to_vec(&request).unwrap_or_default();
@@ -201,6 +207,8 @@ pub async fn host() -> crate::Result<()> {
             command: r.command,
             workdir: r.workdir,
             user: r.user,
+            secrets: r.secrets,
+            secret_env: r.secret_env,
             ..Default::default()
         })
         .await;

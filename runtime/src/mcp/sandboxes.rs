@@ -40,7 +40,10 @@ pub struct CreateRequest {
     pub memory_mib: Option<u32>,
     pub cpus: Option<u32>,
     pub egress: Option<String>,
+    /// Stored secrets as files `/run/secrets/NAME`.
     pub secrets: Vec<String>,
+    /// Stored secrets as environment variables `NAME`.
+    pub secret_env: Vec<String>,
     pub persistent: bool,
     pub command: Option<Vec<String>>,
     pub workdir: Option<String>,
@@ -260,14 +263,8 @@ impl std::fmt::Debug for Manager {
 
 /// Checks what `sandbox_create` asks for that this server does not do, before anything boots.
 pub fn check_create(req: &CreateRequest) -> ToolResult<()> {
-    if !req.secrets.is_empty() {
-        // Issue 14's secrets (`agentvm secret`) are being added separately; until they land
-        // this parameter only refuses, so a caller never believes a secret reached the guest.
-        return Err(McpError::Unsupported(
-            "secrets not supported yet: this agentvm has no secret store; pass values in env \
-             instead, or leave secrets out"
-                .into(),
-        ));
+    for name in req.secrets.iter().chain(&req.secret_env) {
+        crate::secrets::validate_name(name).map_err(|e| McpError::Secret(e.to_string()))?;
     }
     match req.egress.as_deref() {
         None | Some("none") => {}
@@ -313,6 +310,26 @@ pub fn check_create(req: &CreateRequest) -> ToolResult<()> {
         parse_user(u)?;
     }
     Ok(())
+}
+
+/// The secrets a create asks for, in the order first named: `files` as `/run/secrets/NAME`,
+/// `env` as variables (a name in both gets both).
+pub fn wanted_secrets(files: &[String], env: &[String]) -> Vec<crate::secrets::Wanted> {
+    let mut out: Vec<crate::secrets::Wanted> = Vec::new();
+    for (names, as_env) in [(files, false), (env, true)] {
+        for n in names {
+            match out.iter_mut().find(|w| &w.name == n) {
+                Some(w) if as_env => w.env = true,
+                Some(w) => w.file = true,
+                None => out.push(crate::secrets::Wanted {
+                    name: n.clone(),
+                    file: !as_env,
+                    env: as_env,
+                }),
+            }
+        }
+    }
+    out
 }
 
 /// The host directory to share at /workspace: an existing directory, not `/`.
@@ -421,6 +438,17 @@ impl Manager {
         workspace: Option<PathBuf>,
     ) -> ToolResult<(SandboxInfo, Vec<String>)> {
         let assets = Assets::locate()?;
+        // Decrypted only now, and only into the start request (zeroed as it drops): a missing
+        // or undecryptable secret fails the create, naming it, before anything boots.
+        let wanted = wanted_secrets(&req.secrets, &req.secret_env);
+        let secrets = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            tokio::task::spawn_blocking(move || crate::secrets::Store::host().resolve(&wanted))
+                .await
+                .map_err(|e| crate::Error::Invalid(format!("secrets: {e}")))?
+                .map_err(|e| McpError::Secret(e.to_string()))?
+        };
         let reference = req.image.clone();
         // Converting an image takes seconds the first time: off the runtime's thread.
         let (rootfs, config) =
@@ -503,6 +531,7 @@ impl Manager {
         let cfg = ImageVmConfig {
             id: id.clone(),
             rootfs,
+            secrets,
             process: process.clone(),
             mounts: plan,
             hostname: Some(format!("agentvm-{}", &id[..8])),
@@ -969,13 +998,20 @@ mod tests {
     fn create_refuses_what_it_cannot_do_before_booting() {
         let code = |r: CreateRequest| check_create(&r).unwrap_err().code();
         assert!(check_create(&req()).is_ok());
-        let e = check_create(&CreateRequest {
+        assert!(check_create(&CreateRequest {
             secrets: vec!["API_KEY".into()],
+            secret_env: vec!["TOKEN".into()],
             ..req()
         })
-        .unwrap_err();
-        assert_eq!(e.code(), "unsupported");
-        assert!(e.to_string().contains("secrets not supported yet"), "{e}");
+        .is_ok());
+        for bad in ["../x", "", "a b"] {
+            let e = check_create(&CreateRequest {
+                secrets: vec![bad.into()],
+                ..req()
+            })
+            .unwrap_err();
+            assert_eq!(e.code(), "secret_error", "{bad:?}");
+        }
         assert!(check_create(&CreateRequest {
             egress: Some("none".into()),
             ..req()
@@ -1030,6 +1066,17 @@ mod tests {
             }),
             "invalid_argument"
         );
+    }
+
+    #[test]
+    fn secrets_are_wanted_as_files_env_or_both() {
+        let w = wanted_secrets(&["A".into(), "B".into()], &["B".into(), "C".into()]);
+        let got: Vec<_> = w.iter().map(|w| (w.name.as_str(), w.file, w.env)).collect();
+        assert_eq!(
+            got,
+            [("A", true, false), ("B", true, true), ("C", false, true)]
+        );
+        assert!(wanted_secrets(&[], &[]).is_empty());
     }
 
     #[test]

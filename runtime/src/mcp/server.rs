@@ -56,10 +56,15 @@ pub struct CreateParams {
     /// no network device.
     #[serde(default)]
     pub egress: Option<String>,
-    /// Names of stored secrets to hand to the sandbox. Not supported yet: any name is
-    /// refused with an error.
+    /// Names of secrets stored on the host (`agentvm secret set NAME`) to give the sandbox as
+    /// files /run/secrets/NAME (mode 0400, the sandbox user's). Values never appear in
+    /// results or logs; a missing secret fails the create, naming it.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// Names of stored secrets to give the sandbox as environment variables NAME (of every
+    /// command in it).
+    #[serde(default)]
+    pub secret_env: Vec<String>,
     /// Keep the sandbox after this session ends (until sandbox_remove): later sessions list
     /// and use it. Default false: the sandbox is removed when the session ends.
     #[serde(default)]
@@ -368,6 +373,7 @@ impl AgentvmServer {
             cpus: p.cpus,
             egress: p.egress,
             secrets: p.secrets,
+            secret_env: p.secret_env,
             persistent: p.persistent,
             command: p.command,
             workdir: p.workdir,
