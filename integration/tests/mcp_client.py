@@ -38,6 +38,14 @@ async def call(s, name, args, expect_error=False):
 
 
 async def full(s, image):
+    workspace = tempfile.mkdtemp(prefix="agentvm-mcp-ws.")
+    try:
+        await tour(s, image, workspace)
+    finally:
+        shutil.rmtree(workspace, ignore_errors=True)
+
+
+async def tour(s, image, workspace):
     init = await s.initialize()
     assert init.server_info.name == "agentvm", init
     assert init.capabilities.tools is not None, init.capabilities
@@ -59,7 +67,6 @@ async def full(s, image):
     assert e["error"]["code"] == "secret_error" and "NO_SUCH_SECRET" in e["error"]["message"], e
     say("ok bad input")
 
-    workspace = tempfile.mkdtemp(prefix="agentvm-mcp-ws.")
     with open(os.path.join(workspace, "from-host.txt"), "w") as f:
         f.write("host says hi\n")
     t = time.monotonic()
@@ -180,8 +187,6 @@ async def full(s, image):
     assert e["error"]["code"] == "unknown_sandbox", e
     assert (await call(s, "sandbox_list", {}))["sandboxes"] == []
     say("ok stop/remove")
-
-    shutil.rmtree(workspace)
 
     # One more with a main process of its own, left for the session's end to remove.
     c = await call(s, "sandbox_create", {"image": image,
