@@ -2,8 +2,9 @@
 # Installs every host dependency agentvm needs on Debian bookworm: QEMU, e2fsprogs, the kernel
 # build toolchain and Debian's linux-source-6.12, busybox-static (test rootfs), Docker 26 and
 # containerd 1.7 from Debian trixie (pinned low, installed by name), the CRI tests' CNI plugins
-# and protoc (the CRI client's protos are compiled at build time), and the vhost-device-vsock
-# and virtiofsd daemons from crates.io. Idempotent; safe to re-run.
+# and protoc (the CRI client's protos are compiled at build time), the vhost-device-vsock
+# and virtiofsd daemons from crates.io, and the MCP Python SDK (PyPI `mcp`, in a venv: the
+# client of the `agentvm mcp` tests). Idempotent; safe to re-run.
 set -euo pipefail
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -20,6 +21,7 @@ PKGS=(
   iproute2 nftables procps psmisc docker-registry skopeo debootstrap umoci
   libseccomp-dev libcap-ng-dev
   protobuf-compiler containernetworking-plugins
+  python3 python3-venv
 )
 
 export DEBIAN_FRONTEND=noninteractive
@@ -82,5 +84,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get install -y -q --no-install-recommends \
     $(printf '%s/trixie ' "${missing[@]}") >/dev/null
 fi
+
+# The official MCP Python SDK, the client of integration/tests/mcp.rs and hack/bench-mcp.py
+# (a venv under /var/cache/agentvm; PyPI is reachable from CI).
+log "MCP Python SDK: $("$(dirname "$0")/mcp-client.sh")"
 
 log "dependencies ready"

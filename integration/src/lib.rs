@@ -31,7 +31,9 @@ fn workspace_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn skip_or_fail<T>(test: &str, reason: String) -> Option<T> {
+/// Prints why a test skips and returns `None`; fails the test instead under
+/// `AGENTVM_REQUIRE_VM=1`.
+pub fn skip_or_fail<T>(test: &str, reason: String) -> Option<T> {
     if std::env::var("AGENTVM_REQUIRE_VM").as_deref() == Ok("1") {
         panic!("{test}: {reason} (AGENTVM_REQUIRE_VM=1 forbids skipping)");
     }

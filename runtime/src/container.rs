@@ -468,6 +468,122 @@ impl Container {
     }
 }
 
+/// What to boot for a VM of its own around an ext4 root image (`agentvm mcp`'s sandboxes):
+/// no network namespace, engine or host cgroup, the image attached read-only with a guest
+/// tmpfs over it (as `agentvm run` does), plus directory shares.
+#[derive(Debug, Clone)]
+pub struct ImageVmConfig {
+    /// Sandbox id; names the state directory.
+    pub id: String,
+    /// The ext4 root image (`agentvm-image`'s cache), attached read-only as `/dev/vda`.
+    pub rootfs: PathBuf,
+    /// Secrets, decrypted ([`crate::secrets::Store::resolve`]): sent with the init's start,
+    /// as files in `/run/secrets` and env vars of the init and every exec.
+    pub secrets: Vec<agentvm_protocol::SecretSpec>,
+    /// The init process: the VM powers off when it exits.
+    pub process: ProcessSpec,
+    /// Directory shares and the guest mounts that use them ([`mounts::plan`]).
+    pub mounts: mounts::MountPlan,
+    pub hostname: Option<String>,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub accel: Accel,
+    pub boot_timeout: Duration,
+}
+
+/// Boots a VM from an ext4 root image and starts its init process with `io`. The returned
+/// handle is that init process, as [`Container::start`]'s is: it runs more processes
+/// ([`Running::spawn_exec`]), pauses and resumes the VM, and a SIGKILL to it ends the VM,
+/// whose teardown [`Running::wait_torn_down`] awaits. The pid every process reports is the
+/// VMM's. On failure nothing is left behind.
+pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> Result<Running> {
+    let mut sandbox = Sandbox::prepare(&cfg.id)?;
+    let sandbox_cfg = SandboxConfig {
+        id: cfg.id.clone(),
+        disks: vec![Disk {
+            path: cfg.rootfs.clone(),
+            readonly: true,
+        }],
+        shares: cfg.mounts.shares.clone(),
+        nics: Vec::new(),
+        netns: None,
+        memory_mib: cfg.memory_mib,
+        vcpus: cfg.vcpus,
+        accel: cfg.accel,
+        boot_timeout: cfg.boot_timeout,
+        icount: false,
+        debug: false,
+    };
+    let conn = match sandbox.launch(&sandbox_cfg, assets).await {
+        Ok(c) => c,
+        Err(e) => {
+            sandbox.destroy(TEARDOWN_GRACE).await;
+            return Err(e);
+        }
+    };
+    let pid = sandbox.vmm_pid().unwrap_or(0);
+    let request = StartRequest {
+        rootfs: RootfsSpec {
+            device: "/dev/vda".into(),
+            fstype: "ext4".into(),
+            overlay: true,
+            options: None,
+            layers: None,
+            subdir: None,
+        },
+        process: cfg.process,
+        hostname: cfg.hostname,
+        init: true,
+        network: None,
+        mounts: cfg.mounts.mounts,
+        sysctls: Default::default(),
+        container: None,
+        secrets: cfg.secrets,
+    };
+    let (down_tx, down_rx) = watch::channel(false);
+    let shared = Arc::new(VmShared {
+        qmp: sandbox.state_dir.join("qmp.sock"),
+        paused: AtomicBool::new(false),
+        memory_mib: cfg.memory_mib,
+        host_view: None,
+        host_seen: Default::default(),
+        log: GuestLog::new(cfg.id.clone(), guest::GUEST_LOG_PER_SECOND),
+    });
+    let dialer = sandbox
+        .agent_channel()
+        .map(|c| Arc::new(c) as Arc<dyn Dialer>);
+    let owner = Owner {
+        sandbox,
+        netns: None,
+        down: down_tx,
+        host_view: None,
+        cgroup: None,
+    };
+    let link = VmLink {
+        vm: None,
+        torn_down: down_rx,
+        shared,
+        dialer,
+        start_timeout: cfg.boot_timeout,
+    };
+    let (running, started) = launch(
+        Box::pin(std::future::ready(Ok(conn))),
+        request,
+        io,
+        pid,
+        Some(owner),
+        link,
+    );
+    match started.await {
+        Ok(_) => Ok(running),
+        Err(e) => {
+            // The driver tears the VM down after a failed start: wait for it.
+            running.wait_torn_down().await;
+            Err(e)
+        }
+    }
+}
+
 /// Removes the sandbox's host cgroup once everything in it has ended (off the runtime: it
 /// may wait for exiting processes).
 async fn remove_cgroup(cgroup: Option<Arc<HostCgroup>>) {

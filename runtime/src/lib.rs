@@ -17,6 +17,7 @@ pub mod image;
 pub mod install;
 pub mod jail;
 pub mod layers;
+pub mod mcp;
 pub mod mounts;
 pub mod netguard;
 pub mod netns;

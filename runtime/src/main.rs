@@ -36,6 +36,13 @@ enum Command {
     Install(InstallArgs),
     /// Remove what `install` added from both files. Restarts nothing.
     Uninstall(InstallArgs),
+    /// Serve the Model Context Protocol on stdin/stdout: an AI agent creates sandboxes (one
+    /// microVM each), runs commands and moves files in them. Every sandbox is removed when the
+    /// session ends. `install`/`uninstall` register it with Claude Code (~/.claude.json).
+    Mcp {
+        #[command(subcommand)]
+        action: Option<McpCmd>,
+    },
     /// A running container's egress policy: show it, change it, read what it blocked.
     Policy {
         #[command(subcommand)]
@@ -85,6 +92,28 @@ enum PolicyCmd {
         #[arg(long, short)]
         follow: bool,
     },
+}
+
+#[derive(Subcommand, Debug)]
+enum McpCmd {
+    /// Register `agentvm mcp` as the MCP server "agentvm" in Claude Code's config, if Claude
+    /// Code is set up for this user. Idempotent; every other setting stays.
+    Install(McpInstallArgs),
+    /// Take the "agentvm" MCP server out of Claude Code's config again.
+    Uninstall(McpInstallArgs),
+    /// The host process of one persistent sandbox (started by `agentvm mcp`).
+    #[command(hide = true)]
+    Host,
+}
+
+#[derive(clap::Args, Debug)]
+struct McpInstallArgs {
+    /// Claude Code's user config (default: $HOME/.claude.json).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// The agentvm binary Claude Code should run (default: this one).
+    #[arg(long, value_name = "PATH")]
+    command: Option<PathBuf>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -207,6 +236,25 @@ fn main() {
             }
             Command::Install(a) => install_cmd(&a, true),
             Command::Uninstall(a) => install_cmd(&a, false),
+            Command::Mcp { action: None } => match agentvm::mcp::serve_stdio().await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("agentvm: error: {e}");
+                    1
+                }
+            },
+            Command::Mcp {
+                action: Some(McpCmd::Host),
+            } => match agentvm::mcp::persist::host().await {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("agentvm: error: {e}");
+                    1
+                }
+            },
+            Command::Mcp {
+                action: Some(action),
+            } => mcp_install_cmd(action),
             Command::Policy { action } => match policy_cmd(action).await {
                 Ok(()) => 0,
                 Err(e) => {
@@ -542,6 +590,64 @@ fn install_cmd(a: &InstallArgs, install: bool) -> i32 {
         Err(e) => fail(containerd, "--containerd-config", e),
     }
     i32::from(failed)
+}
+
+/// `agentvm mcp install` / `uninstall`.
+fn mcp_install_cmd(action: McpCmd) -> i32 {
+    use agentvm::mcp::install::{self, Outcome};
+    let (install, a) = match action {
+        McpCmd::Install(a) => (true, a),
+        McpCmd::Uninstall(a) => (false, a),
+        McpCmd::Host => return 2,
+    };
+    let Some(config) = a.config.or_else(install::default_config) else {
+        eprintln!("agentvm: error: HOME is not set: pass --config PATH");
+        return 1;
+    };
+    let result = if install {
+        let command = a
+            .command
+            .map(Ok)
+            .unwrap_or_else(std::env::current_exe)
+            .map(|p| p.display().to_string());
+        match command {
+            Ok(c) => install::install(&config, &c),
+            Err(e) => {
+                eprintln!(
+                    "agentvm: error: cannot find this binary's path: {e}: pass --command PATH"
+                );
+                return 1;
+            }
+        }
+    } else {
+        install::uninstall(&config)
+    };
+    let name = install::SERVER_NAME;
+    match (result, install) {
+        (Ok(Outcome::Changed), true) => println!(
+            "agentvm: MCP server {name:?} registered in {}; Claude Code starts it in new sessions",
+            config.display()
+        ),
+        (Ok(Outcome::Unchanged), true) => {
+            println!("agentvm: MCP server {name:?} already registered in {}", config.display())
+        }
+        (Ok(Outcome::Changed), false) => {
+            println!("agentvm: MCP server {name:?} removed from {}", config.display())
+        }
+        (Ok(Outcome::Unchanged), false) => {
+            println!("agentvm: MCP server {name:?} not registered in {}", config.display())
+        }
+        (Ok(Outcome::NoConfig), _) => println!(
+            "agentvm: {} does not exist: Claude Code is not set up for this user; nothing \
+             changed (once it is: `agentvm mcp install`, or `claude mcp add agentvm -- agentvm mcp`)",
+            config.display()
+        ),
+        (Err(e), _) => {
+            eprintln!("agentvm: error: {e}");
+            return 1;
+        }
+    }
+    0
 }
 
 async fn run_cmd(a: RunArgs) -> anyhow::Result<i32> {

@@ -1,0 +1,508 @@
+//! `agentvm mcp` end to end: the official MCP Python SDK (PyPI `mcp`, in the venv of
+//! hack/mcp-client.sh) drives the server through a whole session with real VMs
+//! (tests/mcp_client.py), and the server must leave nothing behind however the session ends:
+//! the client closing, the client SIGKILLed, the server SIGTERMed. Malformed JSON-RPC and
+//! `mcp install` need no VM.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentvm_integration::{agentvm_bin, skip_or_fail, text, wait_with_deadline, VmEnv};
+
+/// The SDK version hack/mcp-client.sh installs (keep the two in step).
+const MCP_SDK: &str = "2.3.0";
+
+/// The venv python with the MCP SDK: `$AGENTVM_MCP_PYTHON`, else hack/mcp-client.sh's.
+fn mcp_python(test: &str) -> Option<PathBuf> {
+    let p = std::env::var_os("AGENTVM_MCP_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache =
+                std::env::var("AGENTVM_CACHE").unwrap_or_else(|_| "/var/cache/agentvm".into());
+            Path::new(&cache).join(format!("mcp-client-venv-{MCP_SDK}/bin/python"))
+        });
+    if p.is_file() {
+        Some(p)
+    } else {
+        skip_or_fail(
+            test,
+            format!(
+                "{} missing: run hack/mcp-client.sh (or set AGENTVM_MCP_PYTHON)",
+                p.display()
+            ),
+        )
+    }
+}
+
+fn client_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp_client.py")
+}
+
+/// Processes whose environment names `state_root` (the server and anything it started).
+fn processes_of(state_root: &Path) -> Vec<String> {
+    let needle = format!("AGENTVM_STATE_ROOT={}", state_root.display());
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if !pid.bytes().all(|b| b.is_ascii_digit()) || pid == std::process::id().to_string() {
+            continue;
+        }
+        let env = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if env.split(|b| *b == 0).any(|v| v == needle.as_bytes()) {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            // The test's own client (python) is not the server's.
+            if !cmd.contains("mcp_client.py") {
+                found.push(format!("{pid} {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+/// Waits up to `timeout` for the server and its VMs to be gone, then checks nothing is left.
+fn assert_all_gone(env: &VmEnv, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if processes_of(env.state_root.path()).is_empty()
+            && env.leftover_processes().is_empty()
+            && env.leftover_state().is_empty()
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left = processes_of(env.state_root.path());
+    assert!(left.is_empty(), "still running: {left:?}");
+    env.assert_clean();
+}
+
+#[test]
+fn mcp_session_with_the_python_sdk() {
+    let test = "mcp_session_with_the_python_sdk";
+    let Some(env) = VmEnv::get(test) else { return };
+    let Some(image) = env.test_image(test) else {
+        return;
+    };
+    let Some(python) = mcp_python(test) else {
+        return;
+    };
+    // A secret in a store of the test's own.
+    let store = tempfile::tempdir().unwrap();
+    let value = format!("mcp-secret-{}", std::process::id());
+    let mut set = Command::new(&env.bin)
+        .args(["secret", "set", "MCP_TOKEN"])
+        .env("AGENTVM_SECRETS_DIR", store.path().join("secrets"))
+        .env("AGENTVM_SECRETS_KEY", store.path().join("secrets.key"))
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("agentvm secret set");
+    set.stdin
+        .take()
+        .unwrap()
+        .write_all(value.as_bytes())
+        .unwrap();
+    assert!(set.wait().unwrap().success(), "agentvm secret set failed");
+    let child = Command::new(python)
+        .arg(client_script())
+        .arg(&env.bin)
+        .arg(&image)
+        .arg("full")
+        .env("AGENTVM_STATE_ROOT", env.state_root.path())
+        .env("AGENTVM_SECRETS_DIR", store.path().join("secrets"))
+        .env("AGENTVM_SECRETS_KEY", store.path().join("secrets.key"))
+        .env("MCP_TEST_SECRET_VALUE", &value)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the MCP client");
+    let out = wait_with_deadline(child, Duration::from_secs(600));
+    let (so, se) = text(&out);
+    eprintln!("{so}");
+    assert!(out.status.success(), "client failed:\n{so}\n{se}");
+    for step in [
+        "ok initialize",
+        "ok exec echo, secrets as a file and an env var",
+        "ok exec timeout",
+        "ok files",
+        "ok exec_start/exec_output",
+        "ok pause/resume",
+        "ok stop/remove",
+        "ok left running",
+        "ok session closed",
+    ] {
+        assert!(so.contains(step), "{step} missing:\n{so}");
+    }
+    // The client closed stdin with a sandbox still running: the server removed it and exited.
+    assert_all_gone(&env, Duration::from_secs(30));
+}
+
+#[test]
+fn mcp_sandboxes_go_when_the_client_is_killed() {
+    let test = "mcp_sandboxes_go_when_the_client_is_killed";
+    let Some(env) = VmEnv::get(test) else { return };
+    let Some(image) = env.test_image(test) else {
+        return;
+    };
+    let Some(python) = mcp_python(test) else {
+        return;
+    };
+    let mut child = Command::new(python)
+        .arg(client_script())
+        .arg(&env.bin)
+        .arg(&image)
+        .arg("hold")
+        .env("AGENTVM_STATE_ROOT", env.state_root.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the MCP client");
+    let ready = read_until(
+        child.stdout.take().unwrap(),
+        "READY",
+        Duration::from_secs(300),
+    );
+    let Some(line) = ready else {
+        let _ = child.kill();
+        panic!("the client never reported READY");
+    };
+    assert!(
+        !env.leftover_processes().is_empty() && !env.leftover_state().is_empty(),
+        "a VM should run now ({line})"
+    );
+    assert!(
+        !processes_of(env.state_root.path()).is_empty(),
+        "no server?"
+    );
+    // SIGKILL: the client gets no chance to close anything; the server sees stdin end.
+    child.kill().expect("kill the client");
+    let _ = child.wait();
+    assert_all_gone(&env, Duration::from_secs(30));
+}
+
+#[test]
+fn mcp_persistent_sandboxes_outlive_their_session() {
+    let test = "mcp_persistent_sandboxes_outlive_their_session";
+    let Some(env) = VmEnv::get(test) else { return };
+    let Some(image) = env.test_image(test) else {
+        return;
+    };
+    let Some(python) = mcp_python(test) else {
+        return;
+    };
+    let child = Command::new(python)
+        .arg(client_script())
+        .arg(&env.bin)
+        .arg(&image)
+        .arg("persist")
+        .env("AGENTVM_STATE_ROOT", env.state_root.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the MCP client");
+    let out = wait_with_deadline(child, Duration::from_secs(600));
+    let (so, se) = text(&out);
+    eprintln!("{so}");
+    assert!(out.status.success(), "client failed:\n{so}\n{se}");
+    assert!(
+        so.contains("ok persistent used in a new session and removed"),
+        "{so}"
+    );
+    // The host process went with its sandbox, and the other session's sandbox with its session.
+    assert_all_gone(&env, Duration::from_secs(30));
+}
+
+/// Reads lines until one starts with `prefix`; returns it, or `None` at the end or deadline.
+fn read_until(out: ChildStdout, prefix: &str, timeout: Duration) -> Option<String> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let prefix = prefix.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            eprintln!("client: {line}");
+            if line.starts_with(&prefix) {
+                let _ = tx.send(line);
+                // Keep draining so the client never blocks on a full pipe.
+            }
+        }
+    });
+    rx.recv_timeout(timeout).ok()
+}
+
+/// A server spoken to by hand, one JSON-RPC line at a time.
+struct Raw {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Raw {
+    fn spawn(bin: &Path, state_root: Option<&Path>) -> Raw {
+        let mut c = Command::new(bin);
+        c.arg("mcp")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        if let Some(r) = state_root {
+            c.env("AGENTVM_STATE_ROOT", r);
+        }
+        let mut child = c.spawn().expect("spawn agentvm mcp");
+        let out = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Raw { child, lines }
+    }
+
+    fn send(&mut self, line: &str) {
+        let stdin = self.child.stdin.as_mut().unwrap();
+        stdin.write_all(line.as_bytes()).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    fn recv(&self, timeout: Duration) -> serde_json::Value {
+        let l = self
+            .lines
+            .recv_timeout(timeout)
+            .expect("no answer from the server");
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))
+    }
+
+    fn initialize(&mut self) {
+        self.send(
+            r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"raw","version":"1"}}}"#,
+        );
+        let init = self.recv(Duration::from_secs(10));
+        assert_eq!(init["result"]["serverInfo"]["name"], "agentvm", "{init}");
+        assert!(
+            init["result"]["capabilities"]["tools"].is_object(),
+            "{init}"
+        );
+        self.send(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+    }
+
+    /// Waits for the server to exit; panics after `timeout`.
+    fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                return st;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("agentvm mcp did not exit within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn mcp_malformed_json_rpc_is_answered_and_the_session_goes_on() {
+    let bin = agentvm_bin();
+    if !bin.is_file() {
+        skip_or_fail::<()>(
+            "mcp_malformed_json_rpc_is_answered_and_the_session_goes_on",
+            format!("{} not built", bin.display()),
+        );
+        return;
+    }
+    let mut s = Raw::spawn(&bin, None);
+    s.initialize();
+    let t = Duration::from_secs(10);
+    s.send("{this is not json");
+    let e = s.recv(t);
+    assert_eq!(e["error"]["code"], -32700, "{e}");
+    assert!(e["id"].is_null(), "{e}");
+    s.send(r#"{"jsonrpc":"2.0","id":"x","bogus":true}"#);
+    let e = s.recv(t);
+    assert_eq!(e["error"]["code"], -32600, "{e}");
+    s.send(r#"{"jsonrpc":"2.0","id":7,"method":"no/such/method"}"#);
+    let e = s.recv(t);
+    assert_eq!(
+        (e["id"].as_i64(), e["error"]["code"].as_i64()),
+        (Some(7), Some(-32601)),
+        "{e}"
+    );
+    // A tool call with arguments its schema refuses, and one naming no sandbox.
+    s.send(r#"{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"exec","arguments":{"sandbox_id":"x","timeout_seconds":"soon"}}}"#);
+    let e = s.recv(t);
+    assert_eq!(e["id"], 8);
+    assert!(
+        e["error"].is_object() || e["result"]["isError"] == true,
+        "{e}"
+    );
+    s.send(r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"file_read","arguments":{"sandbox_id":"nope","path":"/etc/passwd"}}}"#);
+    let e = s.recv(t);
+    assert_eq!(e["result"]["isError"], true, "{e}");
+    assert_eq!(
+        e["result"]["structuredContent"]["error"]["code"], "unknown_sandbox",
+        "{e}"
+    );
+    // Still serving.
+    s.send(r#"{"jsonrpc":"2.0","id":10,"method":"tools/list"}"#);
+    let l = s.recv(t);
+    assert_eq!(l["id"], 10);
+    assert_eq!(
+        l["result"]["tools"].as_array().map(Vec::len),
+        Some(13),
+        "{l}"
+    );
+    drop(s.child.stdin.take());
+    assert!(s.wait(Duration::from_secs(10)).success());
+}
+
+#[test]
+fn mcp_cancel_kills_the_command_and_sigterm_removes_the_sandboxes() {
+    let test = "mcp_cancel_kills_the_command_and_sigterm_removes_the_sandboxes";
+    let Some(env) = VmEnv::get(test) else { return };
+    let Some(image) = env.test_image(test) else {
+        return;
+    };
+    let mut s = Raw::spawn(&env.bin, Some(env.state_root.path()));
+    s.initialize();
+    let create = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "sandbox_create", "arguments": {"image": image}}
+    });
+    s.send(&create.to_string());
+    let r = s.recv(Duration::from_secs(300));
+    assert_ne!(r["result"]["isError"], true, "{r}");
+    assert_eq!(
+        r["result"]["structuredContent"]["sandbox"]["state"], "running",
+        "{r}"
+    );
+    assert!(!env.leftover_processes().is_empty(), "no VM runs");
+    let id = r["result"]["structuredContent"]["sandbox"]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // A call the client cancels: its command is killed in the sandbox.
+    let call = |n: u32, args: serde_json::Value| {
+        serde_json::json!({
+            "jsonrpc": "2.0", "id": n, "method": "tools/call",
+            "params": {"name": "exec", "arguments": args}
+        })
+        .to_string()
+    };
+    s.send(&call(
+        2,
+        serde_json::json!({"sandbox_id": id, "argv": ["sleep", "300"]}),
+    ));
+    std::thread::sleep(Duration::from_secs(2));
+    s.send(r#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":2}}"#);
+    let mut gone = false;
+    for n in 3..30 {
+        s.send(&call(
+            n,
+            serde_json::json!({"sandbox_id": id, "shell": "ps"}),
+        ));
+        // The cancelled call may still be answered first.
+        let mut r = s.recv(Duration::from_secs(30));
+        if r["id"] == 2 {
+            assert_eq!(
+                r["result"]["structuredContent"]["error"]["code"], "cancelled",
+                "{r}"
+            );
+            r = s.recv(Duration::from_secs(30));
+        }
+        let ps = r["result"]["structuredContent"]["stdout"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if !ps.lines().any(|l| l.trim_end().ends_with("sleep 300")) {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(gone, "the cancelled command still runs");
+    // SAFETY: kill(2) on the child we spawned and have not reaped.
+    unsafe { libc::kill(s.child.id() as i32, libc::SIGTERM) };
+    let st = s.wait(Duration::from_secs(30));
+    assert!(st.success(), "{st}");
+    assert_all_gone(&env, Duration::from_secs(10));
+}
+
+#[test]
+fn mcp_session_ending_mid_create_removes_that_sandbox_too() {
+    let test = "mcp_session_ending_mid_create_removes_that_sandbox_too";
+    let Some(env) = VmEnv::get(test) else { return };
+    let Some(image) = env.test_image(test) else {
+        return;
+    };
+    let mut s = Raw::spawn(&env.bin, Some(env.state_root.path()));
+    s.initialize();
+    let create = serde_json::json!({
+        "jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "sandbox_create", "arguments": {"image": image}}
+    });
+    s.send(&create.to_string());
+    // The client goes away while the VM boots.
+    std::thread::sleep(Duration::from_millis(500));
+    drop(s.child.stdin.take());
+    let st = s.wait(Duration::from_secs(300));
+    assert!(st.success(), "{st}");
+    assert_all_gone(&env, Duration::from_secs(10));
+}
+
+#[test]
+fn mcp_install_and_uninstall_edit_claude_code_config() {
+    let test = "mcp_install_and_uninstall_edit_claude_code_config";
+    let bin = agentvm_bin();
+    if !bin.is_file() {
+        skip_or_fail::<()>(test, format!("{} not built", bin.display()));
+        return;
+    }
+    let home = tempfile::tempdir().unwrap();
+    let cfg = home.path().join(".claude.json");
+    let run = |args: &[&str]| {
+        let out = Command::new(&bin)
+            .arg("mcp")
+            .args(args)
+            .env("HOME", home.path())
+            .output()
+            .unwrap();
+        let (so, se) = text(&out);
+        assert!(out.status.success(), "{args:?}: {so}{se}");
+        so
+    };
+    // No Claude Code config: nothing is created.
+    assert!(run(&["install"]).contains("does not exist"));
+    assert!(!cfg.exists());
+    std::fs::write(
+        &cfg,
+        r#"{"numStartups": 3, "mcpServers": {"other": {"command": "x"}}, "projects": {}}"#,
+    )
+    .unwrap();
+    assert!(run(&["install"]).contains("registered in"));
+    assert!(run(&["install"]).contains("already registered"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(
+        v["mcpServers"]["agentvm"]["args"],
+        serde_json::json!(["mcp"])
+    );
+    assert_eq!(
+        v["mcpServers"]["agentvm"]["command"],
+        bin.canonicalize().unwrap().to_str().unwrap()
+    );
+    assert_eq!(v["mcpServers"]["other"]["command"], "x");
+    assert_eq!(v["numStartups"], 3);
+    assert!(run(&["uninstall"]).contains("removed from"));
+    assert!(run(&["uninstall"]).contains("not registered"));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"numStartups": 3, "mcpServers": {"other": {"command": "x"}}, "projects": {}})
+    );
+}
