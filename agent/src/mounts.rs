@@ -185,7 +185,7 @@ pub fn plan(mounts: &[MountSpec], files_dir: &str) -> Result<Vec<Op>, MountError
                     data,
                 });
             }
-            MountSource::ShareDir { tag, subdir } => {
+            MountSource::ShareDir { tag, subdir, file } => {
                 let relative = |p: &str| {
                     !p.is_empty()
                         && !p.starts_with('/')
@@ -200,7 +200,11 @@ pub fn plan(mounts: &[MountSpec], files_dir: &str) -> Result<Vec<Op>, MountError
                 }
                 ops.push(Op::MountPoint {
                     dest: dest.clone(),
-                    kind: PointKind::Dir,
+                    kind: if *file {
+                        PointKind::File
+                    } else {
+                        PointKind::Dir
+                    },
                 });
                 ops.push(Op::Bind {
                     source: format!(
@@ -506,6 +510,7 @@ mod tests {
             source: MountSource::ShareDir {
                 tag: "pod".into(),
                 subdir: subdir.into(),
+                file: false,
             },
             readonly,
         };
@@ -526,6 +531,22 @@ mod tests {
             ]
         );
         assert_eq!(plan(&[vol("c1/mounts/0", false)], "/f").unwrap().len(), 2);
+        // A file of the share is bound on a file.
+        let file = MountSpec {
+            source: MountSource::ShareDir {
+                tag: "pod".into(),
+                subdir: "c1/mounts/1".into(),
+                file: true,
+            },
+            ..vol("", false)
+        };
+        assert_eq!(
+            plan(&[file], "/f").unwrap()[0],
+            Op::MountPoint {
+                dest: "/data".into(),
+                kind: PointKind::File
+            }
+        );
         for bad in ["", "/etc", "c1/../../x", "./c1"] {
             assert!(plan(&[vol(bad, false)], "/f").is_err(), "{bad}");
         }

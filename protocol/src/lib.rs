@@ -299,8 +299,14 @@ pub enum MountSource {
     File { content: String, mode: u32 },
     /// A directory of a share already mounted for a pod's containers (the pod share, `tag`),
     /// bound on `destination`: a later container's volume, which the host bound into the
-    /// pod share as `subdir` (relative, without `..`).
-    ShareDir { tag: String, subdir: String },
+    /// pod share as `subdir` (relative, without `..`). With `file`, `subdir` is a file (a
+    /// writable file bind, e.g. kubelet's termination message file), bound on a file.
+    ShareDir {
+        tag: String,
+        subdir: String,
+        #[serde(default)]
+        file: bool,
+    },
     /// A tmpfs with mount(2) `data` options, e.g. `size=65536k,mode=1777`.
     Tmpfs {
         #[serde(default)]
@@ -700,6 +706,7 @@ mod tests {
             source: MountSource::ShareDir {
                 tag: "pod".into(),
                 subdir: "c1/mounts/0".into(),
+                file: false,
             },
             readonly: true,
         };

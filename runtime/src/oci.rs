@@ -33,9 +33,14 @@ pub enum CapPolicy {
     Spec,
 }
 
-/// The policy named by [`CAPABILITIES_ANNOTATION`] in `annotations`.
+/// The policy named by [`CAPABILITIES_ANNOTATION`] in `annotations`. Unless annotated, a
+/// Kubernetes pod's containers (the CRI plugin's `io.kubernetes.cri.container-type`) keep
+/// the spec's sets: several containers share the pod's VM, and a pod's security context
+/// (`capabilities.drop: [ALL]`, the restricted Pod Security Standard) must hold between them
+/// as under runc; a Docker container, alone in its VM, gets every capability.
 pub fn cap_policy(annotations: &HashMap<String, String>) -> Result<CapPolicy> {
     match annotations.get(CAPABILITIES_ANNOTATION).map(String::as_str) {
+        None if annotations.contains_key(crate::pod::CONTAINER_TYPE) => Ok(CapPolicy::Spec),
         None | Some("vm") => Ok(CapPolicy::Vm),
         Some("spec") => Ok(CapPolicy::Spec),
         Some(other) => Err(Error::Invalid(format!(
@@ -400,6 +405,24 @@ mod tests {
             e.contains("io.agentvm.capabilities") && e.contains("\"spec\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_pods_root_keeps_the_specs_capabilities_unless_annotated_vm() {
+        let pod = |extra: &[(&str, &str)]| {
+            let mut a = HashMap::from([(
+                crate::pod::CONTAINER_TYPE.to_string(),
+                "container".to_string(),
+            )]);
+            a.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            a
+        };
+        assert_eq!(cap_policy(&pod(&[])).unwrap(), CapPolicy::Spec);
+        assert_eq!(
+            cap_policy(&pod(&[(CAPABILITIES_ANNOTATION, "vm")])).unwrap(),
+            CapPolicy::Vm
+        );
+        assert_eq!(cap_policy(&HashMap::new()).unwrap(), CapPolicy::Vm);
     }
 
     #[test]

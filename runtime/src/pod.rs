@@ -208,7 +208,10 @@ pub fn bind_volume(
     use nix::mount::MsFlags;
     let relative = format!("{id}/mounts/{n}");
     let target = member_dir(share, id)?.join("mounts").join(n.to_string());
-    std::fs::create_dir_all(&target).map_err(|e| Error::io("create", &target, e))?;
+    let is_file = std::fs::metadata(source)
+        .map_err(|e| Error::io("bind mount source", source, e))?
+        .is_file();
+    make_point(&target, is_file)?;
     let bind = |from: &Path, to: &Path| {
         nix::mount::mount(
             Some(from),
@@ -224,7 +227,7 @@ pub fn bind_volume(
         return Ok(relative);
     }
     let staging = share.with_file_name(format!("pod-staging-{id}-{n}"));
-    std::fs::create_dir_all(&staging).map_err(|e| Error::io("create", &staging, e))?;
+    make_point(&staging, is_file)?;
     let staged = bind(source, &staging)
         .and_then(|()| mount_flags(&staging, MsFlags::MS_PRIVATE))
         .and_then(|()| {
@@ -239,8 +242,29 @@ pub fn bind_volume(
         })
         .and_then(|()| bind(&staging, &target));
     let _ = nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH);
-    let _ = std::fs::remove_dir(&staging);
+    let _ = if is_file {
+        std::fs::remove_file(&staging)
+    } else {
+        std::fs::remove_dir(&staging)
+    };
     staged.map(|()| relative)
+}
+
+/// Makes the mount point of a bind: a directory, or an empty file for a file's bind.
+fn make_point(path: &Path, is_file: bool) -> Result<()> {
+    if !is_file {
+        return std::fs::create_dir_all(path).map_err(|e| Error::io("create", path, e));
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map(drop)
+        .map_err(|e| Error::io("create", path, e))
 }
 
 /// Undoes [`bind_root`] and [`bind_volume`] (best effort: nothing to undo is fine).
@@ -259,9 +283,14 @@ pub fn unbind_root(share: &Path, id: &str) {
     let volumes = dir.join("mounts");
     if let Ok(entries) = std::fs::read_dir(&volumes) {
         for e in entries.flatten() {
-            // rmdir only, and only once unmounted: never a removal inside a volume.
+            // rmdir (or the unlink of a file's empty mount point) only, and only once
+            // unmounted: never a removal inside a volume.
             if unmount(&e.path()) {
-                let _ = std::fs::remove_dir(e.path());
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    let _ = std::fs::remove_file(e.path());
+                } else {
+                    let _ = std::fs::remove_dir(e.path());
+                }
             }
         }
     }
@@ -285,15 +314,17 @@ pub fn member_request(
     bundle: &crate::oci::BundleSpec,
     share: &Path,
 ) -> Result<StartRequest> {
-    let plan = crate::mounts::plan(&bundle.mounts, &crate::mounts::SharePolicy::nine_p())?;
+    let plan = crate::mounts::plan_pod(&bundle.mounts, &crate::mounts::SharePolicy::nine_p())?;
     let mut mounts = plan.mounts;
     for (n, volume) in plan.shares.iter().enumerate() {
         let dir = bind_volume(share, id, n, &volume.path, volume.readonly)?;
+        let file = volume.path.is_file();
         for m in mounts.iter_mut() {
             if matches!(&m.source, MountSource::Share { tag, .. } if *tag == volume.tag) {
                 m.source = MountSource::ShareDir {
                     tag: SHARE_TAG.into(),
                     subdir: dir.clone(),
+                    file,
                 };
             }
         }
@@ -484,6 +515,14 @@ mod tests {
             bind_volume(&share, "abc-1", 1, &vol, false).unwrap(),
             "abc-1/mounts/1"
         );
+        let file = t.path().join("termination-log");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(
+            bind_volume(&share, "abc-1", 2, &file, false).unwrap(),
+            "abc-1/mounts/2"
+        );
+        std::fs::write(share.join("abc-1/mounts/2"), "bye").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "bye");
         let e = std::fs::write(share.join("abc-1/mounts/0/f"), "x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
         std::fs::write(share.join("abc-1/mounts/1/f"), "x").unwrap();
@@ -494,6 +533,7 @@ mod tests {
         );
         unbind_root(&share, "abc-1");
         assert!(vol.join("f").exists(), "a volume's content is left alone");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "bye");
         assert!(!share.join("abc-1").exists());
         assert!(
             root.join("marker").exists(),
