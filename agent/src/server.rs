@@ -690,6 +690,18 @@ fn create_member(
                 None
             }
         });
+    if let Some(limits) = &pc.limits {
+        match &cgroup {
+            // A limit the guest cannot set fails the container, as runc fails its create.
+            Some(cg) => {
+                let skipped = cg.apply(limits).map_err(|e| e.to_string())?;
+                if !skipped.is_empty() {
+                    debug!("container {id}: no {skipped:?} in the guest");
+                }
+            }
+            None => info!("container {id} has no cgroup: its limits {limits:?} are not applied"),
+        }
+    }
     let mut plan = Plan::new(&req.process, &root, agent.last_cap)
         .map_err(|e| format!("invalid process spec: {e}"))?;
     plan.cgroup_procs = cgroup.as_ref().and_then(Cgroup::procs_path);
@@ -790,7 +802,13 @@ async fn run_member(
         start_and_supervise(agent, plan, &req.process, &root, out, host, &mut registered).await;
     let status = match outcome {
         None => None,
-        Some((_, Supervised::Exited(status))) => Some(status),
+        Some((_, Supervised::Exited(mut status))) => {
+            // Any OOM kill in the container's cgroup (its memory limit), of the init or of
+            // another of its processes: runc's shim publishes the cgroup's OOM event, and the
+            // CRI marks the container OOMKilled on it.
+            status.oom |= member.cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
+            Some(status)
+        }
         Some((pid, _)) => {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             None
@@ -1383,6 +1401,7 @@ mod tests {
             create,
             own_pid_namespace: true,
             readonly_root: false,
+            limits: None,
         });
         req
     }

@@ -1573,6 +1573,40 @@ against_both!(
     security_context_agentvm
 );
 
+/// A container of a running pod that allocates past its memory limit: killed by the OOM
+/// killer (137) and reported `OOMKilled`; the pod and its other container keep running.
+fn oom_killed(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "oom", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let other = pod.start("other", "exec sleep 600");
+    let hog = pod.start_with(
+        "hog",
+        // dd fills a 96 MiB buffer from /dev/zero: every page is touched.
+        "exec dd if=/dev/zero of=/dev/null bs=96M count=1",
+        Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: 32 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+    let s = pod.wait_state(&hog, ContainerState::ContainerExited);
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (137, "OOMKilled"),
+        "{s:?}"
+    );
+    let s = pod.status(&other);
+    assert_eq!(s.state, ContainerState::ContainerRunning as i32, "{s:?}");
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), other, hog];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(oom_killed, oom_killed_runc, oom_killed_agentvm);
+
 /// Figures for docs/decisions.md ("A pod's later containers"): CreateContainer +
 /// StartContainer of a container added to a running pod, and 500 small-file creates in its
 /// root (a virtio-fs share under agentvm) against the same in its /dev/shm (memory), each as

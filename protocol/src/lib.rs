@@ -185,6 +185,10 @@ pub struct PodContainer {
     /// The root is made read-only once its mount points exist.
     #[serde(default)]
     pub readonly_root: bool,
+    /// The limits of the container's cgroup (the spec's `linux.resources`), written before
+    /// its init starts.
+    #[serde(default)]
+    pub limits: Option<ResourceLimits>,
 }
 
 /// Resource usage of the guest, in the units of cgroup v2 (`cpu.stat`, `memory.stat`).
@@ -688,6 +692,10 @@ mod tests {
                 create: true,
                 own_pid_namespace: true,
                 readonly_root: false,
+                limits: Some(ResourceLimits {
+                    memory_max: Some(64 << 20),
+                    ..Default::default()
+                }),
             }),
         }))));
         roundtrip(Frame::Msg(Message::DnsRelay {

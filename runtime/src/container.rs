@@ -1072,6 +1072,7 @@ impl Running {
                     create: false,
                     own_pid_namespace: false,
                     readonly_root: false,
+                    limits: None,
                 }),
         };
         self.spawn_in_vm(request, io, EXEC_START_TIMEOUT)

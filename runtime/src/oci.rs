@@ -84,6 +84,23 @@ pub struct BundleSpec {
     pub volume_limits: crate::vmm::VolumeLimits,
     /// A CRI container's PID namespace is its own (not the pod's).
     pub own_pid_namespace: bool,
+    /// The cgroup limits of `linux.resources` (memory, CPU, pids), for a pod's later
+    /// container, whose cgroup in the pod's VM gets them; `None` when it names none.
+    pub limits: Option<agentvm_protocol::ResourceLimits>,
+}
+
+/// The cgroup limits of the spec's `linux.resources` (through JSON: the OCI field names are
+/// the same on both sides); `None` when it limits nothing a guest cgroup holds.
+fn cgroup_limits(spec: &Spec) -> Result<Option<agentvm_protocol::ResourceLimits>> {
+    let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) else {
+        return Ok(None);
+    };
+    let json = serde_json::to_vec(resources)
+        .map_err(|e| Error::Invalid(format!("linux.resources: {e}")))?;
+    let parsed: crate::resources::LinuxResources = serde_json::from_slice(&json)
+        .map_err(|e| Error::Invalid(format!("linux.resources: {e}")))?;
+    let limits = crate::resources::convert(&parsed)?.limits;
+    Ok((limits != Default::default()).then_some(limits))
 }
 
 /// Reads and maps `<bundle>/config.json`.
@@ -158,6 +175,11 @@ pub fn map_spec(
         },
     };
     Ok(BundleSpec {
+        // Only a pod's later container runs in a cgroup of its own in a VM it does not size.
+        limits: match crate::pod::PodRole::of(&annotations) {
+            crate::pod::PodRole::Container { .. } => cgroup_limits(spec)?,
+            _ => None,
+        },
         own_pid_namespace: crate::pod::own_pid_namespace(spec),
         volume_limits,
         host_cgroup,
@@ -405,6 +427,30 @@ mod tests {
             e.contains("io.agentvm.capabilities") && e.contains("\"spec\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_specs_resources_become_cgroup_limits() {
+        let mut cri = spec(&DOCKER_LIKE.replace(
+            r#"[{"type": "network"}]"#,
+            r#"[{"type": "network"}, {"type": "pid"}, {"type": "ipc"}]"#,
+        ));
+        cri.set_annotations(Some(HashMap::from([(
+            crate::pod::CONTAINER_TYPE.to_string(),
+            "container".to_string(),
+        )])));
+        let b = map_spec(&cri, Path::new("/b"), 512, 1).unwrap();
+        let limits = b.limits.expect("limits");
+        assert_eq!(limits.memory_max, Some(256 << 20));
+        // A Docker container's limits size its VM and its cgroup by other ways.
+        let b = map_spec(&spec(DOCKER_LIKE), Path::new("/b"), 512, 1).unwrap();
+        assert_eq!(b.limits, None);
+        let mut bare = cri.clone();
+        let mut linux = cri.linux().clone().unwrap();
+        linux.set_resources(None);
+        bare.set_linux(Some(linux));
+        let b = map_spec(&bare, Path::new("/b"), 512, 1).unwrap();
+        assert_eq!(b.limits, None);
     }
 
     #[test]

@@ -349,6 +349,7 @@ pub fn member_request(
             create: true,
             own_pid_namespace: bundle.own_pid_namespace,
             readonly_root: bundle.root_readonly,
+            limits: bundle.limits,
         }),
     })
 }

@@ -1586,6 +1586,7 @@ mod tests {
                     create: true,
                     own_pid_namespace: true,
                     readonly_root: false,
+                    limits: None,
                 }),
             };
             let init = Proc::new(
