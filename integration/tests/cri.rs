@@ -1607,6 +1607,59 @@ fn oom_killed(cri: &Cri, handler: &str) {
 
 against_both!(oom_killed, oom_killed_runc, oom_killed_agentvm);
 
+/// A pod whose containers' limits kubelet sums into `LinuxPodSandboxConfig.resources` (768 MiB,
+/// 2 CPUs): its containers see at least that much memory and that many CPUs (under agentvm the
+/// pod's VM is sized from them, docs/decisions.md "The pod VM's size").
+fn pod_sized(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run_with(cri, "sized", handler, NamespaceOption::default(), |c| {
+        let linux = c.linux.get_or_insert_with(Default::default);
+        linux.resources = Some(LinuxContainerResources {
+            memory_limit_in_bytes: 768 << 20,
+            cpu_period: 100_000,
+            cpu_quota: 200_000,
+            cpu_shares: 2048,
+            ..Default::default()
+        });
+    })
+    .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let id = pod.start_with(
+        "big",
+        "echo $(sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo) $(nproc)",
+        Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: 768 << 20,
+                cpu_period: 100_000,
+                cpu_quota: 200_000,
+                cpu_shares: 2048,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+    let (s, out) = exited_output(&pod, &id, "big", 1);
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (0, "Completed"),
+        "{s:?} {out:?}"
+    );
+    let figures: Vec<u64> = out
+        .first()
+        .map(|l| l.split(' ').filter_map(|w| w.parse().ok()).collect())
+        .unwrap_or_default();
+    let [mem_kib, cpus] = figures[..] else {
+        panic!("no MemTotal and nproc in {out:?}");
+    };
+    eprintln!("{handler}: MemTotal {mem_kib} kB, {cpus} CPUs");
+    assert!(mem_kib >= 768 << 10, "MemTotal {mem_kib} kB < 768 MiB");
+    assert!(cpus >= 2, "{cpus} CPUs");
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), id];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(pod_sized, pod_sized_runc, pod_sized_agentvm);
+
 /// Figures for docs/decisions.md ("A pod's later containers"): CreateContainer +
 /// StartContainer of a container added to a running pod, and 500 small-file creates in its
 /// root (a virtio-fs share under agentvm) against the same in its /dev/shm (memory), each as

@@ -142,6 +142,7 @@ pub fn map_spec(
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit());
     let cpu = resources.and_then(|r| r.cpu().as_ref());
+    let pod = crate::pod::PodSize::of(&annotations);
     refuse_id_remapping(spec)?;
     let netns = spec
         .linux()
@@ -197,12 +198,16 @@ pub fn map_spec(
         hostname,
         root,
         root_readonly,
-        memory_mib: memory_mib(memory_limit, default_memory_mib),
-        vcpus: vcpus(
-            cpu.and_then(|c| c.quota()),
-            cpu.and_then(|c| c.period()),
-            default_vcpus,
-        ),
+        memory_mib: memory_mib(pod.memory.or(memory_limit), default_memory_mib),
+        vcpus: if pod.quota.is_some() {
+            vcpus(pod.quota, pod.period, default_vcpus)
+        } else {
+            vcpus(
+                cpu.and_then(|c| c.quota()),
+                cpu.and_then(|c| c.period()),
+                default_vcpus,
+            )
+        },
     })
 }
 

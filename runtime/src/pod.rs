@@ -29,6 +29,46 @@ pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// The mount tag of the pod share in the sandbox's VM.
 pub const SHARE_TAG: &str = "pod";
 
+/// The CRI plugin's annotations of a pod sandbox's size: the sum of its containers' limits,
+/// as kubelet (1.23+) sends them in `LinuxPodSandboxConfig.resources`.
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// What the pod asks of its VM (docs/decisions.md "The pod VM's size"): from a sandbox's
+/// annotations only; absent, zero or unparsable values ask nothing (the default size).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PodSize {
+    /// Bytes: the sum of the containers' memory limits.
+    pub memory: Option<i64>,
+    /// The sum of the containers' CPU quotas over one period (microseconds).
+    pub quota: Option<i64>,
+    pub period: Option<u64>,
+}
+
+impl PodSize {
+    /// The size a pod sandbox's annotations ask; nothing for any other container.
+    pub fn of(annotations: &HashMap<String, String>) -> PodSize {
+        if !matches!(PodRole::of(annotations), PodRole::Sandbox { .. }) {
+            return PodSize::default();
+        }
+        let positive = |key: &str| {
+            annotations
+                .get(key)
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|v| *v > 0)
+        };
+        let quota = positive(SANDBOX_CPU_QUOTA);
+        let period = positive(SANDBOX_CPU_PERIOD).map(|p| p as u64);
+        PodSize {
+            memory: positive(SANDBOX_MEMORY),
+            // A quota without its period cannot be read as CPUs.
+            quota: quota.filter(|_| period.is_some()),
+            period: period.filter(|_| quota.is_some()),
+        }
+    }
+}
+
 /// What a container is to the CRI plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodRole {
@@ -404,6 +444,46 @@ mod tests {
         assert_eq!(container_hostname(&container, &mounts[..1]), None);
         std::fs::write(&file, "x".repeat(65)).unwrap();
         assert_eq!(container_hostname(&container, &mounts), None);
+    }
+
+    #[test]
+    fn a_sandboxs_size_comes_from_the_cri_annotations() {
+        let sized = cri(
+            "sandbox",
+            &[
+                (SANDBOX_MEMORY, "268435456"),
+                (SANDBOX_CPU_QUOTA, "150000"),
+                (SANDBOX_CPU_PERIOD, "100000"),
+                ("io.kubernetes.cri.sandbox-cpu-shares", "1536"),
+            ],
+        );
+        assert_eq!(
+            PodSize::of(&sized),
+            PodSize {
+                memory: Some(256 << 20),
+                quota: Some(150_000),
+                period: Some(100_000)
+            }
+        );
+        // containerd writes 0 for what kubelet leaves out; a container's annotations ask
+        // nothing; a quota needs its period.
+        let zero = cri(
+            "sandbox",
+            &[
+                (SANDBOX_MEMORY, "0"),
+                (SANDBOX_CPU_QUOTA, "0"),
+                (SANDBOX_CPU_PERIOD, "100000"),
+            ],
+        );
+        assert_eq!(PodSize::of(&zero), PodSize::default());
+        let mut container = sized.clone();
+        container.insert(CONTAINER_TYPE.into(), "container".into());
+        assert_eq!(PodSize::of(&container), PodSize::default());
+        let no_period = cri(
+            "sandbox",
+            &[(SANDBOX_CPU_QUOTA, "150000"), (SANDBOX_MEMORY, "x")],
+        );
+        assert_eq!(PodSize::of(&no_period), PodSize::default());
     }
 
     #[test]
