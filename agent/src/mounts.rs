@@ -218,6 +218,16 @@ pub fn plan(mounts: &[MountSpec], files_dir: &str) -> Result<Vec<Op>, MountError
                     ops.push(Op::RemountReadonly { dest });
                 }
             }
+            MountSource::PodShm => {
+                ops.push(Op::MountPoint {
+                    dest: dest.clone(),
+                    kind: PointKind::Dir,
+                });
+                ops.push(Op::Bind {
+                    source: format!("{}/dev/shm", crate::rootfs::ROOT),
+                    dest,
+                });
+            }
             MountSource::Tmpfs { options } => {
                 let (flags, data) = split_options(options.as_deref().unwrap_or(""));
                 ops.push(Op::MountPoint {
@@ -503,6 +513,28 @@ mod tests {
 
     /// A pod container's volume: a bind of its directory of the mounted pod share, made
     /// read-only when asked; paths leaving the share are refused.
+    #[test]
+    fn the_pods_shm_is_the_vm_containers() {
+        let shm = MountSpec {
+            destination: "/dev/shm".into(),
+            source: MountSource::PodShm,
+            readonly: false,
+        };
+        assert_eq!(
+            plan(&[shm], "/f").unwrap(),
+            [
+                Op::MountPoint {
+                    dest: "/dev/shm".into(),
+                    kind: PointKind::Dir
+                },
+                Op::Bind {
+                    source: "/run/agentvm/rootfs/dev/shm".into(),
+                    dest: "/dev/shm".into()
+                },
+            ]
+        );
+    }
+
     #[test]
     fn share_dirs_are_bound_from_the_mounted_share() {
         let vol = |subdir: &str, readonly: bool| MountSpec {

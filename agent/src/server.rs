@@ -64,6 +64,9 @@ pub struct Agent {
     members: Mutex<HashMap<String, Arc<Member>>>,
     /// Shares mounted once for the roots of pod containers, by tag.
     shares: Mutex<HashSet<String>>,
+    /// The pod's PID namespace, whose pid 1 is the sandbox's init (pause): the containers
+    /// that share the pod's processes join it.
+    pod_pid_ns: Mutex<Option<Arc<OwnedFd>>>,
 }
 
 /// A container of a pod's VM beside the VM's own (the pod sandbox's): its root, cgroup and
@@ -109,6 +112,7 @@ impl Agent {
             others: tokio::sync::watch::Sender::new(0),
             members: Mutex::new(HashMap::new()),
             shares: Mutex::new(HashSet::new()),
+            pod_pid_ns: Mutex::new(None),
         }
     }
 
@@ -510,9 +514,14 @@ async fn run(
     } else if req.network.is_some() || !req.mounts.is_empty() || !req.sysctls.is_empty() {
         debug!("ignoring the network and mounts of a process that is not the init process");
     }
+    let pod_pid_ns = req.init && req.pid_namespace;
     let plan = match Plan::new(&req.process, &agent.root, agent.last_cap) {
         Ok(mut p) => {
             p.cgroup_procs = agent.cgroup.as_ref().and_then(Cgroup::procs_path);
+            if pod_pid_ns {
+                // Its procfs stays the VM's: pause reads none.
+                p.pid_ns = PidNs::New;
+            }
             Arc::new(p)
         }
         Err(e) => {
@@ -522,6 +531,11 @@ async fn run(
             return failed;
         }
     };
+    let mut keep_pid_ns = |pid: i32| {
+        if pod_pid_ns {
+            *lock(&agent.pod_pid_ns) = open_ns(pid, "pid").map(Arc::new);
+        }
+    };
     let (pid, supervised) = match start_and_supervise(
         agent,
         plan,
@@ -529,7 +543,7 @@ async fn run(
         &agent.root,
         out,
         host,
-        &mut |_| {},
+        &mut keep_pid_ns,
     )
     .await
     {
@@ -652,6 +666,13 @@ fn create_member(
 ) -> Result<(Member, Plan), String> {
     let id = &pc.id;
     let base = format!("{}/{id}", rootfs::PODS);
+    // shareProcessNamespace: the pod's namespace, whose pid 1 is pause (none when the
+    // sandbox predates it: the VM's, as before).
+    let pod_pid_ns = if pc.own_pid_namespace {
+        None
+    } else {
+        lock(&agent.pod_pid_ns).clone()
+    };
     let root = if agent.preset_root {
         agent.root.clone()
     } else {
@@ -666,7 +687,7 @@ fn create_member(
             &root,
             &share_dir,
             mounted,
-            !pc.own_pid_namespace,
+            !pc.own_pid_namespace && pod_pid_ns.is_none(),
         )
         .map_err(|e| e.to_string())?;
         rootfs::execute(&ops).map_err(|e| e.to_string())?;
@@ -710,9 +731,11 @@ fn create_member(
     }
     if pc.own_pid_namespace {
         plan.pid_ns = PidNs::New;
-        if !agent.preset_root {
-            plan.proc_mount = std::ffi::CString::new(format!("{root}/proc")).ok();
-        }
+    } else if let Some(fd) = &pod_pid_ns {
+        plan.pid_ns = PidNs::Join(fd.as_raw_fd());
+    }
+    if plan.pid_ns != PidNs::Agent && !agent.preset_root {
+        plan.proc_mount = std::ffi::CString::new(format!("{root}/proc")).ok();
     }
     let member = Member {
         root,
@@ -783,16 +806,17 @@ async fn run_member(
         }
     };
     let root = member.root.clone();
+    let own_pid = plan.pid_ns != PidNs::Agent;
     let plan = Arc::new(plan);
     // Registered once the init runs, with its namespaces (opened right after the spawn,
     // before `Started` goes out, so an exec the host sends after it finds them).
-    let own_pid = pc.own_pid_namespace;
     let preset = agent.preset_root;
     let mut registered = |pid: i32| {
         let m = Member {
             root: member.root.clone(),
             cgroup: member.cgroup.clone(),
             mnt_ns: if preset { None } else { open_ns(pid, "mnt") },
+            // Its own PID namespace, or the pod's it joined: its execs join the same.
             pid_ns: if own_pid { open_ns(pid, "pid") } else { None },
             others: member.others.clone(),
         };
@@ -1083,6 +1107,7 @@ mod tests {
             },
             hostname: None,
             init: false,
+            pid_namespace: false,
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),

@@ -1660,6 +1660,65 @@ fn pod_sized(cri: &Cri, handler: &str) {
 
 against_both!(pod_sized, pod_sized_runc, pod_sized_agentvm);
 
+/// `shareProcessNamespace: true` (pid `POD`): a container sees the other's processes and the
+/// pod's pid 1 is the pause process, nothing of the VM's (agent, kernel threads); and the
+/// pod's `/dev/shm` (its IPC) is one for its containers: a file one writes the other reads.
+fn shared_pid_and_shm(cri: &Cri, handler: &str) {
+    let ns = NamespaceOption {
+        pid: NamespaceMode::Pod as i32,
+        ..Default::default()
+    };
+    let mut pod = Pod::run(cri, "sharedpid", handler, ns)
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let a = pod.start("a", "echo from-a > /dev/shm/note && exec sleep 600");
+    let b = pod.start("b", "exec sleep 601");
+    pod.wait_state(&a, ContainerState::ContainerRunning);
+    pod.wait_state(&b, ContainerState::ContainerRunning);
+    let sh = |id: &str, script: &str| {
+        let r = pod
+            .exec_sync(id, &["sh", "-c", script], 60)
+            .expect("ExecSync");
+        (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned())
+    };
+    let procs = "cat /proc/1/comm; \
+                 for p in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $p; echo; done | grep -c '^sleep 60[01] $'; \
+                 cat /proc/[0-9]*/comm 2>/dev/null | grep -c -E '^(kthreadd|agentvm-agent)$' || true";
+    assert_eq!(
+        sh(&b, procs),
+        (0, "pause\n2\n0\n".into()),
+        "processes seen by b"
+    );
+    assert_eq!(
+        sh(&a, procs),
+        (0, "pause\n2\n0\n".into()),
+        "processes seen by a"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, note) = sh(&b, "cat /dev/shm/note 2>/dev/null");
+        if note == "from-a\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b never saw a's /dev/shm/note: {note:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(sh(&b, "echo from-b > /dev/shm/answer").0, 0);
+    assert_eq!(sh(&a, "cat /dev/shm/answer"), (0, "from-b\n".into()));
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), a, b];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(
+    shared_pid_and_shm,
+    shared_pid_and_shm_runc,
+    shared_pid_and_shm_agentvm
+);
+
 /// Figures for docs/decisions.md ("A pod's later containers"): CreateContainer +
 /// StartContainer of a container added to a running pod, and 500 small-file creates in its
 /// root (a virtio-fs share under agentvm) against the same in its /dev/shm (memory), each as

@@ -149,6 +149,11 @@ pub struct StartRequest {
     /// When true the VM powers off once this process exits (the container's init process).
     #[serde(default)]
     pub init: bool,
+    /// The init runs as pid 1 of a PID namespace of its own (a pod sandbox's pause), which
+    /// the pod's containers that share the pod's PID namespace (`shareProcessNamespace`)
+    /// join; otherwise it shares the agent's (init only).
+    #[serde(default)]
+    pub pid_namespace: bool,
     /// Network of the guest, applied before the init process starts (init only).
     #[serde(default)]
     pub network: Option<NetworkSpec>,
@@ -311,6 +316,10 @@ pub enum MountSource {
         #[serde(default)]
         file: bool,
     },
+    /// The pod's `/dev/shm` (a pod container's, as the CRI binds the sandbox's shm into
+    /// each): the VM's own container's (the sandbox's) `/dev/shm` tmpfs, bound on
+    /// `destination`, so that the pod's containers share its files as under runc.
+    PodShm,
     /// A tmpfs with mount(2) `data` options, e.g. `size=65536k,mode=1777`.
     Tmpfs {
         #[serde(default)]
@@ -623,6 +632,7 @@ mod tests {
             },
             hostname: Some("box".into()),
             init: true,
+            pid_namespace: true,
             network: Some(NetworkSpec {
                 interfaces: vec![InterfaceSpec {
                     name: "eth0".into(),
@@ -684,6 +694,7 @@ mod tests {
             process: ProcessSpec::default(),
             hostname: None,
             init: false,
+            pid_namespace: false,
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),

@@ -488,6 +488,12 @@ fn start_request(
         process: cfg.process.clone(),
         hostname: cfg.hostname.clone(),
         init: true,
+        // A pod sandbox's pause is pid 1 of the pod's PID namespace, as under runc (hostPID
+        // is refused before this).
+        pid_namespace: matches!(
+            crate::pod::PodRole::of(&cfg.annotations),
+            crate::pod::PodRole::Sandbox { .. }
+        ),
         network,
         mounts,
         sysctls: cfg.sysctls.clone(),
@@ -1061,6 +1067,7 @@ impl Running {
             process,
             hostname: None,
             init: false,
+            pid_namespace: false,
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),
@@ -1543,6 +1550,7 @@ pub mod testing {
             },
             hostname: None,
             init: true,
+            pid_namespace: false,
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),

@@ -356,6 +356,12 @@ pub fn member_request(
 ) -> Result<StartRequest> {
     let plan = crate::mounts::plan_pod(&bundle.mounts, &crate::mounts::SharePolicy::nine_p())?;
     let mut mounts = plan.mounts;
+    // The CRI binds the sandbox's shm into each container: the pod's, in the VM the sandbox's.
+    for m in mounts.iter_mut() {
+        if m.destination == "/dev/shm" && matches!(m.source, MountSource::Tmpfs { .. }) {
+            m.source = MountSource::PodShm;
+        }
+    }
     for (n, volume) in plan.shares.iter().enumerate() {
         let dir = bind_volume(share, id, n, &volume.path, volume.readonly)?;
         let file = volume.path.is_file();
@@ -381,6 +387,7 @@ pub fn member_request(
         process: bundle.process.clone(),
         hostname: None,
         init: false,
+        pid_namespace: false,
         network: None,
         mounts,
         sysctls: Default::default(),

@@ -1578,6 +1578,7 @@ mod tests {
                 },
                 hostname: None,
                 init: false,
+                pid_namespace: false,
                 network: None,
                 mounts: Vec::new(),
                 sysctls: Default::default(),
