@@ -111,6 +111,16 @@ impl Cgroup {
         .ok()
     }
 
+    /// How many processes the OOM killer ended in this cgroup for its memory limit
+    /// (`oom_kill` of `memory.events`; 0 without the file).
+    pub fn oom_kills(&self) -> u64 {
+        std::fs::read_to_string(self.dir.join("memory.events"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// Kills every process in the cgroup and below it (`cgroup.kill`, Linux 5.14+).
     pub fn kill_all(&self) -> std::io::Result<()> {
         std::fs::write(self.dir.join("cgroup.kill"), "1")
@@ -355,6 +365,19 @@ mod tests {
         // Nothing to write: only the directory comes back.
         assert!(cg.apply(&ResourceLimits::default()).unwrap().is_empty());
         assert!(cg.dir().is_dir());
+    }
+
+    #[test]
+    fn oom_kills_come_from_memory_events() {
+        let t = fake_root();
+        let cg = Cgroup::prepare(t.path()).unwrap();
+        assert_eq!(cg.oom_kills(), 0, "no memory.events");
+        std::fs::write(
+            cg.dir().join("memory.events"),
+            "low 0\nhigh 0\nmax 12\noom 2\noom_kill 1\noom_group_kill 0\n",
+        )
+        .unwrap();
+        assert_eq!(cg.oom_kills(), 1);
     }
 
     #[test]

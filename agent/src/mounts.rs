@@ -185,7 +185,7 @@ pub fn plan(mounts: &[MountSpec], files_dir: &str) -> Result<Vec<Op>, MountError
                     data,
                 });
             }
-            MountSource::ShareDir { tag, subdir } => {
+            MountSource::ShareDir { tag, subdir, file } => {
                 let relative = |p: &str| {
                     !p.is_empty()
                         && !p.starts_with('/')
@@ -200,7 +200,11 @@ pub fn plan(mounts: &[MountSpec], files_dir: &str) -> Result<Vec<Op>, MountError
                 }
                 ops.push(Op::MountPoint {
                     dest: dest.clone(),
-                    kind: PointKind::Dir,
+                    kind: if *file {
+                        PointKind::File
+                    } else {
+                        PointKind::Dir
+                    },
                 });
                 ops.push(Op::Bind {
                     source: format!(
@@ -213,6 +217,16 @@ pub fn plan(mounts: &[MountSpec], files_dir: &str) -> Result<Vec<Op>, MountError
                 if m.readonly {
                     ops.push(Op::RemountReadonly { dest });
                 }
+            }
+            MountSource::PodShm => {
+                ops.push(Op::MountPoint {
+                    dest: dest.clone(),
+                    kind: PointKind::Dir,
+                });
+                ops.push(Op::Bind {
+                    source: format!("{}/dev/shm", crate::rootfs::ROOT),
+                    dest,
+                });
             }
             MountSource::Tmpfs { options } => {
                 let (flags, data) = split_options(options.as_deref().unwrap_or(""));
@@ -500,12 +514,35 @@ mod tests {
     /// A pod container's volume: a bind of its directory of the mounted pod share, made
     /// read-only when asked; paths leaving the share are refused.
     #[test]
+    fn the_pods_shm_is_the_vm_containers() {
+        let shm = MountSpec {
+            destination: "/dev/shm".into(),
+            source: MountSource::PodShm,
+            readonly: false,
+        };
+        assert_eq!(
+            plan(&[shm], "/f").unwrap(),
+            [
+                Op::MountPoint {
+                    dest: "/dev/shm".into(),
+                    kind: PointKind::Dir
+                },
+                Op::Bind {
+                    source: "/run/agentvm/rootfs/dev/shm".into(),
+                    dest: "/dev/shm".into()
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn share_dirs_are_bound_from_the_mounted_share() {
         let vol = |subdir: &str, readonly: bool| MountSpec {
             destination: "/data".into(),
             source: MountSource::ShareDir {
                 tag: "pod".into(),
                 subdir: subdir.into(),
+                file: false,
             },
             readonly,
         };
@@ -526,6 +563,22 @@ mod tests {
             ]
         );
         assert_eq!(plan(&[vol("c1/mounts/0", false)], "/f").unwrap().len(), 2);
+        // A file of the share is bound on a file.
+        let file = MountSpec {
+            source: MountSource::ShareDir {
+                tag: "pod".into(),
+                subdir: "c1/mounts/1".into(),
+                file: true,
+            },
+            ..vol("", false)
+        };
+        assert_eq!(
+            plan(&[file], "/f").unwrap()[0],
+            Op::MountPoint {
+                dest: "/data".into(),
+                kind: PointKind::File
+            }
+        );
         for bad in ["", "/etc", "c1/../../x", "./c1"] {
             assert!(plan(&[vol(bad, false)], "/f").is_err(), "{bad}");
         }

@@ -67,6 +67,9 @@ pub struct Agent {
     /// The env secrets of the VM's own container, from its init's start request: its exec
     /// processes get them too.
     secret_env: Mutex<Vec<SecretSpec>>,
+    /// The pod's PID namespace, whose pid 1 is the sandbox's init (pause): the containers
+    /// that share the pod's processes join it.
+    pod_pid_ns: Mutex<Option<Arc<OwnedFd>>>,
 }
 
 /// A container of a pod's VM beside the VM's own (the pod sandbox's): its root, cgroup and
@@ -115,6 +118,7 @@ impl Agent {
             members: Mutex::new(HashMap::new()),
             shares: Mutex::new(HashSet::new()),
             secret_env: Mutex::new(Vec::new()),
+            pod_pid_ns: Mutex::new(None),
         }
     }
 
@@ -528,6 +532,7 @@ async fn run(
     } else if req.network.is_some() || !req.mounts.is_empty() || !req.sysctls.is_empty() {
         debug!("ignoring the network and mounts of a process that is not the init process");
     }
+    let pod_pid_ns = req.init && req.pid_namespace;
     let secret_env = lock(&agent.secret_env).clone();
     let process = secrets::with_env(&req.process, &secret_env);
     let planned = Plan::new(&process, &agent.root, agent.last_cap);
@@ -535,6 +540,10 @@ async fn run(
     let plan = match planned {
         Ok(mut p) => {
             p.cgroup_procs = agent.cgroup.as_ref().and_then(Cgroup::procs_path);
+            if pod_pid_ns {
+                // Its procfs stays the VM's: pause reads none.
+                p.pid_ns = PidNs::New;
+            }
             Arc::new(p)
         }
         Err(e) => {
@@ -544,6 +553,11 @@ async fn run(
             return failed;
         }
     };
+    let mut keep_pid_ns = |pid: i32| {
+        if pod_pid_ns {
+            *lock(&agent.pod_pid_ns) = open_ns(pid, "pid").map(Arc::new);
+        }
+    };
     let (pid, supervised) = match start_and_supervise(
         agent,
         plan,
@@ -551,7 +565,7 @@ async fn run(
         &agent.root,
         out,
         host,
-        &mut |_| {},
+        &mut keep_pid_ns,
     )
     .await
     {
@@ -674,6 +688,13 @@ fn create_member(
 ) -> Result<(Member, Plan), String> {
     let id = &pc.id;
     let base = format!("{}/{id}", rootfs::PODS);
+    // shareProcessNamespace: the pod's namespace, whose pid 1 is pause (none when the
+    // sandbox predates it: the VM's, as before).
+    let pod_pid_ns = if pc.own_pid_namespace {
+        None
+    } else {
+        lock(&agent.pod_pid_ns).clone()
+    };
     let root = if agent.preset_root {
         agent.root.clone()
     } else {
@@ -688,7 +709,7 @@ fn create_member(
             &root,
             &share_dir,
             mounted,
-            !pc.own_pid_namespace,
+            !pc.own_pid_namespace && pod_pid_ns.is_none(),
         )
         .map_err(|e| e.to_string())?;
         rootfs::execute(&ops).map_err(|e| e.to_string())?;
@@ -715,6 +736,18 @@ fn create_member(
                 None
             }
         });
+    if let Some(limits) = &pc.limits {
+        match &cgroup {
+            // A limit the guest cannot set fails the container, as runc fails its create.
+            Some(cg) => {
+                let skipped = cg.apply(limits).map_err(|e| e.to_string())?;
+                if !skipped.is_empty() {
+                    debug!("container {id}: no {skipped:?} in the guest");
+                }
+            }
+            None => info!("container {id} has no cgroup: its limits {limits:?} are not applied"),
+        }
+    }
     let secret_env = secrets::env_only(&req.secrets);
     let process = secrets::with_env(&req.process, &secret_env);
     let planned = Plan::new(&process, &root, agent.last_cap);
@@ -726,9 +759,11 @@ fn create_member(
     }
     if pc.own_pid_namespace {
         plan.pid_ns = PidNs::New;
-        if !agent.preset_root {
-            plan.proc_mount = std::ffi::CString::new(format!("{root}/proc")).ok();
-        }
+    } else if let Some(fd) = &pod_pid_ns {
+        plan.pid_ns = PidNs::Join(fd.as_raw_fd());
+    }
+    if plan.pid_ns != PidNs::Agent && !agent.preset_root {
+        plan.proc_mount = std::ffi::CString::new(format!("{root}/proc")).ok();
     }
     let member = Member {
         root,
@@ -801,16 +836,17 @@ async fn run_member(
         }
     };
     let root = member.root.clone();
+    let own_pid = plan.pid_ns != PidNs::Agent;
     let plan = Arc::new(plan);
     // Registered once the init runs, with its namespaces (opened right after the spawn,
     // before `Started` goes out, so an exec the host sends after it finds them).
-    let own_pid = pc.own_pid_namespace;
     let preset = agent.preset_root;
     let mut registered = |pid: i32| {
         let m = Member {
             root: member.root.clone(),
             cgroup: member.cgroup.clone(),
             mnt_ns: if preset { None } else { open_ns(pid, "mnt") },
+            // Its own PID namespace, or the pod's it joined: its execs join the same.
             pid_ns: if own_pid { open_ns(pid, "pid") } else { None },
             others: member.others.clone(),
             secret_env: member.secret_env.clone(),
@@ -821,7 +857,13 @@ async fn run_member(
         start_and_supervise(agent, plan, &req.process, &root, out, host, &mut registered).await;
     let status = match outcome {
         None => None,
-        Some((_, Supervised::Exited(status))) => Some(status),
+        Some((_, Supervised::Exited(mut status))) => {
+            // Any OOM kill in the container's cgroup (its memory limit), of the init or of
+            // another of its processes: runc's shim publishes the cgroup's OOM event, and the
+            // CRI marks the container OOMKilled on it.
+            status.oom |= member.cgroup.as_ref().is_some_and(|cg| cg.oom_kills() > 0);
+            Some(status)
+        }
         Some((pid, _)) => {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
             None
@@ -1099,6 +1141,7 @@ mod tests {
             },
             hostname: None,
             init: false,
+            pid_namespace: false,
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),
@@ -1418,6 +1461,7 @@ mod tests {
             create,
             own_pid_namespace: true,
             readonly_root: false,
+            limits: None,
         });
         req
     }

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::security_profile::ProfileType;
 use k8s_cri::v1::{
     AttachRequest, ContainerConfig, ContainerMetadata, ContainerState, ContainerStatsFilter,
     ContainerStatsRequest, ContainerStatus, ContainerStatusRequest, CreateContainerRequest,
@@ -24,6 +25,7 @@ use k8s_cri::v1::{
     RemovePodSandboxRequest, ReopenContainerLogRequest, RunPodSandboxRequest,
     StartContainerRequest, StopContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
+use k8s_cri::v1::{Capability, DnsConfig, Int64Value, SecurityProfile};
 use k8s_cri::v1::{LinuxContainerResources, UpdateContainerResourcesRequest};
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -216,15 +218,28 @@ impl<'a> Pod<'a> {
         ns: NamespaceOption,
         annotations: &[(&str, &str)],
     ) -> Result<Pod<'a>, String> {
+        Self::run_with(cri, test, handler, ns, |config| {
+            config.annotations = annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+        })
+    }
+
+    /// [`Pod::run`] with the pod's config changed by `adjust` (DNS, sysctls, resources...).
+    fn run_with(
+        cri: &'a Cri,
+        test: &str,
+        handler: &str,
+        ns: NamespaceOption,
+        adjust: impl FnOnce(&mut PodSandboxConfig),
+    ) -> Result<Pod<'a>, String> {
         let logs = tempfile::Builder::new()
             .prefix("agentvm-cri-logs.")
             .tempdir()
             .expect("log dir");
         let mut config = pod_config(test, handler, logs.path(), ns);
-        config.annotations = annotations
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        adjust(&mut config);
         let id = cri
             .block(cri.client().run_pod_sandbox(RunPodSandboxRequest {
                 config: Some(config.clone()),
@@ -1376,6 +1391,333 @@ fn readonly_root(cri: &Cri, handler: &str) {
 }
 
 against_both!(readonly_root, readonly_root_runc, readonly_root_agentvm);
+
+/// The output lines of an exited container's log (`lines` of them expected).
+fn exited_output(pod: &Pod, id: &str, name: &str, lines: usize) -> (ContainerStatus, Vec<String>) {
+    let s = pod.wait_state(id, ContainerState::ContainerExited);
+    let log = parse_cri_log(&read_log(
+        &pod.logs.path().join(format!("{name}.log")),
+        lines,
+    ));
+    (s, log.into_iter().map(|(_, t)| t).collect())
+}
+
+/// The pod's and its containers' security context and the pod's settings as kubelet passes
+/// them: runAsUser/runAsGroup/supplementalGroups, capabilities dropped and added,
+/// noNewPrivileges, seccomp profile names, the pod's namespaced sysctls, its DNS config in
+/// /etc/resolv.conf, /etc/hosts, and the termination message file (a file bind kubelet reads
+/// back from the host).
+fn security_context(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run_with(cri, "security", handler, NamespaceOption::default(), |c| {
+        c.dns_config = Some(DnsConfig {
+            servers: vec!["10.231.0.53".into(), "10.231.0.54".into()],
+            searches: vec!["ns1.svc.example".into(), "example".into()],
+            options: vec!["ndots:2".into(), "timeout:1".into()],
+        });
+        let linux = c.linux.get_or_insert_with(Default::default);
+        linux.sysctls = HashMap::from([
+            ("net.ipv4.ip_unprivileged_port_start".into(), "80".into()),
+            ("kernel.shm_rmid_forced".into(), "1".into()),
+        ]);
+    })
+    .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let profile = |t: ProfileType| {
+        Some(SecurityProfile {
+            profile_type: t as i32,
+            ..Default::default()
+        })
+    };
+    let secured = |name: &str, script: &str, sc: LinuxContainerSecurityContext| ContainerConfig {
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(sc),
+            ..Default::default()
+        }),
+        ..container_config(name, script)
+    };
+
+    // A user, its groups, no new privileges: `id` as runc shows it, no capabilities left.
+    let user = pod.start_config(secured(
+        "user",
+        "id; grep -E '^(CapEff|NoNewPrivs)' /proc/self/status",
+        LinuxContainerSecurityContext {
+            run_as_user: Some(Int64Value { value: 1000 }),
+            run_as_group: Some(Int64Value { value: 3000 }),
+            supplemental_groups: vec![4000, 5000],
+            no_new_privs: true,
+            seccomp: profile(ProfileType::RuntimeDefault),
+            ..Default::default()
+        },
+    ));
+    let (s, out) = exited_output(&pod, &user, "user", 3);
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (0, "Completed"),
+        "{s:?} {out:?}"
+    );
+    assert_eq!(
+        out,
+        [
+            "uid=1000(user) gid=3000 groups=3000,4000,5000",
+            "CapEff:\t0000000000000000",
+            "NoNewPrivs:\t1",
+        ],
+        "user"
+    );
+
+    // Root with capabilities dropped and added (containerd's default set, minus CHOWN and
+    // KILL, plus NET_ADMIN and SYS_TIME); not privileged; seccomp Unconfined accepted.
+    let caps = pod.start_config(secured(
+        "caps",
+        "grep -E '^Cap(Prm|Eff|Bnd)' /proc/self/status; \
+         touch /tmp/f; if chown 1 /tmp/f 2>/dev/null; then echo chown; else echo no-chown; fi; \
+         if mount -t tmpfs t /mnt 2>/dev/null; then echo mounted; else echo no-mount; fi",
+        LinuxContainerSecurityContext {
+            capabilities: Some(Capability {
+                add_capabilities: vec!["NET_ADMIN".into(), "SYS_TIME".into()],
+                drop_capabilities: vec!["CHOWN".into(), "KILL".into()],
+                ..Default::default()
+            }),
+            seccomp: profile(ProfileType::Unconfined),
+            ..Default::default()
+        },
+    ));
+    let (s, out) = exited_output(&pod, &caps, "caps", 5);
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (0, "Completed"),
+        "{s:?} {out:?}"
+    );
+    // containerd's default: CHOWN DAC_OVERRIDE FSETID FOWNER MKNOD NET_RAW SETGID SETUID
+    // SETFCAP SETPCAP NET_BIND_SERVICE SYS_CHROOT KILL AUDIT_WRITE = 0xa80425fb; minus CHOWN (0)
+    // and KILL (5), plus NET_ADMIN (12) and SYS_TIME (25).
+    let set = format!(
+        "{:016x}",
+        (0xa804_25fbu64 & !(1 | 1 << 5)) | 1 << 12 | 1 << 25
+    );
+    let mut wrong = Vec::new();
+    let caps_want = [
+        format!("CapPrm:\t{set}"),
+        format!("CapEff:\t{set}"),
+        format!("CapBnd:\t{set}"),
+        "no-chown".into(),
+        "no-mount".into(),
+    ];
+    if out != caps_want {
+        wrong.push(format!("caps: {out:?}, want {caps_want:?}"));
+    }
+
+    // The pod's sysctls, DNS config, /etc/hosts, and the termination message.
+    let host = tempfile::Builder::new()
+        .prefix("agentvm-cri-termination.")
+        .tempdir()
+        .expect("termination dir");
+    let message = host.path().join("termination-log");
+    std::fs::write(&message, "").unwrap();
+    let pod_settings = pod.start_config(ContainerConfig {
+        mounts: vec![Mount {
+            container_path: "/dev/termination-log".into(),
+            host_path: message.display().to_string(),
+            ..Default::default()
+        }],
+        ..container_config(
+            "settings",
+            "cat /proc/sys/net/ipv4/ip_unprivileged_port_start /proc/sys/kernel/shm_rmid_forced; \
+             echo resolv; cat /etc/resolv.conf; \
+             md5sum /etc/hosts | cut -d' ' -f1; \
+             echo 'the end' > /dev/termination-log",
+        )
+    });
+    let (s, out) = exited_output(&pod, &pod_settings, "settings", 8);
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (0, "Completed"),
+        "{s:?} {out:?}"
+    );
+    let hosts = std::process::Command::new("md5sum")
+        .arg("/etc/hosts")
+        .output()
+        .expect("md5sum");
+    let hosts = String::from_utf8_lossy(&hosts.stdout);
+    let settings_want = [
+        "80",
+        "1",
+        "resolv",
+        "search ns1.svc.example example",
+        "nameserver 10.231.0.53",
+        "nameserver 10.231.0.54",
+        "options ndots:2 timeout:1",
+        hosts.split(' ').next().unwrap_or_default(),
+    ];
+    if out != settings_want {
+        wrong.push(format!(
+            "sysctls, resolv.conf, the host's /etc/hosts: {out:?}, want {settings_want:?}"
+        ));
+    }
+    let written = std::fs::read_to_string(&message).unwrap();
+    if written != "the end\n" {
+        wrong.push(format!(
+            "the termination message in the host's file: {written:?}"
+        ));
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), user, caps, pod_settings];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(
+    security_context,
+    security_context_runc,
+    security_context_agentvm
+);
+
+/// A container of a running pod that allocates past its memory limit: killed by the OOM
+/// killer (137) and reported `OOMKilled`; the pod and its other container keep running.
+fn oom_killed(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "oom", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let other = pod.start("other", "exec sleep 600");
+    let hog = pod.start_with(
+        "hog",
+        // dd fills a 96 MiB buffer from /dev/zero: every page is touched.
+        "exec dd if=/dev/zero of=/dev/null bs=96M count=1",
+        Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: 32 << 20,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+    let s = pod.wait_state(&hog, ContainerState::ContainerExited);
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (137, "OOMKilled"),
+        "{s:?}"
+    );
+    let s = pod.status(&other);
+    assert_eq!(s.state, ContainerState::ContainerRunning as i32, "{s:?}");
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), other, hog];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(oom_killed, oom_killed_runc, oom_killed_agentvm);
+
+/// A pod whose containers' limits kubelet sums into `LinuxPodSandboxConfig.resources` (768 MiB,
+/// 2 CPUs): its containers see at least that much memory and that many CPUs (under agentvm the
+/// pod's VM is sized from them, docs/decisions.md "The pod VM's size").
+fn pod_sized(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run_with(cri, "sized", handler, NamespaceOption::default(), |c| {
+        let linux = c.linux.get_or_insert_with(Default::default);
+        linux.resources = Some(LinuxContainerResources {
+            memory_limit_in_bytes: 768 << 20,
+            cpu_period: 100_000,
+            cpu_quota: 200_000,
+            cpu_shares: 2048,
+            ..Default::default()
+        });
+    })
+    .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let id = pod.start_with(
+        "big",
+        "echo $(sed -n 's/^MemTotal: *\\([0-9]*\\) kB/\\1/p' /proc/meminfo) $(nproc)",
+        Some(LinuxContainerConfig {
+            resources: Some(LinuxContainerResources {
+                memory_limit_in_bytes: 768 << 20,
+                cpu_period: 100_000,
+                cpu_quota: 200_000,
+                cpu_shares: 2048,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    );
+    let (s, out) = exited_output(&pod, &id, "big", 1);
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (0, "Completed"),
+        "{s:?} {out:?}"
+    );
+    let figures: Vec<u64> = out
+        .first()
+        .map(|l| l.split(' ').filter_map(|w| w.parse().ok()).collect())
+        .unwrap_or_default();
+    let [mem_kib, cpus] = figures[..] else {
+        panic!("no MemTotal and nproc in {out:?}");
+    };
+    eprintln!("{handler}: MemTotal {mem_kib} kB, {cpus} CPUs");
+    assert!(mem_kib >= 768 << 10, "MemTotal {mem_kib} kB < 768 MiB");
+    assert!(cpus >= 2, "{cpus} CPUs");
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), id];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(pod_sized, pod_sized_runc, pod_sized_agentvm);
+
+/// `shareProcessNamespace: true` (pid `POD`): a container sees the other's processes and the
+/// pod's pid 1 is the pause process, nothing of the VM's (agent, kernel threads); and the
+/// pod's `/dev/shm` (its IPC) is one for its containers: a file one writes the other reads.
+fn shared_pid_and_shm(cri: &Cri, handler: &str) {
+    let ns = NamespaceOption {
+        pid: NamespaceMode::Pod as i32,
+        ..Default::default()
+    };
+    let mut pod = Pod::run(cri, "sharedpid", handler, ns)
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let a = pod.start("a", "echo from-a > /dev/shm/note && exec sleep 600");
+    let b = pod.start("b", "exec sleep 601");
+    pod.wait_state(&a, ContainerState::ContainerRunning);
+    pod.wait_state(&b, ContainerState::ContainerRunning);
+    let sh = |id: &str, script: &str| {
+        let r = pod
+            .exec_sync(id, &["sh", "-c", script], 60)
+            .expect("ExecSync");
+        (r.exit_code, String::from_utf8_lossy(&r.stdout).into_owned())
+    };
+    let procs = "cat /proc/1/comm; \
+                 for p in /proc/[0-9]*/cmdline; do tr '\\0' ' ' < $p; echo; done | grep -c '^sleep 60[01] $'; \
+                 cat /proc/[0-9]*/comm 2>/dev/null | grep -c -E '^(kthreadd|agentvm-agent)$' || true";
+    assert_eq!(
+        sh(&b, procs),
+        (0, "pause\n2\n0\n".into()),
+        "processes seen by b"
+    );
+    assert_eq!(
+        sh(&a, procs),
+        (0, "pause\n2\n0\n".into()),
+        "processes seen by a"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, note) = sh(&b, "cat /dev/shm/note 2>/dev/null");
+        if note == "from-a\n" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "b never saw a's /dev/shm/note: {note:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(sh(&b, "echo from-b > /dev/shm/answer").0, 0);
+    assert_eq!(sh(&a, "cat /dev/shm/answer"), (0, "from-b\n".into()));
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), a, b];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(
+    shared_pid_and_shm,
+    shared_pid_and_shm_runc,
+    shared_pid_and_shm_agentvm
+);
 
 /// Figures for docs/decisions.md ("A pod's later containers"): CreateContainer +
 /// StartContainer of a container added to a running pod, and 500 small-file creates in its

@@ -150,6 +150,11 @@ pub struct StartRequest {
     /// When true the VM powers off once this process exits (the container's init process).
     #[serde(default)]
     pub init: bool,
+    /// The init runs as pid 1 of a PID namespace of its own (a pod sandbox's pause), which
+    /// the pod's containers that share the pod's PID namespace (`shareProcessNamespace`)
+    /// join; otherwise it shares the agent's (init only).
+    #[serde(default)]
+    pub pid_namespace: bool,
     /// Network of the guest, applied before the init process starts (init only).
     #[serde(default)]
     pub network: Option<NetworkSpec>,
@@ -308,6 +313,10 @@ pub struct PodContainer {
     /// The root is made read-only once its mount points exist.
     #[serde(default)]
     pub readonly_root: bool,
+    /// The limits of the container's cgroup (the spec's `linux.resources`), written before
+    /// its init starts.
+    #[serde(default)]
+    pub limits: Option<ResourceLimits>,
 }
 
 /// Resource usage of the guest, in the units of cgroup v2 (`cpu.stat`, `memory.stat`).
@@ -422,8 +431,18 @@ pub enum MountSource {
     File { content: String, mode: u32 },
     /// A directory of a share already mounted for a pod's containers (the pod share, `tag`),
     /// bound on `destination`: a later container's volume, which the host bound into the
-    /// pod share as `subdir` (relative, without `..`).
-    ShareDir { tag: String, subdir: String },
+    /// pod share as `subdir` (relative, without `..`). With `file`, `subdir` is a file (a
+    /// writable file bind, e.g. kubelet's termination message file), bound on a file.
+    ShareDir {
+        tag: String,
+        subdir: String,
+        #[serde(default)]
+        file: bool,
+    },
+    /// The pod's `/dev/shm` (a pod container's, as the CRI binds the sandbox's shm into
+    /// each): the VM's own container's (the sandbox's) `/dev/shm` tmpfs, bound on
+    /// `destination`, so that the pod's containers share its files as under runc.
+    PodShm,
     /// A tmpfs with mount(2) `data` options, e.g. `size=65536k,mode=1777`.
     Tmpfs {
         #[serde(default)]
@@ -763,6 +782,7 @@ mod tests {
             },
             hostname: Some("box".into()),
             init: true,
+            pid_namespace: true,
             network: Some(NetworkSpec {
                 interfaces: vec![InterfaceSpec {
                     name: "eth0".into(),
@@ -830,6 +850,7 @@ mod tests {
             process: ProcessSpec::default(),
             hostname: None,
             init: false,
+            pid_namespace: false,
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),
@@ -838,6 +859,10 @@ mod tests {
                 create: true,
                 own_pid_namespace: true,
                 readonly_root: false,
+                limits: Some(ResourceLimits {
+                    memory_max: Some(64 << 20),
+                    ..Default::default()
+                }),
             }),
             secrets: Vec::new(),
         }))));
@@ -857,6 +882,7 @@ mod tests {
             source: MountSource::ShareDir {
                 tag: "pod".into(),
                 subdir: "c1/mounts/0".into(),
+                file: false,
             },
             readonly: true,
         };
@@ -935,6 +961,7 @@ mod tests {
                 process: ProcessSpec::default(),
                 hostname: None,
                 init: true,
+                pid_namespace: false,
                 network: None,
                 mounts: Vec::new(),
                 sysctls: Default::default(),

@@ -534,6 +534,7 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
         process: cfg.process,
         hostname: cfg.hostname,
         init: true,
+        pid_namespace: false,
         network: None,
         mounts: cfg.mounts.mounts,
         sysctls: Default::default(),
@@ -607,6 +608,12 @@ fn start_request(
         process: cfg.process.clone(),
         hostname: cfg.hostname.clone(),
         init: true,
+        // A pod sandbox's pause is pid 1 of the pod's PID namespace, as under runc (hostPID
+        // is refused before this).
+        pid_namespace: matches!(
+            crate::pod::PodRole::of(&cfg.annotations),
+            crate::pod::PodRole::Sandbox { .. }
+        ),
         network,
         mounts,
         sysctls: cfg.sysctls.clone(),
@@ -1181,6 +1188,7 @@ impl Running {
             process,
             hostname: None,
             init: false,
+            pid_namespace: false,
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),
@@ -1192,6 +1200,7 @@ impl Running {
                     create: false,
                     own_pid_namespace: false,
                     readonly_root: false,
+                    limits: None,
                 }),
             secrets: Vec::new(),
         };
@@ -1667,6 +1676,7 @@ pub mod testing {
             },
             hostname: None,
             init: true,
+            pid_namespace: false,
             network: None,
             mounts: Vec::new(),
             sysctls: Default::default(),

@@ -224,6 +224,22 @@ impl MountPlan {
 /// it when the container starts, after Docker has written `/etc/hosts` and
 /// `/etc/resolv.conf`).
 pub fn plan(mounts: &[Mount], policy: &SharePolicy) -> Result<MountPlan> {
+    plan_with(mounts, policy, false)
+}
+
+/// Files the CRI plugin (and Docker) write for a container and bind on these paths: copied
+/// into the guest even for a pod's container (their content is known at start).
+const COPIED_FILES: &[&str] = &["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
+
+/// [`plan`] for a pod's later container: a writable bind of another file (kubelet's
+/// termination message file, a `subPath` volume) is a share like a directory's, so that the
+/// container's writes reach the host file, as under runc. The caller binds the file into the
+/// pod share ([`crate::pod::member_request`]).
+pub fn plan_pod(mounts: &[Mount], policy: &SharePolicy) -> Result<MountPlan> {
+    plan_with(mounts, policy, true)
+}
+
+fn plan_with(mounts: &[Mount], policy: &SharePolicy, live_files: bool) -> Result<MountPlan> {
     let mut out = MountPlan::default();
     for m in mounts {
         let dest = m.destination();
@@ -278,7 +294,9 @@ pub fn plan(mounts: &[Mount], policy: &SharePolicy) -> Result<MountPlan> {
             .ok_or_else(|| Error::Invalid(format!("bind mount on {dest_str} has no source")))?;
         let meta =
             std::fs::metadata(source).map_err(|e| Error::io("bind mount source", source, e))?;
-        if meta.is_dir() {
+        let live_file =
+            live_files && meta.is_file() && !readonly && !COPIED_FILES.contains(&dest_str.as_str());
+        if meta.is_dir() || live_file {
             if out.shares.len() >= MAX_SHARES {
                 return Err(Error::Invalid(format!(
                     "too many directory mounts: agentvm shares at most {MAX_SHARES} per container"
@@ -519,6 +537,32 @@ mod tests {
             matches!(&p.mounts[2].source, MountSource::File { content, .. } if content.contains("172.18.0.2 abc"))
         );
         assert!(p.uses_docker_dns());
+    }
+
+    #[test]
+    fn a_pods_writable_file_binds_are_shares_its_etc_files_and_read_only_ones_copies() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = dir.path();
+        for f in ["hosts", "termination-log", "key"] {
+            std::fs::write(c.join(f), "x\n").unwrap();
+        }
+        let json = format!(
+            r#"[
+            {{"destination":"/etc/hosts","type":"bind","source":"{0}/hosts","options":["rbind","rw"]}},
+            {{"destination":"/dev/termination-log","type":"bind","source":"{0}/termination-log","options":["rbind","rw"]}},
+            {{"destination":"/etc/key","type":"bind","source":"{0}/key","options":["rbind","ro"]}}
+        ]"#,
+            c.display()
+        );
+        let p = plan_pod(&mounts(&json), &ninep()).unwrap();
+        assert_eq!(p.shares.len(), 1);
+        assert_eq!(p.shares[0].path, c.join("termination-log"));
+        assert!(matches!(p.mounts[0].source, MountSource::File { .. }));
+        assert!(matches!(&p.mounts[1].source, MountSource::Share { tag, .. } if tag == "vol0"));
+        assert!(matches!(p.mounts[2].source, MountSource::File { .. }));
+        // Docker's and ctr's containers keep copies.
+        let p = plan(&mounts(&json), &ninep()).unwrap();
+        assert!(p.shares.is_empty());
     }
 
     #[test]

@@ -33,9 +33,14 @@ pub enum CapPolicy {
     Spec,
 }
 
-/// The policy named by [`CAPABILITIES_ANNOTATION`] in `annotations`.
+/// The policy named by [`CAPABILITIES_ANNOTATION`] in `annotations`. Unless annotated, a
+/// Kubernetes pod's containers (the CRI plugin's `io.kubernetes.cri.container-type`) keep
+/// the spec's sets: several containers share the pod's VM, and a pod's security context
+/// (`capabilities.drop: [ALL]`, the restricted Pod Security Standard) must hold between them
+/// as under runc; a Docker container, alone in its VM, gets every capability.
 pub fn cap_policy(annotations: &HashMap<String, String>) -> Result<CapPolicy> {
     match annotations.get(CAPABILITIES_ANNOTATION).map(String::as_str) {
+        None if annotations.contains_key(crate::pod::CONTAINER_TYPE) => Ok(CapPolicy::Spec),
         None | Some("vm") => Ok(CapPolicy::Vm),
         Some("spec") => Ok(CapPolicy::Spec),
         Some(other) => Err(Error::Invalid(format!(
@@ -79,6 +84,23 @@ pub struct BundleSpec {
     pub volume_limits: crate::vmm::VolumeLimits,
     /// A CRI container's PID namespace is its own (not the pod's).
     pub own_pid_namespace: bool,
+    /// The cgroup limits of `linux.resources` (memory, CPU, pids), for a pod's later
+    /// container, whose cgroup in the pod's VM gets them; `None` when it names none.
+    pub limits: Option<agentvm_protocol::ResourceLimits>,
+}
+
+/// The cgroup limits of the spec's `linux.resources` (through JSON: the OCI field names are
+/// the same on both sides); `None` when it limits nothing a guest cgroup holds.
+fn cgroup_limits(spec: &Spec) -> Result<Option<agentvm_protocol::ResourceLimits>> {
+    let Some(resources) = spec.linux().as_ref().and_then(|l| l.resources().as_ref()) else {
+        return Ok(None);
+    };
+    let json = serde_json::to_vec(resources)
+        .map_err(|e| Error::Invalid(format!("linux.resources: {e}")))?;
+    let parsed: crate::resources::LinuxResources = serde_json::from_slice(&json)
+        .map_err(|e| Error::Invalid(format!("linux.resources: {e}")))?;
+    let limits = crate::resources::convert(&parsed)?.limits;
+    Ok((limits != Default::default()).then_some(limits))
 }
 
 /// Reads and maps `<bundle>/config.json`.
@@ -120,6 +142,7 @@ pub fn map_spec(
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit());
     let cpu = resources.and_then(|r| r.cpu().as_ref());
+    let pod = crate::pod::PodSize::of(&annotations);
     refuse_id_remapping(spec)?;
     let netns = spec
         .linux()
@@ -153,6 +176,11 @@ pub fn map_spec(
         },
     };
     Ok(BundleSpec {
+        // Only a pod's later container runs in a cgroup of its own in a VM it does not size.
+        limits: match crate::pod::PodRole::of(&annotations) {
+            crate::pod::PodRole::Container { .. } => cgroup_limits(spec)?,
+            _ => None,
+        },
         own_pid_namespace: crate::pod::own_pid_namespace(spec),
         volume_limits,
         host_cgroup,
@@ -170,12 +198,16 @@ pub fn map_spec(
         hostname,
         root,
         root_readonly,
-        memory_mib: memory_mib(memory_limit, default_memory_mib),
-        vcpus: vcpus(
-            cpu.and_then(|c| c.quota()),
-            cpu.and_then(|c| c.period()),
-            default_vcpus,
-        ),
+        memory_mib: memory_mib(pod.memory.or(memory_limit), default_memory_mib),
+        vcpus: if pod.quota.is_some() {
+            vcpus(pod.quota, pod.period, default_vcpus)
+        } else {
+            vcpus(
+                cpu.and_then(|c| c.quota()),
+                cpu.and_then(|c| c.period()),
+                default_vcpus,
+            )
+        },
     })
 }
 
@@ -400,6 +432,48 @@ mod tests {
             e.contains("io.agentvm.capabilities") && e.contains("\"spec\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn the_specs_resources_become_cgroup_limits() {
+        let mut cri = spec(&DOCKER_LIKE.replace(
+            r#"[{"type": "network"}]"#,
+            r#"[{"type": "network"}, {"type": "pid"}, {"type": "ipc"}]"#,
+        ));
+        cri.set_annotations(Some(HashMap::from([(
+            crate::pod::CONTAINER_TYPE.to_string(),
+            "container".to_string(),
+        )])));
+        let b = map_spec(&cri, Path::new("/b"), 512, 1).unwrap();
+        let limits = b.limits.expect("limits");
+        assert_eq!(limits.memory_max, Some(256 << 20));
+        // A Docker container's limits size its VM and its cgroup by other ways.
+        let b = map_spec(&spec(DOCKER_LIKE), Path::new("/b"), 512, 1).unwrap();
+        assert_eq!(b.limits, None);
+        let mut bare = cri.clone();
+        let mut linux = cri.linux().clone().unwrap();
+        linux.set_resources(None);
+        bare.set_linux(Some(linux));
+        let b = map_spec(&bare, Path::new("/b"), 512, 1).unwrap();
+        assert_eq!(b.limits, None);
+    }
+
+    #[test]
+    fn a_pods_root_keeps_the_specs_capabilities_unless_annotated_vm() {
+        let pod = |extra: &[(&str, &str)]| {
+            let mut a = HashMap::from([(
+                crate::pod::CONTAINER_TYPE.to_string(),
+                "container".to_string(),
+            )]);
+            a.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+            a
+        };
+        assert_eq!(cap_policy(&pod(&[])).unwrap(), CapPolicy::Spec);
+        assert_eq!(
+            cap_policy(&pod(&[(CAPABILITIES_ANNOTATION, "vm")])).unwrap(),
+            CapPolicy::Vm
+        );
+        assert_eq!(cap_policy(&HashMap::new()).unwrap(), CapPolicy::Vm);
     }
 
     #[test]

@@ -29,6 +29,46 @@ pub const SANDBOX_ID: &str = "io.kubernetes.cri.sandbox-id";
 /// The mount tag of the pod share in the sandbox's VM.
 pub const SHARE_TAG: &str = "pod";
 
+/// The CRI plugin's annotations of a pod sandbox's size: the sum of its containers' limits,
+/// as kubelet (1.23+) sends them in `LinuxPodSandboxConfig.resources`.
+pub const SANDBOX_MEMORY: &str = "io.kubernetes.cri.sandbox-memory";
+pub const SANDBOX_CPU_QUOTA: &str = "io.kubernetes.cri.sandbox-cpu-quota";
+pub const SANDBOX_CPU_PERIOD: &str = "io.kubernetes.cri.sandbox-cpu-period";
+
+/// What the pod asks of its VM (docs/decisions.md "The pod VM's size"): from a sandbox's
+/// annotations only; absent, zero or unparsable values ask nothing (the default size).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PodSize {
+    /// Bytes: the sum of the containers' memory limits.
+    pub memory: Option<i64>,
+    /// The sum of the containers' CPU quotas over one period (microseconds).
+    pub quota: Option<i64>,
+    pub period: Option<u64>,
+}
+
+impl PodSize {
+    /// The size a pod sandbox's annotations ask; nothing for any other container.
+    pub fn of(annotations: &HashMap<String, String>) -> PodSize {
+        if !matches!(PodRole::of(annotations), PodRole::Sandbox { .. }) {
+            return PodSize::default();
+        }
+        let positive = |key: &str| {
+            annotations
+                .get(key)
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|v| *v > 0)
+        };
+        let quota = positive(SANDBOX_CPU_QUOTA);
+        let period = positive(SANDBOX_CPU_PERIOD).map(|p| p as u64);
+        PodSize {
+            memory: positive(SANDBOX_MEMORY),
+            // A quota without its period cannot be read as CPUs.
+            quota: quota.filter(|_| period.is_some()),
+            period: period.filter(|_| quota.is_some()),
+        }
+    }
+}
+
 /// What a container is to the CRI plugin.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PodRole {
@@ -208,7 +248,10 @@ pub fn bind_volume(
     use nix::mount::MsFlags;
     let relative = format!("{id}/mounts/{n}");
     let target = member_dir(share, id)?.join("mounts").join(n.to_string());
-    std::fs::create_dir_all(&target).map_err(|e| Error::io("create", &target, e))?;
+    let is_file = std::fs::metadata(source)
+        .map_err(|e| Error::io("bind mount source", source, e))?
+        .is_file();
+    make_point(&target, is_file)?;
     let bind = |from: &Path, to: &Path| {
         nix::mount::mount(
             Some(from),
@@ -224,7 +267,7 @@ pub fn bind_volume(
         return Ok(relative);
     }
     let staging = share.with_file_name(format!("pod-staging-{id}-{n}"));
-    std::fs::create_dir_all(&staging).map_err(|e| Error::io("create", &staging, e))?;
+    make_point(&staging, is_file)?;
     let staged = bind(source, &staging)
         .and_then(|()| mount_flags(&staging, MsFlags::MS_PRIVATE))
         .and_then(|()| {
@@ -239,8 +282,29 @@ pub fn bind_volume(
         })
         .and_then(|()| bind(&staging, &target));
     let _ = nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH);
-    let _ = std::fs::remove_dir(&staging);
+    let _ = if is_file {
+        std::fs::remove_file(&staging)
+    } else {
+        std::fs::remove_dir(&staging)
+    };
     staged.map(|()| relative)
+}
+
+/// Makes the mount point of a bind: a directory, or an empty file for a file's bind.
+fn make_point(path: &Path, is_file: bool) -> Result<()> {
+    if !is_file {
+        return std::fs::create_dir_all(path).map_err(|e| Error::io("create", path, e));
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map(drop)
+        .map_err(|e| Error::io("create", path, e))
 }
 
 /// Undoes [`bind_root`] and [`bind_volume`] (best effort: nothing to undo is fine).
@@ -259,9 +323,14 @@ pub fn unbind_root(share: &Path, id: &str) {
     let volumes = dir.join("mounts");
     if let Ok(entries) = std::fs::read_dir(&volumes) {
         for e in entries.flatten() {
-            // rmdir only, and only once unmounted: never a removal inside a volume.
+            // rmdir (or the unlink of a file's empty mount point) only, and only once
+            // unmounted: never a removal inside a volume.
             if unmount(&e.path()) {
-                let _ = std::fs::remove_dir(e.path());
+                if e.file_type().is_ok_and(|t| t.is_file()) {
+                    let _ = std::fs::remove_file(e.path());
+                } else {
+                    let _ = std::fs::remove_dir(e.path());
+                }
             }
         }
     }
@@ -321,8 +390,14 @@ pub fn member_request(
     bundle: &crate::oci::BundleSpec,
     share: &Path,
 ) -> Result<StartRequest> {
-    let plan = crate::mounts::plan(&bundle.mounts, &crate::mounts::SharePolicy::nine_p())?;
+    let plan = crate::mounts::plan_pod(&bundle.mounts, &crate::mounts::SharePolicy::nine_p())?;
     let mut mounts = plan.mounts;
+    // The CRI binds the sandbox's shm into each container: the pod's, in the VM the sandbox's.
+    for m in mounts.iter_mut() {
+        if m.destination == "/dev/shm" && matches!(m.source, MountSource::Tmpfs { .. }) {
+            m.source = MountSource::PodShm;
+        }
+    }
     for (n, volume) in plan.shares.iter().enumerate() {
         let dir = bind_volume(share, id, n, &volume.path, volume.readonly)?;
         // The host's bind is read-only at its top only, as runc's (non-recursive) read-only
@@ -334,11 +409,13 @@ pub fn member_request(
                 &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
                 &volume.path,
             );
+        let file = volume.path.is_file();
         for m in mounts.iter_mut() {
             if matches!(&m.source, MountSource::Share { tag, .. } if *tag == volume.tag) {
                 m.source = MountSource::ShareDir {
                     tag: SHARE_TAG.into(),
                     subdir: dir.clone(),
+                    file,
                 };
                 m.readonly = guest_readonly;
             }
@@ -356,6 +433,7 @@ pub fn member_request(
         process: bundle.process.clone(),
         hostname: None,
         init: false,
+        pid_namespace: false,
         network: None,
         mounts,
         sysctls: Default::default(),
@@ -364,6 +442,7 @@ pub fn member_request(
             create: true,
             own_pid_namespace: bundle.own_pid_namespace,
             readonly_root: bundle.root_readonly,
+            limits: bundle.limits,
         }),
         secrets: Vec::new(),
     })
@@ -432,6 +511,46 @@ mod tests {
         assert_eq!(container_hostname(&container, &mounts[..1]), None);
         std::fs::write(&file, "x".repeat(65)).unwrap();
         assert_eq!(container_hostname(&container, &mounts), None);
+    }
+
+    #[test]
+    fn a_sandboxs_size_comes_from_the_cri_annotations() {
+        let sized = cri(
+            "sandbox",
+            &[
+                (SANDBOX_MEMORY, "268435456"),
+                (SANDBOX_CPU_QUOTA, "150000"),
+                (SANDBOX_CPU_PERIOD, "100000"),
+                ("io.kubernetes.cri.sandbox-cpu-shares", "1536"),
+            ],
+        );
+        assert_eq!(
+            PodSize::of(&sized),
+            PodSize {
+                memory: Some(256 << 20),
+                quota: Some(150_000),
+                period: Some(100_000)
+            }
+        );
+        // containerd writes 0 for what kubelet leaves out; a container's annotations ask
+        // nothing; a quota needs its period.
+        let zero = cri(
+            "sandbox",
+            &[
+                (SANDBOX_MEMORY, "0"),
+                (SANDBOX_CPU_QUOTA, "0"),
+                (SANDBOX_CPU_PERIOD, "100000"),
+            ],
+        );
+        assert_eq!(PodSize::of(&zero), PodSize::default());
+        let mut container = sized.clone();
+        container.insert(CONTAINER_TYPE.into(), "container".into());
+        assert_eq!(PodSize::of(&container), PodSize::default());
+        let no_period = cri(
+            "sandbox",
+            &[(SANDBOX_CPU_QUOTA, "150000"), (SANDBOX_MEMORY, "x")],
+        );
+        assert_eq!(PodSize::of(&no_period), PodSize::default());
     }
 
     #[test]
@@ -544,6 +663,14 @@ mod tests {
             bind_volume(&share, "abc-1", 1, &vol, false).unwrap(),
             "abc-1/mounts/1"
         );
+        let file = t.path().join("termination-log");
+        std::fs::write(&file, "").unwrap();
+        assert_eq!(
+            bind_volume(&share, "abc-1", 2, &file, false).unwrap(),
+            "abc-1/mounts/2"
+        );
+        std::fs::write(share.join("abc-1/mounts/2"), "bye").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "bye");
         let e = std::fs::write(share.join("abc-1/mounts/0/f"), "x").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
         std::fs::write(share.join("abc-1/mounts/1/f"), "x").unwrap();
@@ -554,6 +681,7 @@ mod tests {
         );
         unbind_root(&share, "abc-1");
         assert!(vol.join("f").exists(), "a volume's content is left alone");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "bye");
         assert!(!share.join("abc-1").exists());
         assert!(
             root.join("marker").exists(),

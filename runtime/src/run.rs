@@ -170,6 +170,7 @@ async fn drive(
         process: opts.process.clone(),
         hostname: None,
         init: true,
+        pid_namespace: false,
         network: None,
         mounts: Vec::new(),
         sysctls: Default::default(),

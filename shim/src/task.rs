@@ -1640,6 +1640,7 @@ mod tests {
                 },
                 hostname: None,
                 init: false,
+                pid_namespace: false,
                 network: None,
                 mounts: Vec::new(),
                 sysctls: Default::default(),
@@ -1648,6 +1649,7 @@ mod tests {
                     create: true,
                     own_pid_namespace: true,
                     readonly_root: false,
+                    limits: None,
                 }),
                 secrets: Vec::new(),
             };
