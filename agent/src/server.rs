@@ -14,7 +14,7 @@ use std::time::Duration;
 use agentvm_protocol::tokio_io::{read_frame, write_frame};
 use agentvm_protocol::{
     ExitStatus, Frame, Message, ProtocolError, RootfsSpec, SecretSpec, StartRequest, Stream,
-    HOST_CID, MAX_DATA_CHUNK, VERSION,
+    HOST_CID, MAX_DATA_CHUNK, OUTPUT_WINDOW, VERSION,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -429,12 +429,55 @@ fn read_frames(mut stream: FdStream) -> (HostFrames, JoinHandle<()>) {
     (rx, task)
 }
 
-async fn pump_output(mut src: FdStream, stream: Stream, out: mpsc::Sender<Frame>) {
-    let mut buf = vec![0u8; MAX_DATA_CHUNK];
+/// The output of a process connection sent and not yet confirmed read by the host
+/// ([`OUTPUT_WINDOW`]).
+#[derive(Debug, Default)]
+struct Window {
+    unacked: std::sync::Mutex<u64>,
+    freed: tokio::sync::Notify,
+}
+
+/// The most one output frame carries: a quarter of the window, so output keeps flowing while
+/// the host's confirmations come back.
+const OUTPUT_CHUNK: usize = (OUTPUT_WINDOW / 4) as usize;
+
+impl Window {
+    /// Waits until `n` more bytes fit in the window (always when nothing is in flight).
+    async fn take(&self, n: u64) {
+        loop {
+            let freed = self.freed.notified();
+            {
+                let mut unacked = lock(&self.unacked);
+                if *unacked == 0 || *unacked + n <= OUTPUT_WINDOW {
+                    *unacked += n;
+                    return;
+                }
+            }
+            freed.await;
+        }
+    }
+
+    /// The host has read `n` bytes.
+    fn give(&self, n: u64) {
+        let mut unacked = lock(&self.unacked);
+        *unacked = unacked.saturating_sub(n);
+        drop(unacked);
+        self.freed.notify_waiters();
+    }
+}
+
+async fn pump_output(
+    mut src: FdStream,
+    stream: Stream,
+    out: mpsc::Sender<Frame>,
+    window: Arc<Window>,
+) {
+    let mut buf = vec![0u8; OUTPUT_CHUNK.min(MAX_DATA_CHUNK)];
     loop {
         match src.read(&mut buf).await {
             Ok(0) => break,
             Ok(n) => {
+                window.take(n as u64).await;
                 if out
                     .send(Frame::Data(stream, buf[..n].to_vec()))
                     .await
@@ -996,6 +1039,7 @@ async fn supervise(
 ) -> Supervised {
     let pid = spawned.pid;
     let mut outputs = JoinSet::new();
+    let window = Arc::new(Window::default());
     // Dropped (so aborted) when the process is over, even if an orphan blocks its stdin.
     let mut stdin_writer = JoinSet::new();
     let mut stdin_tx = None;
@@ -1005,7 +1049,12 @@ async fn supervise(
             let m = FdStream::new(m)?;
             let (tx, rx) = mpsc::channel(16);
             stdin_writer.spawn(pump_stdin(m.clone(), rx));
-            outputs.spawn(pump_output(m.clone(), Stream::Stdout, out.clone()));
+            outputs.spawn(pump_output(
+                m.clone(),
+                Stream::Stdout,
+                out.clone(),
+                Arc::clone(&window),
+            ));
             stdin_tx = Some(tx);
             master = Some(m);
         }
@@ -1019,7 +1068,12 @@ async fn supervise(
             (spawned.stderr, Stream::Stderr),
         ] {
             if let Some(fd) = fd {
-                outputs.spawn(pump_output(FdStream::new(fd)?, stream, out.clone()));
+                outputs.spawn(pump_output(
+                    FdStream::new(fd)?,
+                    stream,
+                    out.clone(),
+                    Arc::clone(&window),
+                ));
             }
         }
         Ok(())
@@ -1095,6 +1149,13 @@ async fn supervise(
                             }
                         }
                         Message::Shutdown => return Supervised::Shutdown,
+                        Message::Consumed { bytes } => {
+                            window.give(bytes);
+                            // The host is reading: output after the exit still has time.
+                            if status.is_some() {
+                                grace.as_mut().reset(Instant::now() + OUTPUT_GRACE);
+                            }
+                        }
                         other => {
                             let what = describe(&Frame::Msg(other));
                             let _ = out

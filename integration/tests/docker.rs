@@ -21,6 +21,30 @@ fn docker_run_echo_prints_hi() {
     env.assert_vm_gone(&id);
 }
 
+/// 8 MB of output faster than Docker reads it arrives whole (the agent's output window keeps
+/// the userspace vsock device from stalling the connection).
+#[test]
+fn docker_run_bulk_output_arrives_whole() {
+    let Some(env) = DockerEnv::get("docker_run_bulk_output_arrives_whole") else {
+        return;
+    };
+    let (out, id) = env.run(
+        "bulk",
+        &[
+            "--rm",
+            &env.image.clone(),
+            "sh",
+            "-c",
+            "head -c 8000000 /dev/zero; echo done",
+        ],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "stderr: {}", text(&out).1);
+    assert_eq!(out.stdout.len(), 8_000_000 + "done\n".len());
+    assert!(out.stdout.ends_with(b"done\n"));
+    env.assert_vm_gone(&id);
+}
+
 #[test]
 fn docker_run_exit_code_comes_back() {
     let Some(env) = DockerEnv::get("docker_run_exit_code_comes_back") else {

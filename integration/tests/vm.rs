@@ -21,6 +21,28 @@ fn echo_output_arrives() {
     env.assert_clean();
 }
 
+/// Output faster than the host reads it arrives whole, on both streams: 8 MB from `head` and
+/// 1 MB of 512-byte writes to stderr. Without the output window (protocol `OUTPUT_WINDOW`)
+/// the userspace vsock device stalled such a connection for good after a few KiB.
+#[test]
+fn bulk_output_arrives_whole() {
+    let Some(env) = VmEnv::get("bulk_output_arrives_whole") else {
+        return;
+    };
+    let script = "head -c 8000000 /dev/zero; dd if=/dev/zero bs=512 count=2000 >&2 2>/dev/null; \
+                  dd if=/dev/zero bs=512 count=2000 1>&2; echo done";
+    let out = env.run(&["--", "sh", "-c", script], None, T);
+    assert_eq!(out.status.code(), Some(0), "{:?}", text(&out).1);
+    assert_eq!(out.stdout.len(), 8_000_000 + "done\n".len());
+    assert!(out.stdout.ends_with(b"done\n"));
+    assert!(
+        out.stderr.len() >= 1_024_000,
+        "stderr: {} bytes",
+        out.stderr.len()
+    );
+    env.assert_clean();
+}
+
 #[test]
 fn exit_code_comes_back() {
     let Some(env) = VmEnv::get("exit_code_comes_back") else {

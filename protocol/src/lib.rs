@@ -18,7 +18,15 @@ use serde::{Deserialize, Serialize};
 
 /// Protocol version; the agent announces it in [`Message::Hello`] and the host refuses others.
 /// 2: [`StartRequest::secrets`] (an agent of version 1 would drop them without a word).
-pub const VERSION: u32 = 2;
+/// 3: [`Message::Consumed`]: a process's output is sent within a window the host opens as it
+/// reads (an agent of version 2 would never wait, a host of version 2 never open it).
+pub const VERSION: u32 = 3;
+
+/// How much of a process's output the agent sends before the host says it has read it
+/// ([`Message::Consumed`]). The userspace vsock device (vhost-device-vsock, where the host has
+/// no /dev/vhost-vsock) stalls a connection for good once the host's socket is full; with at
+/// most this much in flight, it never is.
+pub const OUTPUT_WINDOW: u64 = 64 * 1024;
 /// The vsock port the agent listens on.
 pub const AGENT_PORT: u32 = 1024;
 /// The vsock CID of the host (`VMADDR_CID_HOST`); the agent accepts connections only from it.
@@ -88,6 +96,9 @@ pub enum Message {
     Resize { rows: u16, cols: u16 },
     /// Host -> guest: power the VM off now.
     Shutdown,
+    /// Host -> guest, on a process connection: the host has read this many more bytes of the
+    /// process's output ([`OUTPUT_WINDOW`]).
+    Consumed { bytes: u64 },
     /// Guest -> host: the process runs, with this pid inside the guest.
     Started { pid: i32 },
     /// Guest -> host: the process ended; the last message of a connection.

@@ -1400,7 +1400,6 @@ async fn drive(
             let _ = tx.send(r);
         }
     };
-    let (mut msgs, reader_task) = spawn_reader(reader, io.stdout, io.stderr, Arc::clone(&shared));
     let (stdin_rx, stdin_task) = match io.stdin {
         Some(src) => {
             let (rx, task) = spawn_input_pump(src);
@@ -1409,6 +1408,13 @@ async fn drive(
         None => (None, None),
     };
     let (out, out_rx) = mpsc::unbounded_channel();
+    let (mut msgs, reader_task) = spawn_reader(
+        reader,
+        io.stdout,
+        io.stderr,
+        Arc::clone(&shared),
+        out.clone(),
+    );
     let start = Frame::Msg(Message::Start(Box::new(request)));
     let writer_task = spawn_writer(writer, start, stdin_rx, out_rx);
     for c in pending {
@@ -1557,12 +1563,20 @@ fn spawn_reader(
     mut stdout: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     mut stderr: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     shared: Arc<VmShared>,
+    acks: mpsc::UnboundedSender<Out>,
 ) -> (mpsc::Receiver<Message>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = mpsc::channel(16);
     let task = tokio::spawn(async move {
+        let mut unacked = 0u64;
         loop {
             match tokio_io::read_frame(&mut reader).await {
                 Ok(Some(Frame::Data(s, b))) => {
+                    // Read off the connection: the agent may send more (its output window).
+                    unacked += b.len() as u64;
+                    if unacked >= agentvm_protocol::OUTPUT_WINDOW / 4 {
+                        let bytes = std::mem::take(&mut unacked);
+                        let _ = acks.send(Out::Frame(Frame::Msg(Message::Consumed { bytes })));
+                    }
                     let sink = match s {
                         Stream::Stdout => stdout.as_mut(),
                         Stream::Stderr => stderr.as_mut(),

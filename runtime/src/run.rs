@@ -206,9 +206,19 @@ async fn drive(
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     let mut t_started = None;
+    let mut unacked = 0u64;
     let code = loop {
         let forward: Option<i32> = tokio::select! {
             f = frames.recv() => {
+                // Output read off the connection opens the agent's window (OUTPUT_WINDOW).
+                if let Some(Ok(Some(Frame::Data(_, b)))) = &f {
+                    unacked += b.len() as u64;
+                    if unacked >= agentvm_protocol::OUTPUT_WINDOW / 4 {
+                        let bytes = std::mem::take(&mut unacked);
+                        let ack = Frame::Msg(Message::Consumed { bytes });
+                        tokio_io::write_frame(&mut writer, &ack).await?;
+                    }
+                }
                 match f {
                     Some(Ok(Some(Frame::Data(Stream::Stdout, b)))) => {
                         if !b.is_empty() {
