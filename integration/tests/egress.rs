@@ -149,12 +149,18 @@ fn start(env: &DockerEnv, name: &str, args: &[&str]) -> String {
     all.extend_from_slice(&[env.image.as_str(), "sleep", "600"]);
     let (code, id) = docker(env, &all);
     assert_eq!(code, Some(0), "docker run: {id}");
+    await_exec(env, name, "the VM");
+    id.trim().to_string()
+}
+
+/// Waits (2 minutes at most) until `docker exec` works in container `name`; `what` names it
+/// in the failure.
+fn await_exec(env: &DockerEnv, name: &str, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while docker(env, &["exec", name, "true"]).0 != Some(0) {
-        assert!(Instant::now() < deadline, "the VM never answered exec");
+        assert!(Instant::now() < deadline, "{what} never answered exec");
         std::thread::sleep(Duration::from_millis(500));
     }
-    id.trim().to_string()
 }
 
 /// Whether a TCP connection from the container to `addr:port` opens (5 s).
@@ -506,14 +512,7 @@ fn compose_services_under_the_agent_policy_and_a_restart() {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         assert_eq!(code, Some(0), "compose up: {out}");
         let client = format!("{project}-client-1");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while docker(&env, &["exec", &client, "true"]).0 != Some(0) {
-            assert!(
-                Instant::now() < deadline,
-                "the client's VM never answered exec"
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        await_exec(&env, &client, "the client's VM");
         let fetch =
             "for i in $(seq 100); do wget -qO- http://web:8080/ && exit 0; sleep 0.3; done; exit 1";
         let (code, page) = docker(&env, &["exec", &client, "sh", "-c", fetch]);
@@ -535,14 +534,7 @@ fn compose_services_under_the_agent_policy_and_a_restart() {
         // A restart: the new task has the annotation's policy again.
         let (code, out) = docker(&env, &["restart", "-t", "1", &client]);
         assert_eq!(code, Some(0), "docker restart: {out}");
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while docker(&env, &["exec", &client, "true"]).0 != Some(0) {
-            assert!(
-                Instant::now() < deadline,
-                "the restarted VM never answered exec"
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
+        await_exec(&env, &client, "the restarted VM");
         assert!(
             !reaches(&env, &client, "10.231.77.1", 8080),
             "after the restart"
