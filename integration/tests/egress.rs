@@ -105,11 +105,12 @@ impl Drop for Servers {
 }
 
 /// The test's DNS zone, served at 10.231.77.1:53: `example.test` (TTL 3 s), `other.test` and
-/// `kept.test` (both 198.51.100.8, TTL 60 s).
+/// `kept.test` (both 198.51.100.8, TTL 60 s), `rebind.test` (the metadata look-alike: a DNS
+/// server rebinding an allowed name).
 const DNS_SERVER: &str = r#"
 import socket, struct
 ZONE = {"example.test.": ("198.51.100.7", 3), "other.test.": ("198.51.100.8", 60),
-        "kept.test.": ("198.51.100.8", 60)}
+        "kept.test.": ("198.51.100.8", 60), "rebind.test.": ("169.254.77.77", 60)}
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("10.231.77.1", 53))
 while True:
@@ -425,6 +426,26 @@ fn domain_rules_allow_what_the_relay_resolved_for_its_ttl() {
     assert!(
         reaches(&env, &name, "198.51.100.8", 8080),
         "the address learnt before the change"
+    );
+    // DNS rebinding: an allowed name answered with the metadata look-alike opens nothing the
+    // profile keeps closed.
+    let (ok, out) = agentvm(&[
+        "policy",
+        "set",
+        &id,
+        "agent; allow rebind.test tcp port 8080",
+    ]);
+    assert!(ok, "{out}");
+    assert!(
+        !reaches(&env, &name, "rebind.test", 8080),
+        "an allowed name resolved to a link-local address"
+    );
+    let (ok, log) = agentvm(&["policy", "log", &id]);
+    assert!(ok, "{log}");
+    assert!(
+        log.contains("blocked tcp to 169.254.77.77:8080 (rebind.test) (policy")
+            && log.contains("rule: link-local"),
+        "{log}"
     );
     let (code, out) = docker(&env, &["rm", "-f", &name]);
     assert_eq!(code, Some(0), "{out}");

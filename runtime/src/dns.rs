@@ -59,7 +59,7 @@ impl EgressHook {
         let Ok(record) = crate::egress::Record::load(&self.state_dir) else {
             return;
         };
-        let learnt = crate::egress::learn(&record.policy, answer);
+        let learnt = crate::egress::learn(&record.policy, &record.facts, answer);
         if learnt.is_empty() {
             return;
         }

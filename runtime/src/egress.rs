@@ -462,11 +462,64 @@ impl Policy {
         port: Option<u16>,
     ) -> (Action, Option<String>) {
         let (rules, default) = self.effective(facts);
+        // As the table: such an address never joins a domain's set.
+        let name = name.filter(|_| self.never_learnt(facts, dst).is_none());
         rules
             .iter()
             .find(|r| r.matches_named(dst, name, proto, port))
             .map(|r| (r.action, Some(r.text.clone())))
             .unwrap_or((default, None))
+    }
+}
+
+/// Ranges a name's addresses never join an allow set under a guarded profile, whatever the
+/// domain rules say: a DNS answer (from a server an attacker may run) must not open the
+/// metadata service, the host's loopback or link-local neighbours. Explicit address rules
+/// still can.
+pub const NEVER_LEARNT: &[(&str, &str)] = &[
+    ("169.254.169.254/32", "cloud metadata"),
+    ("fd00:ec2::254/128", "cloud metadata"),
+    ("169.254.0.0/16", "link-local"),
+    ("fe80::/10", "link-local"),
+    ("127.0.0.0/8", "loopback"),
+    ("::1/128", "loopback"),
+    ("0.0.0.0/8", "this network"),
+    ("::/128", "unspecified"),
+];
+
+impl Policy {
+    /// Why an address a DNS answer gave for an allowed name must not be learnt (`None`: it
+    /// may). The domain rules come before the profile's built-in denies, so without this a
+    /// name the policy allows, answered with 169.254.169.254 or (under `agent`) a private
+    /// address, would open it (DNS rebinding). Under `open` every address may be learnt (the
+    /// profile denies nothing, and a deny rule naming a domain must catch all its addresses).
+    pub fn never_learnt(&self, facts: &Facts, addr: IpAddr) -> Option<&'static str> {
+        if self.base == Base::Open {
+            return None;
+        }
+        let addr = addr.to_canonical();
+        if facts
+            .host_addresses
+            .iter()
+            .any(|h| h.to_canonical() == addr)
+        {
+            return Some("the host's own address");
+        }
+        let named = |list: &[(&str, &'static str)]| {
+            list.iter()
+                .find(|(n, _)| Net::parse(n).is_some_and(|n| n.contains(addr)))
+                .map(|(_, what)| *what)
+        };
+        if let Some(what) = named(NEVER_LEARNT) {
+            return Some(what);
+        }
+        if facts.own_networks.iter().any(|n| n.contains(addr)) {
+            return None;
+        }
+        match self.base {
+            Base::Agent => named(AGENT_DENIED),
+            _ => None,
+        }
     }
 }
 
@@ -920,7 +973,9 @@ pub struct Learnt {
 /// rule names, each for its record's TTL (empty: nothing to add, or not a DNS answer). The
 /// question decides which rules apply (an answer's A records may carry the canonical name of
 /// a CNAME chain).
-pub fn learn(policy: &Policy, answer: &[u8]) -> Vec<Learnt> {
+/// Addresses the profile's built-in rules keep closed are left out
+/// ([`Policy::never_learnt`]) and logged.
+pub fn learn(policy: &Policy, facts: &Facts, answer: &[u8]) -> Vec<Learnt> {
     let domains = policy.domains();
     if domains.is_empty() {
         return Vec::new();
@@ -955,6 +1010,13 @@ pub fn learn(policy: &Policy, answer: &[u8]) -> Vec<Learnt> {
             }
             _ => continue,
         };
+        if let Some(why) = policy.never_learnt(facts, addr) {
+            tracing::info!(
+                "egress: {} answered with {addr} ({why}): not allowed by the name",
+                a.name
+            );
+            continue;
+        }
         for i in &sets {
             out.push(Learnt {
                 set: format!("dom{fam}_{i}"),
@@ -984,7 +1046,7 @@ pub fn learnt_script(learnt: &[Learnt]) -> String {
 /// (`json`: `nft -j list table netdev agentvm`) whose domain the new policy names too, each
 /// for what is left of its timeout, moved to the new policy's set for that domain. Without
 /// this, `agentvm policy set` would forget every resolved name until its next lookup.
-pub fn carried_over(old: &Policy, new: &Policy, json: &str) -> Vec<Learnt> {
+pub fn carried_over(old: &Policy, new: &Policy, facts: &Facts, json: &str) -> Vec<Learnt> {
     let (old_domains, new_domains) = (old.domains(), new.domains());
     let Ok(doc) = serde_json::from_str::<serde_json::Value>(json) else {
         return Vec::new();
@@ -1016,7 +1078,10 @@ pub fn carried_over(old: &Policy, new: &Policy, json: &str) -> Vec<Learnt> {
             ) else {
                 continue;
             };
-            if left == 0 || (fam == "4") != addr.is_ipv4() {
+            if left == 0
+                || (fam == "4") != addr.is_ipv4()
+                || new.never_learnt(facts, addr).is_some()
+            {
                 continue;
             }
             out.push(Learnt {
@@ -1439,6 +1504,7 @@ mod tests {
         };
         let script = learnt_script(&learn(
             &p,
+            &facts(),
             &answer(
                 "example.test",
                 vec![
@@ -1454,6 +1520,7 @@ mod tests {
         );
         let script = learnt_script(&learn(
             &p,
+            &facts(),
             &answer(
                 "x.evil.test",
                 vec![("x.evil.test", 60, a([203, 0, 113, 66]))],
@@ -1466,11 +1533,12 @@ mod tests {
         assert_eq!(
             learn(
                 &p,
+                &facts(),
                 &answer("other.test", vec![("other.test", 60, a([1, 2, 3, 4]))])
             ),
             []
         );
-        assert_eq!(learn(&p, b"not dns"), []);
+        assert_eq!(learn(&p, &facts(), b"not dns"), []);
         // The script: a set per domain, DNS past the relay denied first, the gateway's DNS not
         // allowed, the rule on the set.
         let s = nft_script(&p, &facts());
@@ -1487,6 +1555,105 @@ mod tests {
         assert!(dns < rule, "{s}");
         assert!(s.contains("ip6 daddr @dom6_1 counter jump deny"), "{s}");
         assert!(!s.contains("th dport 53 counter fwd"), "{s}");
+    }
+
+    #[test]
+    fn an_allowed_name_cannot_open_what_the_profile_keeps_closed() {
+        use simple_dns::rdata::RData;
+        use simple_dns::{Name, Packet, Question, ResourceRecord, CLASS, QCLASS, QTYPE, TYPE};
+        // DNS rebinding: the server answering for an allowed name is the attacker's.
+        let answer = |records: &[RData<'static>]| {
+            let mut pk = Packet::new_reply(9);
+            pk.questions.push(Question::new(
+                Name::new_unchecked("allowed.test"),
+                QTYPE::TYPE(TYPE::A),
+                QCLASS::CLASS(CLASS::IN),
+                false,
+            ));
+            for r in records {
+                pk.answers.push(ResourceRecord::new(
+                    Name::new_unchecked("allowed.test"),
+                    CLASS::IN,
+                    60,
+                    r.clone(),
+                ));
+            }
+            pk.build_bytes_vec().unwrap()
+        };
+        let v4 = |t: &str| {
+            RData::A(simple_dns::rdata::A {
+                address: u32::from(t.parse::<std::net::Ipv4Addr>().unwrap()),
+            })
+        };
+        let v6 = |t: &str| {
+            RData::AAAA(simple_dns::rdata::AAAA {
+                address: u128::from(t.parse::<std::net::Ipv6Addr>().unwrap()),
+            })
+        };
+        let hostile = answer(&[
+            v4("169.254.169.254"),
+            v6("fd00:ec2::254"),
+            v6("::ffff:169.254.169.254"),
+            v4("169.254.10.1"),
+            v4("127.0.0.1"),
+            v6("::1"),
+            v4("0.0.0.0"),
+            v4("192.0.2.10"),   // the host's own address (facts)
+            v4("172.18.0.1"),   // the gateway: the host too
+            v4("10.20.30.40"),  // private
+            v6("fd12:3456::1"), // unique local
+            v4("100.64.0.1"),   // shared address space
+            v4("172.18.0.5"),   // the container's own network
+            v4("198.51.100.7"), // public-looking
+        ]);
+        let learnt = |policy: &str| -> Vec<String> {
+            let p = PolicyFile::default().select(Some(policy)).unwrap();
+            learn(&p, &facts(), &hostile)
+                .into_iter()
+                .map(|l| l.addr.to_string())
+                .collect()
+        };
+        // agent: only what the profile would let through anyway.
+        assert_eq!(
+            learnt("agent; allow allowed.test"),
+            ["172.18.0.5", "198.51.100.7"]
+        );
+        // none-but: a private address the name gives is the admin's choice; metadata,
+        // link-local, loopback and the host never are.
+        assert_eq!(
+            learnt("none-but; allow allowed.test tcp port 443"),
+            [
+                "10.20.30.40",
+                "fd12:3456::1",
+                "100.64.0.1",
+                "172.18.0.5",
+                "198.51.100.7"
+            ]
+        );
+        // open denies nothing built in: a deny rule naming the domain catches every address.
+        assert_eq!(learnt("open; deny allowed.test").len(), 14);
+        // What a policy change carries over is held to the new profile too.
+        let json = r#"{"nftables": [{"set": {"name": "dom4_0", "elem": [
+            {"elem": {"val": "10.20.30.40", "expires": 200}},
+            {"elem": {"val": "169.254.169.254", "expires": 200}},
+            {"elem": {"val": "198.51.100.7", "expires": 200}}]}}]}"#;
+        let file = PolicyFile::default();
+        let old = file.select(Some("none-but; allow allowed.test")).unwrap();
+        let new = file.select(Some("agent; allow allowed.test")).unwrap();
+        let kept: Vec<String> = carried_over(&old, &new, &facts(), json)
+            .into_iter()
+            .map(|l| l.addr.to_string())
+            .collect();
+        assert_eq!(kept, ["198.51.100.7"]);
+        // The verdict for a metadata packet stays the built-in deny.
+        let (action, why) = new.verdict_named(
+            &facts(),
+            "169.254.169.254".parse().unwrap(),
+            Some("allowed.test"),
+            Some(Proto::Tcp),
+            Some(80),
+        );
+        assert_eq!(action, Action::Deny, "{why:?}");
     }
 
     #[test]
@@ -1507,7 +1674,7 @@ mod tests {
                                                 {"elem": {"val": "198.51.100.9", "timeout": 60, "expires": 59}}]}},
             {"set": {"name": "dom4_7", "elem": [{"elem": {"val": "198.51.100.4", "expires": 50}}]}},
             {"set": {"name": "other", "elem": [{"elem": {"val": "198.51.100.5", "expires": 50}}]}}]}"#;
-        let kept = carried_over(&old, &new, json);
+        let kept = carried_over(&old, &new, &facts(), json);
         let l = |set: &str, addr: &str, ttl| Learnt {
             set: set.into(),
             addr: addr.parse().unwrap(),
@@ -1522,8 +1689,8 @@ mod tests {
                 l("dom6_1", "2001:db8::2", 59)
             ]
         );
-        assert_eq!(carried_over(&old, &new, "not json"), []);
-        assert_eq!(carried_over(&old, &Policy::open(), json), []);
+        assert_eq!(carried_over(&old, &new, &facts(), "not json"), []);
+        assert_eq!(carried_over(&old, &Policy::open(), &facts(), json), []);
     }
 
     #[test]

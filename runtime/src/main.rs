@@ -416,7 +416,8 @@ async fn policy_cmd(cmd: PolicyCmd) -> agentvm::Result<()> {
             );
             if record.policy.has_domains() {
                 let listing = agentvm::netns::egress_listing(&fd, &nft).await?;
-                let learnt = egress::carried_over(&record.policy, &record.policy, &listing);
+                let learnt =
+                    egress::carried_over(&record.policy, &record.policy, &record.facts, &listing);
                 let domains = record.policy.domains();
                 println!("learnt from DNS answers: {}", learnt.len());
                 for l in &learnt {

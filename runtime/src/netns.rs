@@ -544,6 +544,7 @@ pub async fn change_egress(
         script.push_str(&egress::learnt_script(&egress::carried_over(
             old,
             &record.policy,
+            &record.facts,
             &listing,
         )));
     }
