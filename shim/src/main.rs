@@ -3,15 +3,10 @@
 //!
 //! containerd runs this binary with `start` (daemonize a server, print its `unix://`
 //! address), without an action (the server: `containerd.task.v2.Task` over ttrpc), or with
-//! `delete` (clean up after a dead server). The logic lives in the `agentvm` runtime library.
+//! `delete` (clean up after a dead server). The shim's logic is this package's library, the
+//! container logic the `agentvm` runtime library's.
 
-mod io;
-mod rootfs;
-mod service;
-mod task;
-
-/// The runtime type containerd and Docker know this shim by.
-pub const RUNTIME_ID: &str = "io.containerd.agentvm.v1";
+use containerd_shim_agentvm_v1::{service, RUNTIME_ID};
 
 fn main() {
     // `run` does not handle -v; containerd and users expect it (reference P18).

@@ -12,7 +12,7 @@ use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim::{io_error, Config, Error, ExitSignal, Flags, StartOpts};
 use tokio::io::AsyncReadExt;
 
-use crate::task::{sandbox_id, timestamp, TaskService};
+use crate::task::{sandbox_id, timestamp, TaskService, EXIT_FILE};
 
 /// The shim process.
 pub struct Service {
@@ -135,10 +135,6 @@ async fn serves(address: &str) -> bool {
     let path = address.strip_prefix("unix://").unwrap_or(address);
     tokio::net::UnixStream::connect(path).await.is_ok()
 }
-
-/// In the bundle: the init process's exit code, written when it is known, so that `delete`
-/// after a dead shim reports the real exit (reference P15).
-pub const EXIT_FILE: &str = "agentvm-exit-status";
 
 /// `delete`: containerd lost (or closed) the server; remove whatever the container left and
 /// print the exit as a `DeleteResponse` on stdout. Returns the process exit code.

@@ -34,6 +34,10 @@ use containerd_shim::protos::ttrpc::{self, r#async::TtrpcContext, Code};
 use containerd_shim::{Context, ExitSignal};
 use tokio::sync::watch;
 
+/// In the bundle: the init process's exit code, written when it is known, so that `delete`
+/// after a dead shim reports the real exit (reference P15).
+pub const EXIT_FILE: &str = "agentvm-exit-status";
+
 /// Default VM size when the spec sets no limits (as `agentvm run`).
 const DEFAULT_MEMORY_MIB: u32 = agentvm::run::DEFAULT_MEMORY_MIB;
 const DEFAULT_VCPUS: u32 = agentvm::run::DEFAULT_VCPUS;
@@ -323,12 +327,27 @@ impl Entry {
     }
 }
 
-/// The task service of one shim (one container per shim for now).
+/// The task service of one shim: one Docker container, or every container of a pod (the
+/// sandbox id groups them into one shim).
 pub struct TaskService {
     namespace: String,
     publisher: Arc<RemotePublisher>,
     exit: Arc<ExitSignal>,
     containers: Mutex<HashMap<String, Arc<Entry>>>,
+}
+
+impl std::fmt::Debug for TaskService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ids: Vec<String> = self
+            .containers
+            .lock()
+            .map(|c| c.keys().cloned().collect())
+            .unwrap_or_default();
+        f.debug_struct("TaskService")
+            .field("namespace", &self.namespace)
+            .field("containers", &ids)
+            .finish()
+    }
 }
 
 impl TaskService {
@@ -534,7 +553,7 @@ impl TaskService {
             };
             if exec.is_none() {
                 exit_tx.send_replace(Some(exit));
-                let file = PathBuf::from(&entry.bundle).join(crate::service::EXIT_FILE);
+                let file = PathBuf::from(&entry.bundle).join(EXIT_FILE);
                 if let Err(e) = tokio::fs::write(&file, format!("{}\n", exit.code)).await {
                     tracing::warn!("record the exit in {}: {e}", file.display());
                 }
