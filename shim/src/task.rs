@@ -68,6 +68,50 @@ fn internal(e: impl std::fmt::Display) -> ttrpc::Error {
     status(Code::UNKNOWN, e.to_string())
 }
 
+/// The status code for a runtime error: what the caller can act on. containerd turns these
+/// into its errdefs (InvalidArgument, FailedPrecondition, ResourceExhausted; anything else is
+/// unknown), and Docker and kubelet into their messages.
+pub fn code_of(e: &agentvm::Error) -> Code {
+    match e {
+        // The request itself: a spec, an annotation, a setting a VM cannot honour.
+        agentvm::Error::Invalid(_)
+        | agentvm::Error::Secret(
+            agentvm::secrets::SecretError::BadName(_)
+            | agentvm::secrets::SecretError::NotAnEnvName(_),
+        ) => Code::INVALID_ARGUMENT,
+        // The host lacks something (a kernel, QEMU, the secrets key) or a secret is missing:
+        // the admin's to fix, retrying changes nothing.
+        agentvm::Error::Missing { .. } | agentvm::Error::Secret(_) => Code::FAILED_PRECONDITION,
+        agentvm::Error::Io { source, .. } | agentvm::Error::Spawn { source, .. }
+            if is_exhausted(source) =>
+        {
+            Code::RESOURCE_EXHAUSTED
+        }
+        agentvm::Error::Io { .. }
+        | agentvm::Error::Spawn { .. }
+        | agentvm::Error::Boot { .. }
+        | agentvm::Error::VmDied { .. }
+        | agentvm::Error::Protocol(_)
+        | agentvm::Error::Agent(_)
+        | agentvm::Error::Cgroup(_) => Code::UNKNOWN,
+    }
+}
+
+/// A full disk, no memory, too many open files or processes.
+fn is_exhausted(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(
+            libc::ENOSPC | libc::EDQUOT | libc::ENOMEM | libc::EMFILE | libc::ENFILE | libc::EAGAIN
+        )
+    ) || e.kind() == std::io::ErrorKind::StorageFull
+}
+
+/// A runtime error as a ttrpc status ([`code_of`]), its text as the message.
+pub fn rpc_error(e: agentvm::Error) -> ttrpc::Error {
+    status(code_of(&e), e.to_string())
+}
+
 pub fn timestamp(t: SystemTime) -> Timestamp {
     let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     Timestamp {
@@ -425,8 +469,7 @@ impl TaskService {
                 req.id
             ))
         })?;
-        let invalid = |e: agentvm::Error| status(Code::INVALID_ARGUMENT, e.to_string());
-        let share = agentvm::pod::share_dir(&sandbox_id(sandbox).map_err(invalid)?);
+        let share = agentvm::pod::share_dir(&sandbox_id(sandbox).map_err(rpc_error)?);
         if !share.is_dir() {
             return Err(precondition(format!(
                 "container {}: the VM of pod sandbox {sandbox} has no pod share (is virtiofsd \
@@ -434,8 +477,8 @@ impl TaskService {
                 req.id
             )));
         }
-        let name = sandbox_id(&req.id).map_err(invalid)?;
-        let subdir = agentvm::pod::bind_root(&share, &name, &spec.root).map_err(internal)?;
+        let name = sandbox_id(&req.id).map_err(rpc_error)?;
+        let subdir = agentvm::pod::bind_root(&share, &name, &spec.root).map_err(rpc_error)?;
         let request = match agentvm::pod::member_request(&name, subdir, spec, &share) {
             Ok(mut r) => {
                 r.secrets = secrets;
@@ -443,7 +486,7 @@ impl TaskService {
             }
             Err(e) => {
                 agentvm::pod::unbind_root(&share, &name);
-                return Err(invalid(e));
+                return Err(rpc_error(e));
             }
         };
         let pid = pod.init.pid();
@@ -715,7 +758,7 @@ impl Task for TaskService {
                     crate::rootfs::unmount(&bundle.join("rootfs"));
                 }
                 tracing::error!("create {}: {e}", req.id);
-                return Err(internal(e));
+                return Err(rpc_error(e));
             }
         };
         let pid = container.pid();
@@ -1157,7 +1200,7 @@ impl Task for TaskService {
                 req.id
             );
         }
-        let skipped = running.update(update.limits).await.map_err(update_error)?;
+        let skipped = running.update(update.limits).await.map_err(rpc_error)?;
         for file in skipped {
             tracing::info!("container {}: the guest has no {file}; skipped", req.id);
         }
@@ -1193,14 +1236,6 @@ fn parse_update(req: &api::UpdateTaskRequest) -> ttrpc::Result<Option<agentvm::r
                 .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))
         }
         _ => Ok(None),
-    }
-}
-
-/// A refused update (memory above the VM) is the caller's to fix; anything else is ours.
-fn update_error(e: agentvm::Error) -> ttrpc::Error {
-    match e {
-        agentvm::Error::Invalid(m) => status(Code::INVALID_ARGUMENT, m),
-        other => internal(other),
     }
 }
 
@@ -1312,12 +1347,81 @@ mod tests {
         assert_eq!(code(bad), Code::INVALID_ARGUMENT);
         let none = api::UpdateTaskRequest::default();
         assert!(parse_update(&none).unwrap().is_none());
-        let refused = update_error(agentvm::Error::Invalid("above the VM".into()));
-        assert_eq!(code(refused), Code::INVALID_ARGUMENT);
-        assert_eq!(
-            code(update_error(agentvm::Error::Agent("x".into()))),
-            Code::UNKNOWN
-        );
+    }
+
+    #[test]
+    fn runtime_errors_map_to_the_codes_callers_act_on() {
+        use agentvm::Error as E;
+        let io = |errno| std::io::Error::from_raw_os_error(errno);
+        let cases = [
+            (E::Invalid("hostNetwork".into()), Code::INVALID_ARGUMENT),
+            (
+                E::Missing {
+                    what: "guest kernel".into(),
+                    hint: "run hack/setup.sh".into(),
+                },
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                E::Secret(agentvm::secrets::SecretError::Missing {
+                    name: "TOKEN".into(),
+                    dir: "/var/lib/agentvm/secrets".into(),
+                }),
+                Code::FAILED_PRECONDITION,
+            ),
+            (
+                E::Secret(agentvm::secrets::SecretError::BadName("a b".into())),
+                Code::INVALID_ARGUMENT,
+            ),
+            (
+                E::Io {
+                    action: "write",
+                    path: "/var/lib/agentvm/x".into(),
+                    source: io(libc::ENOSPC),
+                },
+                Code::RESOURCE_EXHAUSTED,
+            ),
+            (
+                E::Spawn {
+                    program: "qemu".into(),
+                    source: io(libc::EAGAIN),
+                },
+                Code::RESOURCE_EXHAUSTED,
+            ),
+            (
+                E::Io {
+                    action: "read",
+                    path: "/x".into(),
+                    source: io(libc::EACCES),
+                },
+                Code::UNKNOWN,
+            ),
+            (
+                E::Boot {
+                    reason: "timeout".into(),
+                    console: String::new(),
+                },
+                Code::UNKNOWN,
+            ),
+            (
+                E::VmDied {
+                    reason: "killed".into(),
+                    console: String::new(),
+                },
+                Code::UNKNOWN,
+            ),
+            (E::Agent("x".into()), Code::UNKNOWN),
+        ];
+        for (e, want) in cases {
+            let text = e.to_string();
+            let got = rpc_error(e);
+            match got {
+                ttrpc::Error::RpcStatus(s) => {
+                    assert_eq!((s.code(), s.message()), (want, text.as_str()))
+                }
+                other => panic!("not a status: {other:?}"),
+            }
+        }
     }
 
     #[test]
