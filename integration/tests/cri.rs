@@ -2032,6 +2032,123 @@ fn pod_container_costs() {
     }
 }
 
+/// VmRSS of `pid` in KiB (0 when it is gone).
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The host RSS of a pod: its shim and every process under it (QEMU and its helpers under
+/// agentvm; pause and the containers' processes under runc), in KiB, in total and by program
+/// (the base name of argv[0]).
+fn pod_rss(sandbox_id: &str) -> (u64, std::collections::BTreeMap<String, u64>) {
+    let (_, tree) = pod_shim_tree(sandbox_id);
+    let mut parts = std::collections::BTreeMap::new();
+    for (pid, cmd) in &tree {
+        let prog = cmd.split_whitespace().next().unwrap_or("?");
+        let prog = prog.rsplit('/').next().unwrap_or(prog).to_string();
+        *parts.entry(prog).or_insert(0) += rss_kib(*pid);
+    }
+    (parts.values().sum(), parts)
+}
+
+/// One round of hack/bench-pod.py for each handler: RunPodSandbox, then CreateContainer and
+/// StartContainer of three containers one after the other (the first is what "a pod with one
+/// container" costs on top of the pod, the later ones are containers added to a running pod),
+/// the host RSS of the pod with one and with three containers running, and StopPodSandbox +
+/// RemoveContainer of each + RemovePodSandbox (kubelet's order). Prints one `BENCH {json}` line per round and handler; round 0 is a
+/// warm-up. `AGENTVM_BENCH_ROUNDS` rounds (default 1) after it, the handlers' order alternating.
+/// Run by hack/bench-pod.py.
+#[test]
+#[ignore]
+fn pod_bench() {
+    let Some(cri) = Cri::get("pod_bench") else {
+        return;
+    };
+    let rounds: usize = std::env::var("AGENTVM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    for round in 0..=rounds {
+        let order = if round % 2 == 0 {
+            [RUNC, AGENTVM]
+        } else {
+            [AGENTVM, RUNC]
+        };
+        for handler in order {
+            let t = Instant::now();
+            let mut pod = Pod::run(&cri, "bench", handler, NamespaceOption::default())
+                .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+            let run_pod_ms = ms(t);
+            let (mut create_ms, mut start_ms) = (Vec::new(), Vec::new());
+            let mut rss_one = None;
+            for i in 0..3 {
+                let name = format!("c{i}");
+                let t = Instant::now();
+                let id = cri
+                    .block(cri.client().create_container(CreateContainerRequest {
+                        pod_sandbox_id: pod.id.clone(),
+                        config: Some(container_config(&name, "exec sleep 600")),
+                        sandbox_config: Some(pod.config.clone()),
+                    }))
+                    .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+                    .into_inner()
+                    .container_id;
+                pod.containers.push(id.clone());
+                create_ms.push(ms(t));
+                let t = Instant::now();
+                cri.block(cri.client().start_container(StartContainerRequest {
+                    container_id: id.clone(),
+                }))
+                .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+                start_ms.push(ms(t));
+                let s = pod.status(&id);
+                assert_eq!(s.state, ContainerState::ContainerRunning as i32, "{s:?}");
+                if i == 0 {
+                    rss_one = Some(pod_rss(&pod.id));
+                }
+            }
+            if handler == AGENTVM {
+                let ids: Vec<&str> = pod.containers.iter().map(String::as_str).collect();
+                assert_one_vm(&pod.id, &ids);
+            }
+            let (rss_one, _) = rss_one.expect("measured");
+            let (rss_three, parts) = pod_rss(&pod.id);
+            let netns = pod.netns_path();
+            let mut ids = pod.containers.clone();
+            ids.push(pod.id.clone());
+            let t = Instant::now();
+            cri.block(cri.client().stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            }))
+            .unwrap_or_else(|e| panic!("StopPodSandbox: {e}"));
+            pod.remove().expect("RemoveContainer + RemovePodSandbox");
+            let remove_ms = ms(t);
+            assert_nothing_left(&ids, netns.as_deref());
+            println!(
+                "BENCH {}",
+                serde_json::json!({
+                    "round": round,
+                    "warmup": round == 0,
+                    "handler": handler,
+                    "run_pod_ms": run_pod_ms,
+                    "create_ms": create_ms,
+                    "start_ms": start_ms,
+                    "remove_pod_ms": remove_ms,
+                    "rss_kib_one": rss_one,
+                    "rss_kib_three": rss_three,
+                    "rss_kib_parts": parts,
+                })
+            );
+        }
+    }
+}
+
 /// Whether a TCP connection from container `id` of `pod` to `addr:port` opens (3 s).
 fn pod_reaches(pod: &Pod, id: &str, addr: &str, port: u16) -> bool {
     let script = format!("timeout 3 nc {addr} {port} </dev/null && echo OPEN || echo CLOSED");
