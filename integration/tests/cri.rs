@@ -671,14 +671,17 @@ fn pod_lifecycle(cri: &Cri, handler: &str) {
 
 against_both!(pod_lifecycle, pod_lifecycle_runc, pod_lifecycle_agentvm);
 
+/// The QEMU processes of agentvm sandbox `id`, as "pid: command line".
+fn qemu_of(id: &str) -> Vec<String> {
+    processes_mentioning(&format!("/run/agentvm/{id}"))
+        .into_iter()
+        .filter(|p| p.contains("qemu"))
+        .collect()
+}
+
 /// One VM for the pod: one QEMU, the sandbox's, and no VM or state dir of the containers'.
 fn assert_one_vm(sandbox_id: &str, containers: &[&str]) {
-    let qemu = |id: &str| -> Vec<String> {
-        processes_mentioning(&format!("/run/agentvm/{id}"))
-            .into_iter()
-            .filter(|p| p.contains("qemu"))
-            .collect()
-    };
+    let qemu = qemu_of;
     assert_eq!(qemu(sandbox_id).len(), 1, "one QEMU for the pod");
     for id in containers {
         assert!(qemu(id).is_empty(), "no QEMU of container {id}");
@@ -1172,39 +1175,79 @@ fn volumes(cri: &Cri, handler: &str) {
 
 against_both!(volumes, volumes_runc, volumes_agentvm);
 
-/// What kubelet does with a pod's container over its life: after the first attempt exits, a
-/// new container of the same name with attempt 1 in the same (running) pod; log rotation
+/// What kubelet does with a pod's container over its life: after the first attempt crashes
+/// (exit 2) and the second is killed by a signal (137), a new container of the same name with
+/// attempt 2 in the same (running) pod: the same pod IP and task, and under agentvm the same
+/// single QEMU (nothing is booted for a restart); log rotation
 /// (the log renamed, ReopenContainerLog, new lines in a new file at the path); the stats
 /// kubelet's summary API reads (ContainerStats, ListContainerStats, PodSandboxStats) with
 /// non-zero CPU and memory.
 fn restart_logs_stats(cri: &Cri, handler: &str) {
     let mut pod = Pod::run(cri, "restart", handler, NamespaceOption::default())
         .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let sandbox_before = sandbox_state(cri, &pod.id);
+    let vm_before = qemu_of(&pod.id);
+    if handler == AGENTVM {
+        assert_eq!(vm_before.len(), 1, "one QEMU for the pod: {vm_before:?}");
+    }
+    // Two crashes: a non-zero exit, then death by a signal (the pod shares its PID namespace,
+    // kubelet's default here, so the shell is not the namespace's pid 1 and SIGKILL ends it).
     let first = pod.start("worker", "echo attempt-0; exit 2");
     let s = pod.wait_state(&first, ContainerState::ContainerExited);
     assert_eq!((s.exit_code, s.reason.as_str()), (2, "Error"), "{s:?}");
-
-    // The restart: attempt 1, its own log, in the same pod.
-    let log = pod.logs.path().join("worker-1.log");
-    let second = pod.start_config(ContainerConfig {
+    let attempt = |n: u32, script: &str| ContainerConfig {
         metadata: Some(ContainerMetadata {
             name: "worker".into(),
-            attempt: 1,
+            attempt: n,
         }),
-        log_path: "worker-1.log".into(),
-        ..container_config(
-            "worker",
-            "echo attempt-1; i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; \
-             while true; do if [ -e /tmp/mark ]; then cat /tmp/mark; rm /tmp/mark; fi; \
-             sleep 0.2; done",
-        )
-    });
+        log_path: format!("worker-{n}.log"),
+        ..container_config("worker", script)
+    };
+    let killed = pod.start_config(attempt(1, "echo attempt-1; kill -KILL $$; echo survived"));
+    let s = pod.wait_state(&killed, ContainerState::ContainerExited);
+    assert_eq!(
+        (s.exit_code, s.reason.as_str()),
+        (137, "Error"),
+        "killed by SIGKILL: {s:?}"
+    );
+
+    // The restart: attempt 2, its own log, in the same pod (the same VM).
+    let log = pod.logs.path().join("worker-2.log");
+    let second = pod.start_config(attempt(
+        2,
+        "echo attempt-2; i=0; while [ $i -lt 3000 ]; do i=$((i+1)); done; \
+         while true; do if [ -e /tmp/mark ]; then cat /tmp/mark; rm /tmp/mark; fi; \
+         sleep 0.2; done",
+    ));
     let s = pod.wait_state(&second, ContainerState::ContainerRunning);
-    assert_eq!(s.metadata.as_ref().map(|m| m.attempt), Some(1), "{s:?}");
+    assert_eq!(s.metadata.as_ref().map(|m| m.attempt), Some(2), "{s:?}");
     assert_eq!(
         pod.status(&first).exit_code,
         2,
         "the first attempt's status stays"
+    );
+    // The same pod: ready, its IP and task, and under agentvm the same single QEMU.
+    assert_eq!(
+        sandbox_state(cri, &pod.id),
+        sandbox_before,
+        "the pod (state, IP, task pid) after two crashes"
+    );
+    assert_eq!(
+        qemu_of(&pod.id),
+        vm_before,
+        "the pod's VM after two crashes"
+    );
+    let r = pod
+        .exec_sync(
+            &second,
+            &["ip", "-o", "-4", "addr", "show", "dev", "eth0"],
+            60,
+        )
+        .expect("ExecSync ip");
+    let eth0 = String::from_utf8_lossy(&r.stdout);
+    assert!(
+        eth0.contains(&format!(" {}/", sandbox_before.1)),
+        "the restarted container has the pod IP: {eth0:?}"
     );
     let lines = |path: &Path, n: usize| -> Vec<String> {
         parse_cri_log(&read_log(path, n))
@@ -1212,11 +1255,15 @@ fn restart_logs_stats(cri: &Cri, handler: &str) {
             .map(|(_, t)| t)
             .collect()
     };
-    assert_eq!(lines(&log, 1), ["attempt-1"]);
+    assert_eq!(
+        lines(&pod.logs.path().join("worker-1.log"), 1),
+        ["attempt-1"]
+    );
+    assert_eq!(lines(&log, 1), ["attempt-2"]);
     assert_eq!(lines(&pod.logs.path().join("worker.log"), 1), ["attempt-0"]);
 
     // Rotation: kubelet renames the log and asks for it to be reopened.
-    let rotated = pod.logs.path().join("worker-1.log.1");
+    let rotated = pod.logs.path().join("worker-2.log.1");
     std::fs::rename(&log, &rotated).unwrap();
     cri.block(
         cri.client()
@@ -1230,7 +1277,7 @@ fn restart_logs_stats(cri: &Cri, handler: &str) {
         .expect("ExecSync");
     assert_eq!(r.exit_code, 0);
     assert_eq!(lines(&log, 1), ["after-reopen"]);
-    assert_eq!(lines(&rotated, 1), ["attempt-1"]);
+    assert_eq!(lines(&rotated, 1), ["attempt-2"]);
 
     // Stats of the container and of the pod.
     let stats = cri
@@ -1288,7 +1335,7 @@ fn restart_logs_stats(cri: &Cri, handler: &str) {
     );
 
     let netns = pod.netns_path();
-    let ids = [pod.id.clone(), first, second];
+    let ids = [pod.id.clone(), first, killed, second];
     pod.remove().expect("remove the pod");
     assert_nothing_left(&ids, netns.as_deref());
 }
@@ -1719,6 +1766,216 @@ against_both!(
     shared_pid_and_shm_agentvm
 );
 
+/// The pod's sandbox status: its state, its IP and the task pid containerd knows it by (the
+/// verbose info's `pid`: the pause process under runc, the namespace holder under agentvm).
+fn sandbox_state(cri: &Cri, id: &str) -> (i32, String, i64) {
+    let r = cri
+        .block(cri.client().pod_sandbox_status(PodSandboxStatusRequest {
+            pod_sandbox_id: id.into(),
+            verbose: true,
+        }))
+        .expect("PodSandboxStatus")
+        .into_inner();
+    let status = r.status.expect("a sandbox status");
+    let pid = r
+        .info
+        .get("info")
+        .and_then(|i| serde_json::from_str::<serde_json::Value>(i).ok())
+        .and_then(|v| v["pid"].as_i64())
+        .unwrap_or(0);
+    (
+        status.state,
+        status.network.map(|n| n.ip).unwrap_or_default(),
+        pid,
+    )
+}
+
+/// The host's processes as (pid, parent pid, command line).
+fn host_processes() -> Vec<(i32, i32, String)> {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The command name may hold spaces and parentheses: the fields follow the last ')'.
+            let ppid = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()?;
+            let raw = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            Some((pid, ppid, String::from_utf8_lossy(&raw).replace('\0', " ")))
+        })
+        .collect()
+}
+
+/// The shim process serving pod `sandbox_id` (runc's v2 shim or agentvm's, both started with
+/// `-id <sandbox id>` and serving all the pod's containers) and its descendants, as
+/// (pid, command line): QEMU and every helper under agentvm, pause and the containers'
+/// processes under runc.
+fn pod_shim_tree(sandbox_id: &str) -> (i32, Vec<(i32, String)>) {
+    let procs = host_processes();
+    let needle = format!("-id {sandbox_id} ");
+    let shim = procs
+        .iter()
+        .find(|(_, _, cmd)| cmd.contains("containerd-shim") && cmd.contains(&needle))
+        .map(|(pid, _, _)| *pid)
+        .unwrap_or_else(|| panic!("no shim serving pod {sandbox_id}"));
+    let mut tree = vec![shim];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            procs
+                .iter()
+                .filter(|(_, ppid, _)| *ppid == parent)
+                .map(|(pid, _, _)| *pid),
+        );
+        i += 1;
+    }
+    let named = tree
+        .into_iter()
+        .filter_map(|pid| {
+            let (_, _, cmd) = procs.iter().find(|(p, _, _)| *p == pid)?;
+            Some((pid, cmd.clone()))
+        })
+        .collect();
+    (shim, named)
+}
+
+/// Which of `procs` still run (the same pid with the same command line: not a recycled pid).
+fn still_running(procs: &[(i32, String)]) -> Vec<String> {
+    procs
+        .iter()
+        .filter(|(pid, cmd)| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|raw| String::from_utf8_lossy(&raw).replace('\0', " ") == *cmd)
+        })
+        .map(|(pid, cmd)| format!("{pid}: {cmd}"))
+        .collect()
+}
+
+/// Host cgroups of the test pods (under [`CGROUP_PARENT`], in every hierarchy) that name one
+/// of `ids`.
+fn cgroups_of(ids: &[String]) -> Vec<String> {
+    let parent = CGROUP_PARENT.trim_start_matches('/');
+    let mut dirs = vec![Path::new("/sys/fs/cgroup").join(parent)];
+    if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+        dirs.extend(rd.flatten().map(|e| e.path().join(parent)));
+    }
+    dirs.iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flat_map(|rd| rd.flatten().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().unwrap_or_default().to_string_lossy();
+            p.is_dir() && ids.iter().any(|id| name.contains(id.as_str()))
+        })
+        .map(|p| p.display().to_string())
+        .collect()
+}
+
+/// How long containerd may take to notice a dead shim and report its containers' exits.
+const DEAD_SHIM_NOTICED: Duration = Duration::from_secs(60);
+
+/// The shim of a running pod with two running containers is SIGKILLed (the drill of a shim
+/// crash or an OOM kill of the shim): containerd reports both containers exited, with an exit
+/// code, within [`DEAD_SHIM_NOTICED`], and the pod NOTREADY; StopPodSandbox and
+/// RemovePodSandbox then succeed and nothing of the pod is left: none of the shim's
+/// descendants (QEMU and its helpers, or pause and the containers), no process, mount or state
+/// dir naming the pod or its containers, no network namespace (which held the VM's taps).
+fn shim_killed(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "shimkill", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let sandbox_id = pod.id.clone();
+    let netns = pod.netns_path();
+    assert!(netns.is_some(), "the pod has its own network namespace");
+    let a = pod.start("a", "echo a-up; exec sleep 600");
+    let b = pod.start("b", "echo b-up; exec sleep 601");
+    pod.wait_state(&a, ContainerState::ContainerRunning);
+    pod.wait_state(&b, ContainerState::ContainerRunning);
+    if handler == AGENTVM {
+        assert_one_vm(&sandbox_id, &[&a, &b]);
+    }
+    let (shim, tree) = pod_shim_tree(&sandbox_id);
+    assert!(
+        !cgroups_of(std::slice::from_ref(&sandbox_id)).is_empty(),
+        "the pod has a host cgroup under {CGROUP_PARENT}"
+    );
+    // The shim and at least what runs the pod: pause + two sleeps, or QEMU.
+    assert!(tree.len() >= 2, "the pod's processes: {tree:#?}");
+    if handler == AGENTVM {
+        assert!(
+            tree.iter().any(|(_, cmd)| cmd.contains("qemu-system")),
+            "QEMU is the shim's child: {tree:#?}"
+        );
+    }
+
+    // SAFETY: kill(2) on the pid of the shim just found; no memory is involved.
+    assert_eq!(unsafe { libc::kill(shim, libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + DEAD_SHIM_NOTICED;
+    for id in [&a, &b] {
+        let s = loop {
+            let s = pod.status(id);
+            if s.state == ContainerState::ContainerExited as i32 {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {id} not exited {DEAD_SHIM_NOTICED:?} after its shim was killed: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        // containerd's exit code for a task whose shim died (it cannot know the real one).
+        assert_eq!(
+            (s.exit_code, s.reason.as_str()),
+            (255, "Error"),
+            "a container whose shim died: {s:?}"
+        );
+        assert!(s.finished_at >= s.started_at, "{s:?}");
+    }
+    loop {
+        let (state, _, _) = sandbox_state(cri, &sandbox_id);
+        if state == PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod is still ready {DEAD_SHIM_NOTICED:?} after its shim was killed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let ids = [sandbox_id, a, b];
+    // kubelet's order: stop the pod, remove its containers, remove the pod.
+    let t = Instant::now();
+    cri.block(cri.client().stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.id.clone(),
+    }))
+    .map_err(status_text)
+    .expect("StopPodSandbox after the shim died");
+    pod.remove()
+        .expect("RemoveContainer + RemovePodSandbox after the shim died");
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "removing the pod of a dead shim took {:?}",
+        t.elapsed()
+    );
+    assert_nothing_left(&ids, netns.as_deref());
+    let left = still_running(&tree);
+    assert!(
+        left.is_empty(),
+        "the dead shim's processes survive: {left:#?}"
+    );
+    let left = cgroups_of(&ids);
+    assert!(left.is_empty(), "host cgroups left: {left:#?}");
+}
+
+against_both!(shim_killed, shim_killed_runc, shim_killed_agentvm);
+
 /// Figures for docs/decisions.md ("A pod's later containers"): CreateContainer +
 /// StartContainer of a container added to a running pod, and 500 small-file creates in its
 /// root (a virtio-fs share under agentvm) against the same in its /dev/shm (memory), each as
@@ -1772,6 +2029,123 @@ fn pod_container_costs() {
             median(starts)
         );
         pod.remove().expect("remove the pod");
+    }
+}
+
+/// VmRSS of `pid` in KiB (0 when it is gone).
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The host RSS of a pod: its shim and every process under it (QEMU and its helpers under
+/// agentvm; pause and the containers' processes under runc), in KiB, in total and by program
+/// (the base name of argv[0]).
+fn pod_rss(sandbox_id: &str) -> (u64, std::collections::BTreeMap<String, u64>) {
+    let (_, tree) = pod_shim_tree(sandbox_id);
+    let mut parts = std::collections::BTreeMap::new();
+    for (pid, cmd) in &tree {
+        let prog = cmd.split_whitespace().next().unwrap_or("?");
+        let prog = prog.rsplit('/').next().unwrap_or(prog).to_string();
+        *parts.entry(prog).or_insert(0) += rss_kib(*pid);
+    }
+    (parts.values().sum(), parts)
+}
+
+/// One round of hack/bench-pod.py for each handler: RunPodSandbox, then CreateContainer and
+/// StartContainer of three containers one after the other (the first is what "a pod with one
+/// container" costs on top of the pod, the later ones are containers added to a running pod),
+/// the host RSS of the pod with one and with three containers running, and StopPodSandbox +
+/// RemoveContainer of each + RemovePodSandbox (kubelet's order). Prints one `BENCH {json}` line per round and handler; round 0 is a
+/// warm-up. `AGENTVM_BENCH_ROUNDS` rounds (default 1) after it, the handlers' order alternating.
+/// Run by hack/bench-pod.py.
+#[test]
+#[ignore]
+fn pod_bench() {
+    let Some(cri) = Cri::get("pod_bench") else {
+        return;
+    };
+    let rounds: usize = std::env::var("AGENTVM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1000.0;
+    for round in 0..=rounds {
+        let order = if round % 2 == 0 {
+            [RUNC, AGENTVM]
+        } else {
+            [AGENTVM, RUNC]
+        };
+        for handler in order {
+            let t = Instant::now();
+            let mut pod = Pod::run(&cri, "bench", handler, NamespaceOption::default())
+                .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+            let run_pod_ms = ms(t);
+            let (mut create_ms, mut start_ms) = (Vec::new(), Vec::new());
+            let mut rss_one = None;
+            for i in 0..3 {
+                let name = format!("c{i}");
+                let t = Instant::now();
+                let id = cri
+                    .block(cri.client().create_container(CreateContainerRequest {
+                        pod_sandbox_id: pod.id.clone(),
+                        config: Some(container_config(&name, "exec sleep 600")),
+                        sandbox_config: Some(pod.config.clone()),
+                    }))
+                    .unwrap_or_else(|e| panic!("CreateContainer {name}: {e}"))
+                    .into_inner()
+                    .container_id;
+                pod.containers.push(id.clone());
+                create_ms.push(ms(t));
+                let t = Instant::now();
+                cri.block(cri.client().start_container(StartContainerRequest {
+                    container_id: id.clone(),
+                }))
+                .unwrap_or_else(|e| panic!("StartContainer {name}: {e}"));
+                start_ms.push(ms(t));
+                let s = pod.status(&id);
+                assert_eq!(s.state, ContainerState::ContainerRunning as i32, "{s:?}");
+                if i == 0 {
+                    rss_one = Some(pod_rss(&pod.id));
+                }
+            }
+            if handler == AGENTVM {
+                let ids: Vec<&str> = pod.containers.iter().map(String::as_str).collect();
+                assert_one_vm(&pod.id, &ids);
+            }
+            let (rss_one, _) = rss_one.expect("measured");
+            let (rss_three, parts) = pod_rss(&pod.id);
+            let netns = pod.netns_path();
+            let mut ids = pod.containers.clone();
+            ids.push(pod.id.clone());
+            let t = Instant::now();
+            cri.block(cri.client().stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.id.clone(),
+            }))
+            .unwrap_or_else(|e| panic!("StopPodSandbox: {e}"));
+            pod.remove().expect("RemoveContainer + RemovePodSandbox");
+            let remove_ms = ms(t);
+            assert_nothing_left(&ids, netns.as_deref());
+            println!(
+                "BENCH {}",
+                serde_json::json!({
+                    "round": round,
+                    "warmup": round == 0,
+                    "handler": handler,
+                    "run_pod_ms": run_pod_ms,
+                    "create_ms": create_ms,
+                    "start_ms": start_ms,
+                    "remove_pod_ms": remove_ms,
+                    "rss_kib_one": rss_one,
+                    "rss_kib_three": rss_three,
+                    "rss_kib_parts": parts,
+                })
+            );
+        }
     }
 }
 
