@@ -1076,8 +1076,6 @@ against_both!(port_forward, port_forward_runc, port_forward_agentvm);
 /// given to two containers of a pod (both see each other's files, and so does the host), a
 /// read-only one (a configMap's: readable, not writable, also not by root).
 fn volumes(cri: &Cri, handler: &str) {
-    let mut pod = Pod::run(cri, "volumes", handler, NamespaceOption::default())
-        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
     let host = tempfile::Builder::new()
         .prefix("agentvm-cri-volumes.")
         .tempdir()
@@ -1086,6 +1084,22 @@ fn volumes(cri: &Cri, handler: &str) {
     std::fs::create_dir(&shared).unwrap();
     std::fs::create_dir(&config).unwrap();
     std::fs::write(config.join("key"), "value-from-host\n").unwrap();
+    // A host mount below a read-only volume (critest's non-recursive read-only mount), made
+    // before the pod as kubelet sets volumes up: the volume is read-only, the tmpfs below it
+    // is not, and the host can take it away while the container runs.
+    let below = config.join("tmpfs");
+    std::fs::create_dir(&below).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &below,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .expect("mount a tmpfs below the read-only volume");
+    let _tmpfs = Unmount(below.clone());
+    let mut pod = Pod::run(cri, "volumes", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
     let mount = |path: &Path, at: &str, readonly: bool| Mount {
         container_path: at.into(),
         host_path: path.display().to_string(),
@@ -1155,6 +1169,39 @@ fn volumes(cri: &Cri, handler: &str) {
         (0, "read-only\n".into())
     );
     assert!(!config.join("probe").exists());
+    assert_eq!(
+        sh(&writer, "touch /config/tmpfs/written 2>&1 && echo written"),
+        (0, "written\n".into()),
+        "the host's tmpfs below a read-only volume is writable"
+    );
+    assert!(below.join("written").exists());
+    nix::mount::umount(&below).expect("unmount the host's tmpfs");
+    std::fs::remove_dir(&below).expect(
+        "the host removes a directory below a volume while the container runs \
+         (EBUSY: a copy of its mount is pinned in the host's namespace)",
+    );
+
+    // A container removed from a running pod leaves no mount in its shim, whose mounts
+    // live in a namespace of their own under agentvm (the host's under runc).
+    pod.stop_container(&reader, 10);
+    pod.remove_container(&reader);
+    let (shim, _) = pod_shim_tree(&pod.id);
+    let shim_mounts = std::fs::read_to_string(format!("/proc/{shim}/mountinfo")).unwrap();
+    assert!(
+        !shim_mounts.lines().any(|l| l.contains(reader.as_str())),
+        "the removed container's mounts are left in its shim: {shim_mounts}"
+    );
+    assert!(
+        shim_mounts.lines().any(|l| l.contains(writer.as_str())),
+        "the running container's root is not among its shim's mounts"
+    );
+    let own_namespace = std::fs::read_link(format!("/proc/{shim}/ns/mnt")).unwrap()
+        != std::fs::read_link("/proc/self/ns/mnt").unwrap();
+    assert_eq!(
+        own_namespace,
+        handler == AGENTVM,
+        "the shim's mount namespace"
+    );
 
     let netns = pod.netns_path();
     let ids = [pod.id.clone(), writer, reader];
@@ -1174,6 +1221,15 @@ fn volumes(cri: &Cri, handler: &str) {
 }
 
 against_both!(volumes, volumes_runc, volumes_agentvm);
+
+/// Unmounts a test's mount when the test ends, however it ends (nothing mounted is fine).
+struct Unmount(PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
 
 /// What kubelet does with a pod's container over its life: after the first attempt crashes
 /// (exit 2) and the second is killed by a signal (137), a new container of the same name with

@@ -5,11 +5,13 @@
 //!   up after a dead one) and the server that hands containerd the task service;
 //! - [`task`]: the `containerd.task.v2.Task` service, which turns Task calls into `agentvm`
 //!   container and pod calls and publishes the task events;
-//! - `io`, `rootfs`: the containerd-side fifos and the rootfs mounts containerd hands over.
+//! - `io`, `rootfs`: the containerd-side fifos and the rootfs mounts containerd hands over;
+//! - [`mountns`]: the server's own mount namespace, where those mounts live.
 //!
 //! Dependencies run one way: `service` → `task` → `io`, `rootfs` → the `agentvm` runtime.
 
 mod io;
+pub mod mountns;
 mod rootfs;
 pub mod service;
 pub mod task;
