@@ -181,6 +181,20 @@ impl Cgroup {
         Ok(skipped)
     }
 
+    /// The cgroup's own usage (a pod's later container), against the guest's memory.
+    pub fn usage(&self) -> GuestStats {
+        let read = |f: &str| std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+        let files = crate::stats::CgroupFiles {
+            cpu_stat: read("cpu.stat"),
+            memory_current: read("memory.current"),
+            memory_max: read("memory.max"),
+            memory_stat: read("memory.stat"),
+            memory_events: read("memory.events"),
+            pids_current: read("pids.current"),
+        };
+        crate::stats::cgroup_usage(&files, crate::stats::guest_memory())
+    }
+
     /// Reports memory against the cgroup's limit once `docker update` set one below the VM's
     /// size, as runc reports a container's cgroup; otherwise leaves the guest's figures.
     pub fn limit_stats(&self, s: &mut GuestStats) {

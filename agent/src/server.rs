@@ -278,6 +278,22 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
             let _ = out.send(msg(Message::StatsReply(stats))).await;
             After::Close
         }
+        Some(Ok(Frame::Msg(Message::MemberStats { container }))) => {
+            let member = lock(&agent.members).get(&container).cloned();
+            let reply = match member.as_ref().map(|m| &m.cgroup) {
+                None => error(format!("no container {container} runs in this VM"), None),
+                Some(None) => error(
+                    format!(
+                        "container {container} has no cgroup of its own (see the VM's console \
+                         log); it has no figures of its own"
+                    ),
+                    None,
+                ),
+                Some(Some(cg)) => msg(Message::StatsReply(cg.usage())),
+            };
+            let _ = out.send(reply).await;
+            After::Close
+        }
         Some(Ok(Frame::Msg(Message::UpdateContainer { container, limits }))) => {
             let member = lock(&agent.members).get(&container).cloned();
             let reply = match member.as_ref().map(|m| &m.cgroup) {
@@ -1312,6 +1328,62 @@ mod tests {
             .await
             .expect("reply within 5 s")
             .unwrap()
+    }
+
+    /// A pod container's stats are its own cgroup's figures; an unknown container or one
+    /// without a cgroup is an error naming it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn member_stats_are_the_containers_cgroup() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("cgroup.subtree_control"), "").unwrap();
+        let cg = crate::cgroup::Cgroup::prepare(root.path()).unwrap();
+        for (f, v) in [
+            (
+                "cpu.stat",
+                "usage_usec 4242\nuser_usec 4000\nsystem_usec 242\n",
+            ),
+            ("memory.current", "8192\n"),
+            ("memory.max", "max\n"),
+            ("pids.current", "3\n"),
+        ] {
+            std::fs::write(cg.dir().join(f), v).unwrap();
+        }
+        let agent = Arc::new(Agent::with_root(Arc::new(Reaper::default()), 40, "/"));
+        for (name, cgroup) in [("c1", Some(cg)), ("c2", None)] {
+            lock(&agent.members).insert(
+                name.into(),
+                Arc::new(Member {
+                    root: "/".into(),
+                    cgroup,
+                    mnt_ns: None,
+                    pid_ns: None,
+                    others: tokio::sync::watch::channel(0).0,
+                    secret_env: Vec::new(),
+                }),
+            );
+        }
+        let ask = |container: &str| {
+            let agent = agent.clone();
+            let container = container.to_string();
+            async move {
+                let mut h = greeted(&agent).await;
+                h.send(msg(Message::MemberStats { container })).await;
+                h.rest().await
+            }
+        };
+        let f = ask("c1").await;
+        let [Frame::Msg(Message::StatsReply(s))] = &f[..] else {
+            panic!("{f:?}");
+        };
+        assert_eq!((s.cpu_usage_usec, s.memory_usage, s.pids), (4242, 8192, 3));
+        assert_eq!(s.memory_limit, crate::stats::guest_memory());
+        for (name, says) in [("c2", "no cgroup of its own"), ("c3", "no container c3")] {
+            let f = ask(name).await;
+            assert!(
+                matches!(&f[..], [Frame::Msg(Message::Error { message, .. })] if message.contains(says)),
+                "{name}: {f:?}"
+            );
+        }
     }
 
     /// A stats connection answers one StatsReply with live figures and closes.

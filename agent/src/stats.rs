@@ -118,6 +118,50 @@ pub fn apply_cgroup_memory(s: &mut GuestStats, max: &str, current: &str, stat: &
     s.memory_inactive_file = field(stat, "inactive_file").unwrap_or(0);
 }
 
+/// The text of a cgroup's files that [`cgroup_usage`] reads.
+#[derive(Debug, Default)]
+pub struct CgroupFiles {
+    pub cpu_stat: String,
+    pub memory_current: String,
+    pub memory_max: String,
+    pub memory_stat: String,
+    pub memory_events: String,
+    pub pids_current: String,
+}
+
+/// The usage of one container's cgroup (a pod's later container, as runc reports each
+/// container's own cgroup): CPU from its `cpu.stat`, memory from `memory.current` and
+/// `memory.stat` against `memory.max` (the guest's memory, `guest_memory` bytes, when it has
+/// no limit or one above it), processes from `pids.current`, OOM kills from `memory.events`.
+/// Unreadable or malformed files leave zeros.
+pub fn cgroup_usage(files: &CgroupFiles, guest_memory: u64) -> GuestStats {
+    let mut s = GuestStats::default();
+    apply_cpu_stat(&mut s, &files.cpu_stat);
+    s.memory_limit = files
+        .memory_max
+        .trim()
+        .parse::<u64>()
+        .map_or(guest_memory, |max| max.min(guest_memory));
+    s.memory_usage = files.memory_current.trim().parse().unwrap_or(0);
+    s.memory_anon = field(&files.memory_stat, "anon").unwrap_or(0);
+    s.memory_file = field(&files.memory_stat, "file").unwrap_or(0);
+    s.memory_active_file = field(&files.memory_stat, "active_file").unwrap_or(0);
+    s.memory_inactive_file = field(&files.memory_stat, "inactive_file").unwrap_or(0);
+    s.pids = files.pids_current.trim().parse().unwrap_or(0);
+    s.oom_kills = field(&files.memory_events, "oom_kill").unwrap_or(0);
+    s
+}
+
+/// The guest's memory (`MemTotal`), bytes.
+pub fn guest_memory() -> u64 {
+    let mut s = GuestStats::default();
+    apply_meminfo(
+        &mut s,
+        &std::fs::read_to_string("/proc/meminfo").unwrap_or_default(),
+    );
+    s.memory_limit
+}
+
 fn clock_ticks() -> u64 {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -188,6 +232,48 @@ mod tests {
             apply_cgroup_memory(&mut s, max, current, stat);
             assert_eq!(s, guest, "{max:?} {current:?}");
         }
+    }
+
+    #[test]
+    fn a_containers_cgroup_files_become_its_own_figures() {
+        let files = CgroupFiles {
+            cpu_stat: "usage_usec 700\nuser_usec 500\nsystem_usec 200\n".into(),
+            memory_current: "1048576\n".into(),
+            memory_max: "67108864\n".into(),
+            memory_stat: "anon 4096\nfile 8192\nactive_file 1000\ninactive_file 7192\n".into(),
+            memory_events: "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n".into(),
+            pids_current: "2\n".into(),
+        };
+        let s = cgroup_usage(&files, 512 << 20);
+        assert_eq!(
+            (s.cpu_usage_usec, s.cpu_user_usec, s.cpu_system_usec),
+            (700, 500, 200)
+        );
+        assert_eq!((s.memory_usage, s.memory_limit), (1 << 20, 64 << 20));
+        assert_eq!((s.memory_anon, s.memory_file), (4096, 8192));
+        assert_eq!((s.memory_active_file, s.memory_inactive_file), (1000, 7192));
+        assert_eq!((s.pids, s.oom_kills), (2, 1));
+        // No limit, or one above the VM: the VM's memory is the limit.
+        for max in ["max\n", "4294967296", ""] {
+            let f = CgroupFiles {
+                memory_max: max.into(),
+                ..Default::default()
+            };
+            assert_eq!(
+                cgroup_usage(&f, 512 << 20).memory_limit,
+                512 << 20,
+                "{max:?}"
+            );
+        }
+        // Garbage is zeros, not a panic.
+        let junk = CgroupFiles {
+            cpu_stat: "usage_usec x\n".into(),
+            memory_current: "-1".into(),
+            pids_current: "many".into(),
+            ..Default::default()
+        };
+        let s = cgroup_usage(&junk, 1);
+        assert_eq!((s.cpu_usage_usec, s.memory_usage, s.pids), (0, 0, 0));
     }
 
     #[test]

@@ -1355,6 +1355,12 @@ fn restart_logs_stats(cri: &Cri, handler: &str) {
             .map_or(0, |v| v.value)
     };
     assert!(cpu(&stats.cpu) > 0 && mem(&stats.memory) > 0, "{stats:?}");
+    // A sleeping shell's own figures (its cgroup's), not the whole VM's (kernel, agent,
+    // page cache: tens of MiB).
+    assert!(
+        mem(&stats.memory) < 16 << 20,
+        "the container's working set is its own: {stats:?}"
+    );
     let listed = cri
         .block(
             cri.client()

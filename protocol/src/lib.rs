@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 /// 2: [`StartRequest::secrets`] (an agent of version 1 would drop them without a word).
 /// 3: [`Message::Consumed`]: a process's output is sent within a window the host opens as it
 /// reads (an agent of version 2 would never wait, a host of version 2 never open it).
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// How much of a process's output the agent sends before the host says it has read it
 /// ([`Message::Consumed`]). The userspace vsock device (vhost-device-vsock, where the host has
@@ -112,7 +112,12 @@ pub enum Message {
     /// Host -> guest, first frame of a stats connection: report the guest's resource usage;
     /// the agent answers [`Message::StatsReply`] and closes.
     Stats,
-    /// Guest -> host: resource usage of the whole guest (the container's VM).
+    /// Host -> guest, first frame of a stats connection for a pod's later container: report
+    /// the usage of that container's cgroup; the agent answers [`Message::StatsReply`] or
+    /// [`Message::Error`] and closes.
+    MemberStats { container: String },
+    /// Guest -> host: resource usage of the whole guest (the container's VM), or of one
+    /// container's cgroup for [`Message::MemberStats`].
     StatsReply(GuestStats),
     /// Host -> guest, first frame of an update connection (`docker update`): apply these
     /// limits to the container's cgroup; the agent answers [`Message::Updated`] or
@@ -882,6 +887,9 @@ mod tests {
         }));
         roundtrip(Frame::Msg(Message::Ready));
         roundtrip(Frame::Msg(Message::Stats));
+        roundtrip(Frame::Msg(Message::MemberStats {
+            container: "c1".into(),
+        }));
         roundtrip(Frame::Msg(Message::ForgetCaches));
         roundtrip(Frame::Msg(Message::Connect { port: 8080 }));
         roundtrip(Frame::Msg(Message::UpdateContainer {

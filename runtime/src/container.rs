@@ -1272,10 +1272,18 @@ impl Running {
         Ok(())
     }
 
-    /// Resource usage of the whole VM, asked of the agent over a connection of its own.
+    /// Resource usage, asked of the agent over a connection of its own: the whole VM's for
+    /// the VM's container, a pod's later container's own cgroup's for it.
     pub async fn stats(&self) -> Result<GuestStats> {
-        match ask(&self.vm, Message::Stats, "stats").await? {
+        let request = match &self.member {
+            Some(id) => Message::MemberStats {
+                container: id.to_string(),
+            },
+            None => Message::Stats,
+        };
+        match ask(&self.vm, request, "stats").await? {
             Frame::Msg(Message::StatsReply(s)) => Ok(s),
+            Frame::Msg(Message::Error { message, .. }) => Err(Error::Agent(guest::text(&message))),
             other => Err(Error::Agent(format!(
                 "expected stats, got {}",
                 guest::describe(&other)
