@@ -2038,6 +2038,90 @@ fn shim_killed(cri: &Cri, handler: &str) {
 
 against_both!(shim_killed, shim_killed_runc, shim_killed_agentvm);
 
+/// The pod's VM dies under a live shim (QEMU SIGKILLed: a VMM crash, the host's OOM killer):
+/// every container of the pod exits with an error within [`DEAD_SHIM_NOTICED`], the sandbox
+/// too (the pod NOTREADY, so kubelet makes a new one), and the pod's stop and removal leave
+/// nothing: no shim, helper, mount, state dir, host cgroup or network namespace. agentvm only:
+/// under runc a pod has no single process whose death ends all its containers.
+#[test]
+fn vm_killed_agentvm() {
+    let Some(cri) = Cri::get("vm_killed_agentvm") else {
+        return;
+    };
+    let mut pod = Pod::run(&cri, "vmkill", AGENTVM, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox: {e}"));
+    let sandbox_id = pod.id.clone();
+    let netns = pod.netns_path();
+    let a = pod.start("a", "exec sleep 600");
+    let b = pod.start("b", "exec sleep 601");
+    pod.wait_state(&a, ContainerState::ContainerRunning);
+    pod.wait_state(&b, ContainerState::ContainerRunning);
+    assert_one_vm(&sandbox_id, &[&a, &b]);
+    let (_, tree) = pod_shim_tree(&sandbox_id);
+    let qemu: Vec<i32> = tree
+        .iter()
+        .filter(|(_, cmd)| cmd.contains("qemu-system"))
+        .map(|(pid, _)| *pid)
+        .collect();
+    assert_eq!(qemu.len(), 1, "one QEMU under the pod's shim: {tree:#?}");
+
+    // SAFETY: kill(2) on the pid of the pod's QEMU just found; no memory is involved.
+    assert_eq!(unsafe { libc::kill(qemu[0], libc::SIGKILL) }, 0);
+    let deadline = Instant::now() + DEAD_SHIM_NOTICED;
+    for id in [&a, &b] {
+        let s = loop {
+            let s = pod.status(id);
+            if s.state == ContainerState::ContainerExited as i32 {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {id} not exited {DEAD_SHIM_NOTICED:?} after its VM was killed: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        assert!(
+            s.exit_code != 0 && s.reason == "Error",
+            "a container whose VM died exits with an error: {s:?}"
+        );
+    }
+    loop {
+        let (state, _, _) = sandbox_state(&cri, &sandbox_id);
+        if state == PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod is still ready {DEAD_SHIM_NOTICED:?} after its VM was killed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let ids = [sandbox_id, a, b];
+    cri.block(cri.client().stop_pod_sandbox(StopPodSandboxRequest {
+        pod_sandbox_id: pod.id.clone(),
+    }))
+    .map_err(status_text)
+    .expect("StopPodSandbox after the VM died");
+    pod.remove()
+        .expect("RemoveContainer + RemovePodSandbox after the VM died");
+    assert_nothing_left(&ids, netns.as_deref());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = still_running(&tree);
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shim or a helper survives the pod: {left:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left = cgroups_of(&ids);
+    assert!(left.is_empty(), "host cgroups left: {left:#?}");
+}
+
 /// Figures for docs/decisions.md ("A pod's later containers"): CreateContainer +
 /// StartContainer of a container added to a running pod, and 500 small-file creates in its
 /// root (a virtio-fs share under agentvm) against the same in its /dev/shm (memory), each as
