@@ -205,6 +205,12 @@ impl Refresher {
 }
 
 impl VmShared {
+    fn vm(&self) -> Result<&dyn crate::vmm::VmHandle> {
+        self.vm
+            .as_deref()
+            .ok_or_else(|| Error::Invalid("this process has no VM to pause or resume".into()))
+    }
+
     /// Whether the host wrote into the shared root since the last look (and notes that it
     /// looked). A copy-up by the host changes its overlay's work dir's mtime; a remount (ours,
     /// at a pause too) makes the dir anew, another inode: no host write.
@@ -424,17 +430,14 @@ impl Container {
             }
         };
         let shared = Arc::new(VmShared {
-            qmp: owner.sandbox.state_dir.join("qmp.sock"),
+            vm: owner.sandbox.vm(),
             paused: AtomicBool::new(false),
             memory_mib: cfg.memory_mib,
             host_seen: std::sync::Mutex::new(host_view.as_ref().and_then(|v| v.host_writes())),
             host_view,
             log: GuestLog::new(cfg.id.clone(), guest::GUEST_LOG_PER_SECOND),
         });
-        let dialer = owner
-            .sandbox
-            .agent_channel()
-            .map(|c| Arc::new(c) as Arc<dyn Dialer>);
+        let dialer = owner.sandbox.agent_channel();
         let link = VmLink {
             vm: None,
             torn_down: down_rx,
@@ -543,16 +546,14 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
     };
     let (down_tx, down_rx) = watch::channel(false);
     let shared = Arc::new(VmShared {
-        qmp: sandbox.state_dir.join("qmp.sock"),
+        vm: sandbox.vm(),
         paused: AtomicBool::new(false),
         memory_mib: cfg.memory_mib,
         host_view: None,
         host_seen: Default::default(),
         log: GuestLog::new(cfg.id.clone(), guest::GUEST_LOG_PER_SECOND),
     });
-    let dialer = sandbox
-        .agent_channel()
-        .map(|c| Arc::new(c) as Arc<dyn Dialer>);
+    let dialer = sandbox.agent_channel();
     let owner = Owner {
         sandbox,
         netns: None,
@@ -746,7 +747,7 @@ async fn start_port_forward(sandbox: &Sandbox, netns: &Netns) -> Result<()> {
         [127, 0, 0, 1],
         crate::portfwd::RELAY_PORT,
     )))?;
-    let task = crate::portfwd::start(&netns.fd(), &nft, listener, Arc::new(channel)).await?;
+    let task = crate::portfwd::start(&netns.fd(), &nft, listener, channel).await?;
     netns.hold(task);
     Ok(())
 }
@@ -1108,8 +1109,8 @@ pub struct Running {
 /// State of the VM shared by its init and exec processes.
 #[derive(Debug)]
 struct VmShared {
-    /// The VMM's QMP socket.
-    qmp: PathBuf,
+    /// The VM (pause, resume); none for a fake agent without one.
+    vm: Option<Arc<dyn crate::vmm::VmHandle>>,
     paused: AtomicBool,
     /// The VM's RAM, fixed at boot: the ceiling of `docker update --memory`.
     memory_mib: u32,
@@ -1256,7 +1257,7 @@ impl Running {
         if self.exited().is_some() {
             return Err(Error::Invalid("the process has already exited".into()));
         }
-        crate::qmp::execute(&self.shared.qmp, "stop").await?;
+        self.shared.vm()?.pause().await?;
         self.shared.paused.store(true, Ordering::SeqCst);
         // `docker commit` pauses, then reads the root: show it everything written so far.
         if let Some(v) = &self.shared.host_view {
@@ -1267,7 +1268,7 @@ impl Running {
 
     /// Lets a paused VM run again.
     pub async fn resume(&self) -> Result<()> {
-        crate::qmp::execute(&self.shared.qmp, "cont").await?;
+        self.shared.vm()?.resume().await?;
         self.shared.paused.store(false, Ordering::SeqCst);
         Ok(())
     }
@@ -1346,7 +1347,7 @@ fn host_oom(sandbox: &Sandbox) -> Option<(i32, bool)> {
 }
 
 /// Resolves when the VMM exits; never without a sandbox.
-async fn vmm_exited(sandbox: &mut Option<&mut Sandbox>) -> String {
+async fn vmm_exited(sandbox: &Option<&mut Sandbox>) -> String {
     match sandbox {
         Some(s) => s.vmm_exited().await,
         None => std::future::pending().await,
@@ -1490,7 +1491,7 @@ async fn drive(
                 // Every handle is gone: only the process or the VM can end this now.
                 None => ctl_open = false,
             },
-            st = vmm_exited(&mut sandbox) => {
+            st = vmm_exited(&sandbox) => {
                 let diagnostics = sandbox.as_deref().map(Sandbox::diagnostics).unwrap_or_default();
                 tracing::warn!("QEMU exited ({st}) before the process reported an exit:\n{diagnostics}");
                 if let Some(exit) = sandbox.as_deref().and_then(host_oom) {
@@ -1698,7 +1699,7 @@ pub mod testing {
             secrets: Vec::new(),
         };
         let shared = Arc::new(VmShared {
-            qmp: PathBuf::from("/nonexistent/qmp.sock"),
+            vm: None,
             paused: AtomicBool::new(false),
             memory_mib: 128,
             host_view: None,

@@ -25,7 +25,7 @@ pub mod nftlink;
 pub mod oci;
 pub mod pod;
 pub mod portfwd;
-pub mod qmp;
+mod qmp;
 pub mod resources;
 pub mod ringlog;
 pub mod run;
