@@ -9,6 +9,8 @@ pub mod container;
 pub mod dns;
 pub mod egress;
 pub mod error;
+#[cfg(any(test, feature = "testing"))]
+pub mod fakevm;
 pub mod fsmount;
 pub mod guest;
 pub mod hooks;

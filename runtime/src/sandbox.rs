@@ -41,6 +41,13 @@ pub struct SandboxConfig {
     pub debug: bool,
 }
 
+/// What the guest boots: the kernel and the initramfs holding the agent.
+#[derive(Debug, Clone, Default)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
 /// Host-side timestamps of a boot, for `--debug` and benchmarks.
 #[derive(Debug, Clone, Copy)]
 pub struct BootTimings {
@@ -246,25 +253,34 @@ impl Sandbox {
         let backend = Qemu {
             qemu: assets.qemu.clone(),
         };
-        self.launch_with(&backend, cfg, assets).await
+        let started = Instant::now();
+        let modules = assets::kernel_modules(&assets.kernel);
+        let initrd = assets::initramfs_for(&assets.agent, &modules)?;
+        let image = GuestImage {
+            kernel: assets.kernel.clone(),
+            initrd,
+        };
+        self.launch_with(&backend, cfg, image).await?;
+        self.timings.started = started;
+        self.wait_booted(cfg.boot_timeout).await
     }
 
-    /// [`Sandbox::launch`] on `backend`.
+    /// Starts the VM of a prepared sandbox on `backend`, booting `image`; the agent is not
+    /// waited for ([`Sandbox::wait_booted`]). On failure the VM is stopped.
     pub async fn launch_with(
         &mut self,
         backend: &dyn VmmBackend,
         cfg: &SandboxConfig,
-        assets: &Assets,
-    ) -> Result<AgentConn> {
+        image: GuestImage,
+    ) -> Result<()> {
         self.timings.started = Instant::now();
-        let modules = assets::kernel_modules(&assets.kernel);
-        let initrd = assets::initramfs_for(&assets.agent, &modules)?;
+        let GuestImage { kernel, initrd } = image;
         let mut cmdline = vec![format!("agentvm.port={}", proto::AGENT_PORT)];
         if cfg.debug {
             cmdline.push("agentvm.debug=1".into());
         }
         let vm_cfg = VmConfig {
-            kernel: assets.kernel.clone(),
+            kernel,
             initrd,
             disks: cfg.disks.clone(),
             shares: cfg.shares.clone(),
@@ -282,10 +298,19 @@ impl Sandbox {
         self.timings.vmm_spawned = Instant::now();
         let pids = vm.pids();
         self.vm = Some(vm);
-        let waited = match self.record_pids(&pids) {
-            Ok(()) => self.wait_agent(cfg.boot_timeout).await,
-            Err(e) => Err(e),
-        };
+        let recorded = self.record_pids(&pids);
+        if recorded.is_err() {
+            if let Some(vm) = self.vm.take() {
+                vm.stop(Duration::ZERO).await;
+            }
+        }
+        recorded
+    }
+
+    /// Waits until the launched VM's agent greets. On failure the VM is stopped; the state
+    /// dir stays until the sandbox is dropped or destroyed.
+    pub async fn wait_booted(&mut self, timeout: Duration) -> Result<AgentConn> {
+        let waited = self.wait_agent(timeout).await;
         if waited.is_err() {
             if let Some(vm) = self.vm.take() {
                 vm.stop(Duration::ZERO).await;

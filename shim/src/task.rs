@@ -378,6 +378,8 @@ pub struct TaskService {
     publisher: Arc<RemotePublisher>,
     exit: Arc<ExitSignal>,
     containers: Mutex<HashMap<String, Arc<Entry>>>,
+    /// The VMM backend of the containers it creates (none: QEMU).
+    backend: Option<Arc<dyn agentvm::vmm::VmmBackend>>,
 }
 
 impl std::fmt::Debug for TaskService {
@@ -401,6 +403,16 @@ impl TaskService {
             publisher: Arc::new(publisher),
             exit,
             containers: Mutex::new(HashMap::new()),
+            backend: None,
+        }
+    }
+
+    /// The same service creating its containers' VMs on `backend` (a test backend:
+    /// `agentvm::fakevm`; see `agentvm::container::ContainerConfig::backend`).
+    pub fn with_backend(self, backend: Arc<dyn agentvm::vmm::VmmBackend>) -> Self {
+        Self {
+            backend: Some(backend),
+            ..self
         }
     }
 
@@ -750,6 +762,7 @@ impl Task for TaskService {
             host_cgroup: Some(spec.host_cgroup.clone()),
             volume_limits: spec.volume_limits,
             secrets,
+            backend: self.backend.clone(),
         };
         let container = match Container::create(cfg).await {
             Ok(c) => c,
