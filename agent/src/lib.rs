@@ -18,6 +18,7 @@ pub mod dns;
 pub mod fdio;
 pub mod forward;
 pub mod log;
+pub mod machine;
 pub mod mounts;
 pub mod net;
 pub mod power;
@@ -26,6 +27,8 @@ pub mod reaper;
 pub mod rootfs;
 pub mod secrets;
 pub mod server;
+#[cfg(any(test, feature = "sim"))]
+pub mod sim;
 pub mod stats;
 pub mod sysctl;
 pub mod vsock;

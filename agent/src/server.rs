@@ -25,12 +25,13 @@ use tokio::time::{sleep, Instant};
 
 use crate::cgroup::Cgroup;
 use crate::fdio::FdStream;
+use crate::machine::{Guest, Machine};
 use crate::process::plan::{MountNs, PidNs};
-use crate::process::spawn::{open_pty, resize, spawn, SpawnError};
+use crate::process::spawn::{open_pty, resize, SpawnError};
 use crate::process::Plan;
 use crate::reaper::Reaper;
 use crate::vsock::Listener;
-use crate::{boot, debug, dns, info, mounts, net, power, rootfs, secrets};
+use crate::{boot, debug, dns, info, mounts, net, rootfs, secrets};
 
 /// How long stdout/stderr may stay open after the process exited (an orphan holding them)
 /// before `Exited` is reported anyway.
@@ -43,7 +44,8 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// State shared by all connections.
 #[derive(Debug)]
 pub struct Agent {
-    reaper: Arc<Reaper>,
+    /// Processes, the VM's end and the guest's setup ([`Guest`] in a VM).
+    machine: Arc<dyn Machine>,
     /// The root filesystem the first `Start` mounted; later ones reuse it.
     rootfs: Mutex<Option<RootfsSpec>>,
     /// The highest capability number the kernel knows.
@@ -106,8 +108,13 @@ impl Drop for Other<'_> {
 
 impl Agent {
     pub fn new(reaper: Arc<Reaper>, last_cap: u8) -> Self {
+        Self::on(Arc::new(Guest { reaper }), last_cap)
+    }
+
+    /// An agent on `machine` (a simulated one runs the server on a host: `sim`).
+    pub fn on(machine: Arc<dyn Machine>, last_cap: u8) -> Self {
         Self {
-            reaper,
+            machine,
             rootfs: Mutex::new(None),
             last_cap,
             root: rootfs::ROOT.to_string(),
@@ -139,10 +146,16 @@ impl Agent {
     /// An agent whose processes run in an existing directory tree `root`; `Start` requests
     /// mount nothing. For tests.
     pub fn with_root(reaper: Arc<Reaper>, last_cap: u8, root: &str) -> Self {
+        Self::new(reaper, last_cap).rooted_at(root)
+    }
+
+    /// The same agent with processes in an existing directory tree `root`; `Start` requests
+    /// mount nothing.
+    pub fn rooted_at(self, root: &str) -> Self {
         Self {
             root: root.to_string(),
             preset_root: true,
-            ..Self::new(reaper, last_cap)
+            ..self
         }
     }
 
@@ -354,7 +367,7 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
         None => After::Close,
     };
     if let After::PowerOffNow(reason) = after {
-        power::power_off(reason);
+        agent.machine.power_off(reason);
     }
     // Everything queued goes out, flushed, before the connection closes.
     drop(out);
@@ -367,7 +380,9 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
         })
         .await;
         reader.abort();
-        power::power_off("the container's init process exited");
+        agent
+            .machine
+            .power_off("the container's init process exited");
     }
     reader.abort();
 }
@@ -544,13 +559,16 @@ async fn run(
         let _ = out.send(error(e.to_string(), None)).await;
         return failed;
     }
-    if let Some(name) = &req.hostname {
+    if let Some(name) = req.hostname.as_ref().filter(|_| agent.machine.owns_guest()) {
         if let Err(e) = boot::set_hostname(name) {
             let _ = out.send(error(e.to_string(), None)).await;
             return failed;
         }
     }
-    if req.init {
+    if req.init && !agent.machine.owns_guest() {
+        debug!("simulated machine: the guest's network, sysctls and mounts are not set up");
+        *lock(&agent.secret_env) = secrets::env_only(&req.secrets);
+    } else if req.init {
         if let Some(network) = &req.network {
             if let Err(e) = net::configure(network) {
                 info!("{e}");
@@ -682,11 +700,8 @@ async fn start_and_supervise(
         None
     };
     // No `.await` between the spawn and the registration (see `reaper`).
-    let (spawned, exit_rx) = match spawn(plan, pty) {
-        Ok(s) => {
-            let rx = agent.reaper.register(s.pid);
-            (s, rx)
-        }
+    let (spawned, exit_rx) = match agent.machine.spawn(plan, process, pty) {
+        Ok(s) => s,
         Err(SpawnError::Setup { message, exit_code }) => {
             info!("start {:?} failed: {message}", process.args);
             let _ = out.send(error(message, Some(exit_code))).await;
@@ -708,7 +723,7 @@ async fn start_and_supervise(
     let supervised = match supervise(spawned, exit_rx, out, host).await {
         Supervised::Exited(mut status) => {
             // A SIGKILL the kernel log attributes to the OOM killer: the memory limit.
-            status.oom = status.signal == Some(libc::SIGKILL) && crate::stats::oom_killed(pid);
+            status.oom = status.signal == Some(libc::SIGKILL) && agent.machine.oom_killed(pid);
             Supervised::Exited(status)
         }
         other => other,
@@ -1020,11 +1035,10 @@ async fn exec_in_member(
 /// (an exec's client sees 137) before the init's; a VM powered off under them would end their
 /// connections with no exit at all.
 async fn end_the_others(agent: &Agent) {
-    if power::is_init() {
-        // kill(-1) from PID 1: every process but PID 1 itself (kernel threads ignore it). The
-        // VM holds this one container.
-        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-    } else if let Some(cg) = &agent.cgroup {
+    // The VM holds this one container: every process but the agent goes (else the
+    // container's cgroup's).
+    let killed = agent.machine.kill_all();
+    if let Some(cg) = agent.cgroup.as_ref().filter(|_| !killed) {
         if let Err(e) = cg.kill_all() {
             info!("kill the container's processes: {e}");
         }

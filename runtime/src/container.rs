@@ -85,6 +85,12 @@ pub struct ContainerConfig {
     /// The container's secrets, decrypted ([`crate::secrets`]): sent with the init's start
     /// request, nowhere else (their `Debug` shows no value).
     pub secrets: Vec<agentvm_protocol::SecretSpec>,
+    /// The VMM backend. None: QEMU, on the host's plumbing (assets, a network namespace, a
+    /// host cgroup). A test backend ([`crate::fakevm`]) gets none of that plumbing: no
+    /// network namespace (the task pid is the calling process's), no host cgroup, no
+    /// acceleration check, the root and the bundle's mounts shared as they are (no layers,
+    /// egress policy, DNS relay or port forwarding), a pod share that is a plain directory.
+    pub backend: Option<Arc<dyn crate::vmm::VmmBackend>>,
 }
 
 /// The stdio of a process; `None` streams are not connected.
@@ -121,9 +127,11 @@ pub struct Exit {
 #[derive(Debug)]
 pub struct Container {
     sandbox: Sandbox,
-    netns: Netns,
+    /// None on a test backend ([`ContainerConfig::backend`]).
+    netns: Option<Netns>,
     cfg: ContainerConfig,
-    assets: Assets,
+    /// None on a test backend.
+    assets: Option<Assets>,
     accel: Accel,
     cgroup: Option<Arc<HostCgroup>>,
 }
@@ -205,6 +213,12 @@ impl Refresher {
 }
 
 impl VmShared {
+    fn vm(&self) -> Result<&dyn crate::vmm::VmHandle> {
+        self.vm
+            .as_deref()
+            .ok_or_else(|| Error::Invalid("this process has no VM to pause or resume".into()))
+    }
+
     /// Whether the host wrote into the shared root since the last look (and notes that it
     /// looked). A copy-up by the host changes its overlay's work dir's mtime; a remount (ours,
     /// at a pause too) makes the dir anew, another inode: no host write.
@@ -287,13 +301,28 @@ impl Container {
     /// process, the task pid) and runs the `createRuntime` and `prestart` hooks. Nothing is
     /// left behind on failure.
     pub async fn create(cfg: ContainerConfig) -> Result<Container> {
-        let assets = Assets::locate()?;
         if !cfg.root.is_dir() {
             return Err(Error::Invalid(format!(
                 "container root {} is not a directory",
                 cfg.root.display()
             )));
         }
+        if cfg.backend.is_some() {
+            let container = Container {
+                sandbox: Sandbox::prepare(&cfg.id)?,
+                netns: None,
+                cfg,
+                assets: None,
+                accel: Accel::Tcg,
+                cgroup: None,
+            };
+            if let Err(e) = container.setup().await {
+                container.destroy().await;
+                return Err(e);
+            }
+            return Ok(container);
+        }
+        let assets = Assets::locate()?;
         let (accel, warning) = accel::resolve(cfg.accel, &assets).await?;
         if accel == Accel::Tcg && !crate::config::HostConfig::load()?.allow_tcg {
             return Err(crate::config::tcg_refused(
@@ -336,9 +365,9 @@ impl Container {
         };
         let container = Container {
             sandbox,
-            netns,
+            netns: Some(netns),
             cfg,
-            assets,
+            assets: Some(assets),
             accel,
             cgroup,
         };
@@ -350,10 +379,12 @@ impl Container {
     }
 
     async fn setup(&self) -> Result<()> {
-        self.sandbox.record_pids(&[self.netns.pid()])?;
+        if let Some(netns) = &self.netns {
+            self.sandbox.record_pids(&[netns.pid()])?;
+        }
         // The holder is the task pid: the engine finds the container's cgroup through it.
         if let Some(cg) = &self.cgroup {
-            cg.add_pid(self.netns.pid())?;
+            cg.add_pid(self.pid())?;
         }
         if let Some(h) = &self.cfg.hooks {
             hooks::warn_unsupported(h);
@@ -367,15 +398,17 @@ impl Container {
         hooks::HookContext {
             id: self.cfg.container_id.clone(),
             bundle: self.cfg.bundle.clone(),
-            pid: self.netns.pid(),
+            pid: self.pid(),
             annotations: self.cfg.annotations.clone(),
         }
     }
 
     /// The task pid containerd and Docker see: the network namespace holder, a host process
-    /// living in the container's network namespace.
+    /// living in the container's network namespace (the calling process on a test backend).
     pub fn pid(&self) -> u32 {
-        self.netns.pid()
+        self.netns
+            .as_ref()
+            .map_or_else(std::process::id, Netns::pid)
     }
 
     /// Boots the VM wired to the namespace's interfaces, with the bundle's mounts, and starts
@@ -392,19 +425,25 @@ impl Container {
             accel,
             cgroup,
         } = self;
-        let pid = netns.pid();
+        let pid = netns.as_ref().map_or_else(std::process::id, Netns::pid);
         let hook_ctx = hooks::HookContext {
             id: cfg.container_id.clone(),
             bundle: cfg.bundle.clone(),
             pid,
             annotations: cfg.annotations.clone(),
         };
-        let prepared = boot(&mut sandbox, &netns, &cfg, &assets, accel).await;
+        let prepared = match (&netns, &assets, &cfg.backend) {
+            (Some(netns), Some(assets), _) => boot(&mut sandbox, netns, &cfg, assets, accel).await,
+            (_, _, Some(backend)) => boot_bare(&mut sandbox, &cfg, backend.as_ref()).await,
+            _ => Err(Error::Invalid(
+                "a container with neither QEMU nor a backend".into(),
+            )),
+        };
         let (down_tx, down_rx) = watch::channel(false);
         let host_view = prepared.as_ref().ok().and_then(|p| p.2.clone());
         let owner = Owner {
             sandbox,
-            netns: Some(netns),
+            netns,
             down: down_tx,
             host_view: host_view.clone(),
             cgroup,
@@ -424,17 +463,14 @@ impl Container {
             }
         };
         let shared = Arc::new(VmShared {
-            qmp: owner.sandbox.state_dir.join("qmp.sock"),
+            vm: owner.sandbox.vm(),
             paused: AtomicBool::new(false),
             memory_mib: cfg.memory_mib,
             host_seen: std::sync::Mutex::new(host_view.as_ref().and_then(|v| v.host_writes())),
             host_view,
             log: GuestLog::new(cfg.id.clone(), guest::GUEST_LOG_PER_SECOND),
         });
-        let dialer = owner
-            .sandbox
-            .agent_channel()
-            .map(|c| Arc::new(c) as Arc<dyn Dialer>);
+        let dialer = owner.sandbox.agent_channel();
         let link = VmLink {
             vm: None,
             torn_down: down_rx,
@@ -462,7 +498,9 @@ impl Container {
 
     /// Tears down what create made without running anything (delete before start).
     pub async fn destroy(self) {
-        self.netns.destroy().await;
+        if let Some(netns) = self.netns {
+            netns.destroy().await;
+        }
         self.sandbox.destroy(TEARDOWN_GRACE).await;
         remove_cgroup(self.cgroup).await;
     }
@@ -543,16 +581,14 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
     };
     let (down_tx, down_rx) = watch::channel(false);
     let shared = Arc::new(VmShared {
-        qmp: sandbox.state_dir.join("qmp.sock"),
+        vm: sandbox.vm(),
         paused: AtomicBool::new(false),
         memory_mib: cfg.memory_mib,
         host_view: None,
         host_seen: Default::default(),
         log: GuestLog::new(cfg.id.clone(), guest::GUEST_LOG_PER_SECOND),
     });
-    let dialer = sandbox
-        .agent_channel()
-        .map(|c| Arc::new(c) as Arc<dyn Dialer>);
+    let dialer = sandbox.agent_channel();
     let owner = Owner {
         sandbox,
         netns: None,
@@ -728,6 +764,45 @@ async fn boot(
     Ok((conn, request, host_view))
 }
 
+/// [`boot`] on a test backend ([`ContainerConfig::backend`]): no host plumbing, the root and
+/// the bundle's mounts shared as they are.
+async fn boot_bare(
+    sandbox: &mut Sandbox,
+    cfg: &ContainerConfig,
+    backend: &dyn crate::vmm::VmmBackend,
+) -> Result<(AgentConn, StartRequest, Option<layers::HostView>)> {
+    let policy = mounts::SharePolicy::nine_p();
+    let plan = mounts::plan(&cfg.mounts, &policy)?;
+    let (root, rootfs) = mounts::root_share(ROOT_TAG, &cfg.root, cfg.root_readonly, &policy);
+    let mut shares = vec![root];
+    shares.extend(plan.shares.iter().cloned());
+    if matches!(
+        crate::pod::PodRole::of(&cfg.annotations),
+        crate::pod::PodRole::Sandbox { .. }
+    ) {
+        // A plain directory: the simulated guest sees the host's files where they are.
+        let dir = sandbox.state_dir.join("pod");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+    }
+    let sandbox_cfg = SandboxConfig {
+        id: cfg.id.clone(),
+        disks: Vec::new(),
+        shares,
+        nics: Vec::new(),
+        netns: None,
+        memory_mib: cfg.memory_mib,
+        vcpus: cfg.vcpus,
+        accel: Accel::Tcg,
+        boot_timeout: cfg.boot_timeout,
+        icount: false,
+        debug: cfg.debug,
+    };
+    let image = crate::sandbox::GuestImage::default();
+    sandbox.launch_with(backend, &sandbox_cfg, image).await?;
+    let conn = sandbox.wait_booted(cfg.boot_timeout).await?;
+    Ok((conn, start_request(cfg, None, plan.mounts, rootfs), None))
+}
+
 /// The port-forward relay of a pod sandbox ([`crate::portfwd`]), held by its namespace.
 /// Without nftables the pod runs without it (a CRI PortForward then finds nothing), with a
 /// warning.
@@ -746,7 +821,7 @@ async fn start_port_forward(sandbox: &Sandbox, netns: &Netns) -> Result<()> {
         [127, 0, 0, 1],
         crate::portfwd::RELAY_PORT,
     )))?;
-    let task = crate::portfwd::start(&netns.fd(), &nft, listener, Arc::new(channel)).await?;
+    let task = crate::portfwd::start(&netns.fd(), &nft, listener, channel).await?;
     netns.hold(task);
     Ok(())
 }
@@ -1108,8 +1183,8 @@ pub struct Running {
 /// State of the VM shared by its init and exec processes.
 #[derive(Debug)]
 struct VmShared {
-    /// The VMM's QMP socket.
-    qmp: PathBuf,
+    /// The VM (pause, resume); none for a fake agent without one.
+    vm: Option<Arc<dyn crate::vmm::VmHandle>>,
     paused: AtomicBool,
     /// The VM's RAM, fixed at boot: the ceiling of `docker update --memory`.
     memory_mib: u32,
@@ -1256,7 +1331,7 @@ impl Running {
         if self.exited().is_some() {
             return Err(Error::Invalid("the process has already exited".into()));
         }
-        crate::qmp::execute(&self.shared.qmp, "stop").await?;
+        self.shared.vm()?.pause().await?;
         self.shared.paused.store(true, Ordering::SeqCst);
         // `docker commit` pauses, then reads the root: show it everything written so far.
         if let Some(v) = &self.shared.host_view {
@@ -1267,7 +1342,7 @@ impl Running {
 
     /// Lets a paused VM run again.
     pub async fn resume(&self) -> Result<()> {
-        crate::qmp::execute(&self.shared.qmp, "cont").await?;
+        self.shared.vm()?.resume().await?;
         self.shared.paused.store(false, Ordering::SeqCst);
         Ok(())
     }
@@ -1354,7 +1429,7 @@ fn host_oom(sandbox: &Sandbox) -> Option<(i32, bool)> {
 }
 
 /// Resolves when the VMM exits; never without a sandbox.
-async fn vmm_exited(sandbox: &mut Option<&mut Sandbox>) -> String {
+async fn vmm_exited(sandbox: &Option<&mut Sandbox>) -> String {
     match sandbox {
         Some(s) => s.vmm_exited().await,
         None => std::future::pending().await,
@@ -1498,7 +1573,7 @@ async fn drive(
                 // Every handle is gone: only the process or the VM can end this now.
                 None => ctl_open = false,
             },
-            st = vmm_exited(&mut sandbox) => {
+            st = vmm_exited(&sandbox) => {
                 let diagnostics = sandbox.as_deref().map(Sandbox::diagnostics).unwrap_or_default();
                 tracing::warn!("QEMU exited ({st}) before the process reported an exit:\n{diagnostics}");
                 if let Some(exit) = sandbox.as_deref().and_then(host_oom) {
@@ -1706,7 +1781,7 @@ pub mod testing {
             secrets: Vec::new(),
         };
         let shared = Arc::new(VmShared {
-            qmp: PathBuf::from("/nonexistent/qmp.sock"),
+            vm: None,
             paused: AtomicBool::new(false),
             memory_mib: 128,
             host_view: None,

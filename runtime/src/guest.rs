@@ -23,7 +23,7 @@ use agentvm_protocol::{self as proto, ExitStatus, Frame, Message};
 
 use crate::error::{Error, Result};
 use crate::sandbox::AgentConn;
-use crate::vmm::{AgentChannel, AgentIo};
+use crate::vmm::AgentIo;
 
 /// How long connecting to the agent and reading its Hello may take together.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,15 +36,10 @@ pub const GUEST_LOG_PER_SECOND: u32 = 20;
 pub type DialFuture<'a> =
     Pin<Box<dyn Future<Output = std::io::Result<Box<dyn AgentIo>>> + Send + 'a>>;
 
-/// Opens byte streams to the agent's port: the VM's vsock channel, or a fake agent in tests.
+/// Opens byte streams to the agent's port: the VM's channel ([`crate::vmm::VmHandle::dialer`]),
+/// or a fake agent in tests.
 pub trait Dialer: Send + Sync {
     fn dial(&self) -> DialFuture<'_>;
-}
-
-impl Dialer for AgentChannel {
-    fn dial(&self) -> DialFuture<'_> {
-        Box::pin(self.connect(proto::AGENT_PORT))
-    }
 }
 
 /// Reads the agent's Hello from a fresh stream; returns the connection and the guest's

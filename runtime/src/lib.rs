@@ -9,6 +9,8 @@ pub mod container;
 pub mod dns;
 pub mod egress;
 pub mod error;
+#[cfg(any(test, feature = "testing"))]
+pub mod fakevm;
 pub mod fsmount;
 pub mod guest;
 pub mod hooks;
@@ -25,7 +27,7 @@ pub mod nftlink;
 pub mod oci;
 pub mod pod;
 pub mod portfwd;
-pub mod qmp;
+mod qmp;
 pub mod resources;
 pub mod ringlog;
 pub mod run;

@@ -12,8 +12,9 @@ use tokio::task::JoinHandle;
 
 use crate::assets::{self, Assets};
 use crate::error::{Error, Result};
+use crate::guest::Dialer;
 use crate::hostcgroup::{self, HostCgroup};
-use crate::vmm::{Accel, AgentIo, Disk, Nic, Qemu, Share, Vm, VmConfig, VmmBackend};
+use crate::vmm::{Accel, AgentIo, Disk, Nic, Qemu, Share, VmConfig, VmHandle, VmmBackend};
 
 /// Root of per-sandbox state directories.
 pub const STATE_ROOT: &str = "/run/agentvm";
@@ -40,6 +41,13 @@ pub struct SandboxConfig {
     pub debug: bool,
 }
 
+/// What the guest boots: the kernel and the initramfs holding the agent.
+#[derive(Debug, Clone, Default)]
+pub struct GuestImage {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
 /// Host-side timestamps of a boot, for `--debug` and benchmarks.
 #[derive(Debug, Clone, Copy)]
 pub struct BootTimings {
@@ -53,12 +61,15 @@ pub struct BootTimings {
 }
 
 /// A running VM. Dropping it kills the VM and removes its state directory; prefer
-/// [`Sandbox::destroy`], which lets the VM power off by itself first.
+/// [`Sandbox::destroy`], which lets the VM power off by itself first. The VM is a
+/// [`VmHandle`], whatever backend started it.
 #[derive(Debug)]
 pub struct Sandbox {
     pub id: String,
     pub state_dir: PathBuf,
-    vm: Option<Vm>,
+    /// Shared with the processes running in the VM ([`Sandbox::vm`]: pause, resume); the
+    /// sandbox alone ends it (kill on drop, stop on destroy).
+    vm: Option<Arc<dyn VmHandle>>,
     /// The state dir is gone (destroyed).
     removed: bool,
     pub timings: BootTimings,
@@ -239,15 +250,37 @@ impl Sandbox {
     /// Starts the VM of a prepared sandbox and waits until the agent greets. On failure the
     /// VM is stopped; the state dir stays until the sandbox is dropped or destroyed.
     pub async fn launch(&mut self, cfg: &SandboxConfig, assets: &Assets) -> Result<AgentConn> {
-        self.timings.started = Instant::now();
+        let backend = Qemu {
+            qemu: assets.qemu.clone(),
+        };
+        let started = Instant::now();
         let modules = assets::kernel_modules(&assets.kernel);
         let initrd = assets::initramfs_for(&assets.agent, &modules)?;
+        let image = GuestImage {
+            kernel: assets.kernel.clone(),
+            initrd,
+        };
+        self.launch_with(&backend, cfg, image).await?;
+        self.timings.started = started;
+        self.wait_booted(cfg.boot_timeout).await
+    }
+
+    /// Starts the VM of a prepared sandbox on `backend`, booting `image`; the agent is not
+    /// waited for ([`Sandbox::wait_booted`]). On failure the VM is stopped.
+    pub async fn launch_with(
+        &mut self,
+        backend: &dyn VmmBackend,
+        cfg: &SandboxConfig,
+        image: GuestImage,
+    ) -> Result<()> {
+        self.timings.started = Instant::now();
+        let GuestImage { kernel, initrd } = image;
         let mut cmdline = vec![format!("agentvm.port={}", proto::AGENT_PORT)];
         if cfg.debug {
             cmdline.push("agentvm.debug=1".into());
         }
         let vm_cfg = VmConfig {
-            kernel: assets.kernel.clone(),
+            kernel,
             initrd,
             disks: cfg.disks.clone(),
             shares: cfg.shares.clone(),
@@ -261,49 +294,58 @@ impl Sandbox {
             icount: cfg.icount,
             cgroup: self.cgroup.clone(),
         };
-        let backend = Qemu {
-            qemu: assets.qemu.clone(),
-        };
-        let vm = backend.launch(&vm_cfg).await?;
+        let vm: Arc<dyn VmHandle> = Arc::from(backend.launch(&vm_cfg).await?);
         self.timings.vmm_spawned = Instant::now();
-        let pids: Vec<u32> = std::iter::once(&vm.vmm)
-            .chain(&vm.helpers)
-            .filter_map(|c| c.id())
-            .collect();
+        let pids = vm.pids();
         self.vm = Some(vm);
-        self.record_pids(&pids)?;
-        match self.wait_agent(cfg.boot_timeout).await {
-            Ok(conn) => Ok(conn),
-            Err(e) => {
-                if let Some(mut vm) = self.vm.take() {
-                    vm.stop(Duration::ZERO).await;
-                }
-                Err(e)
+        let recorded = self.record_pids(&pids);
+        if recorded.is_err() {
+            if let Some(vm) = self.vm.take() {
+                vm.stop(Duration::ZERO).await;
             }
         }
+        recorded
     }
 
-    fn vm_mut(&mut self) -> &mut Vm {
+    /// Waits until the launched VM's agent greets. On failure the VM is stopped; the state
+    /// dir stays until the sandbox is dropped or destroyed.
+    pub async fn wait_booted(&mut self, timeout: Duration) -> Result<AgentConn> {
+        let waited = self.wait_agent(timeout).await;
+        if waited.is_err() {
+            if let Some(vm) = self.vm.take() {
+                vm.stop(Duration::ZERO).await;
+            }
+        }
+        waited
+    }
+
+    fn vm_ref(&self) -> &dyn VmHandle {
         self.vm
-            .as_mut()
+            .as_deref()
             .expect("sandbox VM is present until destroy")
+    }
+
+    /// The VM, shared with the processes that run in it (pause, resume). None before the
+    /// launch and once destroyed.
+    pub fn vm(&self) -> Option<Arc<dyn VmHandle>> {
+        self.vm.clone()
     }
 
     /// Polls the agent's port until it greets, failing early if the VMM exits.
     async fn wait_agent(&mut self, timeout: Duration) -> Result<AgentConn> {
         let deadline = Instant::now() + timeout;
         loop {
-            let vm = self.vm_mut();
-            if let Ok(Some(status)) = vm.vmm.try_wait() {
+            let vm = self.vm_ref();
+            if let Some(status) = vm.exited() {
                 return Err(Error::Boot {
-                    reason: format!("QEMU exited during boot ({status})"),
+                    reason: format!("the VMM exited during boot ({status})"),
                     console: vm.diagnostics(),
                 });
             }
-            // Connect only once the agent says on the console that it listens: connection
-            // requests that reach the guest before its vsock driver is up can wedge
-            // vhost-device-vsock for the rest of the VM's life (seen here in ~1 boot of 30).
-            let ready = console_says_ready(&vm.console_log);
+            // Connect only once the agent says it listens: connection requests that reach
+            // the guest before its vsock driver is up can wedge vhost-device-vsock for the
+            // rest of the VM's life (seen here in ~1 boot of 30).
+            let ready = vm.agent_listening();
             if ready {
                 let attempt =
                     tokio::time::timeout(Duration::from_secs(2), self.connect_once()).await;
@@ -326,7 +368,7 @@ impl Sandbox {
                         "the guest agent did not {what} within {} s",
                         timeout.as_secs()
                     ),
-                    console: self.vm_mut().diagnostics(),
+                    console: self.vm_ref().diagnostics(),
                 });
             }
             let pause = if ready { 20 } else { 10 };
@@ -334,51 +376,56 @@ impl Sandbox {
         }
     }
 
-    async fn connect_once(&mut self) -> Result<(AgentConn, u64)> {
-        let vm = self.vm_mut();
-        let io = vm
-            .channel
-            .connect(proto::AGENT_PORT)
+    async fn connect_once(&self) -> Result<(AgentConn, u64)> {
+        let io = self
+            .vm_ref()
+            .dialer()
+            .dial()
             .await
-            .map_err(|e| Error::io("connect to agent via", &vm.console_log, e))?;
+            .map_err(|e| Error::io("connect to the agent of", &self.state_dir, e))?;
         // Guest data: greet checks the version and never echoes a whole frame.
         crate::guest::greet(io).await
     }
 
     /// Opens another connection to the agent (for exec).
-    pub async fn connect(&mut self) -> Result<AgentConn> {
+    pub async fn connect(&self) -> Result<AgentConn> {
         Ok(self.connect_once().await?.0)
     }
 
     /// The channel to the agent's port, for connections opened away from this sandbox's
     /// owner (exec processes: see [`crate::guest::open`]). None once destroyed.
-    pub fn agent_channel(&self) -> Option<crate::vmm::AgentChannel> {
-        self.vm.as_ref().map(|vm| vm.channel.clone())
+    pub fn agent_channel(&self) -> Option<Arc<dyn Dialer>> {
+        self.vm.as_ref().map(|vm| vm.dialer())
     }
 
-    /// Resolves when the VMM process exits, with a description of how.
-    pub async fn vmm_exited(&mut self) -> String {
-        match self.vm_mut().vmm.wait().await {
-            Ok(st) => st.to_string(),
-            Err(e) => format!("wait failed: {e}"),
-        }
+    /// Resolves when the VMM exits, with a description of how.
+    pub async fn vmm_exited(&self) -> String {
+        self.vm_ref().wait().await
     }
 
     /// Host pid of the VMM process.
     pub fn vmm_pid(&self) -> Option<u32> {
-        self.vm.as_ref().and_then(|vm| vm.vmm.id())
+        self.vm.as_ref().and_then(|vm| vm.pids().first().copied())
     }
 
-    /// Kills the VMM at once (its exit shows in [`Sandbox::vmm_exited`]).
-    pub fn kill(&mut self) {
-        if let Some(vm) = self.vm.as_mut() {
-            let _ = vm.vmm.start_kill();
+    /// Host pids of the VMM (first) and its helpers; empty without a VM.
+    pub fn pids(&self) -> Vec<u32> {
+        self.vm.as_ref().map(|vm| vm.pids()).unwrap_or_default()
+    }
+
+    /// Kills the VM at once (its exit shows in [`Sandbox::vmm_exited`]).
+    pub fn kill(&self) {
+        if let Some(vm) = &self.vm {
+            vm.kill();
         }
     }
 
     /// Console and VMM log tails, for error reports.
     pub fn diagnostics(&self) -> String {
-        self.vm.as_ref().map(Vm::diagnostics).unwrap_or_default()
+        self.vm
+            .as_ref()
+            .map(|vm| vm.diagnostics())
+            .unwrap_or_default()
     }
 
     pub fn console_log(&self) -> PathBuf {
@@ -388,7 +435,7 @@ impl Sandbox {
     /// Lets the VM power off by itself for up to `grace`, then kills whatever is left and
     /// removes the state directory.
     pub async fn destroy(mut self, grace: Duration) {
-        if let Some(mut vm) = self.vm.take() {
+        if let Some(vm) = self.vm.take() {
             vm.stop(grace).await;
         }
         remove_state_dir(&self.state_dir);
@@ -398,12 +445,10 @@ impl Sandbox {
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        if let Some(vm) = self.vm.as_mut() {
-            // kill_on_drop reaps nothing synchronously; kill now so nothing outlives us.
-            let _ = vm.vmm.start_kill();
-            for h in &mut vm.helpers {
-                let _ = h.start_kill();
-            }
+        if let Some(vm) = self.vm.take() {
+            // Others may hold the handle still (a process's pause): kill now so nothing
+            // outlives the sandbox.
+            vm.kill();
         }
         if !self.removed {
             remove_state_dir(&self.state_dir);
@@ -444,20 +489,6 @@ pub fn cleanup_stale(id: &str) -> Result<bool> {
     }
     remove_state_dir(&dir);
     Ok(true)
-}
-
-/// The line the agent prints on the serial console once it listens on vsock.
-pub const AGENT_READY_LINE: &str = "agentvm-agent: ready on vsock port";
-
-fn console_says_ready(console: &Path) -> bool {
-    // The line comes early; a console that rotated since still has it in its older half.
-    [crate::ringlog::older(console), console.to_path_buf()]
-        .iter()
-        .filter_map(|p| std::fs::read(p).ok())
-        .any(|b| {
-            b.windows(AGENT_READY_LINE.len())
-                .any(|w| w == AGENT_READY_LINE.as_bytes())
-        })
 }
 
 fn remove_state_dir(dir: &Path) {

@@ -1,5 +1,8 @@
-//! The VMM boundary: one small trait, the QEMU microvm backend behind it, and the channel to
-//! the guest agent.
+//! The VMM boundary: a backend ([`VmmBackend`]) starts a VM and hands back a [`VmHandle`],
+//! which is everything the rest of the runtime does with a VM (the agent channel, wait,
+//! pause, resume, kill, stop, pids, diagnostics). The QEMU microvm backend ([`Qemu`]) keeps
+//! its processes, QMP socket and vsock transport private to this module; a fake backend
+//! serving the real guest agent over socketpairs is in [`crate::fakevm`] (tests).
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -7,11 +10,16 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::future::Future;
+use std::pin::Pin;
+
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, watch};
 
 use crate::assets;
 use crate::error::{Error, Result};
+use crate::guest::{DialFuture, Dialer};
 use crate::jail::{self, Jail, WriteRules};
 use crate::ringlog;
 
@@ -223,15 +231,48 @@ pub const DISK_FD_BASE: i32 = 330;
 pub const QEMU_SANDBOX: &str =
     "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
-/// A VMM implementation. Backends start the VM and hand back its processes and agent channel.
+/// A future boxed for a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A VMM implementation: starts a VM and hands back its [`VmHandle`].
 pub trait VmmBackend: std::fmt::Debug + Send + Sync {
     fn name(&self) -> &'static str;
-    fn launch(&self, cfg: &VmConfig) -> impl std::future::Future<Output = Result<Vm>> + Send;
+    fn launch<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<Box<dyn VmHandle>>>;
 }
 
-/// How the host reaches the agent's vsock port.
+/// A started VM, whatever backend started it: everything the rest of the runtime does with
+/// a VM goes through this, so no backend detail (QEMU's QMP socket, its processes) leaks
+/// past the backend. Methods take `&self`: the handle is shared between the sandbox that
+/// owns the VM and the processes running in it (pause, resume).
+pub trait VmHandle: std::fmt::Debug + Send + Sync {
+    /// Opens connections to the guest agent's port (exec processes, requests, relays).
+    fn dialer(&self) -> Arc<dyn Dialer>;
+    /// Whether the agent says it listens, so connecting is safe (QEMU: its line on the
+    /// console; connecting earlier can wedge vhost-device-vsock).
+    fn agent_listening(&self) -> bool;
+    /// How the VMM ended, once it has.
+    fn exited(&self) -> Option<String>;
+    /// Resolves when the VMM exits, with a description of how (at once if it has).
+    fn wait(&self) -> BoxFuture<'_, String>;
+    /// Freezes every vCPU.
+    fn pause(&self) -> BoxFuture<'_, Result<()>>;
+    /// Lets a paused VM run again.
+    fn resume(&self) -> BoxFuture<'_, Result<()>>;
+    /// Kills the VMM and every helper at once (the exit shows in [`VmHandle::wait`]).
+    fn kill(&self);
+    /// Waits for the VMM to exit for at most `grace`, then kills it and every helper, and
+    /// waits until they are gone.
+    fn stop(&self, grace: Duration) -> BoxFuture<'_, ()>;
+    /// Host pids of the VMM (first) and of its helper processes, for cleanup records and
+    /// leak checks.
+    fn pids(&self) -> Vec<u32>;
+    /// Tail of the guest console and of the VMM's own log, for error reports.
+    fn diagnostics(&self) -> String;
+}
+
+/// How the host reaches the agent's vsock port (QEMU's transports).
 #[derive(Debug, Clone)]
-pub enum AgentChannel {
+enum AgentChannel {
     /// vhost-device-vsock's host side: a unix socket speaking `CONNECT <port>\n`.
     VhostUser { uds: PathBuf },
     /// Kernel vhost-vsock: AF_VSOCK to the guest's CID.
@@ -244,7 +285,7 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> AgentIo for T {}
 
 impl AgentChannel {
     /// Opens one connection to `port` in the guest. Fails fast when nobody listens yet.
-    pub async fn connect(&self, port: u32) -> std::io::Result<Box<dyn AgentIo>> {
+    async fn connect(&self, port: u32) -> std::io::Result<Box<dyn AgentIo>> {
         match self {
             AgentChannel::VhostUser { uds } => {
                 let mut s = tokio::net::UnixStream::connect(uds).await?;
@@ -273,22 +314,151 @@ impl AgentChannel {
     }
 }
 
-/// A started VM: the VMM process, its helper processes, and the agent channel.
-#[derive(Debug)]
-pub struct Vm {
-    pub vmm: Child,
-    pub helpers: Vec<Child>,
-    pub channel: AgentChannel,
-    pub console_log: PathBuf,
-    pub vmm_log: PathBuf,
-    pub spawned_at: Instant,
-    /// The uid QEMU and vhost-device-vsock run as, held until the VM is gone.
-    pub user: Option<crate::sandboxuser::SandboxUser>,
+impl Dialer for AgentChannel {
+    fn dial(&self) -> DialFuture<'_> {
+        Box::pin(self.connect(agentvm_protocol::AGENT_PORT))
+    }
 }
 
-impl Vm {
-    /// Tail of the serial console and of the VMM's own log, for error reports.
-    pub fn diagnostics(&self) -> String {
+/// A VM QEMU runs: the VMM process (owned by a task that reaps it), its helper processes
+/// (vhost-device-vsock, virtiofsd) and its QMP socket. Dropping it kills them all.
+#[derive(Debug)]
+struct QemuVm {
+    vmm_pid: u32,
+    helpers: std::sync::Mutex<Vec<Child>>,
+    helper_pids: Vec<u32>,
+    /// Asks the VMM's task to kill it; closing it does too.
+    kill_vmm: mpsc::UnboundedSender<()>,
+    /// How the VMM exited, once it has.
+    exit: watch::Receiver<Option<String>>,
+    channel: Arc<AgentChannel>,
+    qmp: PathBuf,
+    console_log: PathBuf,
+    vmm_log: PathBuf,
+    /// The uid QEMU and vhost-device-vsock run as, held until the VM is gone.
+    _user: Option<crate::sandboxuser::SandboxUser>,
+}
+
+impl QemuVm {
+    fn new(
+        mut vmm: Child,
+        helpers: Vec<Child>,
+        channel: AgentChannel,
+        cfg: &VmConfig,
+        vmm_log: PathBuf,
+        user: Option<crate::sandboxuser::SandboxUser>,
+    ) -> QemuVm {
+        let vmm_pid = vmm.id().unwrap_or(0);
+        let helper_pids = helpers.iter().filter_map(Child::id).collect();
+        let (kill_vmm, mut kill_rx) = mpsc::unbounded_channel::<()>();
+        let (exit_tx, exit) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = loop {
+                tokio::select! {
+                    st = vmm.wait() => break st,
+                    k = kill_rx.recv() => {
+                        let _ = vmm.start_kill();
+                        if k.is_none() {
+                            // The handle is gone: reap and end.
+                            break vmm.wait().await;
+                        }
+                    }
+                }
+            };
+            let text = match status {
+                Ok(st) => st.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            exit_tx.send_replace(Some(text));
+        });
+        QemuVm {
+            vmm_pid,
+            helpers: std::sync::Mutex::new(helpers),
+            helper_pids,
+            kill_vmm,
+            exit,
+            channel: Arc::new(channel),
+            qmp: cfg.qmp_socket(),
+            console_log: cfg.console_log(),
+            vmm_log,
+            _user: user,
+        }
+    }
+
+    fn kill_helpers(&self) -> Vec<Child> {
+        let mut helpers =
+            std::mem::take(&mut *self.helpers.lock().unwrap_or_else(|p| p.into_inner()));
+        for h in &mut helpers {
+            let _ = h.start_kill();
+        }
+        helpers
+    }
+}
+
+impl VmHandle for QemuVm {
+    fn dialer(&self) -> Arc<dyn Dialer> {
+        self.channel.clone()
+    }
+
+    fn agent_listening(&self) -> bool {
+        console_says_ready(&self.console_log)
+    }
+
+    fn exited(&self) -> Option<String> {
+        self.exit.borrow().clone()
+    }
+
+    fn wait(&self) -> BoxFuture<'_, String> {
+        let mut rx = self.exit.clone();
+        Box::pin(async move {
+            match rx.wait_for(Option::is_some).await {
+                Ok(st) => st.clone().unwrap_or_default(),
+                Err(_) => "the VMM's watcher ended".into(),
+            }
+        })
+    }
+
+    fn pause(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { crate::qmp::execute(&self.qmp, "stop").await.map(drop) })
+    }
+
+    fn resume(&self) -> BoxFuture<'_, Result<()>> {
+        Box::pin(async move { crate::qmp::execute(&self.qmp, "cont").await.map(drop) })
+    }
+
+    fn kill(&self) {
+        let _ = self.kill_vmm.send(());
+        // kill_on_drop reaps nothing synchronously; kill now so nothing outlives us.
+        for h in self
+            .helpers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+        {
+            let _ = h.start_kill();
+        }
+    }
+
+    fn stop(&self, grace: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            if tokio::time::timeout(grace, self.wait()).await.is_err() {
+                let _ = self.kill_vmm.send(());
+                self.wait().await;
+            }
+            for mut h in self.kill_helpers() {
+                let _ = h.wait().await;
+            }
+        })
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        std::iter::once(self.vmm_pid)
+            .filter(|p| *p != 0)
+            .chain(self.helper_pids.iter().copied())
+            .collect()
+    }
+
+    fn diagnostics(&self) -> String {
         let mut out = assets::tail(&self.console_log, 25);
         let vmm = assets::tail(&self.vmm_log, 5);
         if !vmm.trim().is_empty() {
@@ -297,18 +467,27 @@ impl Vm {
         }
         out
     }
+}
 
-    /// Waits for the VMM to exit for at most `grace`, then kills it and every helper.
-    pub async fn stop(&mut self, grace: Duration) {
-        if tokio::time::timeout(grace, self.vmm.wait()).await.is_err() {
-            let _ = self.vmm.start_kill();
-            let _ = self.vmm.wait().await;
-        }
-        for h in &mut self.helpers {
-            let _ = h.start_kill();
-            let _ = h.wait().await;
-        }
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        // The VMM's task kills it as the channel closes; the helpers die here.
+        self.kill_helpers();
     }
+}
+
+/// The line the agent prints on the serial console once it listens on vsock.
+pub const AGENT_READY_LINE: &str = "agentvm-agent: ready on vsock port";
+
+fn console_says_ready(console: &Path) -> bool {
+    // The line comes early; a console that rotated since still has it in its older half.
+    [crate::ringlog::older(console), console.to_path_buf()]
+        .iter()
+        .filter_map(|p| std::fs::read(p).ok())
+        .any(|b| {
+            b.windows(AGENT_READY_LINE.len())
+                .any(|w| w == AGENT_READY_LINE.as_bytes())
+        })
 }
 
 /// The QEMU `microvm` backend.
@@ -753,9 +932,17 @@ impl VmmBackend for Qemu {
         "qemu-microvm"
     }
 
-    async fn launch(&self, cfg: &VmConfig) -> Result<Vm> {
+    fn launch<'a>(&'a self, cfg: &'a VmConfig) -> BoxFuture<'a, Result<Box<dyn VmHandle>>> {
+        Box::pin(async move {
+            let vm = self.launch_qemu(cfg).await?;
+            Ok(Box::new(vm) as Box<dyn VmHandle>)
+        })
+    }
+}
+
+impl Qemu {
+    async fn launch_qemu(&self, cfg: &VmConfig) -> Result<QemuVm> {
         let vsock = VsockTransport::detect()?;
-        let spawned_at = Instant::now();
         if cfg.nics.len() > MAX_NICS || cfg.shares.len() > MAX_SHARES {
             return Err(Error::Invalid(format!(
                 "{} network interfaces and {} shares: at most {MAX_NICS} and {MAX_SHARES}",
@@ -861,15 +1048,7 @@ impl VmmBackend for Qemu {
                 return Err(e);
             }
         };
-        Ok(Vm {
-            vmm,
-            helpers,
-            channel,
-            console_log: cfg.console_log(),
-            vmm_log,
-            spawned_at,
-            user,
-        })
+        Ok(QemuVm::new(vmm, helpers, channel, cfg, vmm_log, user))
     }
 }
 

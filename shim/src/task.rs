@@ -378,6 +378,8 @@ pub struct TaskService {
     publisher: Arc<RemotePublisher>,
     exit: Arc<ExitSignal>,
     containers: Mutex<HashMap<String, Arc<Entry>>>,
+    /// The VMM backend of the containers it creates (none: QEMU).
+    backend: Option<Arc<dyn agentvm::vmm::VmmBackend>>,
 }
 
 impl std::fmt::Debug for TaskService {
@@ -401,6 +403,16 @@ impl TaskService {
             publisher: Arc::new(publisher),
             exit,
             containers: Mutex::new(HashMap::new()),
+            backend: None,
+        }
+    }
+
+    /// The same service creating its containers' VMs on `backend` (a test backend:
+    /// `agentvm::fakevm`; see `agentvm::container::ContainerConfig::backend`).
+    pub fn with_backend(self, backend: Arc<dyn agentvm::vmm::VmmBackend>) -> Self {
+        Self {
+            backend: Some(backend),
+            ..self
         }
     }
 
@@ -750,6 +762,7 @@ impl Task for TaskService {
             host_cgroup: Some(spec.host_cgroup.clone()),
             volume_limits: spec.volume_limits,
             secrets,
+            backend: self.backend.clone(),
         };
         let container = match Container::create(cfg).await {
             Ok(c) => c,
@@ -1502,7 +1515,7 @@ mod tests {
         use super::*;
 
         /// Records every event as (topic, event).
-        struct Recorder(mpsc::UnboundedSender<(String, Any)>);
+        pub(super) struct Recorder(pub(super) mpsc::UnboundedSender<(String, Any)>);
 
         #[async_trait]
         impl Events for Recorder {
@@ -1545,7 +1558,7 @@ mod tests {
             tokio_io::write_frame(agent, &Frame::Msg(m)).await.unwrap();
         }
 
-        fn ctx() -> TtrpcContext {
+        pub(super) fn ctx() -> TtrpcContext {
             TtrpcContext {
                 mh: Default::default(),
                 metadata: Default::default(),
@@ -2014,6 +2027,307 @@ mod tests {
                 "took {:?}",
                 t.elapsed()
             );
+        }
+    }
+
+    /// The Task service over the real guest agent's server on a simulated machine
+    /// (`agentvm::fakevm`): containers are created from bundles through `create`, their VMs
+    /// launched by the fake backend, which counts them.
+    mod on_the_real_agent {
+        use std::os::unix::net::UnixListener;
+        use std::sync::OnceLock;
+
+        use agentvm::fakevm::FakeVmm;
+        use containerd_shim::protos::shim_async::create_events;
+        use containerd_shim::protos::ttrpc::asynchronous::{transport::Listener, Server};
+        use tokio::sync::mpsc;
+
+        use super::hostile_agent::{ctx, Recorder};
+        use super::*;
+
+        /// The state root of every sandbox of this test binary (set once: an env var).
+        fn state_root() -> &'static std::path::Path {
+            static ROOT: OnceLock<tempfile::TempDir> = OnceLock::new();
+            ROOT.get_or_init(|| {
+                let dir = tempfile::tempdir().unwrap();
+                std::env::set_var("AGENTVM_STATE_ROOT", dir.path());
+                dir
+            })
+            .path()
+        }
+
+        struct Harness {
+            svc: TaskService,
+            backend: Arc<FakeVmm>,
+            events: mpsc::UnboundedReceiver<(String, Any)>,
+            dir: tempfile::TempDir,
+            _server: Server,
+        }
+
+        const SANDBOX_ANNOTATIONS: &str = r#"{"io.kubernetes.cri.container-type":"sandbox","io.kubernetes.cri.sandbox-id":"pod1"}"#;
+        const MEMBER_ANNOTATIONS: &str = r#"{"io.kubernetes.cri.container-type":"container","io.kubernetes.cri.sandbox-id":"pod1"}"#;
+
+        impl Harness {
+            async fn new() -> Harness {
+                state_root();
+                let dir = tempfile::tempdir().unwrap();
+                let sock = dir.path().join("events.sock");
+                let (tx, events) = mpsc::unbounded_channel();
+                let listener = Listener::try_from(UnixListener::bind(&sock).unwrap()).unwrap();
+                let mut server = Server::new()
+                    .add_listener(listener)
+                    .register_service(create_events(Arc::new(Recorder(tx))));
+                server.start().await.unwrap();
+                let publisher = RemotePublisher::new(sock.to_str().unwrap()).await.unwrap();
+                let backend = Arc::new(FakeVmm::default());
+                let svc = TaskService::new("ns".into(), publisher, Arc::new(ExitSignal::default()))
+                    .with_backend(backend.clone());
+                Harness {
+                    svc,
+                    backend,
+                    events,
+                    dir,
+                    _server: server,
+                }
+            }
+
+            /// Creates container `id` from a bundle running `script` with `annotations`.
+            async fn create(
+                &self,
+                id: &str,
+                script: &str,
+                annotations: &str,
+            ) -> ttrpc::Result<api::CreateTaskResponse> {
+                let bundle = self.dir.path().join(id);
+                std::fs::create_dir_all(bundle.join("rootfs")).unwrap();
+                let spec = format!(
+                    r#"{{"ociVersion":"1.0.2",
+                        "process":{{"args":["sh","-c",{}],"cwd":"/",
+                                    "env":["PATH=/usr/bin:/bin"],"user":{{"uid":0,"gid":0}}}},
+                        "root":{{"path":"rootfs"}},
+                        "linux":{{"namespaces":[{{"type":"network"}},{{"type":"pid"}},
+                                                {{"type":"mount"}},{{"type":"ipc"}},{{"type":"uts"}}]}},
+                        "annotations":{annotations}}}"#,
+                    serde_json::to_string(script).unwrap()
+                );
+                std::fs::write(bundle.join("config.json"), spec).unwrap();
+                let req = api::CreateTaskRequest {
+                    id: id.into(),
+                    bundle: bundle.display().to_string(),
+                    ..Default::default()
+                };
+                self.svc.create(&ctx(), req).await
+            }
+
+            async fn start(&self, id: &str, exec_id: &str) -> ttrpc::Result<api::StartResponse> {
+                let req = api::StartRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                };
+                self.svc.start(&ctx(), req).await
+            }
+
+            async fn kill(&self, id: &str, signal: i32) -> ttrpc::Result<api::Empty> {
+                let req = api::KillRequest {
+                    id: id.into(),
+                    signal: signal as u32,
+                    ..Default::default()
+                };
+                self.svc.kill(&ctx(), req).await
+            }
+
+            async fn wait(&self, id: &str, exec_id: &str) -> u32 {
+                let req = api::WaitRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    ..Default::default()
+                };
+                let c = ctx();
+                let w = tokio::time::timeout(Duration::from_secs(20), self.svc.wait(&c, req));
+                w.await.expect("no exit within 20 s").unwrap().exit_status
+            }
+
+            async fn delete(&self, id: &str) -> ttrpc::Result<api::DeleteResponse> {
+                let req = api::DeleteRequest {
+                    id: id.into(),
+                    ..Default::default()
+                };
+                self.svc.delete(&ctx(), req).await
+            }
+
+            async fn exec(&self, id: &str, exec_id: &str, script: &str) {
+                let spec = format!(
+                    r#"{{"args":["sh","-c",{}],"cwd":"/","env":["PATH=/usr/bin:/bin"],"user":{{"uid":0,"gid":0}}}}"#,
+                    serde_json::to_string(script).unwrap()
+                );
+                let req = api::ExecProcessRequest {
+                    id: id.into(),
+                    exec_id: exec_id.into(),
+                    spec: MessageField::some(Any {
+                        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process"
+                            .into(),
+                        value: spec.into_bytes(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                };
+                self.svc.exec(&ctx(), req).await.unwrap();
+            }
+
+            /// The topics published so far (waiting `settle` for stragglers).
+            async fn topics(&mut self, settle: Duration) -> Vec<String> {
+                let mut out = Vec::new();
+                while let Ok(Some((t, _))) = tokio::time::timeout(settle, self.events.recv()).await
+                {
+                    out.push(t);
+                }
+                out
+            }
+        }
+
+        fn code(e: ttrpc::Error) -> Code {
+            match e {
+                ttrpc::Error::RpcStatus(s) => s.code(),
+                other => panic!("not a status: {other:?}"),
+            }
+        }
+
+        /// A whole lifecycle: TaskCreate < TaskStart < TaskExit < TaskDelete, the exit code
+        /// the agent reported, one VM launched and gone after Delete.
+        #[tokio::test]
+        async fn events_come_in_order_create_start_exit_delete() {
+            let mut h = Harness::new().await;
+            h.create("life", "exit 7", "{}").await.unwrap();
+            assert_eq!(h.backend.launches(), 0, "the VM boots at start");
+            h.start("life", "").await.unwrap();
+            assert_eq!(h.wait("life", "").await, 7);
+            let del = h.delete("life").await.unwrap();
+            assert_eq!(del.exit_status, 7);
+            assert_eq!(
+                h.topics(Duration::from_millis(300)).await,
+                [
+                    topics::TASK_CREATE_EVENT_TOPIC,
+                    topics::TASK_START_EVENT_TOPIC,
+                    topics::TASK_EXIT_EVENT_TOPIC,
+                    topics::TASK_DELETE_EVENT_TOPIC
+                ]
+            );
+            assert_eq!(h.backend.launches(), 1);
+            let vm = &h.backend.vms()[0];
+            assert!(vm.ended().is_some(), "the VM is gone after Delete");
+            assert!(vm.live_pids().is_empty());
+            assert!(!state_root().join("life").exists(), "its state dir is gone");
+        }
+
+        /// A kill before start ends the created task (137 published as its exit) without a
+        /// VM; it cannot start afterwards, and Delete reports the kill.
+        #[tokio::test]
+        async fn kill_before_start_ends_the_task_without_a_vm() {
+            let mut h = Harness::new().await;
+            h.create("early", "sleep 30", "{}").await.unwrap();
+            h.kill("early", libc::SIGKILL).await.unwrap();
+            assert_eq!(h.wait("early", "").await, 137);
+            let e = h.start("early", "").await.unwrap_err();
+            assert_eq!(code(e), Code::FAILED_PRECONDITION);
+            assert_eq!(h.delete("early").await.unwrap().exit_status, 137);
+            assert_eq!(
+                h.topics(Duration::from_millis(300)).await,
+                [
+                    topics::TASK_CREATE_EVENT_TOPIC,
+                    topics::TASK_EXIT_EVENT_TOPIC,
+                    topics::TASK_DELETE_EVENT_TOPIC
+                ]
+            );
+            assert_eq!(h.backend.launches(), 0);
+            assert!(!state_root().join("early").exists());
+        }
+
+        /// As runc's shim: Delete of a running container is refused (the process keeps
+        /// running); after a kill it succeeds. Pause and resume reach the VM.
+        #[tokio::test]
+        async fn delete_while_running_is_refused() {
+            let h = Harness::new().await;
+            h.create("busy", "sleep 30", "{}").await.unwrap();
+            h.start("busy", "").await.unwrap();
+            let e = h.delete("busy").await.unwrap_err();
+            assert_eq!(code(e), Code::FAILED_PRECONDITION);
+            let vm = h.backend.vms()[0].clone();
+            assert_eq!(vm.live_pids().len(), 1, "still running");
+            let pause = api::PauseRequest {
+                id: "busy".into(),
+                ..Default::default()
+            };
+            h.svc.pause(&ctx(), pause).await.unwrap();
+            assert_eq!(vm.paused(), (true, 1));
+            // A SIGKILL lands on a paused VM: it is resumed first.
+            h.kill("busy", libc::SIGKILL).await.unwrap();
+            assert_eq!(vm.paused(), (false, 1));
+            assert_eq!(h.wait("busy", "").await, 137);
+            assert_eq!(h.delete("busy").await.unwrap().exit_status, 137);
+            assert!(vm.ended().is_some() && vm.live_pids().is_empty());
+        }
+
+        /// An exec in a running container runs in its VM, its exit reported; the init's exit
+        /// follows.
+        #[tokio::test]
+        async fn exec_reports_its_own_exit() {
+            let h = Harness::new().await;
+            h.create("ex", "sleep 30", "{}").await.unwrap();
+            h.start("ex", "").await.unwrap();
+            h.exec("ex", "e1", "exit 5").await;
+            h.start("ex", "e1").await.unwrap();
+            assert_eq!(h.wait("ex", "e1").await, 5);
+            assert_eq!(h.backend.launches(), 1);
+            h.kill("ex", libc::SIGTERM).await.unwrap();
+            assert_eq!(h.wait("ex", "").await, 128 + libc::SIGTERM as u32);
+            h.delete("ex").await.unwrap();
+        }
+
+        /// A pod: the sandbox's VM is launched once; a second container runs in it (no second
+        /// VM), an exec runs in that container, the container's end leaves the pod's VM
+        /// running, and the sandbox's end ends it. Needs root: the shim binds the container's
+        /// root into the pod share.
+        #[tokio::test]
+        async fn a_second_container_and_an_exec_run_in_the_pod_vm() {
+            if !nix::unistd::geteuid().is_root() {
+                assert!(
+                    std::env::var("AGENTVM_REQUIRE_VM").as_deref() != Ok("1"),
+                    "needs root to bind a container's root into the pod share"
+                );
+                eprintln!("SKIP a_second_container_and_an_exec_run_in_the_pod_vm: needs root");
+                return;
+            }
+            let h = Harness::new().await;
+            h.create("pod1", "sleep 30", SANDBOX_ANNOTATIONS)
+                .await
+                .unwrap();
+            h.start("pod1", "").await.unwrap();
+            h.create("app", "sleep 30", MEMBER_ANNOTATIONS)
+                .await
+                .unwrap();
+            h.start("app", "").await.unwrap();
+            assert_eq!(h.backend.launches(), 1, "the container joined the pod's VM");
+            let vm = h.backend.vms()[0].clone();
+            assert_eq!(vm.live_pids().len(), 2);
+            h.exec("app", "e", "exit 4").await;
+            h.start("app", "e").await.unwrap();
+            assert_eq!(h.wait("app", "e").await, 4);
+            // Delete of the running container is refused, as for any.
+            assert_eq!(
+                code(h.delete("app").await.unwrap_err()),
+                Code::FAILED_PRECONDITION
+            );
+            h.kill("app", libc::SIGKILL).await.unwrap();
+            assert_eq!(h.wait("app", "").await, 137);
+            h.delete("app").await.unwrap();
+            assert!(vm.ended().is_none(), "the pod's VM still runs");
+            assert_eq!(vm.live_pids().len(), 1);
+            h.kill("pod1", libc::SIGKILL).await.unwrap();
+            assert_eq!(h.wait("pod1", "").await, 137);
+            h.delete("pod1").await.unwrap();
+            assert!(vm.ended().is_some());
+            assert_eq!(h.backend.launches(), 1);
         }
     }
 }
