@@ -2176,8 +2176,18 @@ mod tests {
             }
 
             /// The topics published so far (waiting `settle` for stragglers).
-            async fn topics(&mut self, settle: Duration) -> Vec<String> {
+            /// The topics published: at least `expected` of them (waited for up to 20 s: a
+            /// loaded machine delays the publisher), then whatever follows within 300 ms.
+            async fn topics(&mut self, expected: usize) -> Vec<String> {
                 let mut out = Vec::new();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+                while out.len() < expected {
+                    match tokio::time::timeout_at(deadline, self.events.recv()).await {
+                        Ok(Some((t, _))) => out.push(t),
+                        _ => break,
+                    }
+                }
+                let settle = Duration::from_millis(300);
                 while let Ok(Some((t, _))) = tokio::time::timeout(settle, self.events.recv()).await
                 {
                     out.push(t);
@@ -2205,7 +2215,7 @@ mod tests {
             let del = h.delete("life").await.unwrap();
             assert_eq!(del.exit_status, 7);
             assert_eq!(
-                h.topics(Duration::from_millis(300)).await,
+                h.topics(4).await,
                 [
                     topics::TASK_CREATE_EVENT_TOPIC,
                     topics::TASK_START_EVENT_TOPIC,
@@ -2232,7 +2242,7 @@ mod tests {
             assert_eq!(code(e), Code::FAILED_PRECONDITION);
             assert_eq!(h.delete("early").await.unwrap().exit_status, 137);
             assert_eq!(
-                h.topics(Duration::from_millis(300)).await,
+                h.topics(3).await,
                 [
                     topics::TASK_CREATE_EVENT_TOPIC,
                     topics::TASK_EXIT_EVENT_TOPIC,
