@@ -34,6 +34,7 @@ pub mod run;
 pub mod sandbox;
 pub mod sandboxuser;
 pub mod secrets;
+mod session;
 pub mod vmm;
 
 pub use error::{Error, Result};

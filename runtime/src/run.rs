@@ -5,21 +5,28 @@ use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use agentvm_protocol::{tokio_io, Frame, Message, ProcessSpec, RootfsSpec, StartRequest, Stream};
-use tokio::io::AsyncWriteExt;
+use std::sync::Arc;
+
+use agentvm_protocol::{ProcessSpec, RootfsSpec, StartRequest};
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use crate::accel::{self, AccelChoice};
 use crate::assets::Assets;
+use crate::container::ProcessIo;
 use crate::error::{Error, Result};
-use crate::sandbox::{new_id, spawn_frame_reader, spawn_input_pump, Sandbox, SandboxConfig};
+use crate::guest::{self, GuestLog};
+use crate::sandbox::{new_id, Sandbox, SandboxConfig};
+use crate::session::{self, Control, DriveLink};
 use crate::vmm::Disk;
 
 /// Defaults documented in the README.
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
 pub const DEFAULT_VCPUS: u32 = 1;
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// How long the agent may take to confirm the process's start (the root's mount and the
+/// process's setup), once it answered.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Options of `agentvm run`.
 #[derive(Debug, Clone)]
@@ -151,13 +158,13 @@ pub async fn run(mut opts: RunOptions) -> Result<i32> {
     Ok(code)
 }
 
-/// Starts the process and relays until it exits; returns its code and a timing line.
+/// Starts the process and relays until it exits, through the session driver the shim's
+/// containers use ([`crate::session::drive`]); returns its code and a timing line.
 async fn drive(
     sandbox: &mut Sandbox,
     conn: crate::sandbox::AgentConn,
     opts: &RunOptions,
 ) -> Result<(i32, String)> {
-    let crate::sandbox::AgentConn { reader, mut writer } = conn;
     let start = StartRequest {
         rootfs: RootfsSpec {
             device: "/dev/vda".into(),
@@ -177,23 +184,83 @@ async fn drive(
         container: None,
         secrets: opts.secrets.clone(),
     };
-    let t_start = Instant::now();
-    tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Start(Box::new(start)))).await?;
-
-    let (mut frames, reader_task) = spawn_frame_reader(reader);
-    let mut stdin_open = opts.interactive;
-    let mut stdin_rx = if opts.interactive {
-        spawn_input_pump(tokio::io::stdin()).0
-    } else {
-        tokio_io::write_frame(&mut writer, &Frame::Data(Stream::Stdin, Vec::new())).await?;
-        mpsc::channel(1).1
+    let io = ProcessIo {
+        stdin: opts
+            .interactive
+            .then(|| Box::new(tokio::io::stdin()) as Box<dyn tokio::io::AsyncRead + Send + Unpin>),
+        stdout: Some(Box::new(tokio::io::stdout())),
+        stderr: Some(Box::new(tokio::io::stderr())),
     };
     let _raw = if opts.process.terminal && std::io::stdin().is_terminal() {
         RawTerminal::enter()
     } else {
         None
     };
+    let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+    let signals = forward_signals(ctl_tx)?;
+    let (started_tx, started_rx) = oneshot::channel();
+    let link = DriveLink {
+        dialer: None,
+        log: Arc::new(GuestLog::new(
+            sandbox.id.clone(),
+            guest::GUEST_LOG_PER_SECOND,
+        )),
+        start_timeout: START_TIMEOUT,
+        pending: Vec::new(),
+    };
+    let t_start = Instant::now();
+    let started = async {
+        let r = started_rx.await;
+        (r, Instant::now())
+    };
+    let (ending, (started, t_started)) = tokio::join!(
+        session::drive(
+            Some(&mut *sandbox),
+            link,
+            conn,
+            start,
+            io,
+            ctl_rx,
+            started_tx
+        ),
+        started
+    );
+    signals.abort();
+    if let Some(reason) = ending.vm_died {
+        return Err(Error::VmDied {
+            reason,
+            console: sandbox.diagnostics(),
+        });
+    }
+    match started {
+        Ok(Ok(())) => {}
+        // The process could not even be set up (rootfs, invalid spec, no exit reported).
+        Ok(Err(e)) if !ending.reported => return Err(e),
+        // It could not start (a command not found): reported with its exit code, as Docker
+        // reports `exec: ...: not found` with 127.
+        Ok(Err(e)) => eprintln!("agentvm: {e}"),
+        Err(_) => {
+            return Err(Error::Agent(
+                "the process driver ended without a start".into(),
+            ))
+        }
+    }
+    let t = sandbox.timings;
+    let now = Instant::now();
+    let timing = format!(
+        "agentvm: timing: vmm-spawn={}ms guest-uptime-at-agent={}ms agent-ready={}ms exec={}ms run={}ms",
+        t.vmm_spawned.duration_since(t.started).as_millis(),
+        t.guest_uptime_ms,
+        t.agent_ready.duration_since(t.started).as_millis(),
+        t_started.duration_since(t_start).as_millis(),
+        now.duration_since(t_started).as_millis(),
+    );
+    Ok((ending.code, timing))
+}
 
+/// Forwards the signals a terminal or a supervisor sends `agentvm run` to the process, and
+/// the terminal's size when it changes; the task ends when the driver's channel closes.
+fn forward_signals(ctl: mpsc::UnboundedSender<Control>) -> Result<tokio::task::JoinHandle<()>> {
     let sig = |k: SignalKind| signal(k).map_err(|e| Error::io("install handler for", "signal", e));
     let mut sigint = sig(SignalKind::interrupt())?;
     let mut sigterm = sig(SignalKind::terminate())?;
@@ -202,106 +269,25 @@ async fn drive(
     let mut sigusr1 = sig(SignalKind::user_defined1())?;
     let mut sigusr2 = sig(SignalKind::user_defined2())?;
     let mut sigwinch = sig(SignalKind::window_change())?;
-
-    let mut stdout = tokio::io::stdout();
-    let mut stderr = tokio::io::stderr();
-    let mut t_started = None;
-    let mut unacked = 0u64;
-    let code = loop {
-        let forward: Option<i32> = tokio::select! {
-            f = frames.recv() => {
-                // Output read off the connection opens the agent's window (OUTPUT_WINDOW).
-                if let Some(Ok(Some(Frame::Data(_, b)))) = &f {
-                    unacked += b.len() as u64;
-                    if unacked >= agentvm_protocol::OUTPUT_WINDOW / 4 {
-                        let bytes = std::mem::take(&mut unacked);
-                        let ack = Frame::Msg(Message::Consumed { bytes });
-                        tokio_io::write_frame(&mut writer, &ack).await?;
-                    }
-                }
-                match f {
-                    Some(Ok(Some(Frame::Data(Stream::Stdout, b)))) => {
-                        if !b.is_empty() {
-                            let _ = stdout.write_all(&b).await;
-                            let _ = stdout.flush().await;
-                        }
-                    }
-                    Some(Ok(Some(Frame::Data(Stream::Stderr, b)))) => {
-                        if !b.is_empty() {
-                            let _ = stderr.write_all(&b).await;
-                            let _ = stderr.flush().await;
-                        }
-                    }
-                    Some(Ok(Some(Frame::Msg(Message::Started { .. })))) => {
-                        t_started = Some(Instant::now());
-                    }
-                    Some(Ok(Some(Frame::Msg(Message::Error { message, exit_code })))) => {
-                        if exit_code.is_none() && t_started.is_none() {
-                            // The process could not even be set up (rootfs, invalid spec).
-                            return Err(Error::Agent(crate::guest::text(&message)));
-                        }
-                        let message = crate::guest::text(&message);
-                        let _ = stderr.write_all(format!("agentvm: {message}\n").as_bytes()).await;
-                    }
-                    Some(Ok(Some(Frame::Msg(Message::Exited(st))))) => break crate::guest::exit_code(&st),
-                    Some(Ok(Some(other))) => {
-                        tracing::debug!("ignoring unexpected frame {}", crate::guest::describe(&other));
-                    }
-                    Some(Ok(None)) | Some(Err(_)) | None => {
-                        // The agent went away before reporting an exit: the VM is dying.
-                        let why = tokio::time::timeout(Duration::from_secs(3), sandbox.vmm_exited())
-                            .await
-                            .unwrap_or_else(|_| "the agent connection closed".into());
-                        return Err(Error::VmDied { reason: why, console: sandbox.diagnostics() });
-                    }
-                }
-                None
+    Ok(tokio::spawn(async move {
+        loop {
+            let c = tokio::select! {
+                _ = sigint.recv() => Control::Signal(libc::SIGINT),
+                _ = sigterm.recv() => Control::Signal(libc::SIGTERM),
+                _ = sighup.recv() => Control::Signal(libc::SIGHUP),
+                _ = sigquit.recv() => Control::Signal(libc::SIGQUIT),
+                _ = sigusr1.recv() => Control::Signal(libc::SIGUSR1),
+                _ = sigusr2.recv() => Control::Signal(libc::SIGUSR2),
+                _ = sigwinch.recv() => match terminal_size() {
+                    Some((rows, cols)) => Control::Resize { rows, cols },
+                    None => continue,
+                },
+            };
+            if ctl.send(c).is_err() {
+                break;
             }
-            chunk = stdin_rx.recv(), if stdin_open => {
-                let data = match chunk {
-                    Some(b) => b,
-                    None => { stdin_open = false; Vec::new() }
-                };
-                tokio_io::write_frame(&mut writer, &Frame::Data(Stream::Stdin, data)).await?;
-                None
-            }
-            st = sandbox.vmm_exited() => {
-                return Err(Error::VmDied { reason: format!("QEMU {st}"), console: sandbox.diagnostics() });
-            }
-            _ = sigint.recv() => Some(libc::SIGINT),
-            _ = sigterm.recv() => Some(libc::SIGTERM),
-            _ = sighup.recv() => Some(libc::SIGHUP),
-            _ = sigquit.recv() => Some(libc::SIGQUIT),
-            _ = sigusr1.recv() => Some(libc::SIGUSR1),
-            _ = sigusr2.recv() => Some(libc::SIGUSR2),
-            _ = sigwinch.recv() => {
-                if let Some((rows, cols)) = terminal_size() {
-                    tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Resize { rows, cols })).await?;
-                }
-                None
-            }
-        };
-        if let Some(signal) = forward {
-            tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Signal { signal })).await?;
         }
-    };
-    let t = sandbox.timings;
-    let now = Instant::now();
-    let started = t_started.unwrap_or(now);
-    let timing = format!(
-            "agentvm: timing: vmm-spawn={}ms guest-uptime-at-agent={}ms agent-ready={}ms exec={}ms run={}ms",
-            t.vmm_spawned.duration_since(t.started).as_millis(),
-            t.guest_uptime_ms,
-            t.agent_ready.duration_since(t.started).as_millis(),
-            started.duration_since(t_start).as_millis(),
-            now.duration_since(started).as_millis(),
-    );
-    // Closing the connection (both halves) tells the agent the host has read the exit; it
-    // then powers off at once.
-    reader_task.abort();
-    let _ = reader_task.await;
-    drop(writer);
-    Ok((code, timing))
+    }))
 }
 
 #[cfg(test)]
