@@ -6,7 +6,7 @@
 //! `delete` (clean up after a dead server). The shim's logic is this package's library, the
 //! container logic the `agentvm` runtime library's.
 
-use containerd_shim_agentvm_v1::{mountns, service, RUNTIME_ID};
+use containerd_shim_agentvm_v1::{service, RUNTIME_ID};
 
 fn main() {
     // `run` does not handle -v; containerd and users expect it (reference P18).
@@ -28,12 +28,6 @@ fn main() {
     if let Ok(flags) = containerd_shim::parse(&args) {
         if flags.action == "delete" {
             std::process::exit(service::delete_action(&flags));
-        }
-        // The server (no action): its mounts in a namespace of its own, before any thread.
-        if flags.action.is_empty() {
-            if let Err(e) = mountns::enter_own() {
-                eprintln!("agentvm shim: no mount namespace of its own ({e}): mounts are made in the host's");
-            }
         }
     }
     // One thread: QEMU is spawned with PR_SET_PDEATHSIG, which fires when the spawning

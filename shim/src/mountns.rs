@@ -7,25 +7,39 @@
 //! container runs (Linux refuses to remove a mount point of the caller's own namespace, and
 //! lazily detaches those of other namespaces), and a SIGKILLed shim leaves them all behind.
 //!
-//! So the server, before it starts a thread, takes a namespace of its own whose mounts are
-//! slaves of the host's: mounts the host makes later (kubelet's volumes, a host mount below
-//! a volume) still reach the shim, virtiofsd and the VM; the shim's own mounts reach neither
+//! So the server of a pod (the CRI sandbox's shim, which serves all the pod's containers)
+//! starts in a namespace of its own whose mounts are slaves of the host's: mounts the host
+//! makes later (kubelet's volumes, a host mount below a volume) still reach the shim,
+//! virtiofsd and the VM where the host's mount is shared; the shim's own mounts reach neither
 //! the host nor any other process, and end with the shim's last process.
-
-use nix::mount::MsFlags;
-use nix::sched::CloneFlags;
+//!
+//! Not Docker's (or ctr's) server: Docker reads and writes the container's root through its
+//! own mount of it (`docker cp`, `docker diff`), and a layered root's refreshed host view is
+//! mounted by the shim over that mount point for Docker to see; it must be in the host's
+//! namespace.
 
 /// Moves the calling process into a new mount namespace, with every mount a slave of the
-/// host's (`mount --make-rslave /`). Must run before the process starts a second thread
+/// host's (`mount --make-rslave /`). Only async-signal-safe system calls on static data: made
+/// for the server's `pre_exec`, between fork and exec, where the child has one thread
 /// (`unshare(CLONE_NEWNS)` fails with EINVAL in a process whose threads share their
 /// filesystem context).
-pub fn enter_own() -> nix::Result<()> {
-    nix::sched::unshare(CloneFlags::CLONE_NEWNS)?;
-    nix::mount::mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_SLAVE,
-        None::<&str>,
-    )
+pub fn enter_own() -> std::io::Result<()> {
+    // SAFETY: unshare(2) takes flags only.
+    if unsafe { libc::unshare(libc::CLONE_NEWNS) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a static C string for the target, null for the unused source, type and data.
+    let r = unsafe {
+        libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_SLAVE,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -49,7 +49,8 @@ impl containerd_shim::Shim for Service {
         // A pod's containers share one shim, the sandbox's (as runc's v2 shim groups them):
         // its socket is named after the sandbox id, and a later container of the pod is sent
         // to the shim that already listens there.
-        let group = grouping_id(Path::new("config.json"), &opts.id);
+        let role = pod_role(Path::new("config.json"));
+        let group = grouping_id_of(&role, &opts.id);
         let address = containerd_shim::socket_address(&opts.address, &opts.namespace, &group);
         if group != opts.id && serves(&address).await {
             tokio::fs::write("address", &address)
@@ -75,11 +76,17 @@ impl containerd_shim::Shim for Service {
         if opts.debug {
             cmd.arg("-debug");
         }
-        // SAFETY: setsid(2) is async-signal-safe and touches no memory of the parent; it makes
-        // the server independent of `start`'s process group and session.
+        // A pod's server keeps its mounts in a namespace of its own (crate::mountns).
+        let own_mounts = !matches!(role, agentvm::pod::PodRole::None);
+        // SAFETY: setsid(2), unshare(2) and mount(2) on static data are async-signal-safe and
+        // touch no memory of the parent; setsid makes the server independent of `start`'s
+        // process group and session.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
+                if own_mounts {
+                    crate::mountns::enter_own()?;
+                }
                 Ok(())
             });
         }
@@ -118,16 +125,28 @@ impl containerd_shim::Shim for Service {
 /// The id whose shim serves the container of the bundle whose spec is `config`: the pod
 /// sandbox's id for a CRI container of a pod, else the container's own.
 pub fn grouping_id(config: &Path, id: &str) -> String {
+    grouping_id_of(&pod_role(config), id)
+}
+
+fn grouping_id_of(role: &agentvm::pod::PodRole, id: &str) -> String {
+    match role {
+        agentvm::pod::PodRole::Container { sandbox_id } if !sandbox_id.is_empty() => {
+            sandbox_id.clone()
+        }
+        _ => id.to_string(),
+    }
+}
+
+/// The CRI role of the container of the bundle whose spec is `config` (none when the spec
+/// cannot be read: `create` reports that).
+fn pod_role(config: &Path) -> agentvm::pod::PodRole {
     let annotations = std::fs::read(config)
         .ok()
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.get("annotations").cloned())
         .and_then(|a| serde_json::from_value::<HashMap<String, String>>(a).ok())
         .unwrap_or_default();
-    match agentvm::pod::PodRole::of(&annotations) {
-        agentvm::pod::PodRole::Container { sandbox_id } if !sandbox_id.is_empty() => sandbox_id,
-        _ => id.to_string(),
-    }
+    agentvm::pod::PodRole::of(&annotations)
 }
 
 /// Whether a shim answers on `address` (`unix://<path>`).
