@@ -24,6 +24,7 @@ pub mod power;
 pub mod process;
 pub mod reaper;
 pub mod rootfs;
+pub mod seccomp;
 pub mod secrets;
 pub mod server;
 pub mod stats;

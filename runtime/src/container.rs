@@ -85,6 +85,10 @@ pub struct ContainerConfig {
     /// The container's secrets, decrypted ([`crate::secrets`]): sent with the init's start
     /// request, nowhere else (their `Debug` shows no value).
     pub secrets: Vec<agentvm_protocol::SecretSpec>,
+    /// The spec's masked and read-only paths, as the confinement policy leaves them
+    /// ([`crate::oci::confinement`]): applied in the guest before the init runs.
+    pub masked_paths: Vec<String>,
+    pub readonly_paths: Vec<String>,
 }
 
 /// The stdio of a process; `None` streams are not connected.
@@ -540,6 +544,8 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
         sysctls: Default::default(),
         container: None,
         secrets: cfg.secrets,
+        masked_paths: Vec::new(),
+        readonly_paths: Vec::new(),
     };
     let (down_tx, down_rx) = watch::channel(false);
     let shared = Arc::new(VmShared {
@@ -619,6 +625,8 @@ fn start_request(
         sysctls: cfg.sysctls.clone(),
         container: None,
         secrets: cfg.secrets.clone(),
+        masked_paths: cfg.masked_paths.clone(),
+        readonly_paths: cfg.readonly_paths.clone(),
     }
 }
 
@@ -1203,6 +1211,8 @@ impl Running {
                     limits: None,
                 }),
             secrets: Vec::new(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
         };
         self.spawn_in_vm(request, io, EXEC_START_TIMEOUT)
     }
@@ -1696,6 +1706,8 @@ pub mod testing {
             sysctls: Default::default(),
             container: None,
             secrets: Vec::new(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
         };
         let shared = Arc::new(VmShared {
             qmp: PathBuf::from("/nonexistent/qmp.sock"),

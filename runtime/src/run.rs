@@ -176,6 +176,8 @@ async fn drive(
         sysctls: Default::default(),
         container: None,
         secrets: opts.secrets.clone(),
+        masked_paths: Vec::new(),
+        readonly_paths: Vec::new(),
     };
     let t_start = Instant::now();
     tokio_io::write_frame(&mut writer, &Frame::Msg(Message::Start(Box::new(start)))).await?;

@@ -272,6 +272,9 @@ struct Entry {
     /// The spec's hooks and annotations, for the poststop hooks at delete.
     hooks: Option<agentvm::hooks::Hooks>,
     annotations: HashMap<String, String>,
+    /// The container's seccomp profile, as its policy leaves it: every exec gets it too, as
+    /// under runc.
+    seccomp: Option<agentvm_protocol::Seccomp>,
     init: Proc<Box<Created>>,
     execs: Mutex<HashMap<String, Arc<ExecProc>>>,
     /// For a pod's later container: the pod share its root is bound into, and the
@@ -434,6 +437,7 @@ impl TaskService {
             mounted_rootfs: !req.rootfs.is_empty(),
             hooks: spec.hooks.clone(),
             annotations: spec.annotations.clone(),
+            seccomp: spec.confinement.seccomp.clone(),
             init: Proc::new(
                 req.id.clone(),
                 io,
@@ -688,6 +692,8 @@ impl Task for TaskService {
             host_cgroup: Some(spec.host_cgroup.clone()),
             volume_limits: spec.volume_limits,
             secrets,
+            masked_paths: spec.confinement.masked_paths.clone(),
+            readonly_paths: spec.confinement.readonly_paths.clone(),
         };
         let container = match Container::create(cfg).await {
             Ok(c) => c,
@@ -706,6 +712,7 @@ impl Task for TaskService {
             mounted_rootfs,
             hooks: spec.hooks,
             annotations: spec.annotations,
+            seccomp: spec.confinement.seccomp,
             init: Proc::new(
                 req.id.clone(),
                 io,
@@ -1043,6 +1050,7 @@ impl Task for TaskService {
             .unwrap_or(b"{}");
         let mut spec = agentvm::oci::process_spec_json(spec_json)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        spec.seccomp = entry.seccomp.clone();
         let policy = agentvm::oci::cap_policy(&entry.annotations)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         agentvm::oci::apply_cap_policy(&mut spec, policy);
@@ -1242,6 +1250,7 @@ mod tests {
             mounted_rootfs: false,
             hooks: None,
             annotations: HashMap::new(),
+            seccomp: None,
             init,
             execs: Mutex::new(HashMap::new()),
             pod_share,
@@ -1652,6 +1661,8 @@ mod tests {
                     limits: None,
                 }),
                 secrets: Vec::new(),
+                masked_paths: Vec::new(),
+                readonly_paths: Vec::new(),
             };
             let init = Proc::new(
                 "m".into(),
