@@ -25,6 +25,7 @@ pub mod power;
 pub mod process;
 pub mod reaper;
 pub mod rootfs;
+pub mod seccomp;
 pub mod secrets;
 pub mod server;
 #[cfg(any(test, feature = "sim"))]

@@ -614,6 +614,14 @@ async fn run(
     let process = secrets::with_env(&req.process, &secret_env);
     let planned = Plan::new(&process, &agent.root, agent.last_cap);
     secrets::scrub(process);
+    let planned = planned.and_then(|mut p| {
+        // The init's paths stay masked and read-only in the agent's mount namespace, which
+        // the container's later processes share.
+        if req.init && !agent.preset_root {
+            p.confine_paths(&req.readonly_paths, &req.masked_paths)?;
+        }
+        Ok(p)
+    });
     let plan = match planned {
         Ok(mut p) => {
             p.cgroup_procs = agent.cgroup.as_ref().and_then(Cgroup::procs_path);
@@ -830,6 +838,9 @@ fn create_member(
     plan.cgroup_procs = cgroup.as_ref().and_then(Cgroup::procs_path);
     if !agent.preset_root {
         plan.mount_ns = MountNs::New;
+        // In the container's own mount namespace, after its procfs: its execs join it.
+        plan.confine_paths(&req.readonly_paths, &req.masked_paths)
+            .map_err(|e| format!("invalid process spec: {e}"))?;
     }
     if pc.own_pid_namespace {
         plan.pid_ns = PidNs::New;
@@ -1238,6 +1249,8 @@ mod tests {
             sysctls: Default::default(),
             container: None,
             secrets: Vec::new(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
         }
     }
 

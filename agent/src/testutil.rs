@@ -23,3 +23,31 @@ pub fn as_root(test: &str, why: &str) -> bool {
     eprintln!("SKIP {test}: needs root for {why}");
     false
 }
+
+/// Runs `f` in a forked child and returns its exit code (`f`'s return value). `f` runs
+/// between `fork` and `_exit` in a copy of a multi-threaded process: it must not allocate or
+/// take locks (prepare everything before).
+pub fn in_child(f: impl FnOnce() -> i32) -> i32 {
+    let _children = child_lock();
+    // SAFETY: the child only runs `f`, which the caller keeps to async-signal-safe calls,
+    // and leaves with `_exit`, never returning into the test harness.
+    match unsafe { libc::fork() } {
+        -1 => panic!("fork: {}", std::io::Error::last_os_error()),
+        0 => {
+            let code = f();
+            // SAFETY: ends the child without running the parent's exit handlers.
+            unsafe { libc::_exit(code) }
+        }
+        pid => {
+            let mut status = 0;
+            // SAFETY: waits for our own child; `status` is a valid out pointer.
+            let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+            assert_eq!(r, pid, "waitpid: {}", std::io::Error::last_os_error());
+            assert!(
+                libc::WIFEXITED(status),
+                "the child did not exit: status {status:#x}"
+            );
+            libc::WEXITSTATUS(status)
+        }
+    }
+}

@@ -1682,6 +1682,121 @@ against_both!(
     security_context_agentvm
 );
 
+/// kubelet's default `maskedPaths` (pkg/securitycontext: the CRI passes them, containerd adds
+/// none of its own).
+const KUBELET_MASKED_PATHS: [&str; 11] = [
+    "/proc/asound",
+    "/proc/acpi",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+/// kubelet's default `readonlyPaths`.
+const KUBELET_READONLY_PATHS: [&str; 5] = [
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+/// The spec's confinement beyond capabilities, as runc applies it: a container with the
+/// RuntimeDefault seccomp profile runs under a filter (its init and its execs) that refuses
+/// syscalls the profile leaves out (`syslog`, which the guest's `dmesg_restrict=0` would
+/// otherwise allow root, and `unshare`); kubelet's masked paths read nothing and its
+/// read-only paths refuse writes. An Unconfined container gets no filter, and keeps the masked
+/// and read-only paths (they do not depend on the profile).
+fn seccomp_and_masked_paths(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "seccomp", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let with_profile = |name: &str, script: &str, t: ProfileType| ContainerConfig {
+        linux: Some(LinuxContainerConfig {
+            security_context: Some(LinuxContainerSecurityContext {
+                seccomp: Some(SecurityProfile {
+                    profile_type: t as i32,
+                    ..Default::default()
+                }),
+                masked_paths: KUBELET_MASKED_PATHS.map(String::from).to_vec(),
+                readonly_paths: KUBELET_READONLY_PATHS.map(String::from).to_vec(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..container_config(name, script)
+    };
+    let confined = pod.start_config(with_profile(
+        "confined",
+        "exec sleep 600",
+        ProfileType::RuntimeDefault,
+    ));
+    let unconfined = pod.start_config(with_profile(
+        "unconfined",
+        "exec sleep 601",
+        ProfileType::Unconfined,
+    ));
+    pod.wait_state(&confined, ContainerState::ContainerRunning);
+    pod.wait_state(&unconfined, ContainerState::ContainerRunning);
+    let sh = |id: &str, script: &str| {
+        let r = pod
+            .exec_sync(id, &["sh", "-c", script], 60)
+            .expect("ExecSync");
+        let out = String::from_utf8_lossy(&r.stdout).into_owned();
+        let err = String::from_utf8_lossy(&r.stderr).into_owned();
+        (r.exit_code, out, err)
+    };
+    // The filter mode of the container's init (sleep; the pod's processes are shared) and
+    // of the exec itself.
+    let modes = "for p in /proc/[0-9]*; do \
+                   [ \"$(tr '\\0' ' ' < $p/cmdline 2>/dev/null)\" = \"sleep $SLEEP \" ] && grep '^Seccomp:' $p/status; \
+                 done; grep '^Seccomp:' /proc/self/status";
+    // The masked and read-only paths (/proc/kcore is not in the guest kernel:
+    // /proc/timer_list is the masked file both kernels have). The write puts the pod's
+    // hostname back: harmless if it ever got through.
+    let paths = "cat /proc/timer_list | wc -c | tr -d ' '; \
+                 cat /proc/kcore 2>/dev/null | wc -c | tr -d ' '; \
+                 ls /sys/firmware | wc -l | tr -d ' '; \
+                 awk '$2 == \"/proc/sys\" {split($4, o, \",\"); print o[1]}' /proc/self/mounts | sort -u; \
+                 { cat /proc/sys/kernel/hostname > /proc/sys/kernel/hostname; } 2>&1 | sed 's/.*: //'";
+    let refused = "dmesg 2>&1 >/dev/null | sed 's/.*: //'; \
+                   unshare -U true 2>&1 | sed 's/.*: //'";
+    let mut wrong = Vec::new();
+    let (code, out, err) = sh(
+        &confined,
+        &format!("SLEEP=600; {modes}; {paths}; {refused}"),
+    );
+    let want = "Seccomp:\t2\nSeccomp:\t2\n0\n0\n0\nro\nRead-only file system\n\
+                Operation not permitted\nOperation not permitted\n";
+    if (code, out.as_str()) != (0, want) {
+        wrong.push(format!(
+            "RuntimeDefault: exit {code}, {out:?} (stderr {err:?}), want {want:?}"
+        ));
+    }
+    let (code, out, err) = sh(&unconfined, &format!("SLEEP=601; {modes}; {paths}"));
+    let want = "Seccomp:\t0\nSeccomp:\t0\n0\n0\n0\nro\nRead-only file system\n";
+    if (code, out.as_str()) != (0, want) {
+        wrong.push(format!(
+            "Unconfined: exit {code}, {out:?} (stderr {err:?}), want {want:?}"
+        ));
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), confined, unconfined];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(
+    seccomp_and_masked_paths,
+    seccomp_and_masked_paths_runc,
+    seccomp_and_masked_paths_agentvm
+);
+
 /// A container of a running pod that allocates past its memory limit: killed by the OOM
 /// killer (137) and reported `OOMKilled`; the pod and its other container keep running.
 fn oom_killed(cri: &Cri, handler: &str) {

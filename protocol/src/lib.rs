@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 /// 2: [`StartRequest::secrets`] (an agent of version 1 would drop them without a word).
 /// 3: [`Message::Consumed`]: a process's output is sent within a window the host opens as it
 /// reads (an agent of version 2 would never wait, a host of version 2 never open it).
+/// 4: [`ProcessSpec::seccomp`], [`StartRequest::masked_paths`] and
+/// [`StartRequest::readonly_paths`] (an agent of version 3 would drop the spec's confinement
+/// without a word); [`Message::MemberStats`] (a pod container's own figures).
 pub const VERSION: u32 = 4;
 
 /// How much of a process's output the agent sends before the host says it has read it
@@ -191,6 +194,15 @@ pub struct StartRequest {
     /// are added to the environment of the init and of every later process of the container.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<SecretSpec>,
+    /// The spec's `linux.maskedPaths` (init only: the container's first process): inside the
+    /// container root, `/dev/null` is bound over each file and an empty read-only tmpfs over
+    /// each directory; a path that does not exist is skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub masked_paths: Vec<String>,
+    /// The spec's `linux.readonlyPaths` (init only): each is bound on itself read-only; a
+    /// path that does not exist is skipped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub readonly_paths: Vec<String>,
 }
 
 /// Where the agent puts the file secrets in the container: a tmpfs of their own, read-only
@@ -541,6 +553,51 @@ pub struct ProcessSpec {
     /// Capability sets; `None` leaves the agent's full set (a privileged process).
     #[serde(default)]
     pub capabilities: Option<Capabilities>,
+    /// The container's seccomp profile (the spec's `linux.seccomp`), loaded right before the
+    /// exec; `None` runs the process without a filter. An exec carries its container's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seccomp: Option<Seccomp>,
+}
+
+/// An OCI seccomp profile (`linux.seccomp`), with the OCI field names and values
+/// (`SCMP_ACT_ERRNO`, `SCMP_ARCH_X86_64`, `SCMP_CMP_MASKED_EQ`, `SECCOMP_FILTER_FLAG_LOG`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Seccomp {
+    pub default_action: String,
+    /// The errno of a `SCMP_ACT_ERRNO` (or `SCMP_ACT_TRACE`) default action; EPERM if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_errno_ret: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub architectures: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
+    #[serde(default)]
+    pub syscalls: Vec<SeccompSyscall>,
+}
+
+/// One rule of a [`Seccomp`] profile: `action` for the syscalls `names` when `args` match.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SeccompSyscall {
+    pub names: Vec<String>,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub errno_ret: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<SeccompArg>,
+}
+
+/// A condition on one syscall argument: `arg[index] op value` (for `SCMP_CMP_MASKED_EQ`,
+/// `arg[index] & value == value_two`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SeccompArg {
+    pub index: u32,
+    pub value: u64,
+    #[serde(default)]
+    pub value_two: u64,
+    pub op: String,
 }
 
 fn default_cwd() -> String {
@@ -760,6 +817,22 @@ mod tests {
     }
 
     #[test]
+    fn a_seccomp_profile_reads_as_oci_writes_it() {
+        let json = r#"{"defaultAction":"SCMP_ACT_ERRNO","architectures":["SCMP_ARCH_X86_64"],
+            "syscalls":[{"names":["clone"],"action":"SCMP_ACT_ALLOW",
+            "args":[{"index":0,"value":2114060288,"op":"SCMP_CMP_MASKED_EQ"}]},
+            {"names":["clone3"],"action":"SCMP_ACT_ERRNO","errnoRet":38}],
+            "listenerPath":"/ignored"}"#;
+        let p: Seccomp = serde_json::from_str(json).unwrap();
+        assert_eq!(p.default_errno_ret, None);
+        assert_eq!(p.syscalls[0].args[0].value_two, 0);
+        assert_eq!(p.syscalls[0].args[0].value, 2114060288);
+        assert_eq!(p.syscalls[1].errno_ret, Some(38));
+        let back: Seccomp = serde_json::from_str(&serde_json::to_string(&p).unwrap()).unwrap();
+        assert_eq!(back, p);
+    }
+
+    #[test]
     fn frames_roundtrip() {
         roundtrip(Frame::Msg(Message::Hello {
             version: VERSION,
@@ -794,6 +867,23 @@ mod tests {
                 capabilities: Some(Capabilities {
                     bounding: vec!["CAP_CHOWN".into()],
                     ..Default::default()
+                }),
+                seccomp: Some(Seccomp {
+                    default_action: "SCMP_ACT_ERRNO".into(),
+                    default_errno_ret: Some(1),
+                    architectures: vec!["SCMP_ARCH_X86_64".into()],
+                    flags: vec!["SECCOMP_FILTER_FLAG_LOG".into()],
+                    syscalls: vec![SeccompSyscall {
+                        names: vec!["personality".into()],
+                        action: "SCMP_ACT_ALLOW".into(),
+                        errno_ret: None,
+                        args: vec![SeccompArg {
+                            index: 0,
+                            value: 8,
+                            value_two: 0,
+                            op: "SCMP_CMP_EQ".into(),
+                        }],
+                    }],
                 }),
             },
             hostname: Some("box".into()),
@@ -853,6 +943,8 @@ mod tests {
                 file: true,
                 env: true,
             }],
+            masked_paths: vec!["/proc/kcore".into()],
+            readonly_paths: vec!["/proc/sys".into()],
         }))));
         roundtrip(Frame::Msg(Message::Start(Box::new(StartRequest {
             rootfs: RootfsSpec {
@@ -881,6 +973,8 @@ mod tests {
                 }),
             }),
             secrets: Vec::new(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
         }))));
         roundtrip(Frame::Msg(Message::DnsRelay {
             address: "127.0.0.11".into(),
@@ -986,6 +1080,8 @@ mod tests {
                 sysctls: Default::default(),
                 container: None,
                 secrets: vec![spec.clone()],
+                masked_paths: Vec::new(),
+                readonly_paths: Vec::new(),
             }))
         );
         assert!(

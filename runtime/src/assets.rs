@@ -145,21 +145,43 @@ pub fn virtiofsd() -> Result<PathBuf> {
         })
 }
 
-/// True when an ELF image has no program interpreter, i.e. runs without a dynamic loader.
+/// True when an ELF image runs without a dynamic loader and shared libraries: no program
+/// interpreter, and no `DT_NEEDED` library (a static-pie linked against a shared library, as
+/// libseccomp-sys makes unless told to link statically, has the first without the second).
 /// The agent is PID 1 of an initramfs that holds nothing else, so it must be static.
 pub fn elf_is_static(elf: &[u8]) -> bool {
     const PT_INTERP: u32 = 3;
+    const PT_DYNAMIC: u32 = 2;
+    const DT_NEEDED: u64 = 1;
     if elf.len() < 64 || &elf[..4] != b"\x7fELF" || elf[4] != 2 || elf[5] != 1 {
         return false; // not a little-endian ELF64: certainly not a usable agent
     }
     let u16_at = |o: usize| u16::from_le_bytes([elf[o], elf[o + 1]]) as usize;
+    let u64_at = |o: usize| {
+        elf.get(o..o.saturating_add(8))
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+    };
     let phoff = u64::from_le_bytes(elf[32..40].try_into().expect("8 bytes")) as usize;
     let (phentsize, phnum) = (u16_at(54), u16_at(56));
     (0..phnum).all(|i| {
         let off = phoff.saturating_add(i.saturating_mul(phentsize));
-        match elf.get(off..off + 4) {
-            Some(b) => u32::from_le_bytes(b.try_into().expect("4 bytes")) != PT_INTERP,
-            None => false,
+        let Some(b) = elf.get(off..off.saturating_add(4)) else {
+            return false;
+        };
+        match u32::from_le_bytes(b.try_into().expect("4 bytes")) {
+            PT_INTERP => false,
+            PT_DYNAMIC => {
+                // p_offset and p_filesz; the entries are (d_tag, d_val) pairs up to DT_NULL.
+                let (Some(start), Some(size)) = (u64_at(off + 8), u64_at(off + 32)) else {
+                    return false;
+                };
+                let (start, end) = (start as usize, start.saturating_add(size) as usize);
+                (start..end)
+                    .step_by(16)
+                    .map_while(|e| u64_at(e).filter(|&tag| tag != 0))
+                    .all(|tag| tag != DT_NEEDED)
+            }
+            _ => true,
         }
     })
 }
@@ -332,6 +354,37 @@ mod tests {
         assert_eq!(dynamic, interp);
         assert!(!elf_is_static(b"#!/bin/sh\necho not an elf\n"));
         assert!(!elf_is_static(&[0x7f, b'E', b'L', b'F']));
+    }
+
+    /// An ELF64 header, one PT_DYNAMIC program header and its dynamic entries.
+    fn elf_with_dynamic(entries: &[(u64, u64)]) -> Vec<u8> {
+        let mut elf = vec![0u8; 64];
+        elf[..6].copy_from_slice(b"\x7fELF\x02\x01");
+        elf[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
+        elf[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize
+        elf[56..58].copy_from_slice(&1u16.to_le_bytes()); // e_phnum
+        let mut ph = vec![0u8; 56];
+        ph[..4].copy_from_slice(&2u32.to_le_bytes()); // PT_DYNAMIC
+        ph[8..16].copy_from_slice(&120u64.to_le_bytes()); // p_offset
+        let size = 16 * (entries.len() as u64 + 1);
+        ph[32..40].copy_from_slice(&size.to_le_bytes()); // p_filesz
+        elf.extend(ph);
+        for &(tag, val) in entries.iter().chain([&(0, 0)]) {
+            elf.extend(tag.to_le_bytes());
+            elf.extend(val.to_le_bytes());
+        }
+        elf
+    }
+
+    #[test]
+    fn a_static_pie_that_needs_a_shared_library_is_not_static() {
+        // DT_FLAGS (30) and DT_FLAGS_1 only: a static-pie.
+        assert!(elf_is_static(&elf_with_dynamic(&[
+            (30, 8),
+            (0x6fff_fffb, 1)
+        ])));
+        // DT_NEEDED (1): libseccomp.so.2 linked into an otherwise static agent.
+        assert!(!elf_is_static(&elf_with_dynamic(&[(30, 8), (1, 17)])));
     }
 
     #[test]

@@ -84,6 +84,10 @@ pub struct ContainerConfig {
     /// acceleration check, the root and the bundle's mounts shared as they are (no layers,
     /// egress policy, DNS relay or port forwarding), a pod share that is a plain directory.
     pub backend: Option<Arc<dyn crate::vmm::VmmBackend>>,
+    /// The spec's masked and read-only paths, as the confinement policy leaves them
+    /// ([`crate::oci::confinement`]): applied in the guest before the init runs.
+    pub masked_paths: Vec<String>,
+    pub readonly_paths: Vec<String>,
 }
 
 /// The stdio of a process; `None` streams are not connected.
@@ -571,6 +575,8 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
         sysctls: Default::default(),
         container: None,
         secrets: cfg.secrets,
+        masked_paths: Vec::new(),
+        readonly_paths: Vec::new(),
     };
     let (down_tx, down_rx) = watch::channel(false);
     let shared = Arc::new(VmShared {
@@ -648,6 +654,8 @@ fn start_request(
         sysctls: cfg.sysctls.clone(),
         container: None,
         secrets: cfg.secrets.clone(),
+        masked_paths: cfg.masked_paths.clone(),
+        readonly_paths: cfg.readonly_paths.clone(),
     }
 }
 
@@ -1259,6 +1267,8 @@ impl Running {
                     limits: None,
                 }),
             secrets: Vec::new(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
         };
         self.spawn_in_vm(request, io, EXEC_START_TIMEOUT)
     }
@@ -1439,6 +1449,8 @@ pub mod testing {
             sysctls: Default::default(),
             container: None,
             secrets: Vec::new(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
         };
         let shared = Arc::new(VmShared {
             vm: None,

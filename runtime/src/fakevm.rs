@@ -225,6 +225,8 @@ mod tests {
             sysctls: Default::default(),
             container: None,
             secrets: Vec::new(),
+            masked_paths: Vec::new(),
+            readonly_paths: Vec::new(),
         })))
     }
 

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use agentvm_protocol::{Capabilities, ProcessSpec, Rlimit, User};
+use agentvm_protocol::{Capabilities, ProcessSpec, Rlimit, Seccomp, User};
 use std::collections::{BTreeMap, HashMap};
 
 use oci_spec::runtime::{Hooks, LinuxNamespaceType, Mount, Process, Spec};
@@ -20,16 +20,22 @@ pub const MIN_MEMORY_MIB: u32 = 128;
 /// vCPUs are capped here: each is a host thread (and under TCG a busy one).
 pub const MAX_VCPUS: u32 = 16;
 
-/// Annotation choosing the capabilities of root in the VM: `vm` (default) or `spec`.
+/// Annotation choosing the confinement of a container in its VM: `vm` (root holds every
+/// capability, no seccomp filter, no masked or read-only paths) or `spec` (the spec's
+/// capabilities, seccomp profile, masked and read-only paths, as runc applies them).
 pub const CAPABILITIES_ANNOTATION: &str = "io.agentvm.capabilities";
 
-/// Which capabilities a root process gets inside the VM.
+/// How much of the spec's confinement a container keeps inside the VM: its capability sets,
+/// its seccomp profile (`linux.seccomp`), its `linux.maskedPaths` and `linux.readonlyPaths`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CapPolicy {
-    /// Root in the VM holds every capability: the VM, not the capability set, is the
-    /// boundary, so Docker-in-Docker, mounts and iptables work without `--privileged`.
+    /// Root in the VM holds every capability, and no process gets a seccomp filter or masked
+    /// or read-only paths: the VM, not the spec's confinement, is the boundary, so
+    /// Docker-in-Docker, mounts, iptables and `/proc/sys` writes work without `--privileged`.
+    /// Non-root processes keep the spec's capability sets.
     Vm,
-    /// The spec's capability sets, as runc would apply them.
+    /// The spec's capability sets, seccomp profile, masked and read-only paths, as runc
+    /// would apply them.
     Spec,
 }
 
@@ -51,11 +57,45 @@ pub fn cap_policy(annotations: &HashMap<String, String>) -> Result<CapPolicy> {
 }
 
 /// Applies `policy` to a process: under [`CapPolicy::Vm`] a process running as uid 0 keeps
-/// the agent's full capability set; everything else keeps the spec's sets.
+/// the agent's full capability set and no process gets a seccomp filter; everything else
+/// keeps the spec's sets and profile.
 pub fn apply_cap_policy(process: &mut ProcessSpec, policy: CapPolicy) {
-    if policy == CapPolicy::Vm && process.user.uid == 0 {
-        process.capabilities = None;
+    if policy == CapPolicy::Vm {
+        process.seccomp = None;
+        if process.user.uid == 0 {
+            process.capabilities = None;
+        }
     }
+}
+
+/// The spec's confinement beyond capabilities, as [`CapPolicy`] leaves it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Confinement {
+    /// `linux.seccomp`: loaded for the init and for every exec of the container.
+    pub seccomp: Option<Seccomp>,
+    /// `linux.maskedPaths`.
+    pub masked_paths: Vec<String>,
+    /// `linux.readonlyPaths`.
+    pub readonly_paths: Vec<String>,
+}
+
+/// The spec's seccomp profile, masked and read-only paths under `policy` (none under
+/// [`CapPolicy::Vm`]).
+pub fn confinement(spec: &Spec, policy: CapPolicy) -> Result<Confinement> {
+    let Some(linux) = spec.linux().as_ref() else {
+        return Ok(Confinement::default());
+    };
+    if policy == CapPolicy::Vm {
+        return Ok(Confinement::default());
+    }
+    Ok(Confinement {
+        seccomp: match linux.seccomp() {
+            Some(s) => Some(via_json(s, "linux.seccomp")?),
+            None => None,
+        },
+        masked_paths: linux.masked_paths().clone().unwrap_or_default(),
+        readonly_paths: linux.readonly_paths().clone().unwrap_or_default(),
+    })
 }
 
 /// What agentvm takes from a bundle's `config.json`.
@@ -87,6 +127,9 @@ pub struct BundleSpec {
     /// The cgroup limits of `linux.resources` (memory, CPU, pids), for a pod's later
     /// container, whose cgroup in the pod's VM gets them; `None` when it names none.
     pub limits: Option<agentvm_protocol::ResourceLimits>,
+    /// The seccomp profile (also in `process`, for the init), masked and read-only paths the
+    /// container keeps under its [`CapPolicy`].
+    pub confinement: Confinement,
 }
 
 /// The cgroup limits of the spec's `linux.resources` (through JSON: the OCI field names are
@@ -131,7 +174,10 @@ pub fn map_spec(
         process.capabilities.as_ref().map(|c| c.bounding.as_slice()),
     );
     let annotations = spec.annotations().clone().unwrap_or_default();
-    apply_cap_policy(&mut process, cap_policy(&annotations)?);
+    let policy = cap_policy(&annotations)?;
+    let confinement = confinement(spec, policy)?;
+    process.seccomp = confinement.seccomp.clone();
+    apply_cap_policy(&mut process, policy);
     let (root, root_readonly) = match spec.root() {
         Some(r) if r.path().is_absolute() => (r.path().clone(), r.readonly().unwrap_or(false)),
         Some(r) => (bundle.join(r.path()), r.readonly().unwrap_or(false)),
@@ -176,6 +222,7 @@ pub fn map_spec(
         },
     };
     Ok(BundleSpec {
+        confinement,
         // Only a pod's later container runs in a cgroup of its own in a VM it does not size.
         limits: match crate::pod::PodRole::of(&annotations) {
             crate::pod::PodRole::Container { .. } => cgroup_limits(spec)?,
@@ -317,6 +364,7 @@ pub fn process_spec(p: &Process) -> Result<ProcessSpec> {
         rlimits,
         no_new_privileges: p.no_new_privileges().unwrap_or(false),
         capabilities,
+        seccomp: None,
     })
 }
 
@@ -432,6 +480,58 @@ mod tests {
             e.contains("io.agentvm.capabilities") && e.contains("\"spec\""),
             "{e}"
         );
+    }
+
+    #[test]
+    fn seccomp_and_masked_paths_ride_on_the_capability_policy() {
+        let confined = DOCKER_LIKE.replace(
+            r#""namespaces": [{"type": "network"}]"#,
+            r#""namespaces": [{"type": "network"}, {"type": "pid"}, {"type": "ipc"}],
+            "maskedPaths": ["/proc/kcore", "/proc/keys"],
+            "readonlyPaths": ["/proc/sys"],
+            "seccomp": {"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 1,
+                "architectures": ["SCMP_ARCH_X86_64"],
+                "syscalls": [{"names": ["read", "write"], "action": "SCMP_ACT_ALLOW"},
+                    {"names": ["personality"], "action": "SCMP_ACT_ALLOW",
+                     "args": [{"index": 0, "value": 8, "op": "SCMP_CMP_EQ"}]},
+                    {"names": ["clone3"], "action": "SCMP_ACT_ERRNO", "errnoRet": 38}]}"#,
+        );
+        // Docker, alone in its VM: none of it, for root and for other users alike.
+        let docker = map_spec(&spec(&confined), Path::new("/b"), 512, 1).unwrap();
+        assert_eq!(docker.confinement, Confinement::default());
+        assert_eq!(docker.process.seccomp, None);
+        // A pod's container, or Docker annotated `spec`: all of it, as the spec says.
+        for annotation in [
+            (crate::pod::CONTAINER_TYPE, "container"),
+            (CAPABILITIES_ANNOTATION, "spec"),
+        ] {
+            let mut s = spec(&confined);
+            s.set_annotations(Some(HashMap::from([(
+                annotation.0.to_string(),
+                annotation.1.to_string(),
+            )])));
+            let b = map_spec(&s, Path::new("/b"), 512, 1).unwrap();
+            assert_eq!(b.confinement.masked_paths, ["/proc/kcore", "/proc/keys"]);
+            assert_eq!(b.confinement.readonly_paths, ["/proc/sys"]);
+            let profile = b.confinement.seccomp.as_ref().expect("profile");
+            assert_eq!(b.process.seccomp.as_ref(), Some(profile));
+            assert_eq!(profile.default_action, "SCMP_ACT_ERRNO");
+            assert_eq!(profile.default_errno_ret, Some(1));
+            assert_eq!(profile.architectures, ["SCMP_ARCH_X86_64"]);
+            assert_eq!(profile.syscalls.len(), 3);
+            assert_eq!(profile.syscalls[1].args[0].op, "SCMP_CMP_EQ");
+            assert_eq!(profile.syscalls[1].args[0].value, 8);
+            assert_eq!(profile.syscalls[2].errno_ret, Some(38));
+        }
+        // An exec gets the container's profile, which the Docker policy drops again.
+        let mut exec =
+            process_spec_json(br#"{"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}}"#)
+                .unwrap();
+        exec.seccomp = Some(Seccomp::default());
+        apply_cap_policy(&mut exec, CapPolicy::Spec);
+        assert!(exec.seccomp.is_some());
+        apply_cap_policy(&mut exec, CapPolicy::Vm);
+        assert_eq!(exec.seccomp, None);
     }
 
     #[test]

@@ -445,6 +445,8 @@ pub fn member_request(
             limits: bundle.limits,
         }),
         secrets: Vec::new(),
+        masked_paths: bundle.confinement.masked_paths.clone(),
+        readonly_paths: bundle.confinement.readonly_paths.clone(),
     })
 }
 

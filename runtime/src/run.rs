@@ -183,6 +183,8 @@ async fn drive(
         sysctls: Default::default(),
         container: None,
         secrets: opts.secrets.clone(),
+        masked_paths: Vec::new(),
+        readonly_paths: Vec::new(),
     };
     let io = ProcessIo {
         stdin: opts

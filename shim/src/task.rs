@@ -320,6 +320,9 @@ struct Entry {
     /// The spec's hooks and annotations, for the poststop hooks at delete.
     hooks: Option<agentvm::hooks::Hooks>,
     annotations: HashMap<String, String>,
+    /// The container's seccomp profile, as its policy leaves it: every exec gets it too, as
+    /// under runc.
+    seccomp: Option<agentvm_protocol::Seccomp>,
     init: Proc<Box<Created>>,
     execs: Mutex<HashMap<String, Arc<ExecProc>>>,
     /// For a pod's later container: the pod share its root is bound into, and the
@@ -508,6 +511,7 @@ impl TaskService {
             mounted_rootfs: !req.rootfs.is_empty(),
             hooks: spec.hooks.clone(),
             annotations: spec.annotations.clone(),
+            seccomp: spec.confinement.seccomp.clone(),
             init: Proc::new(
                 req.id.clone(),
                 io,
@@ -763,6 +767,8 @@ impl Task for TaskService {
             volume_limits: spec.volume_limits,
             secrets,
             backend: self.backend.clone(),
+            masked_paths: spec.confinement.masked_paths.clone(),
+            readonly_paths: spec.confinement.readonly_paths.clone(),
         };
         let container = match Container::create(cfg).await {
             Ok(c) => c,
@@ -781,6 +787,7 @@ impl Task for TaskService {
             mounted_rootfs,
             hooks: spec.hooks,
             annotations: spec.annotations,
+            seccomp: spec.confinement.seccomp,
             init: Proc::new(
                 req.id.clone(),
                 io,
@@ -1118,6 +1125,7 @@ impl Task for TaskService {
             .unwrap_or(b"{}");
         let mut spec = agentvm::oci::process_spec_json(spec_json)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
+        spec.seccomp = entry.seccomp.clone();
         let policy = agentvm::oci::cap_policy(&entry.annotations)
             .map_err(|e| status(Code::INVALID_ARGUMENT, e.to_string()))?;
         agentvm::oci::apply_cap_policy(&mut spec, policy);
@@ -1309,6 +1317,7 @@ mod tests {
             mounted_rootfs: false,
             hooks: None,
             annotations: HashMap::new(),
+            seccomp: None,
             init,
             execs: Mutex::new(HashMap::new()),
             pod_share,
@@ -1788,6 +1797,8 @@ mod tests {
                     limits: None,
                 }),
                 secrets: Vec::new(),
+                masked_paths: Vec::new(),
+                readonly_paths: Vec::new(),
             };
             let init = Proc::new(
                 "m".into(),

@@ -6,15 +6,20 @@
 //! 2. A pod container's namespaces (after the cgroup, so the cgroup path is the agent's
 //!    view): its init unshares a mount namespace of its own and mounts the procfs of its
 //!    PID namespace in its root; an exec into it joins that mount namespace.
-//!    Then `chroot`, then `chdir(cwd)`: cwd is resolved inside the new root.
+//!    Then `chroot`; then a container's init makes its `readonlyPaths` read-only and masks
+//!    its `maskedPaths` (inside the new root, so a symlink cannot lead out of it), as runc
+//!    does after its pivot_root; then `chdir(cwd)`: cwd is resolved inside the new root.
 //! 3. rlimits, while still root with every capability (raising a hard limit needs
-//!    `CAP_SYS_RESOURCE`).
+//!    `CAP_SYS_RESOURCE`). Then the seccomp filter when the process
+//!    does not set `no_new_privs` (loading a filter without it needs `CAP_SYS_ADMIN`, so
+//!    before the capabilities go, as runc does).
 //! 4. With capabilities: drop the bounding set (needs `CAP_SETPCAP`, so before `setuid`) and
 //!    set keep-caps so that `setuid` away from root keeps the permitted set.
 //! 5. `setgroups`, `setresgid`, `setresuid`, in that order (the first two need root).
 //! 6. With capabilities: clear keep-caps, `capset` (effective/permitted/inheritable), clear and
 //!    raise the ambient set.
-//! 7. `no_new_privs`, last before `exec`.
+//! 7. `no_new_privs`, then the seccomp filter when it is set: last before `exec`, so that as
+//!    few syscalls as possible run under the filter before the workload does (runc's order).
 //! 8. `execve` of each `PATH` candidate in turn (inside the new root), following Go's
 //!    `exec.LookPath` as runc does: a candidate that does not exist or cannot be executed is
 //!    skipped; if none runs, the name was "not found in $PATH".
@@ -48,10 +53,13 @@ pub enum Step {
     Ambient,
     NoNewPrivs,
     Exec,
+    ReadonlyPath,
+    MaskPath,
+    Seccomp,
 }
 
 impl Step {
-    const ALL: [Step; 16] = [
+    const ALL: [Step; 19] = [
         Step::Setsid,
         Step::ControllingTty,
         Step::MountNamespace,
@@ -68,6 +76,9 @@ impl Step {
         Step::Ambient,
         Step::NoNewPrivs,
         Step::Exec,
+        Step::ReadonlyPath,
+        Step::MaskPath,
+        Step::Seccomp,
     ];
 
     fn from_u32(n: u32) -> Option<Self> {
@@ -92,6 +103,9 @@ impl Step {
             Step::Ambient => "set ambient capabilities",
             Step::NoNewPrivs => "prctl(PR_SET_NO_NEW_PRIVS)",
             Step::Exec => "exec",
+            Step::ReadonlyPath => "make a readonlyPaths entry read-only",
+            Step::MaskPath => "mask a maskedPaths entry",
+            Step::Seccomp => "load the seccomp filter",
         }
     }
 }
@@ -184,10 +198,19 @@ fn setup<S: Syscalls>(plan: &Plan, sys: &mut S) -> Result<(), StepError> {
         sys.mount_proc(proc).map_err(at(Step::MountProc))?;
     }
     sys.chroot(&plan.root).map_err(at(Step::Chroot))?;
+    for path in &plan.readonly_paths {
+        sys.readonly_path(path).map_err(at(Step::ReadonlyPath))?;
+    }
+    for path in &plan.masked_paths {
+        sys.mask_path(path).map_err(at(Step::MaskPath))?;
+    }
     sys.chdir(&plan.cwd).map_err(at(Step::Chdir))?;
     for r in &plan.rlimits {
         sys.setrlimit(r.resource, r.soft, r.hard)
             .map_err(at(Step::Setrlimit))?;
+    }
+    if !plan.no_new_privileges {
+        load_seccomp(plan, sys)?;
     }
     if let Some(caps) = &plan.caps {
         for &cap in &caps.drop_bounding {
@@ -209,8 +232,18 @@ fn setup<S: Syscalls>(plan: &Plan, sys: &mut S) -> Result<(), StepError> {
     }
     if plan.no_new_privileges {
         sys.set_no_new_privs().map_err(at(Step::NoNewPrivs))?;
+        load_seccomp(plan, sys)?;
     }
     Ok(())
+}
+
+fn load_seccomp<S: Syscalls>(plan: &Plan, sys: &mut S) -> Result<(), StepError> {
+    match &plan.seccomp {
+        Some(p) => sys
+            .load_seccomp(p.flags, &p.insns)
+            .map_err(at(Step::Seccomp)),
+        None => Ok(()),
+    }
 }
 
 fn exec<S: Syscalls>(plan: &Plan, sys: &mut S) -> StepError {
@@ -312,6 +345,89 @@ mod tests {
         // CAP_KILL (5) is kept in the bounding set, everything else is dropped.
         assert!(!r.calls.contains(&Call::DropBounding(5)));
         assert_eq!(last_drop - first_drop + 1, 40);
+    }
+
+    fn confined() -> ProcessSpec {
+        ProcessSpec {
+            seccomp: Some(agentvm_protocol::Seccomp {
+                default_action: "SCMP_ACT_ALLOW".into(),
+                syscalls: vec![agentvm_protocol::SeccompSyscall {
+                    names: vec!["sethostname".into()],
+                    action: "SCMP_ACT_ERRNO".into(),
+                    ..Default::default()
+                }],
+                flags: vec!["SECCOMP_FILTER_FLAG_LOG".into()],
+                ..Default::default()
+            }),
+            ..spec()
+        }
+    }
+
+    #[test]
+    fn with_no_new_privs_seccomp_is_the_last_step_before_exec() {
+        let mut r = Recorder::default();
+        let (plan, err) = run(&confined(), &mut r);
+        assert_eq!(err.step, Step::Exec);
+        let n = plan.seccomp.as_ref().unwrap().insns.len();
+        let nnp = r.pos(|c| *c == Call::NoNewPrivs);
+        let filter = r.pos(|c| *c == Call::Seccomp(n, crate::seccomp::FLAG_LOG));
+        let exec = r.pos(|c| matches!(c, Call::Execve(_)));
+        assert_eq!((nnp + 1, filter + 1), (filter, exec), "{:?}", r.calls);
+    }
+
+    #[test]
+    fn without_no_new_privs_seccomp_comes_before_the_capabilities_go() {
+        let mut s = confined();
+        s.no_new_privileges = false;
+        let mut r = Recorder::default();
+        run(&s, &mut r);
+        let rlimit = r.pos(|c| matches!(c, Call::Setrlimit(..)));
+        let filter = r.pos(|c| matches!(c, Call::Seccomp(..)));
+        let first_drop = r.pos(|c| matches!(c, Call::DropBounding(_)));
+        assert!(rlimit < filter && filter < first_drop, "{:?}", r.calls);
+        assert!(!r.calls.contains(&Call::NoNewPrivs));
+        assert_eq!(
+            r.calls
+                .iter()
+                .filter(|c| matches!(c, Call::Seccomp(..)))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn an_inits_readonly_and_masked_paths_are_set_up_inside_the_root_before_chdir() {
+        let mut plan = Plan::new(&spec(), "/run/agentvm/rootfs", 40).unwrap();
+        plan.confine_paths(
+            &["/proc/sys".into(), "/proc/bus".into()],
+            &["/proc/kcore".into(), "/sys/firmware".into()],
+        )
+        .unwrap();
+        let mut r = Recorder::default();
+        apply(&plan, &mut r);
+        let chroot = r.pos(|c| matches!(c, Call::Chroot(_)));
+        let chdir = r.pos(|c| matches!(c, Call::Chdir(_)));
+        let between: Vec<Call> = r.calls[chroot + 1..chdir].to_vec();
+        assert_eq!(
+            between,
+            [
+                Call::ReadonlyPath("/proc/sys".into()),
+                Call::ReadonlyPath("/proc/bus".into()),
+                Call::MaskPath("/proc/kcore".into()),
+                Call::MaskPath("/sys/firmware".into()),
+            ]
+        );
+        assert!(matches!(
+            plan.confine_paths(&["proc/sys".into()], &[]),
+            Err(crate::process::PlanError::RelativeConfinedPath(_))
+        ));
+        // No spec, no paths, no filter.
+        let mut r = Recorder::default();
+        run(&spec(), &mut r);
+        assert!(!r.calls.iter().any(|c| matches!(
+            c,
+            Call::ReadonlyPath(_) | Call::MaskPath(_) | Call::Seccomp(..)
+        )));
     }
 
     #[test]

@@ -34,6 +34,12 @@ pub enum PlanError {
     /// `-1` is not a user or group id: the kernel reads it as "leave unchanged".
     #[error("{kind} {id} is not a valid id")]
     InvalidId { kind: &'static str, id: u32 },
+    /// A masked or read-only path that is not absolute.
+    #[error("masked or read-only path {0:?} is not absolute")]
+    RelativeConfinedPath(String),
+    /// The seccomp profile cannot be loaded.
+    #[error("seccomp profile: {0}")]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// One `setrlimit` call.
@@ -152,6 +158,13 @@ pub struct Plan {
     /// `None` leaves the capabilities alone (a privileged process).
     pub caps: Option<CapPlan>,
     pub no_new_privileges: bool,
+    /// `linux.readonlyPaths` and `linux.maskedPaths`, inside the new root: set up by a
+    /// container's init only (they stay in its mount namespace for later processes).
+    pub readonly_paths: Vec<CString>,
+    pub masked_paths: Vec<CString>,
+    /// The seccomp filter, loaded last before `exec` with `no_new_privileges`, otherwise
+    /// before the capabilities drop (loading it without no_new_privs needs CAP_SYS_ADMIN).
+    pub seccomp: Option<crate::seccomp::Program>,
     pub exec: ExecPlan,
 }
 
@@ -259,6 +272,12 @@ impl Plan {
             }
         };
 
+        let seccomp = spec
+            .seccomp
+            .as_ref()
+            .map(crate::seccomp::program)
+            .transpose()?;
+
         let search = !name.contains('/');
         let candidates = if search {
             lookup_candidates(name, search_path(&spec.env))
@@ -305,6 +324,9 @@ impl Plan {
             additional_gids: spec.user.additional_gids.clone(),
             caps,
             no_new_privileges: spec.no_new_privileges,
+            readonly_paths: Vec::new(),
+            masked_paths: Vec::new(),
+            seccomp,
             exec: ExecPlan {
                 name: name.clone(),
                 search,
@@ -315,6 +337,29 @@ impl Plan {
                 envp_ptrs,
             },
         })
+    }
+}
+
+impl Plan {
+    /// Sets the container's read-only and masked paths (the init of a container).
+    pub fn confine_paths(
+        &mut self,
+        readonly: &[String],
+        masked: &[String],
+    ) -> Result<(), PlanError> {
+        let paths = |list: &[String]| -> Result<Vec<CString>, PlanError> {
+            list.iter()
+                .map(|p| {
+                    if !p.starts_with('/') {
+                        return Err(PlanError::RelativeConfinedPath(p.clone()));
+                    }
+                    cstring(p, "a masked or read-only path")
+                })
+                .collect()
+        };
+        self.readonly_paths = paths(readonly)?;
+        self.masked_paths = paths(masked)?;
+        Ok(())
     }
 }
 

@@ -10,6 +10,29 @@ use nix::errno::Errno;
 
 use super::plan::CapSets;
 use super::rlimit::Resource;
+use crate::seccomp::Insn;
+
+/// `struct sock_fprog`: a BPF program for `seccomp(2)`.
+#[repr(C)]
+#[derive(Debug)]
+pub struct SockFprog {
+    len: libc::c_ushort,
+    filter: *const Insn,
+}
+
+impl SockFprog {
+    /// The program of `insns`, which must outlive every use of the result. A program longer
+    /// than the kernel takes (4096 instructions) gets a length the kernel refuses (EINVAL).
+    pub fn of(insns: &[Insn]) -> Self {
+        Self {
+            len: libc::c_ushort::try_from(insns.len()).unwrap_or(libc::c_ushort::MAX),
+            filter: insns.as_ptr(),
+        }
+    }
+}
+
+/// `seccomp(2)`'s `SECCOMP_SET_MODE_FILTER`.
+const SECCOMP_SET_MODE_FILTER: libc::c_ulong = 1;
 
 /// The syscalls of process setup.
 pub trait Syscalls {
@@ -44,6 +67,14 @@ pub trait Syscalls {
     fn raise_ambient_cap(&mut self, cap: u8) -> Result<(), Errno>;
     /// `prctl(PR_SET_NO_NEW_PRIVS, 1)`.
     fn set_no_new_privs(&mut self) -> Result<(), Errno>;
+    /// Binds `path` on itself and remounts it read-only, keeping its nosuid, nodev and
+    /// noexec; a path that does not exist is left alone (`linux.readonlyPaths`).
+    fn readonly_path(&mut self, path: &CStr) -> Result<(), Errno>;
+    /// Binds `/dev/null` over the file `path`, or mounts an empty read-only tmpfs on the
+    /// directory `path`; a path that does not exist is left alone (`linux.maskedPaths`).
+    fn mask_path(&mut self, path: &CStr) -> Result<(), Errno>;
+    /// `seccomp(SECCOMP_SET_MODE_FILTER, flags, program)`.
+    fn load_seccomp(&mut self, flags: u32, insns: &[Insn]) -> Result<(), Errno>;
     /// `execve()`; returns only on failure. `argv` and `envp` are NULL-terminated.
     fn execve(&mut self, path: &CStr, argv: &[*const c_char], envp: &[*const c_char]) -> Errno;
 }
@@ -223,6 +254,77 @@ impl Syscalls for Real {
         check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })
     }
 
+    fn readonly_path(&mut self, path: &CStr) -> Result<(), Errno> {
+        // SAFETY: `path` is NUL-terminated and alive for each call; the other pointers are
+        // NULL or constants; `st` is a valid out buffer on the stack (all-zero is a valid
+        // statvfs).
+        unsafe {
+            match check(libc::mount(
+                path.as_ptr(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            )) {
+                Err(Errno::ENOENT) => return Ok(()),
+                r => r?,
+            }
+            let mut st: libc::statvfs = std::mem::zeroed();
+            check(libc::statvfs(path.as_ptr(), &mut st))?;
+            // A bind remount must repeat the mount's locked flags. statvfs's ST_NOSUID,
+            // ST_NODEV and ST_NOEXEC have the values of the MS_ flags.
+            let kept =
+                (st.f_flag as libc::c_ulong) & (libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC);
+            check(libc::mount(
+                path.as_ptr(),
+                path.as_ptr(),
+                std::ptr::null(),
+                kept | libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+                std::ptr::null(),
+            ))
+        }
+    }
+
+    fn mask_path(&mut self, path: &CStr) -> Result<(), Errno> {
+        // SAFETY: every pointer is a NUL-terminated string alive for the call, or NULL.
+        unsafe {
+            let bound = check(libc::mount(
+                c"/dev/null".as_ptr(),
+                path.as_ptr(),
+                std::ptr::null(),
+                libc::MS_BIND,
+                std::ptr::null(),
+            ));
+            match bound {
+                Ok(()) | Err(Errno::ENOENT) => Ok(()),
+                // A directory: a file cannot be bound on it.
+                Err(Errno::ENOTDIR) => check(libc::mount(
+                    c"tmpfs".as_ptr(),
+                    path.as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_RDONLY,
+                    std::ptr::null(),
+                )),
+                Err(e) => Err(e),
+            }
+        }
+    }
+
+    fn load_seccomp(&mut self, flags: u32, insns: &[Insn]) -> Result<(), Errno> {
+        let prog = SockFprog::of(insns);
+        // SAFETY: seccomp(2) reads the sock_fprog on our stack, whose filter points at
+        // `insns`, alive for the call; the kernel copies the program.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_seccomp,
+                SECCOMP_SET_MODE_FILTER,
+                libc::c_ulong::from(flags),
+                &prog as *const SockFprog,
+            )
+        };
+        check(r as libc::c_int)
+    }
+
     fn execve(&mut self, path: &CStr, argv: &[*const c_char], envp: &[*const c_char]) -> Errno {
         debug_assert!(argv.last().is_some_and(|p| p.is_null()));
         debug_assert!(envp.last().is_some_and(|p| p.is_null()));
@@ -259,6 +361,10 @@ pub mod recorder {
         ClearAmbient,
         RaiseAmbient(u8),
         NoNewPrivs,
+        ReadonlyPath(String),
+        MaskPath(String),
+        /// The program's length and flags.
+        Seccomp(usize, u32),
         Execve(String),
     }
 
@@ -348,6 +454,15 @@ pub mod recorder {
         fn set_no_new_privs(&mut self) -> Result<(), Errno> {
             self.ok(Call::NoNewPrivs)
         }
+        fn readonly_path(&mut self, path: &CStr) -> Result<(), Errno> {
+            self.ok(Call::ReadonlyPath(s(path)))
+        }
+        fn mask_path(&mut self, path: &CStr) -> Result<(), Errno> {
+            self.ok(Call::MaskPath(s(path)))
+        }
+        fn load_seccomp(&mut self, flags: u32, insns: &[Insn]) -> Result<(), Errno> {
+            self.ok(Call::Seccomp(insns.len(), flags))
+        }
         fn execve(&mut self, path: &CStr, _: &[*const c_char], _: &[*const c_char]) -> Errno {
             let p = s(path);
             self.calls.push(Call::Execve(p.clone()));
@@ -356,5 +471,81 @@ pub mod recorder {
                 .find(|(q, _)| *q == p)
                 .map_or(Errno::ENOENT, |&(_, e)| e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::CString;
+
+    /// Masked and read-only paths as the real syscalls make them, in a mount namespace of a
+    /// forked child's own (nothing leaks into the test host's mounts).
+    #[test]
+    fn masked_and_readonly_paths_really_mask() {
+        if !crate::testutil::as_root("masked_and_readonly_paths_really_mask", "mounts") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let p = |name: &str| CString::new(format!("{}/{name}", dir.path().display())).unwrap();
+        std::fs::write(dir.path().join("secret"), "key").unwrap();
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        std::fs::write(dir.path().join("keys/one"), "1").unwrap();
+        std::fs::create_dir(dir.path().join("sys")).unwrap();
+        let (secret, keys, keys_one, sys, missing) = (
+            p("secret"),
+            p("keys"),
+            p("keys/one"),
+            p("sys"),
+            p("nothing/here"),
+        );
+        let sys_new = p("sys/new");
+        let got = crate::testutil::in_child(|| {
+            let mut real = Real;
+            // SAFETY: integer and NUL-terminated arguments, a stack buffer for read.
+            unsafe {
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                {
+                    return 1;
+                }
+                if real.mask_path(&secret).is_err()
+                    || real.mask_path(&keys).is_err()
+                    || real.mask_path(&missing).is_err()
+                    || real.readonly_path(&sys).is_err()
+                    || real.readonly_path(&missing).is_err()
+                {
+                    return 2;
+                }
+                // The file reads empty (it is /dev/null now).
+                let fd = libc::open(secret.as_ptr(), libc::O_RDONLY);
+                let mut buf = [0u8; 8];
+                if fd < 0 || libc::read(fd, buf.as_mut_ptr().cast(), 8) != 0 {
+                    return 3;
+                }
+                // The directory is empty and read-only.
+                if libc::access(keys_one.as_ptr(), libc::F_OK) == 0 {
+                    return 4;
+                }
+                let made = libc::open(sys_new.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644);
+                if made >= 0 || *libc::__errno_location() != libc::EROFS {
+                    return 5;
+                }
+            }
+            0
+        });
+        assert_eq!(got, 0, "step {got} failed in the child");
+        // The host's view is untouched.
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("secret")).unwrap(),
+            "key"
+        );
+        assert!(dir.path().join("keys/one").exists());
     }
 }
