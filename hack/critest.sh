@@ -55,7 +55,15 @@ storage:
 http:
   addr: $registry
 YML
-  (setsid nohup docker-registry serve "$regdir.yml" >"$regdir.log" 2>&1 </dev/null &)
+  # The registry outlives this script: it must not inherit a descriptor of ours (a caller's
+  # `flock /tmp/agentvm-cri.lock` would stay held by it for good).
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      [ "$fd" -gt 2 ] && eval "exec $fd>&-"
+    done
+    setsid nohup docker-registry serve "$regdir.yml" >"$regdir.log" 2>&1 </dev/null &
+  )
   for _ in $(seq 1 100); do curl -fsS "http://$registry/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 stamp="$regdir/.pushed-$(cat hack/critest-images.py hack/cri/critest-*.c /bin/busybox | sha256sum | cut -c1-16)"
