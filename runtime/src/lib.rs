@@ -32,6 +32,7 @@ pub mod run;
 pub mod sandbox;
 pub mod sandboxuser;
 pub mod secrets;
+pub mod uplink;
 pub mod vmm;
 
 pub use error::{Error, Result};
