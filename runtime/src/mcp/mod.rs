@@ -137,6 +137,11 @@ pub async fn serve_stdio() -> crate::Result<()> {
     use rmcp::ServiceExt;
     use tokio::signal::unix::{signal, SignalKind};
 
+    // What a server killed before it could clean up left on the host.
+    let swept = crate::uplink::sweep().await;
+    if swept > 0 {
+        tracing::info!("removed the host rules of {swept} sandboxes that are gone");
+    }
     let manager = std::sync::Arc::new(sandboxes::Manager::new());
     let server = server::AgentvmServer::new(std::sync::Arc::clone(&manager));
     let (input, output) = stdio::filtered(tokio::io::stdin(), tokio::io::stdout());

@@ -86,6 +86,12 @@ pub struct SandboxInfo {
     /// It outlives the session that created it (until sandbox_remove).
     #[serde(default)]
     pub persistent: bool,
+    /// The egress policy (`none`: no network device).
+    #[serde(default)]
+    pub egress: String,
+    /// The sandbox's IPv4 address on its uplink, when it has a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 /// The outcome of a finished process.
@@ -154,6 +160,8 @@ struct Entry {
     next_exec: AtomicU64,
     /// Served by a host process of its own ([`super::persist`]).
     persistent: bool,
+    egress: String,
+    address: Option<String>,
 }
 
 impl Entry {
@@ -180,6 +188,8 @@ impl Entry {
             workdir: self.workdir.clone(),
             exit_code: self.init.exited().map(|e| e.code),
             execs: lock(&self.execs).len(),
+            egress: self.egress.clone(),
+            address: self.address.clone(),
         }
     }
 
@@ -266,20 +276,7 @@ pub fn check_create(req: &CreateRequest) -> ToolResult<()> {
     for name in req.secrets.iter().chain(&req.secret_env) {
         crate::secrets::validate_name(name).map_err(|e| McpError::Secret(e.to_string()))?;
     }
-    match req.egress.as_deref() {
-        None | Some("none") => {}
-        Some(other) => {
-            return Err(McpError::Unsupported(
-                format!(
-                    "egress {other:?}: sandboxes of agentvm mcp have no network device yet \
-                     (library mode boots them without one), so the only egress is \"none\"; \
-                     use `docker run --runtime=agentvm --annotation io.agentvm.egress=...` for \
-                     a networked sandbox"
-                )
-                .into(),
-            ))
-        }
-    }
+    egress_policy(req.egress.as_deref())?;
     if req.image.trim().is_empty() {
         return Err(McpError::InvalidArgument(
             "image is empty: give an image reference (oci:DIR, oci-archive:PATH, \
@@ -310,6 +307,31 @@ pub fn check_create(req: &CreateRequest) -> ToolResult<()> {
         parse_user(u)?;
     }
     Ok(())
+}
+
+/// The egress profile of a sandbox that names none.
+pub const DEFAULT_EGRESS: &str = "agent";
+
+/// The network a create asks for: `None` for egress `none` (no network device), else the
+/// policy (a built-in profile, one of the host's policy file, with inline rules after `;`).
+pub fn egress_policy(egress: Option<&str>) -> ToolResult<Option<crate::egress::Policy>> {
+    let text = egress.map(str::trim).unwrap_or(DEFAULT_EGRESS);
+    if text == "none" {
+        return Ok(None);
+    }
+    let bad = |e: crate::egress::PolicyError| {
+        McpError::InvalidArgument(format!(
+            "egress {text:?}: {e} (profiles: agent, open, none, none-but; rules after `;`, e.g. \
+             \"none-but; allow pypi.org tcp port 443\")"
+        ))
+    };
+    let file = crate::egress::PolicyFile::load(&crate::egress::policy_path()).map_err(bad)?;
+    let text = if text.is_empty() {
+        DEFAULT_EGRESS
+    } else {
+        text
+    };
+    file.select(Some(text)).map(Some).map_err(bad)
 }
 
 /// The secrets a create asks for, in the order first named: `files` as `/run/secrets/NAME`,
@@ -528,7 +550,12 @@ impl Manager {
             stdout: Some(Box::new(Sink::Tail(Arc::clone(&log)))),
             stderr: Some(Box::new(Sink::Tail(Arc::clone(&log)))),
         };
+        let network = egress_policy(req.egress.as_deref())?;
+        let egress = network
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |p| p.name.clone());
         let cfg = ImageVmConfig {
+            network,
             id: id.clone(),
             rootfs,
             secrets,
@@ -541,6 +568,15 @@ impl Manager {
             boot_timeout: BOOT_TIMEOUT,
         };
         let init = container::boot_image(cfg, &assets, io).await?;
+        let state_dir = crate::sandbox::state_root().join(&id);
+        let address = (egress != "none")
+            .then(|| crate::egress::Record::load(&state_dir).ok())
+            .flatten()
+            .and_then(|r| r.facts.own_networks.first().copied())
+            .and_then(|n| match n.addr {
+                std::net::IpAddr::V4(a) => Some(crate::uplink::sandbox_address(a).to_string()),
+                std::net::IpAddr::V6(_) => None,
+            });
         let entry = Arc::new(Entry {
             id: id.clone(),
             image: req.image,
@@ -556,10 +592,12 @@ impl Manager {
             user,
             init,
             log,
-            state_dir: crate::sandbox::state_root().join(&id),
+            state_dir,
             execs: Mutex::new(HashMap::new()),
             next_exec: AtomicU64::new(1),
             persistent: self.hosting,
+            egress,
+            address,
         });
         let info = entry.info();
         lock(&self.sandboxes).insert(id, entry);
@@ -1017,12 +1055,24 @@ mod tests {
             ..req()
         })
         .is_ok());
+        assert!(check_create(&CreateRequest {
+            egress: Some("none-but; allow 198.51.100.7 tcp port 80".into()),
+            ..req()
+        })
+        .is_ok());
         assert_eq!(
             code(CreateRequest {
-                egress: Some("agent".into()),
+                egress: Some("no-such-profile".into()),
                 ..req()
             }),
-            "unsupported"
+            "invalid_argument"
+        );
+        assert_eq!(
+            code(CreateRequest {
+                egress: Some("agent; allow".into()),
+                ..req()
+            }),
+            "invalid_argument"
         );
         assert_eq!(
             code(CreateRequest {
