@@ -481,6 +481,68 @@ impl Raw {
     }
 }
 
+/// A server SIGKILLed with sandboxes running leaves their uplinks' host table and iptables
+/// rules (the namespace and veth die with it): the next `agentvm mcp` removes those whose link
+/// is gone, and keeps those of a link that exists (another server's sandbox).
+#[test]
+fn mcp_start_sweeps_the_host_rules_of_uplinks_that_are_gone() {
+    let test = "mcp_start_sweeps_the_host_rules_of_uplinks_that_are_gone";
+    let bin = agentvm_bin();
+    if !bin.is_file() {
+        skip_or_fail::<()>(test, format!("{} not built", bin.display()));
+        return;
+    }
+    if !sh("nft list tables ip").0 {
+        skip_or_fail::<()>(test, "nft (nftables, as root) is not usable".into());
+        return;
+    }
+    // The two highest indexes: a server of this machine would take them last.
+    let (gone, live) = ("avmu16383".to_string(), "avmu16382".to_string());
+    let table = |l: &str| {
+        format!(
+            "table ip agentvm-mcp-{l} {{ chain post {{ type nat hook postrouting priority srcnat; policy accept; }}; }}"
+        )
+    };
+    let cleanup = format!(
+        "nft delete table ip agentvm-mcp-{gone} 2>/dev/null; nft delete table ip agentvm-mcp-{live} 2>/dev/null; \
+         ip link del {live} 2>/dev/null; \
+         iptables -w -D FORWARD -i {gone} -m comment --comment 'agentvm-mcp {gone}' -j ACCEPT 2>/dev/null; true"
+    );
+    sh(&cleanup);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            sh(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(cleanup);
+    let (ok, out) = sh(&format!(
+        "set -e; ip link add {live} type veth peer name {live}p; echo '{}' | nft -f -; echo '{}' | nft -f -",
+        table(&gone),
+        table(&live)
+    ));
+    assert!(ok, "{out}");
+    let iptables = sh("iptables -w -S FORWARD").0;
+    if iptables {
+        let (ok, out) = sh(&format!(
+            "iptables -w -I FORWARD 1 -i {gone} -m comment --comment 'agentvm-mcp {gone}' -j ACCEPT"
+        ));
+        assert!(ok, "{out}");
+    }
+    let mut s = Raw::spawn(&bin, None);
+    // The sweep is done before the server answers anything.
+    s.initialize();
+    let left = uplinks_left(std::slice::from_ref(&gone));
+    let kept = uplinks_left(std::slice::from_ref(&live));
+    drop(s.child.stdin.take());
+    let _ = s.child.wait();
+    assert!(left.is_empty(), "not swept: {left:?}");
+    assert!(
+        kept.contains(&format!("nft table agentvm-mcp-{live}")),
+        "the table of a live link went: {kept:?}"
+    );
+}
+
 #[test]
 fn mcp_malformed_json_rpc_is_answered_and_the_session_goes_on() {
     let bin = agentvm_bin();

@@ -357,7 +357,17 @@ impl Netns {
             ],
         )
         .await?;
-        let facts = egress_facts(wiring).await;
+        let mut facts = egress_facts(wiring).await;
+        if self
+            .uplink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            // The gateway of an uplink is the host itself, and the sandbox's DNS goes through
+            // agentvm's relay: nothing on the host is open to it, DNS included.
+            facts.gateways.clear();
+        }
         let record = egress::Record {
             policy: policy.clone(),
             facts,
