@@ -241,6 +241,93 @@ fn mcp_sandboxes_get_a_network_under_their_egress_policy() {
     drop(servers);
 }
 
+/// containerd mode against the CRI tests' containerd (hack/cri-up.sh, which runs this
+/// checkout's shim): sandboxes are containers of the namespace `agentvm-mcp-test`, with a
+/// network under their egress policy, and none is left in containerd or on the host after
+/// the session.
+#[test]
+fn mcp_containerd_mode_makes_containers_of_its_own_namespace() {
+    let test = "mcp_containerd_mode_makes_containers_of_its_own_namespace";
+    let Some(env) = VmEnv::get(test) else { return };
+    let Some(image) = env.test_image(test) else {
+        return;
+    };
+    let Some(python) = mcp_python(test) else {
+        return;
+    };
+    let socket = std::env::var("AGENTVM_CRI_SOCKET")
+        .unwrap_or_else(|_| "/run/agentvm-cri-test/containerd.sock".into());
+    if !Path::new(&socket).exists() {
+        skip_or_fail::<()>(
+            test,
+            format!("no test containerd at {socket} (hack/cri-up.sh, as root)"),
+        );
+        return;
+    }
+    if !sh("command -v nft && command -v ctr").0 {
+        skip_or_fail::<()>(test, "nft or ctr is not installed".into());
+        return;
+    }
+    let namespace = "agentvm-mcp-test";
+    let ctr = |what: &str| {
+        sh(&format!(
+            "ctr --address {socket} -n {namespace} {what} ls -q"
+        ))
+        .1
+    };
+    let servers = NetServers::start();
+    let child = Command::new(python)
+        .arg(client_script())
+        .arg(&env.bin)
+        .arg(&image)
+        .arg("ctrd")
+        .env("AGENTVM_STATE_ROOT", env.state_root.path())
+        .env(
+            "MCP_SERVER_ARGS",
+            format!("--containerd --address {socket} --namespace {namespace}"),
+        )
+        .env("MCP_CTRD_ADDRESS", &socket)
+        .env("MCP_CTRD_NAMESPACE", namespace)
+        .env("MCP_NET_PUBLIC", "198.51.100.17")
+        .env("MCP_NET_PRIVATE", "10.231.78.1")
+        .env("MCP_NET_MARKER", &servers.marker)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the MCP client");
+    let out = wait_with_deadline(child, Duration::from_secs(600));
+    let (so, se) = text(&out);
+    eprintln!("{so}");
+    assert!(out.status.success(), "client failed:\n{so}\n{se}");
+    for step in [
+        "ok the sandbox is a container of agentvm-mcp-test",
+        "ok exec and files",
+        "ok agent reaches the public test host, not the private one",
+        "ok none has no network",
+        "ok removed from containerd",
+        "ok session closed",
+    ] {
+        assert!(so.contains(step), "{step} missing:\n{so}");
+    }
+    let links: Vec<String> = so
+        .lines()
+        .filter_map(|l| l.strip_prefix("NET "))
+        .map(|a| uplink_of(a.trim()))
+        .collect();
+    assert_eq!(links.len(), 1, "{so}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !processes_of(env.state_root.path()).is_empty() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(ctr("containers").trim(), "", "containers left");
+    assert_eq!(ctr("tasks").trim(), "", "tasks left");
+    let left = uplinks_left(&links);
+    assert!(left.is_empty(), "left on the host: {left:?}");
+    env.assert_clean();
+    drop(servers);
+}
+
 #[test]
 fn mcp_session_with_the_python_sdk() {
     let test = "mcp_session_with_the_python_sdk";

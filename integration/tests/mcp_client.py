@@ -10,6 +10,8 @@ Python SDK (PyPI `mcp`, from hack/mcp-client.sh).
                                                and "none", against the servers the test started
                                                (MCP_NET_PUBLIC, MCP_NET_PRIVATE, MCP_NET_METADATA,
                                                MCP_NET_MARKER); prints "NET <address>" per sandbox
+    mcp_client.py AGENTVM_BIN IMAGE ctrd       containerd mode (MCP_SERVER_ARGS, MCP_CTRD_ADDRESS,
+                                               MCP_CTRD_NAMESPACE, and the net mode's variables)
 
 Every step prints one line ("ok <step> ..."), so a failure shows how far it got. The server
 inherits this process's environment (AGENTVM_STATE_ROOT among it).
@@ -18,6 +20,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -268,6 +271,48 @@ async def net(s, image):
     say("ok removed; one networked sandbox left for the session's end")
 
 
+def ctr_ls(what):
+    """IDs of `ctr` containers or tasks of the MCP namespace of the test's containerd."""
+    out = subprocess.run(["ctr", "--address", os.environ["MCP_CTRD_ADDRESS"], "-n",
+                          os.environ["MCP_CTRD_NAMESPACE"], what, "ls", "-q"],
+                         check=True, capture_output=True, text=True).stdout
+    return out.split()
+
+
+async def ctrd(s, image):
+    await s.initialize()
+    public, private = os.environ["MCP_NET_PUBLIC"], os.environ["MCP_NET_PRIVATE"]
+    marker = os.environ["MCP_NET_MARKER"]
+    c = await call(s, "sandbox_create", {"image": image})
+    sid = c["sandbox"]["id"]
+    say("NET", c["sandbox"]["address"])
+    assert sid in ctr_ls("containers") and sid in ctr_ls("tasks"), (sid, ctr_ls("containers"))
+    say("ok the sandbox is a container of", os.environ["MCP_CTRD_NAMESPACE"])
+    r = await call(s, "exec", {"sandbox_id": sid, "shell": "echo $FOO; pwd; id -u",
+                               "env": {"FOO": "bar"}, "cwd": "/tmp"})
+    assert r["exit_code"] == 0 and r["stdout"] == "bar\n/tmp\n0\n", r
+    r = await call(s, "exec", {"sandbox_id": sid, "shell": "exit 3"})
+    assert r["exit_code"] == 3, r
+    await call(s, "file_write", {"sandbox_id": sid, "path": "/tmp/f", "content": "hello"})
+    r = await call(s, "file_read", {"sandbox_id": sid, "path": "/tmp/f"})
+    assert r["content"] == "hello", r
+    say("ok exec and files")
+    r = await call(s, "exec", {"sandbox_id": sid,
+                               "shell": f"printf 'GET /marker.txt HTTP/1.0\\r\\n\\r\\n' | "
+                                        f"timeout 10 nc {public} 8080"})
+    assert r["exit_code"] == 0 and r["stdout"].rstrip().endswith(marker), r
+    assert not await reach(s, sid, private, 8080), "the private test host answered"
+    say("ok agent reaches the public test host, not the private one")
+    n = await call(s, "sandbox_create", {"image": image, "egress": "none"})
+    nid = n["sandbox"]["id"]
+    assert not await reach(s, nid, public, 8080), "egress none reached the public host"
+    say("ok none has no network")
+    await call(s, "sandbox_remove", {"sandbox_id": nid})
+    assert nid not in ctr_ls("containers"), ctr_ls("containers")
+    say("ok removed from containerd")
+    # sid is left for the session's end.
+
+
 async def persist_make(s, image):
     await s.initialize()
     c = await call(s, "sandbox_create", {"image": image, "persistent": True})
@@ -301,7 +346,8 @@ async def persist_use(s, sid):
 
 
 async def session(bin_, fn, *args):
-    params = StdioServerParameters(command=bin_, args=["mcp"], env=dict(os.environ))
+    extra = os.environ.get("MCP_SERVER_ARGS", "").split()
+    params = StdioServerParameters(command=bin_, args=["mcp", *extra], env=dict(os.environ))
     async with stdio_client(params) as (r, w):
         async with ClientSession(r, w) as s:
             out = await fn(s, *args)
@@ -315,7 +361,7 @@ async def main():
         sid = await session(bin_, persist_make, image)
         await session(bin_, persist_use, sid)
     else:
-        await session(bin_, {"full": full, "hold": hold, "net": net}[mode], image)
+        await session(bin_, {"full": full, "hold": hold, "net": net, "ctrd": ctrd}[mode], image)
 
 
 asyncio.run(main())
