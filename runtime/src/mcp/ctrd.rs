@@ -116,6 +116,13 @@ impl Ctr {
 
     /// Fails clearly when containerd does not answer on the address.
     pub async fn check(&self) -> crate::Result<()> {
+        if !self.address.exists() {
+            return Err(crate::Error::Invalid(format!(
+                "containerd is not reachable: no socket at {} (start containerd, or give its \
+                 socket with --address, or run agentvm mcp without --containerd)",
+                self.address.display()
+            )));
+        }
         self.run(&["version"], Duration::from_secs(10))
             .await
             .map(|_| ())
