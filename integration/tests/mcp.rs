@@ -79,6 +79,255 @@ fn assert_all_gone(env: &VmEnv, timeout: Duration) {
     env.assert_clean();
 }
 
+/// The host end of the uplink of the sandbox at `address` (10.232.0.0/16, a /30 each: the
+/// sandbox is the third address).
+fn uplink_of(address: &str) -> String {
+    let ip: std::net::Ipv4Addr = address.parse().expect("an IPv4 address");
+    let n = (u32::from(ip) - u32::from(std::net::Ipv4Addr::new(10, 232, 0, 0))) / 4;
+    format!("avmu{n}")
+}
+
+/// What is left on the host of the uplinks `links`: the links, their nftables tables, their
+/// iptables rules.
+fn uplinks_left(links: &[String]) -> Vec<String> {
+    let tables = sh("nft list tables ip").1;
+    let rules = sh("iptables -w -S FORWARD 2>/dev/null").1;
+    let mut left = Vec::new();
+    for l in links {
+        if Path::new("/sys/class/net").join(l).exists() {
+            left.push(format!("link {l}"));
+        }
+        if tables.contains(&format!("agentvm-mcp-{l}\n")) {
+            left.push(format!("nft table agentvm-mcp-{l}"));
+        }
+        if rules.contains(&format!("\"agentvm-mcp {l}\"")) {
+            left.push(format!("iptables rule of {l}"));
+        }
+    }
+    left
+}
+
+fn sh(cmd: &str) -> (bool, String) {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .output()
+        .expect("sh");
+    let (so, se) = text(&out);
+    (out.status.success(), format!("{so}{se}"))
+}
+
+/// The network test's servers: a namespace of the test's own holding a "public" host
+/// (198.51.100.17, a documentation range routed only to it), a "private" one (10.231.78.1)
+/// and a look-alike of the cloud metadata service (169.254.78.78), each with an HTTP server on
+/// 8080 serving `marker.txt`. No packet leaves this machine. Taken down on drop.
+struct NetServers {
+    server: std::process::Child,
+    _dir: tempfile::TempDir,
+    marker: String,
+}
+
+const NET_NS: &str = "agentvm-mcp-net-test";
+const NET_VETH: &str = "avm-mcpt0";
+
+impl NetServers {
+    fn start() -> NetServers {
+        let down = format!("ip netns del {NET_NS} 2>/dev/null; ip link del {NET_VETH} 2>/dev/null");
+        sh(&down);
+        let (ok, out) = sh(&format!(
+            "set -e; ip netns add {NET_NS}; \
+             ip link add {NET_VETH} type veth peer name eth0 netns {NET_NS}; \
+             ip addr add 10.231.78.254/24 dev {NET_VETH}; ip link set {NET_VETH} up; \
+             ip route add 198.51.100.17/32 dev {NET_VETH}; ip route add 169.254.78.78/32 dev {NET_VETH}; \
+             ip -n {NET_NS} link set lo up; ip -n {NET_NS} link set eth0 up; \
+             ip -n {NET_NS} addr add 10.231.78.1/24 dev eth0; \
+             ip -n {NET_NS} addr add 198.51.100.17/32 dev eth0; \
+             ip -n {NET_NS} addr add 169.254.78.78/32 dev eth0; \
+             ip -n {NET_NS} route add default via 10.231.78.254"
+        ));
+        assert!(ok, "test namespace: {out}");
+        let dir = tempfile::tempdir().unwrap();
+        let marker = format!("mcp-net-{}", std::process::id());
+        std::fs::write(dir.path().join("marker.txt"), format!("{marker}\n")).unwrap();
+        let server = Command::new("ip")
+            .args(["netns", "exec", NET_NS, "python3", "-m", "http.server"])
+            .args(["--bind", "0.0.0.0", "8080"])
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 http.server");
+        let s = NetServers {
+            server,
+            _dir: dir,
+            marker,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !sh(&format!(
+            "ip netns exec {NET_NS} python3 -c \"import socket; socket.create_connection(('10.231.78.1', 8080), 1)\""
+        ))
+        .0
+        {
+            assert!(Instant::now() < deadline, "the test's server never listened");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        s
+    }
+}
+
+impl Drop for NetServers {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        sh(&format!(
+            "ip netns del {NET_NS} 2>/dev/null; ip link del {NET_VETH} 2>/dev/null"
+        ));
+    }
+}
+
+#[test]
+fn mcp_sandboxes_get_a_network_under_their_egress_policy() {
+    let test = "mcp_sandboxes_get_a_network_under_their_egress_policy";
+    let Some(env) = VmEnv::get(test) else { return };
+    let Some(image) = env.test_image(test) else {
+        return;
+    };
+    let Some(python) = mcp_python(test) else {
+        return;
+    };
+    if !sh("command -v nft").0 {
+        skip_or_fail::<()>(test, "nft (nftables) is not installed".into());
+        return;
+    }
+    let servers = NetServers::start();
+    let child = Command::new(python)
+        .arg(client_script())
+        .arg(&env.bin)
+        .arg(&image)
+        .arg("net")
+        .env("AGENTVM_STATE_ROOT", env.state_root.path())
+        .env("MCP_NET_PUBLIC", "198.51.100.17")
+        .env("MCP_NET_PRIVATE", "10.231.78.1")
+        .env("MCP_NET_METADATA", "169.254.78.78")
+        .env("MCP_NET_MARKER", &servers.marker)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the MCP client");
+    let out = wait_with_deadline(child, Duration::from_secs(600));
+    let (so, se) = text(&out);
+    eprintln!("{so}");
+    assert!(out.status.success(), "client failed:\n{so}\n{se}");
+    for step in [
+        "ok agent reaches the public test host",
+        "ok agent refuses the private host and the metadata look-alike",
+        "ok none has no network",
+        "ok none-but allows only its rule",
+        "ok session closed",
+    ] {
+        assert!(so.contains(step), "{step} missing:\n{so}");
+    }
+    let links: Vec<String> = so
+        .lines()
+        .filter_map(|l| l.strip_prefix("NET "))
+        .map(|a| uplink_of(a.trim()))
+        .collect();
+    assert_eq!(links.len(), 2, "{so}");
+    assert_all_gone(&env, Duration::from_secs(30));
+    let left = uplinks_left(&links);
+    assert!(left.is_empty(), "left on the host: {left:?}");
+    drop(servers);
+}
+
+/// containerd mode against the CRI tests' containerd (hack/cri-up.sh, which runs this
+/// checkout's shim): sandboxes are containers of the namespace `agentvm-mcp-test`, with a
+/// network under their egress policy, and none is left in containerd or on the host after
+/// the session.
+#[test]
+fn mcp_containerd_mode_makes_containers_of_its_own_namespace() {
+    let test = "mcp_containerd_mode_makes_containers_of_its_own_namespace";
+    let Some(env) = VmEnv::get(test) else { return };
+    let Some(image) = env.test_image(test) else {
+        return;
+    };
+    let Some(python) = mcp_python(test) else {
+        return;
+    };
+    let socket = std::env::var("AGENTVM_CRI_SOCKET")
+        .unwrap_or_else(|_| "/run/agentvm-cri-test/containerd.sock".into());
+    if !Path::new(&socket).exists() {
+        skip_or_fail::<()>(
+            test,
+            format!("no test containerd at {socket} (hack/cri-up.sh, as root)"),
+        );
+        return;
+    }
+    if !sh("command -v nft && command -v ctr").0 {
+        skip_or_fail::<()>(test, "nft or ctr is not installed".into());
+        return;
+    }
+    let namespace = "agentvm-mcp-test";
+    let ctr = |what: &str| {
+        sh(&format!(
+            "ctr --address {socket} -n {namespace} {what} ls -q"
+        ))
+        .1
+    };
+    let servers = NetServers::start();
+    let child = Command::new(python)
+        .arg(client_script())
+        .arg(&env.bin)
+        .arg(&image)
+        .arg("ctrd")
+        .env("AGENTVM_STATE_ROOT", env.state_root.path())
+        .env(
+            "MCP_SERVER_ARGS",
+            format!("--containerd --address {socket} --namespace {namespace}"),
+        )
+        .env("MCP_CTRD_ADDRESS", &socket)
+        .env("MCP_CTRD_NAMESPACE", namespace)
+        .env("MCP_NET_PUBLIC", "198.51.100.17")
+        .env("MCP_NET_PRIVATE", "10.231.78.1")
+        .env("MCP_NET_MARKER", &servers.marker)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the MCP client");
+    let out = wait_with_deadline(child, Duration::from_secs(600));
+    let (so, se) = text(&out);
+    eprintln!("{so}");
+    assert!(out.status.success(), "client failed:\n{so}\n{se}");
+    for step in [
+        "ok the sandbox is a container of agentvm-mcp-test",
+        "ok exec and files",
+        "ok agent reaches the public test host, not the private one",
+        "ok none has no network",
+        "ok removed from containerd",
+        "ok session closed",
+    ] {
+        assert!(so.contains(step), "{step} missing:\n{so}");
+    }
+    let links: Vec<String> = so
+        .lines()
+        .filter_map(|l| l.strip_prefix("NET "))
+        .map(|a| uplink_of(a.trim()))
+        .collect();
+    assert_eq!(links.len(), 1, "{so}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && !processes_of(env.state_root.path()).is_empty() {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(ctr("containers").trim(), "", "containers left");
+    assert_eq!(ctr("tasks").trim(), "", "tasks left");
+    let left = uplinks_left(&links);
+    assert!(left.is_empty(), "left on the host: {left:?}");
+    env.assert_clean();
+    drop(servers);
+}
+
 #[test]
 fn mcp_session_with_the_python_sdk() {
     let test = "mcp_session_with_the_python_sdk";
@@ -177,10 +426,24 @@ fn mcp_sandboxes_go_when_the_client_is_killed() {
         !processes_of(env.state_root.path()).is_empty(),
         "no server?"
     );
+    // The sandbox has a network (egress "agent" by default): its uplink must go too.
+    let link = line
+        .split_whitespace()
+        .nth(2)
+        .filter(|a| *a != "-")
+        .map(uplink_of);
+    if let Some(l) = &link {
+        assert!(
+            Path::new("/sys/class/net").join(l).exists(),
+            "no uplink {l} ({line})"
+        );
+    }
     // SIGKILL: the client gets no chance to close anything; the server sees stdin end.
     child.kill().expect("kill the client");
     let _ = child.wait();
     assert_all_gone(&env, Duration::from_secs(30));
+    let left = uplinks_left(&link.into_iter().collect::<Vec<_>>());
+    assert!(left.is_empty(), "left on the host: {left:?}");
 }
 
 #[test]
@@ -303,6 +566,68 @@ impl Raw {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// A server SIGKILLed with sandboxes running leaves their uplinks' host table and iptables
+/// rules (the namespace and veth die with it): the next `agentvm mcp` removes those whose link
+/// is gone, and keeps those of a link that exists (another server's sandbox).
+#[test]
+fn mcp_start_sweeps_the_host_rules_of_uplinks_that_are_gone() {
+    let test = "mcp_start_sweeps_the_host_rules_of_uplinks_that_are_gone";
+    let bin = agentvm_bin();
+    if !bin.is_file() {
+        skip_or_fail::<()>(test, format!("{} not built", bin.display()));
+        return;
+    }
+    if !sh("nft list tables ip").0 {
+        skip_or_fail::<()>(test, "nft (nftables, as root) is not usable".into());
+        return;
+    }
+    // The two highest indexes: a server of this machine would take them last.
+    let (gone, live) = ("avmu16383".to_string(), "avmu16382".to_string());
+    let table = |l: &str| {
+        format!(
+            "table ip agentvm-mcp-{l} {{ chain post {{ type nat hook postrouting priority srcnat; policy accept; }}; }}"
+        )
+    };
+    let cleanup = format!(
+        "nft delete table ip agentvm-mcp-{gone} 2>/dev/null; nft delete table ip agentvm-mcp-{live} 2>/dev/null; \
+         ip link del {live} 2>/dev/null; \
+         iptables -w -D FORWARD -i {gone} -m comment --comment 'agentvm-mcp {gone}' -j ACCEPT 2>/dev/null; true"
+    );
+    sh(&cleanup);
+    struct Cleanup(String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            sh(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(cleanup);
+    let (ok, out) = sh(&format!(
+        "set -e; ip link add {live} type veth peer name {live}p; echo '{}' | nft -f -; echo '{}' | nft -f -",
+        table(&gone),
+        table(&live)
+    ));
+    assert!(ok, "{out}");
+    let iptables = sh("iptables -w -S FORWARD").0;
+    if iptables {
+        let (ok, out) = sh(&format!(
+            "iptables -w -I FORWARD 1 -i {gone} -m comment --comment 'agentvm-mcp {gone}' -j ACCEPT"
+        ));
+        assert!(ok, "{out}");
+    }
+    let mut s = Raw::spawn(&bin, None);
+    // The sweep is done before the server answers anything.
+    s.initialize();
+    let left = uplinks_left(std::slice::from_ref(&gone));
+    let kept = uplinks_left(std::slice::from_ref(&live));
+    drop(s.child.stdin.take());
+    let _ = s.child.wait();
+    assert!(left.is_empty(), "not swept: {left:?}");
+    assert!(
+        kept.contains(&format!("nft table agentvm-mcp-{live}")),
+        "the table of a live link went: {kept:?}"
+    );
 }
 
 #[test]

@@ -6,6 +6,12 @@ Python SDK (PyPI `mcp`, from hack/mcp-client.sh).
                                                waits to be killed (the test SIGKILLs it)
     mcp_client.py AGENTVM_BIN IMAGE persist    a persistent sandbox: made in one session, used
                                                and removed in the next
+    mcp_client.py AGENTVM_BIN IMAGE net        the network of sandboxes under egress "agent"
+                                               and "none", against the servers the test started
+                                               (MCP_NET_PUBLIC, MCP_NET_PRIVATE, MCP_NET_METADATA,
+                                               MCP_NET_MARKER); prints "NET <address>" per sandbox
+    mcp_client.py AGENTVM_BIN IMAGE ctrd       containerd mode (MCP_SERVER_ARGS, MCP_CTRD_ADDRESS,
+                                               MCP_CTRD_NAMESPACE, and the net mode's variables)
 
 Every step prints one line ("ok <step> ..."), so a failure shows how far it got. The server
 inherits this process's environment (AGENTVM_STATE_ROOT among it).
@@ -14,6 +20,7 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -209,8 +216,101 @@ async def hold(s, image):
     sid = c["sandbox"]["id"]
     r = await call(s, "exec", {"sandbox_id": sid, "argv": ["echo", "up"]})
     assert r["stdout"] == "up\n", r
-    say("READY", sid)
+    say("READY", sid, c["sandbox"].get("address", "-"))
     await asyncio.sleep(3600)
+
+
+async def reach(s, sid, host, port):
+    """Whether a TCP connection from the sandbox to host:port opens (5 s)."""
+    r = await call(s, "exec", {"sandbox_id": sid,
+                               "shell": f"timeout 5 nc {host} {port} </dev/null && echo OPEN || echo CLOSED"})
+    assert "OPEN" in r["stdout"] or "CLOSED" in r["stdout"], r
+    return "OPEN" in r["stdout"]
+
+
+async def net(s, image):
+    await s.initialize()
+    public, private = os.environ["MCP_NET_PUBLIC"], os.environ["MCP_NET_PRIVATE"]
+    metadata, marker = os.environ["MCP_NET_METADATA"], os.environ["MCP_NET_MARKER"]
+    c = await call(s, "sandbox_create", {"image": image})
+    sid = c["sandbox"]["id"]
+    assert c["sandbox"].get("egress") == "agent", c
+    say("NET", c["sandbox"]["address"])
+    r = await call(s, "exec", {"sandbox_id": sid, "shell": "ip -4 addr show eth0; ip route"})
+    assert c["sandbox"]["address"] in r["stdout"] and "default via" in r["stdout"], r
+    # (busybox's nc: its wget looks the address up through NSS, which a static busybox lacks.)
+    r = await call(s, "exec", {"sandbox_id": sid,
+                               "shell": f"printf 'GET /marker.txt HTTP/1.0\\r\\n\\r\\n' | "
+                                        f"timeout 10 nc {public} 8080"})
+    assert r["exit_code"] == 0 and r["stdout"].rstrip().endswith(marker), r
+    say("ok agent reaches the public test host", public)
+    assert not await reach(s, sid, private, 8080), "the private test host answered"
+    assert not await reach(s, sid, metadata, 8080), "the metadata look-alike answered"
+    say("ok agent refuses the private host and the metadata look-alike")
+    r = await call(s, "exec", {"sandbox_id": sid, "argv": ["cat", "/etc/resolv.conf"]})
+    assert r["stdout"] == "nameserver 127.0.0.11\n", r
+
+    n = await call(s, "sandbox_create", {"image": image, "egress": "none"})
+    nid = n["sandbox"]["id"]
+    assert n["sandbox"]["egress"] == "none" and "address" not in n["sandbox"], n
+    r = await call(s, "exec", {"sandbox_id": nid, "shell": "ip route; ls /sys/class/net"})
+    assert "default" not in r["stdout"] and "eth0" not in r["stdout"], r
+    assert not await reach(s, nid, public, 8080), "egress none reached the public host"
+    say("ok none has no network")
+
+    o = await call(s, "sandbox_create", {"image": image,
+                                         "egress": f"none-but; allow {private} tcp port 8080"})
+    oid = o["sandbox"]["id"]
+    say("NET", o["sandbox"]["address"])
+    assert await reach(s, oid, private, 8080), "the allowed private host did not answer"
+    assert not await reach(s, oid, public, 8080), "none-but reached a host it does not allow"
+    say("ok none-but allows only its rule")
+
+    for x in (sid, nid):
+        await call(s, "sandbox_remove", {"sandbox_id": x})
+    say("ok removed; one networked sandbox left for the session's end")
+
+
+def ctr_ls(what):
+    """IDs of `ctr` containers or tasks of the MCP namespace of the test's containerd."""
+    out = subprocess.run(["ctr", "--address", os.environ["MCP_CTRD_ADDRESS"], "-n",
+                          os.environ["MCP_CTRD_NAMESPACE"], what, "ls", "-q"],
+                         check=True, capture_output=True, text=True).stdout
+    return out.split()
+
+
+async def ctrd(s, image):
+    await s.initialize()
+    public, private = os.environ["MCP_NET_PUBLIC"], os.environ["MCP_NET_PRIVATE"]
+    marker = os.environ["MCP_NET_MARKER"]
+    c = await call(s, "sandbox_create", {"image": image})
+    sid = c["sandbox"]["id"]
+    say("NET", c["sandbox"]["address"])
+    assert sid in ctr_ls("containers") and sid in ctr_ls("tasks"), (sid, ctr_ls("containers"))
+    say("ok the sandbox is a container of", os.environ["MCP_CTRD_NAMESPACE"])
+    r = await call(s, "exec", {"sandbox_id": sid, "shell": "echo $FOO; pwd; id -u",
+                               "env": {"FOO": "bar"}, "cwd": "/tmp"})
+    assert r["exit_code"] == 0 and r["stdout"] == "bar\n/tmp\n0\n", r
+    r = await call(s, "exec", {"sandbox_id": sid, "shell": "exit 3"})
+    assert r["exit_code"] == 3, r
+    await call(s, "file_write", {"sandbox_id": sid, "path": "/tmp/f", "content": "hello"})
+    r = await call(s, "file_read", {"sandbox_id": sid, "path": "/tmp/f"})
+    assert r["content"] == "hello", r
+    say("ok exec and files")
+    r = await call(s, "exec", {"sandbox_id": sid,
+                               "shell": f"printf 'GET /marker.txt HTTP/1.0\\r\\n\\r\\n' | "
+                                        f"timeout 10 nc {public} 8080"})
+    assert r["exit_code"] == 0 and r["stdout"].rstrip().endswith(marker), r
+    assert not await reach(s, sid, private, 8080), "the private test host answered"
+    say("ok agent reaches the public test host, not the private one")
+    n = await call(s, "sandbox_create", {"image": image, "egress": "none"})
+    nid = n["sandbox"]["id"]
+    assert not await reach(s, nid, public, 8080), "egress none reached the public host"
+    say("ok none has no network")
+    await call(s, "sandbox_remove", {"sandbox_id": nid})
+    assert nid not in ctr_ls("containers"), ctr_ls("containers")
+    say("ok removed from containerd")
+    # sid is left for the session's end.
 
 
 async def persist_make(s, image):
@@ -246,7 +346,8 @@ async def persist_use(s, sid):
 
 
 async def session(bin_, fn, *args):
-    params = StdioServerParameters(command=bin_, args=["mcp"], env=dict(os.environ))
+    extra = os.environ.get("MCP_SERVER_ARGS", "").split()
+    params = StdioServerParameters(command=bin_, args=["mcp", *extra], env=dict(os.environ))
     async with stdio_client(params) as (r, w):
         async with ClientSession(r, w) as s:
             out = await fn(s, *args)
@@ -260,7 +361,7 @@ async def main():
         sid = await session(bin_, persist_make, image)
         await session(bin_, persist_use, sid)
     else:
-        await session(bin_, {"full": full, "hold": hold}[mode], image)
+        await session(bin_, {"full": full, "hold": hold, "net": net, "ctrd": ctrd}[mode], image)
 
 
 asyncio.run(main())

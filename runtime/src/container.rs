@@ -524,6 +524,95 @@ pub struct ImageVmConfig {
     pub vcpus: u32,
     pub accel: Accel,
     pub boot_timeout: Duration,
+    /// A network under this egress policy: a namespace of its own with a veth to the host,
+    /// which masquerades it ([`crate::uplink`]), the guest's DNS through the host's resolver.
+    /// None: no network device at all.
+    pub network: Option<crate::egress::Policy>,
+}
+
+/// What [`boot_image`] made for a networked VM.
+struct ImageNet {
+    netns: Netns,
+    wiring: crate::netns::Wiring,
+}
+
+/// Makes the namespace of a networked image VM: its uplink to the host, then the tap, guard
+/// and egress table (as [`boot`] does for an engine's namespace). Nothing is left on failure.
+async fn image_network(sandbox: &Sandbox, policy: &crate::egress::Policy) -> Result<ImageNet> {
+    let netns = Netns::create(&NetnsMode::New, &sandbox.state_dir)?;
+    let made = async {
+        sandbox.record_pids(&[netns.pid()])?;
+        let uplink =
+            crate::uplink::Uplink::create(&netns.fd(), netns.pid(), &sandbox.state_dir).await?;
+        netns.set_uplink(uplink);
+        let mut wiring = netns.scan().await?;
+        netns.wire(&mut wiring, policy).await?;
+        Ok::<_, Error>(wiring)
+    }
+    .await;
+    match made {
+        Ok(wiring) => Ok(ImageNet { netns, wiring }),
+        Err(e) => {
+            netns.destroy().await;
+            Err(e)
+        }
+    }
+}
+
+/// The host's first name server (`/etc/resolv.conf`), where a networked image VM's DNS
+/// relay sends its queries.
+fn host_nameserver() -> Option<std::net::SocketAddr> {
+    let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+    text.lines().find_map(|l| {
+        let mut w = l.split_whitespace();
+        (w.next() == Some("nameserver"))
+            .then(|| w.next()?.parse::<std::net::IpAddr>().ok())
+            .flatten()
+            .map(|ip| std::net::SocketAddr::new(ip, 53))
+    })
+}
+
+/// Starts the DNS relay of a networked image VM: the guest asks 127.0.0.11, the agent relays
+/// over vsock, the host asks its own resolver from its own namespace; the egress table learns
+/// the addresses of names its domain rules allow. Returns whether it runs (the guest then
+/// gets `nameserver 127.0.0.11`).
+async fn image_dns(sandbox: &mut Sandbox, net: &ImageNet) -> Result<bool> {
+    let Some(upstream) = host_nameserver() else {
+        tracing::warn!("no nameserver in the host's /etc/resolv.conf: the sandbox has no DNS");
+        return Ok(false);
+    };
+    let conn = tokio::time::timeout(CONNECT_TIMEOUT, sandbox.connect())
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Agent(
+                "the agent did not answer a new connection".into(),
+            ))
+        })?;
+    let bind: std::net::SocketAddr = if upstream.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    let socket = std::net::UdpSocket::bind(bind)
+        .map_err(|e| Error::io("bind the DNS relay's socket", bind.to_string(), e))?;
+    let hook = match (
+        crate::egress::nft_program(),
+        crate::egress::Record::load(&sandbox.state_dir),
+    ) {
+        (Some(nft), Ok(mut record)) => {
+            record.dns_relay = true;
+            record.save(&sandbox.state_dir)?;
+            Some(dns::EgressHook::new(
+                net.netns.fd(),
+                sandbox.state_dir.clone(),
+                nft,
+                net.netns.resolved(),
+            ))
+        }
+        _ => None,
+    };
+    dns::start_relay(conn, socket, upstream, hook).await?;
+    Ok(true)
 }
 
 /// Boots a VM from an ext4 root image and starts its init process with `io`. The returned
@@ -533,6 +622,16 @@ pub struct ImageVmConfig {
 /// VMM's. On failure nothing is left behind.
 pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> Result<Running> {
     let mut sandbox = Sandbox::prepare(&cfg.id)?;
+    let net = match &cfg.network {
+        Some(policy) => match image_network(&sandbox, policy).await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                sandbox.destroy(TEARDOWN_GRACE).await;
+                return Err(e);
+            }
+        },
+        None => None,
+    };
     let sandbox_cfg = SandboxConfig {
         id: cfg.id.clone(),
         disks: vec![Disk {
@@ -540,8 +639,15 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
             readonly: true,
         }],
         shares: cfg.mounts.shares.clone(),
-        nics: Vec::new(),
-        netns: None,
+        nics: net
+            .iter()
+            .flat_map(|n| n.wiring.interfaces.iter().zip(&n.wiring.taps))
+            .map(|(i, tap)| Nic {
+                tap: tap.clone(),
+                mac: i.mac.clone(),
+            })
+            .collect(),
+        netns: net.as_ref().map(|n| n.netns.fd()),
         memory_mib: cfg.memory_mib,
         vcpus: cfg.vcpus,
         accel: cfg.accel,
@@ -549,14 +655,46 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
         icount: false,
         debug: false,
     };
-    let conn = match sandbox.launch(&sandbox_cfg, assets).await {
+    let launched = match sandbox.launch(&sandbox_cfg, assets).await {
+        Ok(c) => match &net {
+            Some(n) => image_dns(&mut sandbox, n).await.map(|dns| (c, dns)),
+            None => Ok((c, false)),
+        },
+        Err(e) => Err(e),
+    };
+    let (conn, dns) = match launched {
         Ok(c) => c,
         Err(e) => {
             sandbox.destroy(TEARDOWN_GRACE).await;
+            if let Some(n) = net {
+                n.netns.destroy().await;
+            }
             return Err(e);
         }
     };
     let pid = sandbox.vmm_pid().unwrap_or(0);
+    let mut mounts = cfg.mounts.mounts;
+    let mut sysctls = std::collections::BTreeMap::new();
+    if let Some(n) = &net {
+        if dns {
+            mounts.push(MountSpec {
+                destination: "/etc/resolv.conf".into(),
+                source: agentvm_protocol::MountSource::File {
+                    content: format!("nameserver {}\n", dns::DOCKER_DNS),
+                    mode: 0o644,
+                },
+                readonly: false,
+            });
+        }
+        // The uplink is IPv4 only.
+        for iface in &n.wiring.interfaces {
+            sysctls.insert(
+                format!("net.ipv6.conf.{}.disable_ipv6", iface.name),
+                "1".to_string(),
+            );
+        }
+    }
+    let network = net.as_ref().map(|n| n.wiring.network_spec());
     let request = StartRequest {
         rootfs: RootfsSpec {
             device: "/dev/vda".into(),
@@ -570,9 +708,9 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
         hostname: cfg.hostname,
         init: true,
         pid_namespace: false,
-        network: None,
-        mounts: cfg.mounts.mounts,
-        sysctls: Default::default(),
+        network,
+        mounts,
+        sysctls,
         container: None,
         secrets: cfg.secrets,
         masked_paths: Vec::new(),
@@ -590,7 +728,7 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
     let dialer = sandbox.agent_channel();
     let owner = Owner {
         sandbox,
-        netns: None,
+        netns: net.map(|n| n.netns),
         down: down_tx,
         host_view: None,
         cgroup: None,

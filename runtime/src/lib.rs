@@ -35,6 +35,7 @@ pub mod sandbox;
 pub mod sandboxuser;
 pub mod secrets;
 mod session;
+pub mod uplink;
 pub mod vmm;
 
 pub use error::{Error, Result};

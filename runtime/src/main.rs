@@ -42,6 +42,16 @@ enum Command {
     Mcp {
         #[command(subcommand)]
         action: Option<McpCmd>,
+        /// containerd mode: create the sandboxes through containerd with the agentvm runtime,
+        /// in a containerd namespace of their own (visible to `ctr -n NAMESPACE c ls`).
+        #[arg(long)]
+        containerd: bool,
+        /// containerd's socket (containerd mode).
+        #[arg(long, value_name = "PATH", default_value = agentvm::mcp::ctrd::DEFAULT_ADDRESS, requires = "containerd")]
+        address: PathBuf,
+        /// The containerd namespace of the sandboxes (containerd mode; never `moby`).
+        #[arg(long, value_name = "NAME", default_value = agentvm::mcp::ctrd::DEFAULT_NAMESPACE, requires = "containerd")]
+        namespace: String,
     },
     /// A running container's egress policy: show it, change it, read what it blocked.
     Policy {
@@ -236,15 +246,23 @@ fn main() {
             }
             Command::Install(a) => install_cmd(&a, true),
             Command::Uninstall(a) => install_cmd(&a, false),
-            Command::Mcp { action: None } => match agentvm::mcp::serve_stdio().await {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("agentvm: error: {e}");
-                    1
+            Command::Mcp {
+                action: None,
+                containerd,
+                address,
+                namespace,
+            } => {
+                match agentvm::mcp::serve_stdio(containerd.then_some((address, namespace))).await {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("agentvm: error: {e}");
+                        1
+                    }
                 }
-            },
+            }
             Command::Mcp {
                 action: Some(McpCmd::Host),
+                ..
             } => match agentvm::mcp::persist::host().await {
                 Ok(()) => 0,
                 Err(e) => {
@@ -254,6 +272,7 @@ fn main() {
             },
             Command::Mcp {
                 action: Some(action),
+                ..
             } => mcp_install_cmd(action),
             Command::Policy { action } => match policy_cmd(action).await {
                 Ok(()) => 0,

@@ -67,6 +67,9 @@ pub struct Netns {
     resolved: Arc<egress::Resolved>,
     /// Other tasks with sockets in the namespace ([`Netns::hold`]).
     held: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The veth to the host that agentvm made itself ([`crate::uplink`]), removed with the
+    /// namespace.
+    uplink: Mutex<Option<crate::uplink::Uplink>>,
 }
 
 #[derive(Debug, Default)]
@@ -186,6 +189,7 @@ impl Netns {
             audit: Mutex::default(),
             resolved: Arc::default(),
             held: Mutex::default(),
+            uplink: Mutex::default(),
         })
     }
 
@@ -353,7 +357,17 @@ impl Netns {
             ],
         )
         .await?;
-        let facts = egress_facts(wiring).await;
+        let mut facts = egress_facts(wiring).await;
+        if self
+            .uplink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+        {
+            // The gateway of an uplink is the host itself, and the sandbox's DNS goes through
+            // agentvm's relay: nothing on the host is open to it, DNS included.
+            facts.gateways.clear();
+        }
         let record = egress::Record {
             policy: policy.clone(),
             facts,
@@ -441,6 +455,16 @@ impl Netns {
             .push(task);
     }
 
+    /// Hands the namespace its uplink ([`crate::uplink`]): removed by [`Netns::destroy`].
+    pub fn set_uplink(&self, uplink: crate::uplink::Uplink) {
+        let old = self
+            .uplink
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(uplink);
+        debug_assert!(old.is_none(), "a second uplink");
+    }
+
     /// Kills the holder; the namespace goes with the last process in it. What the guard
     /// dropped is logged first.
     pub async fn destroy(mut self) {
@@ -472,6 +496,14 @@ impl Netns {
         }
         let _ = self.holder.start_kill();
         let _ = self.holder.wait().await;
+        let uplink = self
+            .uplink
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut u) = uplink {
+            u.remove().await;
+        }
     }
 }
 
@@ -688,7 +720,7 @@ fn open_tap_in(fd: &Arc<OwnedFd>, name: &str) -> Result<OwnedFd> {
 
 /// Runs `program args` inside the namespace `fd`, with `input` on its stdin, and returns its
 /// stdout.
-async fn run_in<I, S>(
+pub(crate) async fn run_in<I, S>(
     fd: &Arc<OwnedFd>,
     program: &str,
     args: I,

@@ -18,6 +18,7 @@
 //! | [`persist`] | persistent sandboxes: a host process each, reached over a unix socket |
 //! | [`install`] | `agentvm mcp install`/`uninstall`: Claude Code's `~/.claude.json` |
 
+pub mod ctrd;
 pub mod guestfs;
 pub mod install;
 pub mod limits;
@@ -133,11 +134,29 @@ pub type ToolResult<T> = std::result::Result<T, McpError>;
 /// Serves MCP on this process's stdin and stdout until the session ends, then removes every
 /// sandbox of the session. Call it on a current-thread runtime: the VMs' helpers die with the
 /// thread that spawned them.
-pub async fn serve_stdio() -> crate::Result<()> {
+/// `containerd`: containerd mode, with containerd's socket and the namespace of the
+/// sandboxes; refused when containerd does not answer.
+pub async fn serve_stdio(containerd: Option<(std::path::PathBuf, String)>) -> crate::Result<()> {
     use rmcp::ServiceExt;
     use tokio::signal::unix::{signal, SignalKind};
 
-    let manager = std::sync::Arc::new(sandboxes::Manager::new());
+    // What a server killed before it could clean up left on the host.
+    let swept = crate::uplink::sweep().await;
+    if swept > 0 {
+        tracing::info!("removed the host rules of {swept} sandboxes that are gone");
+    }
+    let mut manager = sandboxes::Manager::new();
+    if let Some((address, namespace)) = containerd {
+        let ctr = ctrd::Ctr::new(&address, &namespace)?;
+        ctr.check().await?;
+        tracing::info!(
+            "containerd mode: sandboxes in containerd namespace {} at {}",
+            ctr.namespace(),
+            address.display()
+        );
+        manager = manager.with_containerd(ctr);
+    }
+    let manager = std::sync::Arc::new(manager);
     let server = server::AgentvmServer::new(std::sync::Arc::clone(&manager));
     let (input, output) = stdio::filtered(tokio::io::stdin(), tokio::io::stdout());
     let sig =

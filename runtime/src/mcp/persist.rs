@@ -60,6 +60,8 @@ struct HostRequest {
     secrets: Vec<String>,
     #[serde(default)]
     secret_env: Vec<String>,
+    #[serde(default)]
+    egress: Option<String>,
 }
 
 /// The host's one line back.
@@ -109,6 +111,7 @@ pub async fn create(req: CreateRequest) -> ToolResult<serde_json::Value> {
         user: req.user,
         secrets: req.secrets,
         secret_env: req.secret_env,
+        egress: req.egress,
     };
     let mut stdin = child.stdin.take().expect("piped");
     let body = serde_json::to_vec(&request).unwrap_or_default();
@@ -209,6 +212,7 @@ pub async fn host() -> crate::Result<()> {
             user: r.user,
             secrets: r.secrets,
             secret_env: r.secret_env,
+            egress: r.egress,
             ..Default::default()
         })
         .await;

@@ -86,6 +86,12 @@ pub struct SandboxInfo {
     /// It outlives the session that created it (until sandbox_remove).
     #[serde(default)]
     pub persistent: bool,
+    /// The egress policy (`none`: no network device).
+    #[serde(default)]
+    pub egress: String,
+    /// The sandbox's IPv4 address on its uplink, when it has a network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 /// The outcome of a finished process.
@@ -117,16 +123,147 @@ pub struct ExecProgress {
     pub exit_code: Option<i32>,
 }
 
+/// A process of a sandbox: over the agent (library mode) or through `ctr` (containerd mode).
+#[derive(Clone)]
+enum Proc {
+    Vm(Running),
+    Ctr(Arc<super::ctrd::Proc>),
+}
+
+impl Proc {
+    fn exited(&self) -> Option<container::Exit> {
+        match self {
+            Proc::Vm(r) => r.exited(),
+            Proc::Ctr(p) => p.exited(),
+        }
+    }
+
+    async fn wait(&self) -> container::Exit {
+        match self {
+            Proc::Vm(r) => r.wait().await,
+            Proc::Ctr(p) => p.wait().await,
+        }
+    }
+
+    fn signal(&self, sig: i32) -> crate::Result<()> {
+        match self {
+            Proc::Vm(r) => r.signal(sig),
+            Proc::Ctr(p) => p.signal(sig),
+        }
+    }
+}
+
+/// A sandbox's init: a VM the server boots, or a container of containerd.
+enum Init {
+    Vm(Running),
+    Ctr(Box<super::ctrd::Sandbox>),
+}
+
+impl Init {
+    fn proc(&self) -> Proc {
+        match self {
+            Init::Vm(r) => Proc::Vm(r.clone()),
+            Init::Ctr(c) => Proc::Ctr(Arc::clone(c.init())),
+        }
+    }
+
+    fn exited(&self) -> Option<container::Exit> {
+        self.proc().exited()
+    }
+
+    fn signal(&self, sig: i32) -> crate::Result<()> {
+        self.proc().signal(sig)
+    }
+
+    async fn wait(&self) -> container::Exit {
+        self.proc().wait().await
+    }
+
+    /// Waits until the VM is gone (library mode), or removes the container, its snapshot and
+    /// its network (containerd mode).
+    async fn wait_torn_down(&self) {
+        match self {
+            Init::Vm(r) => r.wait_torn_down().await,
+            Init::Ctr(c) => c.remove().await,
+        }
+    }
+
+    fn is_paused(&self) -> bool {
+        match self {
+            Init::Vm(r) => r.is_paused(),
+            Init::Ctr(c) => c.is_paused(),
+        }
+    }
+
+    async fn pause(&self) -> crate::Result<()> {
+        match self {
+            Init::Vm(r) => r.pause().await,
+            Init::Ctr(c) => c.pause().await,
+        }
+    }
+
+    async fn resume(&self) -> crate::Result<()> {
+        match self {
+            Init::Vm(r) => r.resume().await,
+            Init::Ctr(c) => c.resume().await,
+        }
+    }
+
+    /// Starts `process` (`extra_env`: the variables the caller asked for; `user`: whether it
+    /// named one), once the agent (or containerd) took it.
+    async fn spawn_exec(
+        &self,
+        process: ProcessSpec,
+        extra_env: &[String],
+        user: bool,
+        mut io: ProcessIo,
+    ) -> (Proc, crate::Result<()>) {
+        match self {
+            Init::Vm(r) => {
+                let (proc, started) = r.spawn_exec(process, io);
+                let res = started.await.map(|_| ());
+                (Proc::Vm(proc), res)
+            }
+            Init::Ctr(c) => {
+                let u = user.then(|| format!("{}:{}", process.user.uid, process.user.gid));
+                static NEXT: AtomicU64 = AtomicU64::new(1);
+                let exec_id = format!("mcp-{}", NEXT.fetch_add(1, Ordering::SeqCst));
+                let mut input = None;
+                if let Some(mut r) = io.stdin.take() {
+                    use tokio::io::AsyncReadExt as _;
+                    let mut b = Vec::new();
+                    let _ = r.read_to_end(&mut b).await;
+                    input = Some(b);
+                }
+                let args = &process.args;
+                match c.exec(
+                    &exec_id,
+                    args,
+                    &process.cwd,
+                    u,
+                    extra_env,
+                    input.as_deref(),
+                    io,
+                ) {
+                    Ok(p) => (Proc::Ctr(p), Ok(())),
+                    // Nothing ran: an already-ended process.
+                    Err(e) => (Proc::Ctr(c.failed_proc()), Err(e)),
+                }
+            }
+        }
+    }
+}
+
 /// A process started by exec_start.
 struct Job {
-    proc: Running,
+    proc: Proc,
     stdout: Arc<Mutex<Capture>>,
     stderr: Arc<Mutex<Capture>>,
 }
 
 /// Kills a process whose caller went away: a tool call the client cancelled (or whose
 /// request was dropped) must not leave its command running in the sandbox.
-struct KillOnDrop<'a>(&'a Running);
+struct KillOnDrop<'a>(&'a Proc);
 
 impl Drop for KillOnDrop<'_> {
     fn drop(&mut self) {
@@ -147,13 +284,15 @@ struct Entry {
     workdir: String,
     env: Vec<String>,
     user: (u32, u32),
-    init: Running,
+    init: Init,
     log: Arc<Mutex<Tail>>,
     state_dir: PathBuf,
     execs: Mutex<HashMap<String, Job>>,
     next_exec: AtomicU64,
     /// Served by a host process of its own ([`super::persist`]).
     persistent: bool,
+    egress: String,
+    address: Option<String>,
 }
 
 impl Entry {
@@ -180,6 +319,8 @@ impl Entry {
             workdir: self.workdir.clone(),
             exit_code: self.init.exited().map(|e| e.code),
             execs: lock(&self.execs).len(),
+            egress: self.egress.clone(),
+            address: self.address.clone(),
         }
     }
 
@@ -248,6 +389,8 @@ pub struct Manager {
     closed: std::sync::atomic::AtomicBool,
     /// This is the host process of a persistent sandbox ([`super::persist::host`]).
     hosting: bool,
+    /// containerd mode: sandboxes are containers of this containerd ([`super::ctrd`]).
+    containerd: Option<super::ctrd::Ctr>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -266,20 +409,7 @@ pub fn check_create(req: &CreateRequest) -> ToolResult<()> {
     for name in req.secrets.iter().chain(&req.secret_env) {
         crate::secrets::validate_name(name).map_err(|e| McpError::Secret(e.to_string()))?;
     }
-    match req.egress.as_deref() {
-        None | Some("none") => {}
-        Some(other) => {
-            return Err(McpError::Unsupported(
-                format!(
-                    "egress {other:?}: sandboxes of agentvm mcp have no network device yet \
-                     (library mode boots them without one), so the only egress is \"none\"; \
-                     use `docker run --runtime=agentvm --annotation io.agentvm.egress=...` for \
-                     a networked sandbox"
-                )
-                .into(),
-            ))
-        }
-    }
+    egress_policy(req.egress.as_deref())?;
     if req.image.trim().is_empty() {
         return Err(McpError::InvalidArgument(
             "image is empty: give an image reference (oci:DIR, oci-archive:PATH, \
@@ -310,6 +440,31 @@ pub fn check_create(req: &CreateRequest) -> ToolResult<()> {
         parse_user(u)?;
     }
     Ok(())
+}
+
+/// The egress profile of a sandbox that names none.
+pub const DEFAULT_EGRESS: &str = "agent";
+
+/// The network a create asks for: `None` for egress `none` (no network device), else the
+/// policy (a built-in profile, one of the host's policy file, with inline rules after `;`).
+pub fn egress_policy(egress: Option<&str>) -> ToolResult<Option<crate::egress::Policy>> {
+    let text = egress.map(str::trim).unwrap_or(DEFAULT_EGRESS);
+    if text == "none" {
+        return Ok(None);
+    }
+    let bad = |e: crate::egress::PolicyError| {
+        McpError::InvalidArgument(format!(
+            "egress {text:?}: {e} (profiles: agent, open, none, none-but; rules after `;`, e.g. \
+             \"none-but; allow pypi.org tcp port 443\")"
+        ))
+    };
+    let file = crate::egress::PolicyFile::load(&crate::egress::policy_path()).map_err(bad)?;
+    let text = if text.is_empty() {
+        DEFAULT_EGRESS
+    } else {
+        text
+    };
+    file.select(Some(text)).map(Some).map_err(bad)
 }
 
 /// The secrets a create asks for, in the order first named: `files` as `/run/secrets/NAME`,
@@ -383,6 +538,18 @@ impl Manager {
         }
     }
 
+    /// A manager whose sandboxes are containers of `ctr`'s containerd namespace.
+    pub fn with_containerd(self, ctr: super::ctrd::Ctr) -> Manager {
+        Manager {
+            containerd: Some(ctr),
+            ..self
+        }
+    }
+
+    pub fn is_containerd(&self) -> bool {
+        self.containerd.is_some()
+    }
+
     pub fn is_hosting(&self) -> bool {
         self.hosting
     }
@@ -429,7 +596,99 @@ impl Manager {
         }
         self.creating.fetch_add(1, Ordering::SeqCst);
         let _creating = Creating(&self.creating);
-        self.boot(req, workspace).await
+        match &self.containerd {
+            Some(ctr) => self.boot_ctr(ctr, req, workspace).await,
+            None => self.boot(req, workspace).await,
+        }
+    }
+
+    /// containerd mode: the sandbox is a container run by containerd with the agentvm
+    /// runtime ([`super::ctrd`]).
+    async fn boot_ctr(
+        &self,
+        ctr: &super::ctrd::Ctr,
+        req: CreateRequest,
+        workspace: Option<PathBuf>,
+    ) -> ToolResult<(SandboxInfo, Vec<String>)> {
+        if req.persistent || !req.secrets.is_empty() || !req.secret_env.is_empty() {
+            return Err(McpError::Unsupported(
+                "persistent sandboxes and secrets are not available in containerd mode yet \
+                 (run agentvm mcp without --containerd for them)"
+                    .into(),
+            ));
+        }
+        let network = egress_policy(req.egress.as_deref())?;
+        let egress = network
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |p| p.name.clone());
+        let egress_text = network.as_ref().map(|_| {
+            req.egress
+                .as_deref()
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .unwrap_or(DEFAULT_EGRESS)
+                .to_string()
+        });
+        let env = limits::env_entries(&req.env)?;
+        let workdir = req
+            .workdir
+            .clone()
+            .or_else(|| workspace.as_ref().map(|_| WORKSPACE.to_string()));
+        let user = match &req.user {
+            Some(u) => Some(parse_user(u)?),
+            None => None,
+        };
+        let memory_mib = req.memory_mib.unwrap_or(crate::run::DEFAULT_MEMORY_MIB);
+        let vcpus = req.cpus.unwrap_or(crate::run::DEFAULT_VCPUS);
+        let id = crate::sandbox::new_id();
+        let log = Arc::new(Mutex::new(Tail::new(limits::LOG_TAIL_BYTES)));
+        let io = ProcessIo {
+            stdin: None,
+            stdout: Some(Box::new(Sink::Tail(Arc::clone(&log)))),
+            stderr: Some(Box::new(Sink::Tail(Arc::clone(&log)))),
+        };
+        let spec = super::ctrd::Spec {
+            id: id.clone(),
+            image: req.image.clone(),
+            args: req
+                .command
+                .clone()
+                .unwrap_or_else(|| vec!["/bin/sh".into(), "-c".into(), IDLE_INIT.into()]),
+            env: env.clone(),
+            cwd: workdir.clone(),
+            user: user.map(|(u, g)| format!("{u}:{g}")),
+            workspace: workspace.clone().map(|w| (w, req.workspace_readonly)),
+            memory_mib,
+            cpus: vcpus,
+            egress: egress_text,
+        };
+        let sandbox = super::ctrd::Sandbox::create(ctr, spec, io, BOOT_TIMEOUT).await?;
+        let address = sandbox.address();
+        let entry = Arc::new(Entry {
+            id: id.clone(),
+            image: req.image,
+            created: SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            workspace,
+            memory_mib,
+            vcpus,
+            workdir: workdir.unwrap_or_else(|| "/".into()),
+            env,
+            user: user.unwrap_or((0, 0)),
+            init: Init::Ctr(Box::new(sandbox)),
+            log,
+            state_dir: crate::sandbox::state_root().join(".mcp-ctrd").join(&id),
+            execs: Mutex::new(HashMap::new()),
+            next_exec: AtomicU64::new(1),
+            persistent: false,
+            egress,
+            address,
+        });
+        let info = entry.info();
+        lock(&self.sandboxes).insert(id, entry);
+        Ok((info, Vec::new()))
     }
 
     async fn boot(
@@ -528,7 +787,12 @@ impl Manager {
             stdout: Some(Box::new(Sink::Tail(Arc::clone(&log)))),
             stderr: Some(Box::new(Sink::Tail(Arc::clone(&log)))),
         };
+        let network = egress_policy(req.egress.as_deref())?;
+        let egress = network
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |p| p.name.clone());
         let cfg = ImageVmConfig {
+            network,
             id: id.clone(),
             rootfs,
             secrets,
@@ -541,6 +805,15 @@ impl Manager {
             boot_timeout: BOOT_TIMEOUT,
         };
         let init = container::boot_image(cfg, &assets, io).await?;
+        let state_dir = crate::sandbox::state_root().join(&id);
+        let address = (egress != "none")
+            .then(|| crate::egress::Record::load(&state_dir).ok())
+            .flatten()
+            .and_then(|r| r.facts.own_networks.first().copied())
+            .and_then(|n| match n.addr {
+                std::net::IpAddr::V4(a) => Some(crate::uplink::sandbox_address(a).to_string()),
+                std::net::IpAddr::V6(_) => None,
+            });
         let entry = Arc::new(Entry {
             id: id.clone(),
             image: req.image,
@@ -554,12 +827,14 @@ impl Manager {
             workdir: process.cwd.clone(),
             env: process.env.clone(),
             user,
-            init,
+            init: Init::Vm(init),
             log,
-            state_dir: crate::sandbox::state_root().join(&id),
+            state_dir,
             execs: Mutex::new(HashMap::new()),
             next_exec: AtomicU64::new(1),
             persistent: self.hosting,
+            egress,
+            address,
         });
         let info = entry.info();
         lock(&self.sandboxes).insert(id, entry);
@@ -579,6 +854,7 @@ impl Manager {
     async fn start(entry: &Entry, req: &ExecRequest) -> ToolResult<Result<Job, ExecOutcome>> {
         entry.check_running()?;
         let process = entry.process(req.args.clone(), req)?;
+        let extra_env = limits::env_entries(&req.env)?;
         if req
             .stdin
             .as_ref()
@@ -601,8 +877,11 @@ impl Manager {
             stderr: Some(Box::new(Sink::Capture(Arc::clone(&stderr)))),
         };
         let t = Instant::now();
-        let (proc, started) = entry.init.spawn_exec(process, io);
-        match started.await {
+        let (proc, started) = entry
+            .init
+            .spawn_exec(process, &extra_env, req.user.is_some(), io)
+            .await;
+        match started {
             Ok(_) => Ok(Ok(Job {
                 proc,
                 stdout,
@@ -748,9 +1027,9 @@ impl Manager {
             stdout: Some(Box::new(Sink::Capture(Arc::clone(&stdout)))),
             stderr: Some(Box::new(Sink::Capture(Arc::clone(&stderr)))),
         };
-        let (proc, started) = entry.init.spawn_exec(process, io);
+        let (proc, started) = entry.init.spawn_exec(process, &[], true, io).await;
         let _guard = KillOnDrop(&proc);
-        if let Err(e) = started.await {
+        if let Err(e) = started {
             let code = tokio::time::timeout(Duration::from_secs(5), proc.wait())
                 .await
                 .map(|x| x.code)
@@ -1017,12 +1296,24 @@ mod tests {
             ..req()
         })
         .is_ok());
+        assert!(check_create(&CreateRequest {
+            egress: Some("none-but; allow 198.51.100.7 tcp port 80".into()),
+            ..req()
+        })
+        .is_ok());
         assert_eq!(
             code(CreateRequest {
-                egress: Some("agent".into()),
+                egress: Some("no-such-profile".into()),
                 ..req()
             }),
-            "unsupported"
+            "invalid_argument"
+        );
+        assert_eq!(
+            code(CreateRequest {
+                egress: Some("agent; allow".into()),
+                ..req()
+            }),
+            "invalid_argument"
         );
         assert_eq!(
             code(CreateRequest {

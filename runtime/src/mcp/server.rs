@@ -25,8 +25,9 @@ const INSTRUCTIONS: &str = "agentvm runs each sandbox in its own microVM (a Linu
 its own kernel): root inside it cannot reach this host. Typical use: sandbox_create with an \
 image (and a host project directory as workspace, mounted at /workspace), then exec commands \
 and file_read/file_write/file_list inside it, then sandbox_remove. Long commands: exec_start, \
-then exec_output until it reports exit_code. Sandboxes have no network. Every sandbox of this \
-session is removed when the session ends.";
+then exec_output until it reports exit_code. Sandboxes reach the public internet (egress \
+\"agent\": not private networks, cloud metadata or this host); egress \"none\" gives one no \
+network at all. Every sandbox of this session is removed when the session ends.";
 
 /// `sandbox_create`'s arguments.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -52,8 +53,11 @@ pub struct CreateParams {
     /// Number of virtual CPUs (default 1).
     #[serde(default)]
     pub cpus: Option<u32>,
-    /// Network egress profile. Only "none" (the default) is available: these sandboxes have
-    /// no network device.
+    /// Network egress policy. "agent" (the default): the public internet, but not private
+    /// networks (10/8, 172.16/12, 192.168/16, CGNAT, ULA), link-local and cloud metadata, or
+    /// this host. "open": everything. "none": no network device at all. "none-but; allow
+    /// HOST|CIDR|DOMAIN [tcp|udp] [port N]; ...": only what the rules allow (rules can follow
+    /// any profile after ";"). Profiles of the host's /etc/agentvm/egress.toml work too.
     #[serde(default)]
     pub egress: Option<String>,
     /// Names of secrets stored on the host (`agentvm secret set NAME`) to give the sandbox as
