@@ -120,18 +120,34 @@ fn sh(cmd: &str) -> (bool, String) {
 /// The network test's servers: a namespace of the test's own holding a "public" host
 /// (198.51.100.17, a documentation range routed only to it), a "private" one (10.231.78.1)
 /// and a look-alike of the cloud metadata service (169.254.78.78), each with an HTTP server on
-/// 8080 serving `marker.txt`. No packet leaves this machine. Taken down on drop.
+/// 8080 serving `marker.txt`. No packet leaves this machine: the tests that use it take
+/// turns (one namespace, one set of routes), and blackhole routes behind the test's own keep
+/// the look-alike addresses off the default route even while the namespace is being made or
+/// taken down. Taken down on drop.
 struct NetServers {
     server: std::process::Child,
     _dir: tempfile::TempDir,
     marker: String,
+    /// Held for the servers' life: a second test's `start` tore the first one's namespace
+    /// down, and the first test's sandbox then reached 198.51.100.17 over the default route.
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Whose turn it is to hold the test namespace.
+static NET_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The look-alike addresses routed into the test namespace, blackholed behind it.
+const NET_LOOKALIKES: [&str; 2] = ["198.51.100.17/32", "169.254.78.78/32"];
 
 const NET_NS: &str = "agentvm-mcp-net-test";
 const NET_VETH: &str = "avm-mcpt0";
 
 impl NetServers {
     fn start() -> NetServers {
+        let turn = NET_TURN.lock().unwrap_or_else(|e| e.into_inner());
+        for a in NET_LOOKALIKES {
+            sh(&format!("ip route replace blackhole {a} metric 4000"));
+        }
         let down = format!("ip netns del {NET_NS} 2>/dev/null; ip link del {NET_VETH} 2>/dev/null");
         sh(&down);
         let (ok, out) = sh(&format!(
@@ -162,6 +178,7 @@ impl NetServers {
             server,
             _dir: dir,
             marker,
+            _turn: turn,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while !sh(&format!(
@@ -183,6 +200,11 @@ impl Drop for NetServers {
         sh(&format!(
             "ip netns del {NET_NS} 2>/dev/null; ip link del {NET_VETH} 2>/dev/null"
         ));
+        for a in NET_LOOKALIKES {
+            sh(&format!(
+                "ip route del blackhole {a} metric 4000 2>/dev/null"
+            ));
+        }
     }
 }
 
