@@ -233,6 +233,24 @@ pub async fn serve(listener: Listener, agent: Arc<Agent>) -> std::io::Error {
     }
 }
 
+/// The cgroup of pod container `container`, or the error to answer: no such container, or
+/// one without a cgroup of its own (then `consequence` says what that means).
+fn member_cgroup(
+    agent: &Agent,
+    container: &str,
+    consequence: &str,
+) -> Result<crate::cgroup::Cgroup, String> {
+    let member = lock(&agent.members).get(container).cloned();
+    match member.as_ref().map(|m| &m.cgroup) {
+        None => Err(format!("no container {container} runs in this VM")),
+        Some(None) => Err(format!(
+            "container {container} has no cgroup of its own (see the VM's console log); \
+             {consequence}"
+        )),
+        Some(Some(cg)) => Ok(cg.clone()),
+    }
+}
+
 fn msg(m: Message) -> Frame {
     Frame::Msg(m)
 }
@@ -292,33 +310,18 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
             After::Close
         }
         Some(Ok(Frame::Msg(Message::MemberStats { container }))) => {
-            let member = lock(&agent.members).get(&container).cloned();
-            let reply = match member.as_ref().map(|m| &m.cgroup) {
-                None => error(format!("no container {container} runs in this VM"), None),
-                Some(None) => error(
-                    format!(
-                        "container {container} has no cgroup of its own (see the VM's console \
-                         log); it has no figures of its own"
-                    ),
-                    None,
-                ),
-                Some(Some(cg)) => msg(Message::StatsReply(cg.usage())),
+            let reply = match member_cgroup(&agent, &container, "it has no figures of its own") {
+                Ok(cg) => msg(Message::StatsReply(cg.usage())),
+                Err(e) => error(e, None),
             };
             let _ = out.send(reply).await;
             After::Close
         }
         Some(Ok(Frame::Msg(Message::UpdateContainer { container, limits }))) => {
-            let member = lock(&agent.members).get(&container).cloned();
-            let reply = match member.as_ref().map(|m| &m.cgroup) {
-                None => error(format!("no container {container} runs in this VM"), None),
-                Some(None) => error(
-                    format!(
-                        "container {container} has no cgroup of its own (see the VM's console \
-                         log); its limits cannot be changed"
-                    ),
-                    None,
-                ),
-                Some(Some(cg)) => match cg.apply(&limits) {
+            let cgroup = member_cgroup(&agent, &container, "its limits cannot be changed");
+            let reply = match cgroup {
+                Err(e) => error(e, None),
+                Ok(cg) => match cg.apply(&limits) {
                     Ok(skipped) => msg(Message::Updated { skipped }),
                     Err(e) => {
                         info!("update {container} {limits:?}: {e}");
