@@ -2058,6 +2058,43 @@ fn cgroups_of(ids: &[String]) -> Vec<String> {
 /// How long containerd may take to notice a dead shim and report its containers' exits.
 const DEAD_SHIM_NOTICED: Duration = Duration::from_secs(60);
 
+/// Waits until each of `containers` is EXITED and then the pod NOTREADY, at most
+/// [`DEAD_SHIM_NOTICED`] in all, after the pod's `what` was killed; returns their statuses.
+fn await_pod_down(
+    cri: &Cri,
+    pod: &Pod,
+    containers: &[&String],
+    what: &str,
+) -> Vec<ContainerStatus> {
+    let deadline = Instant::now() + DEAD_SHIM_NOTICED;
+    let mut statuses = Vec::new();
+    for id in containers {
+        statuses.push(loop {
+            let s = pod.status(id);
+            if s.state == ContainerState::ContainerExited as i32 {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "container {id} not exited {DEAD_SHIM_NOTICED:?} after its {what} was killed: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        });
+    }
+    loop {
+        let (state, _, _) = sandbox_state(cri, &pod.id);
+        if state == PodSandboxState::SandboxNotready as i32 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod is still ready {DEAD_SHIM_NOTICED:?} after its {what} was killed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    statuses
+}
+
 /// The shim of a running pod with two running containers is SIGKILLed (the drill of a shim
 /// crash or an OOM kill of the shim): containerd reports both containers exited, with an exit
 /// code, within [`DEAD_SHIM_NOTICED`], and the pod NOTREADY; StopPodSandbox and
@@ -2093,19 +2130,7 @@ fn shim_killed(cri: &Cri, handler: &str) {
 
     // SAFETY: kill(2) on the pid of the shim just found; no memory is involved.
     assert_eq!(unsafe { libc::kill(shim, libc::SIGKILL) }, 0);
-    let deadline = Instant::now() + DEAD_SHIM_NOTICED;
-    for id in [&a, &b] {
-        let s = loop {
-            let s = pod.status(id);
-            if s.state == ContainerState::ContainerExited as i32 {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "container {id} not exited {DEAD_SHIM_NOTICED:?} after its shim was killed: {s:?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        };
+    for s in await_pod_down(cri, &pod, &[&a, &b], "shim") {
         // containerd's exit code for a task whose shim died (it cannot know the real one).
         assert_eq!(
             (s.exit_code, s.reason.as_str()),
@@ -2113,17 +2138,6 @@ fn shim_killed(cri: &Cri, handler: &str) {
             "a container whose shim died: {s:?}"
         );
         assert!(s.finished_at >= s.started_at, "{s:?}");
-    }
-    loop {
-        let (state, _, _) = sandbox_state(cri, &sandbox_id);
-        if state == PodSandboxState::SandboxNotready as i32 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pod is still ready {DEAD_SHIM_NOTICED:?} after its shim was killed"
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 
     let ids = [sandbox_id, a, b];
@@ -2182,34 +2196,11 @@ fn vm_killed_agentvm() {
 
     // SAFETY: kill(2) on the pid of the pod's QEMU just found; no memory is involved.
     assert_eq!(unsafe { libc::kill(qemu[0], libc::SIGKILL) }, 0);
-    let deadline = Instant::now() + DEAD_SHIM_NOTICED;
-    for id in [&a, &b] {
-        let s = loop {
-            let s = pod.status(id);
-            if s.state == ContainerState::ContainerExited as i32 {
-                break s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "container {id} not exited {DEAD_SHIM_NOTICED:?} after its VM was killed: {s:?}"
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        };
+    for s in await_pod_down(&cri, &pod, &[&a, &b], "VM") {
         assert!(
             s.exit_code != 0 && s.reason == "Error",
             "a container whose VM died exits with an error: {s:?}"
         );
-    }
-    loop {
-        let (state, _, _) = sandbox_state(&cri, &sandbox_id);
-        if state == PodSandboxState::SandboxNotready as i32 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the pod is still ready {DEAD_SHIM_NOTICED:?} after its VM was killed"
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 
     let ids = [sandbox_id, a, b];
