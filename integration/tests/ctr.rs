@@ -147,3 +147,87 @@ fn a_spec_that_remaps_ids_is_refused_and_leaves_nothing() {
     assert!(!mounts.contains(&id), "rootfs still mounted");
     env.assert_vm_gone(&id);
 }
+
+/// `ctr task exec` with stdin: runs `sh -c 'cat; echo done'` in container `id` with `input`
+/// written to ctr's stdin (`None`: /dev/null), each chunk after `pause`. Bounded: a stdin
+/// that never ends fails here rather than hanging the test.
+fn exec_with_stdin(id: &str, exec_id: &str, input: Option<&[&[u8]]>, pause: Duration) -> Output {
+    use std::io::Write;
+    let mut c = Command::new("ctr");
+    c.args(["-n", NS, "task", "exec", "--exec-id", exec_id, id])
+        .args(["sh", "-c", "cat; echo done"])
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().expect("spawn ctr");
+    if let Some(chunks) = input {
+        let mut stdin = child.stdin.take().unwrap();
+        for chunk in chunks {
+            std::thread::sleep(pause);
+            stdin.write_all(chunk).unwrap();
+        }
+    }
+    wait_with_deadline(child, Duration::from_secs(60))
+}
+
+/// ctr hands an exec's stdin over differently from dockerd: it writes, asks `CloseIO`, then
+/// closes its end of the fifo; and with a stdin already at EOF it closes its end before the
+/// shim opens the fifo and never asks `CloseIO`. Data must arrive before the EOF, and an
+/// empty stdin must end at once.
+#[test]
+fn ctr_exec_gets_its_stdin() {
+    let Some(env) = DockerEnv::get("ctr_exec_gets_its_stdin") else {
+        return;
+    };
+    import_image(&env);
+    let rt = "io.containerd.agentvm.v1";
+    let id = unique_name("ctr-stdin");
+    let out = ctr(&["run", "--runtime", rt, "-d", IMAGE, &id, "sleep", "1000"]);
+    assert!(out.status.success(), "ctr run -d: {:?}", text(&out));
+
+    let out = exec_with_stdin(&id, "piped", Some(&[b"a\nb\n"]), Duration::ZERO);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(text(&out).0, "a\nb\ndone\n");
+
+    let t = std::time::Instant::now();
+    let out = exec_with_stdin(&id, "empty", None, Duration::ZERO);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(text(&out).0, "done\n");
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "an empty stdin took {:?} to end",
+        t.elapsed()
+    );
+
+    // A writer that is slow: its stdin is not ended early.
+    let out = exec_with_stdin(
+        &id,
+        "slow",
+        Some(&[b"x\n", b"y\n"]),
+        Duration::from_millis(700),
+    );
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(text(&out).0, "x\ny\ndone\n");
+
+    let out = ctr(&["task", "kill", "-s", "SIGKILL", &id]);
+    assert!(out.status.success(), "ctr task kill: {:?}", text(&out));
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !text(&ctr(&["task", "ls"]))
+        .0
+        .lines()
+        .filter(|l| l.starts_with(&id))
+        .all(|l| l.contains("STOPPED"))
+    {
+        assert!(std::time::Instant::now() < deadline, "task not stopped");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = ctr(&["task", "rm", &id]);
+    assert!(out.status.success(), "ctr task rm: {:?}", text(&out));
+    let out = ctr(&["container", "rm", &id]);
+    assert!(out.status.success(), "ctr container rm: {:?}", text(&out));
+    env.assert_vm_gone(&id);
+}

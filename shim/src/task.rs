@@ -164,8 +164,11 @@ struct Stdio {
 }
 
 impl Stdio {
-    async fn open(&self) -> std::io::Result<agentvm::container::ProcessIo> {
-        crate::io::open(&self.stdin, &self.stdout, &self.stderr).await
+    async fn open(
+        &self,
+        close: &crate::io::StdinClose,
+    ) -> std::io::Result<agentvm::container::ProcessIo> {
+        crate::io::open(&self.stdin, &self.stdout, &self.stderr, close).await
     }
 }
 
@@ -174,6 +177,8 @@ struct Proc<C> {
     /// The container id for the init process, the exec id otherwise.
     id: String,
     io: Stdio,
+    /// `CloseIO(stdin)`: ends the stdin the shim reads from the fifo, after its data.
+    stdin_close: crate::io::StdinClose,
     /// The host pid the process reports: the container's network namespace holder (a host
     /// process the shim made) for the init process, and for an exec process once started (0
     /// before). A pid the guest names is guest data and is never published.
@@ -188,6 +193,7 @@ impl<C> Proc<C> {
         Proc {
             id,
             io,
+            stdin_close: Default::default(),
             pid: AtomicU32::new(pid),
             phase: tokio::sync::Mutex::new(Phase::Created(created)),
             exit: watch::channel(None).0,
@@ -551,7 +557,7 @@ impl TaskService {
                 format!("container {} is not running", entry.id),
             ));
         };
-        let io = match exec.io.open().await {
+        let io = match exec.io.open(&exec.stdin_close).await {
             Ok(io) => io,
             Err(e) => {
                 exec.failed_to_start(&mut phase);
@@ -814,7 +820,7 @@ impl Task for TaskService {
         }
         let init = &entry.init;
         let (container, mut phase) = init.take_created().await?;
-        let io = match init.io.open().await {
+        let io = match init.io.open(&init.stdin_close).await {
             Ok(io) => io,
             Err(e) => {
                 container.destroy().await;
@@ -1099,8 +1105,23 @@ impl Task for TaskService {
     ) -> ttrpc::Result<api::Empty> {
         let entry = self.get(&req.id)?;
         if req.stdin {
-            if let Some(r) = entry.running(&req.exec_id).await? {
-                let _ = r.close_stdin();
+            let (fifo, close) = if req.exec_id.is_empty() {
+                (
+                    entry.init.io.stdin.is_empty(),
+                    entry.init.stdin_close.clone(),
+                )
+            } else {
+                let exec = entry.exec(&req.exec_id)?;
+                (exec.io.stdin.is_empty(), exec.stdin_close.clone())
+            };
+            if fifo {
+                if let Some(r) = entry.running(&req.exec_id).await? {
+                    let _ = r.close_stdin();
+                }
+            } else {
+                // Not the runtime's close_stdin: its EOF would overtake the data the client
+                // wrote just before (ctr writes, then asks): the stdin ends after the fifo's.
+                close.close();
             }
         }
         Ok(api::Empty::default())
@@ -1627,6 +1648,7 @@ mod tests {
                 let init = Proc {
                     id: "c".into(),
                     io: Stdio::default(),
+                    stdin_close: Default::default(),
                     pid: AtomicU32::new(host_pid),
                     phase: tokio::sync::Mutex::new(Phase::Running(init)),
                     exit: watch::channel(None).0,
