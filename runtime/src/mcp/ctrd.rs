@@ -232,8 +232,9 @@ impl Ctr {
 
 /// The arguments of a guest `/bin/sh` that runs `command` with `stdin`: none (`/dev/null`),
 /// or the bytes, base64 in arguments of at most 96 KiB each (the kernel's limit per argument
-/// is 128 KiB) decoded by the guest's `base64 -d`. (`ctr task exec` loses its own stdin on the
-/// way to agentvm's shim: docs/decisions.md.)
+/// is 128 KiB) decoded by the guest's `base64 -d`. (Written when `ctr task exec` lost its own
+/// stdin on the way to agentvm's shim; the shim delivers it since, and this can give way to
+/// ctr's stdin: docs/decisions.md.)
 pub fn with_stdin(command: &[String], stdin: Option<&[u8]>) -> Vec<String> {
     use base64::Engine as _;
     let mut a: Vec<String> = vec!["/bin/sh".into(), "-c".into()];
@@ -353,8 +354,9 @@ fn spawn_proc(
     io: ProcessIo,
 ) -> crate::Result<Arc<Proc>> {
     let mut c = ctr.command();
-    // ctr's stdin stays open (and empty) until the process ends: its data would be lost on
-    // the way to the guest, and an early EOF leaves the shim waiting for the fifo's writer.
+    // ctr's stdin stays open (and empty) until the process ends: the command's stdin is in
+    // its arguments (with_stdin), and an older shim lost ctr's data or waited for the fifo's
+    // writer after an early EOF.
     c.args(&args).stdin(Stdio::piped()).kill_on_drop(false);
     let mut child = c.spawn().map_err(|e| crate::Error::Spawn {
         program: "ctr".into(),
