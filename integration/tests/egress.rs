@@ -37,6 +37,11 @@ static SERVERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 impl Servers {
     fn start() -> Servers {
         let guard = SERVERS.lock().unwrap_or_else(|p| p.into_inner());
+        // Behind the test's routes: the look-alikes never take the default route, even while
+        // the namespace is being made or taken down.
+        for a in LOOKALIKES {
+            sh(&format!("ip route replace blackhole {a} metric 4000"));
+        }
         sh(&format!(
             "ip netns del {NS} 2>/dev/null; ip link del {HOST_VETH} 2>/dev/null"
         ));
@@ -101,8 +106,16 @@ impl Drop for Servers {
         sh(&format!(
             "ip netns del {NS} 2>/dev/null; ip link del {HOST_VETH} 2>/dev/null"
         ));
+        for a in LOOKALIKES {
+            sh(&format!(
+                "ip route del blackhole {a} metric 4000 2>/dev/null"
+            ));
+        }
     }
 }
+
+/// The look-alike addresses routed into the test namespace.
+const LOOKALIKES: [&str; 3] = ["198.51.100.7/32", "198.51.100.8/32", "169.254.77.77/32"];
 
 /// The test's DNS zone, served at 10.231.77.1:53: `example.test` (TTL 3 s), `other.test` and
 /// `kept.test` (both 198.51.100.8, TTL 60 s), `rebind.test` (the metadata look-alike: a DNS
