@@ -1324,6 +1324,20 @@ const METRICS_TYPE_URL: &str = "io.containerd.cgroups.v2.Metrics";
 mod tests {
     use super::*;
 
+    /// An Exec request as containerd sends it: the process spec (JSON) as an `Any`.
+    fn exec_request(id: &str, exec_id: &str, spec: Vec<u8>) -> api::ExecProcessRequest {
+        api::ExecProcessRequest {
+            id: id.into(),
+            exec_id: exec_id.into(),
+            spec: MessageField::some(Any {
+                type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process".into(),
+                value: spec,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
     /// A container entry of the fake-agent tests: `init` is its init process, no hooks or
     /// annotations, nothing mounted by the shim.
     fn test_entry(
@@ -1675,17 +1689,7 @@ mod tests {
 
             async fn add_exec(&self, exec_id: &str) {
                 let spec = br#"{"args":["sh"],"cwd":"/","user":{"uid":0,"gid":0}}"#;
-                let req = api::ExecProcessRequest {
-                    id: "c".into(),
-                    exec_id: exec_id.into(),
-                    spec: MessageField::some(Any {
-                        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process"
-                            .into(),
-                        value: spec.to_vec(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                };
+                let req = exec_request("c", exec_id, spec.to_vec());
                 self.svc.exec(&ctx(), req).await.unwrap();
             }
 
@@ -2194,17 +2198,7 @@ mod tests {
                     r#"{{"args":["sh","-c",{}],"cwd":"/","env":["PATH=/usr/bin:/bin"],"user":{{"uid":0,"gid":0}}}}"#,
                     serde_json::to_string(script).unwrap()
                 );
-                let req = api::ExecProcessRequest {
-                    id: id.into(),
-                    exec_id: exec_id.into(),
-                    spec: MessageField::some(Any {
-                        type_url: "types.containerd.io/opencontainers/runtime-spec/1/Process"
-                            .into(),
-                        value: spec.into_bytes(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                };
+                let req = super::exec_request(id, exec_id, spec.into_bytes());
                 self.svc.exec(&ctx(), req).await.unwrap();
             }
 

@@ -667,10 +667,7 @@ impl Manager {
         let entry = Arc::new(Entry {
             id: id.clone(),
             image: req.image,
-            created: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created: unix_now(),
             workspace,
             memory_mib,
             vcpus,
@@ -817,10 +814,7 @@ impl Manager {
         let entry = Arc::new(Entry {
             id: id.clone(),
             image: req.image,
-            created: SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            created: unix_now(),
             workspace,
             memory_mib,
             vcpus,
@@ -1260,6 +1254,14 @@ fn finish(job: &Job, code: i32, t: Instant) -> ExecOutcome {
         stderr_truncated: err_dropped > 0,
         duration_ms: t.elapsed().as_millis() as u64,
     }
+}
+
+/// Seconds since the Unix epoch (0 on a clock set before it): a sandbox's creation time.
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]
