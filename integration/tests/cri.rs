@@ -1222,6 +1222,134 @@ fn volumes(cri: &Cri, handler: &str) {
 
 against_both!(volumes, volumes_runc, volumes_agentvm);
 
+/// Mounts the host makes after RunPodSandbox (as critest makes them): below a volume with
+/// HostToContainer propagation (a shared host mount, which containerd requires for it) they
+/// reach the running container, below a Private one they do not; a tmpfs mounted below a
+/// read-only volume before the container is created is there and writable, and the host can
+/// take its mounts away while the container runs. Under agentvm the pod's shim lives in a
+/// mount namespace of its own made at RunPodSandbox, which a host with a private `/` (this
+/// one) propagates nothing into.
+fn mount_propagation(cri: &Cri, handler: &str) {
+    use k8s_cri::v1::MountPropagation;
+    use nix::mount::{mount as sys_mount, MsFlags};
+    let host = tempfile::Builder::new()
+        .prefix("agentvm-cri-propagation.")
+        .tempdir()
+        .expect("volume dirs");
+    let mut pod = Pod::run(cri, "propagation", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let none = None::<&str>;
+    let tmpfs = |at: &Path| {
+        std::fs::create_dir_all(at).unwrap();
+        sys_mount(
+            Some("tmpfs"),
+            at,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            Some("size=1m"),
+        )
+        .unwrap_or_else(|e| panic!("mount a tmpfs on {}: {e}", at.display()));
+        Unmount(at.to_path_buf())
+    };
+    let (shared, private, ro) = (
+        host.path().join("shared"),
+        host.path().join("private"),
+        host.path().join("ro"),
+    );
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::create_dir(&private).unwrap();
+    sys_mount(Some(&shared), &shared, none, MsFlags::MS_BIND, none).unwrap();
+    let shared_mount = Unmount(shared.clone());
+    sys_mount(none, &shared, none, MsFlags::MS_SHARED, none).unwrap();
+    let below_ro = tmpfs(&ro.join("tmpfs"));
+    let mount = |path: &Path, at: &str, readonly: bool, propagation: MountPropagation| Mount {
+        container_path: at.into(),
+        host_path: path.display().to_string(),
+        readonly,
+        propagation: propagation as i32,
+        ..Default::default()
+    };
+    let id = pod.start_config(ContainerConfig {
+        mounts: vec![
+            mount(
+                &shared,
+                "/shared",
+                false,
+                MountPropagation::PropagationHostToContainer,
+            ),
+            mount(
+                &private,
+                "/private",
+                false,
+                MountPropagation::PropagationPrivate,
+            ),
+            mount(&ro, "/ro", true, MountPropagation::PropagationPrivate),
+        ],
+        ..container_config("prop", "exec sleep 600")
+    });
+    pod.wait_state(&id, ContainerState::ContainerRunning);
+    let sh = |script: &str| {
+        let r = pod
+            .exec_sync(&id, &["sh", "-c", script], 60)
+            .expect("ExecSync");
+        String::from_utf8_lossy(&r.stdout).into_owned()
+    };
+    assert_eq!(
+        sh("touch /ro/tmpfs/w 2>&1 && echo written; touch /ro/top 2>/dev/null || echo refused"),
+        "written\nrefused\n",
+        "the tmpfs mounted after RunPodSandbox below the read-only volume"
+    );
+    assert!(ro.join("tmpfs/w").exists());
+
+    // Mounts made while the container runs.
+    let late_shared = tmpfs(&shared.join("late"));
+    let late_private = tmpfs(&private.join("late"));
+    std::fs::write(shared.join("late/marker"), "late\n").unwrap();
+    std::fs::write(private.join("late/marker"), "late\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sh("cat /shared/late/marker 2>&1") != "late\n" {
+        assert!(
+            Instant::now() < deadline,
+            "the host's later mount never reached the HostToContainer volume: {}",
+            sh("ls -la /shared /shared/late 2>&1")
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert_eq!(
+        sh("ls /private/late"),
+        "",
+        "the host's later mount reached the Private volume"
+    );
+
+    // The host takes its mounts away while the container runs.
+    drop(below_ro);
+    std::fs::remove_dir(ro.join("tmpfs")).expect(
+        "the host removes a directory below a volume while the container runs \
+         (EBUSY: a copy of its mount is pinned in the host's namespace)",
+    );
+    drop(late_shared);
+    drop(late_private);
+    std::fs::remove_dir(shared.join("late")).expect("remove a mount point of a later mount");
+
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), id];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+    drop(shared_mount);
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let path = host.path().display().to_string();
+    assert!(
+        !mounts.lines().any(|l| l.contains(&path)),
+        "a volume is still mounted"
+    );
+}
+
+against_both!(
+    mount_propagation,
+    mount_propagation_runc,
+    mount_propagation_agentvm
+);
+
 /// Unmounts a test's mount when the test ends, however it ends (nothing mounted is fine).
 struct Unmount(PathBuf);
 

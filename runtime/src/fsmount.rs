@@ -342,6 +342,189 @@ impl PendingOverlay {
     }
 }
 
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const AT_RECURSIVE: libc::c_uint = 0x8000;
+/// `MOUNT_ATTR_RDONLY`.
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+
+/// How a detached tree takes mounts made later below its source ([`set_tree_attrs`]):
+/// `MS_PRIVATE`, `MS_SLAVE` or `MS_SHARED`.
+pub type Propagation = u64;
+
+fn open_tree(path: &Path) -> io::Result<OwnedFd> {
+    let path = cstr(path.as_os_str().as_bytes())?;
+    // SAFETY: path is a valid C string; open_tree returns a new fd or -1.
+    let fd = check(unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            path.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | AT_RECURSIVE,
+        )
+    })?;
+    // SAFETY: a fresh fd owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A detached copy of the mount tree at absolute `path`, submounts included
+/// (`open_tree(OPEN_TREE_CLONE | AT_RECURSIVE)`), to attach with [`attach_tree`]. With
+/// `ns`, `path` is looked up in that mount namespace (e.g. the host's, from a process in a
+/// namespace of its own), which sees the mounts made there after the caller's namespace was
+/// made: the lookup runs on a thread of its own that leaves the process's filesystem context
+/// (`unshare(CLONE_FS)`) and enters `ns`; the process stays where it is.
+pub fn clone_tree(path: &Path, ns: Option<BorrowedFd<'_>>) -> io::Result<OwnedFd> {
+    let Some(ns) = ns else {
+        return open_tree(path);
+    };
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: unshare(2) takes flags only; CLONE_FS gives this thread its own root
+            // and cwd, which setns(CLONE_NEWNS) needs and which end with the thread.
+            if unsafe { libc::unshare(libc::CLONE_FS) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
+            open_tree(path)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the mount namespace thread panicked")))
+    })
+}
+
+/// Sets a detached tree's mount attributes ([`MOUNT_ATTR_RDONLY`]...) on its top mount, or
+/// on every mount of it when `recursive`, and the propagation of every mount of it (0: as
+/// cloned).
+pub fn set_tree_attrs(
+    tree: BorrowedFd<'_>,
+    attr_set: u64,
+    recursive: bool,
+    propagation: Propagation,
+) -> io::Result<()> {
+    let empty = cstr(b"")?;
+    let setattr = |attr: &MountAttr, flags: libc::c_uint| {
+        // SAFETY: tree is a live fd, the empty path with AT_EMPTY_PATH names it, attr is a
+        // live mount_attr of the size passed.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_mount_setattr,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                libc::AT_EMPTY_PATH as libc::c_uint | flags,
+                attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        })
+        .map(drop)
+    };
+    let none = MountAttr {
+        attr_set: 0,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    if propagation != 0 {
+        setattr(
+            &MountAttr {
+                propagation,
+                ..none
+            },
+            AT_RECURSIVE,
+        )?;
+    }
+    if attr_set != 0 {
+        setattr(
+            &MountAttr { attr_set, ..none },
+            if recursive { AT_RECURSIVE } else { 0 },
+        )?;
+    }
+    Ok(())
+}
+
+/// Attaches a detached tree ([`clone_tree`]) on `target` (a descriptor of the mount point,
+/// resolved without symlinks), in the caller's mount namespace.
+pub fn attach_tree(tree: OwnedFd, target: BorrowedFd<'_>) -> io::Result<()> {
+    let empty = cstr(b"")?;
+    // SAFETY: both descriptors are live; the empty paths with the EMPTY_PATH flags make
+    // move_mount use the descriptors themselves.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            empty.as_ptr(),
+            target.as_raw_fd(),
+            empty.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    })
+    .map(drop)
+}
+
+/// Makes (or finds) the mount point `name` in `dir` and opens it as an `O_PATH`
+/// descriptor: a directory, or an empty regular file when `is_file`. Nothing is followed:
+/// a symlink (or a file where a directory is asked, and the reverse) is an error, so what a
+/// guest swaps in beside it is never mounted on.
+pub fn make_point_in(
+    dir: BorrowedFd<'_>,
+    name: &std::ffi::OsStr,
+    is_file: bool,
+) -> io::Result<OwnedFd> {
+    if !is_file {
+        match nix::sys::stat::mkdirat(
+            Some(dir.as_raw_fd()),
+            name,
+            nix::sys::stat::Mode::from_bits_truncate(0o755),
+        ) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        return open_dir_in(dir, name);
+    }
+    if name.as_bytes().contains(&b'/') || name.is_empty() || name == ".." || name == "." {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not one path component"),
+        ));
+    }
+    match nix::fcntl::openat(
+        Some(dir.as_raw_fd()),
+        name,
+        nix::fcntl::OFlag::O_CREAT
+            | nix::fcntl::OFlag::O_EXCL
+            | nix::fcntl::OFlag::O_WRONLY
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::from_bits_truncate(0o644),
+    ) {
+        // SAFETY: a fresh fd owned by nothing else, closed at once.
+        Ok(fd) => drop(unsafe { OwnedFd::from_raw_fd(fd) }),
+        Err(nix::errno::Errno::EEXIST) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let fd = openat2(
+        dir.as_raw_fd(),
+        name.as_bytes(),
+        libc::O_PATH,
+        NO_LINKS | libc::RESOLVE_BENEATH,
+    )?;
+    let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(io::Error::from)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a regular file"),
+        ));
+    }
+    Ok(fd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -205,6 +205,50 @@ pub struct MountPlan {
     pub mounts: Vec<MountSpec>,
     /// The content of the `/etc/resolv.conf` the container gets, when one is bound.
     pub resolv_conf: Option<String>,
+    /// How the host binds each share's source, in `shares` order (a pod's container:
+    /// crate::pod::bind_volume).
+    pub host_binds: Vec<HostBind>,
+}
+
+/// Whether mounts the host makes below a bind's source later reach the container (the
+/// spec's `rprivate`, `rslave`, `rshared`; Kubernetes' mount propagation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BindPropagation {
+    /// None do (`rprivate`, Kubernetes' default).
+    Private,
+    /// They do (`rslave`, HostToContainer); also a spec that says nothing, as under runc,
+    /// whose root is a slave of the host's.
+    #[default]
+    Slave,
+    /// They do, and the container's would reach the host (`rshared`, Bidirectional): the
+    /// guest's mounts stay in the VM, so this is [`BindPropagation::Slave`] with the source's
+    /// peer group kept.
+    Shared,
+}
+
+/// How the host binds a share's source: its propagation and whether read-only covers the
+/// mounts below it too (`rro`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostBind {
+    pub propagation: BindPropagation,
+    pub recursive_readonly: bool,
+}
+
+impl HostBind {
+    /// From a mount's OCI options (the last propagation option wins, as in runc).
+    pub fn of(options: &[String]) -> HostBind {
+        let mut bind = HostBind::default();
+        for o in options {
+            match o.as_str() {
+                "private" | "rprivate" => bind.propagation = BindPropagation::Private,
+                "slave" | "rslave" => bind.propagation = BindPropagation::Slave,
+                "shared" | "rshared" => bind.propagation = BindPropagation::Shared,
+                "rro" => bind.recursive_readonly = true,
+                _ => {}
+            }
+        }
+        bind
+    }
 }
 
 impl MountPlan {
@@ -252,7 +296,7 @@ fn plan_with(mounts: &[Mount], policy: &SharePolicy, live_files: bool) -> Result
         let typ = m.typ().as_deref().unwrap_or("");
         let options = m.options().as_deref().unwrap_or_default();
         let has = |o: &str| options.iter().any(|x| x == o);
-        let readonly = has("ro");
+        let readonly = has("ro") || has("rro");
         let bind = typ == "bind" || has("bind") || has("rbind");
         if dest_str == "/dev/shm" {
             let opts = if typ == "tmpfs" {
@@ -297,6 +341,7 @@ fn plan_with(mounts: &[Mount], policy: &SharePolicy, live_files: bool) -> Result
         let live_file =
             live_files && meta.is_file() && !readonly && !COPIED_FILES.contains(&dest_str.as_str());
         if meta.is_dir() || live_file {
+            let host_bind = HostBind::of(options);
             if out.shares.len() >= MAX_SHARES {
                 return Err(Error::Invalid(format!(
                     "too many directory mounts: agentvm shares at most {MAX_SHARES} per container"
@@ -322,6 +367,7 @@ fn plan_with(mounts: &[Mount], policy: &SharePolicy, live_files: bool) -> Result
                 readonly,
             });
             out.shares.push(share);
+            out.host_binds.push(host_bind);
         } else if meta.is_file() {
             let content = read_small_file(source, meta.len(), &dest_str)?;
             if dest_str == "/etc/resolv.conf" {
@@ -596,6 +642,27 @@ mod tests {
         );
         assert!(p.mounts[2].readonly);
         assert!(!p.uses_docker_dns());
+    }
+
+    #[test]
+    fn host_binds_follow_the_propagation_and_rro_options() {
+        let of = |o: &[&str]| HostBind::of(&o.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(of(&[]), HostBind::default());
+        assert_eq!(of(&["rbind"]).propagation, BindPropagation::Slave);
+        assert_eq!(
+            of(&["rbind", "rprivate"]).propagation,
+            BindPropagation::Private
+        );
+        assert_eq!(
+            of(&["rshared", "rslave"]).propagation,
+            BindPropagation::Slave
+        );
+        assert_eq!(
+            of(&["rbind", "shared"]).propagation,
+            BindPropagation::Shared
+        );
+        assert!(of(&["rro"]).recursive_readonly);
+        assert!(!of(&["ro"]).recursive_readonly);
     }
 
     #[test]

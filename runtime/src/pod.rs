@@ -13,6 +13,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use agentvm_protocol::{MountSource, PodContainer, RootfsSpec, StartRequest};
@@ -20,6 +21,7 @@ use agentvm_protocol::{MountSource, PodContainer, RootfsSpec, StartRequest};
 use oci_spec::runtime::{LinuxNamespaceType, Mount, Spec};
 
 use crate::error::{Error, Result};
+use crate::fsmount;
 use crate::netns::NetnsMode;
 
 /// The CRI plugin's annotation naming what a container is: `sandbox` or `container`.
@@ -216,95 +218,83 @@ pub fn member_dir(share: &Path, id: &str) -> Result<PathBuf> {
     Ok(share.join(id))
 }
 
+/// The mount namespace a pod's volumes are looked up in ([`use_host_mounts`]).
+static HOST_MOUNTS: std::sync::OnceLock<std::os::fd::OwnedFd> = std::sync::OnceLock::new();
+
+/// Looks the sources of a pod's volumes up in the mount namespace `ns` from now on: the
+/// host's, which the shim of a pod has left for one of its own (shim/src/mountns.rs). A
+/// host whose `/` is a private mount propagates nothing into the shim's namespace, so a mount
+/// the host makes after the pod started (below a volume, or the volume itself) is only seen
+/// there. Without it, the caller's namespace.
+pub fn use_host_mounts(ns: std::os::fd::OwnedFd) {
+    let _ = HOST_MOUNTS.set(ns);
+}
+
+/// Makes (or opens) the mount point `<share>/<id>/<path...>`, each component made and
+/// opened without following symlinks: the share is the guest's to write, and what it swaps
+/// in there is never mounted on.
+fn share_point(share: &Path, id: &str, path: &[&str], is_file: bool) -> Result<OwnedFd> {
+    crate::sandbox::validate_id(id)?;
+    let open_err = |what: &str, e| Error::io("open (no symlinks)", share.join(id).join(what), e);
+    let mut dir =
+        fsmount::open_dir(share).map_err(|e| Error::io("open (no symlinks)", share, e))?;
+    let (last, dirs) = path.split_last().expect("a mount point's path");
+    for name in std::iter::once(&id).chain(dirs) {
+        dir = fsmount::make_point_in(dir.as_fd(), name.as_ref(), false)
+            .map_err(|e| open_err(name, e))?;
+    }
+    fsmount::make_point_in(dir.as_fd(), last.as_ref(), is_file).map_err(|e| open_err(last, e))
+}
+
 /// Binds the container's root (the shim's mount of the snapshotter's mounts) into the pod
 /// share as `<id>/rootfs`; returns that path relative to the share.
 pub fn bind_root(share: &Path, id: &str, root: &Path) -> Result<String> {
-    use nix::mount::MsFlags;
-    let target = member_dir(share, id)?.join("rootfs");
-    std::fs::create_dir_all(&target).map_err(|e| Error::io("create", &target, e))?;
-    nix::mount::mount(
-        Some(root),
-        &target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(|e| Error::io("bind", &target, e.into()))?;
+    let target = share_point(share, id, &["rootfs"], false)?;
+    let tree = fsmount::clone_tree(root, None).map_err(|e| Error::io("bind", root, e))?;
+    fsmount::attach_tree(tree, target.as_fd())
+        .map_err(|e| Error::io("bind", share.join(id).join("rootfs"), e))?;
     Ok(format!("{id}/rootfs"))
 }
 
 /// Binds a later container's volume (a host directory: kubelet's emptyDir, hostPath,
-/// configMap, secret) into the pod share as `<id>/mounts/<n>`; returns that path relative to
-/// the share. A read-only volume is read-only already on the host (the bind is made read-only
-/// at a staging point outside the share, then bound into it, so that virtiofsd's copy is
-/// read-only from the start): not even root in the guest writes through it.
+/// configMap, secret; or a file) into the pod share as `<id>/mounts/<n>`; returns that path
+/// relative to the share. The source and the mounts below it are looked up in the host's
+/// namespace ([`use_host_mounts`]) and copied detached, where the copy gets its propagation
+/// (`bind`) and read-only (its top only, as runc's read-only bind, or all of it with `rro`)
+/// before it is attached: virtiofsd's copy is read-only from the start, and not even root in
+/// the guest writes through it.
 pub fn bind_volume(
     share: &Path,
     id: &str,
     n: usize,
     source: &Path,
     readonly: bool,
+    bind: crate::mounts::HostBind,
 ) -> Result<String> {
-    use nix::mount::MsFlags;
+    use crate::mounts::BindPropagation;
     let relative = format!("{id}/mounts/{n}");
-    let target = member_dir(share, id)?.join("mounts").join(n.to_string());
     let is_file = std::fs::metadata(source)
         .map_err(|e| Error::io("bind mount source", source, e))?
         .is_file();
-    make_point(&target, is_file)?;
-    let bind = |from: &Path, to: &Path| {
-        nix::mount::mount(
-            Some(from),
-            to,
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| Error::io("bind", to, e.into()))
+    let target = share_point(share, id, &["mounts", &n.to_string()], is_file)?;
+    let tree = fsmount::clone_tree(source, HOST_MOUNTS.get().map(|ns| ns.as_fd()))
+        .map_err(|e| Error::io("bind", source, e))?;
+    let propagation = match bind.propagation {
+        BindPropagation::Private => libc::MS_PRIVATE,
+        BindPropagation::Slave => libc::MS_SLAVE,
+        // The copy stays in the source's peer group, as a bind of a shared mount does.
+        BindPropagation::Shared => 0,
     };
-    if !readonly {
-        bind(source, &target)?;
-        return Ok(relative);
-    }
-    let staging = share.with_file_name(format!("pod-staging-{id}-{n}"));
-    make_point(&staging, is_file)?;
-    let staged = bind(source, &staging)
-        .and_then(|()| mount_flags(&staging, MsFlags::MS_PRIVATE))
-        .and_then(|()| {
-            nix::mount::mount(
-                None::<&str>,
-                &staging,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                None::<&str>,
-            )
-            .map_err(|e| Error::io("make read-only", &staging, e.into()))
-        })
-        .and_then(|()| bind(&staging, &target));
-    let _ = nix::mount::umount2(&staging, nix::mount::MntFlags::MNT_DETACH);
-    let _ = if is_file {
-        std::fs::remove_file(&staging)
+    let attrs = if readonly {
+        fsmount::MOUNT_ATTR_RDONLY
     } else {
-        std::fs::remove_dir(&staging)
+        0
     };
-    staged.map(|()| relative)
-}
-
-/// Makes the mount point of a bind: a directory, or an empty file for a file's bind.
-fn make_point(path: &Path, is_file: bool) -> Result<()> {
-    if !is_file {
-        return std::fs::create_dir_all(path).map_err(|e| Error::io("create", path, e));
-    }
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(|e| Error::io("create", parent, e))?;
-    }
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-        .map(drop)
-        .map_err(|e| Error::io("create", path, e))
+    fsmount::set_tree_attrs(tree.as_fd(), attrs, bind.recursive_readonly, propagation)
+        .map_err(|e| Error::io("set the mount attributes of", source, e))?;
+    fsmount::attach_tree(tree, target.as_fd())
+        .map_err(|e| Error::io("bind", share.join(&relative), e))?;
+    Ok(relative)
 }
 
 /// Undoes [`bind_root`] and [`bind_volume`] (best effort: nothing to undo is fine).
@@ -313,7 +303,11 @@ pub fn unbind_root(share: &Path, id: &str) {
         return;
     };
     let unmount =
-        |target: &Path| match nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH) {
+        // Not through a symlink the guest put there.
+        |target: &Path| match nix::mount::umount2(
+            target,
+            nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
+        ) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => true,
             Err(e) => {
                 tracing::warn!("unmount {}: {e}", target.display());
@@ -398,17 +392,18 @@ pub fn member_request(
             m.source = MountSource::PodShm;
         }
     }
-    for (n, volume) in plan.shares.iter().enumerate() {
-        let dir = bind_volume(share, id, n, &volume.path, volume.readonly)?;
+    for (n, (volume, bind)) in plan.shares.iter().zip(&plan.host_binds).enumerate() {
+        let dir = bind_volume(share, id, n, &volume.path, volume.readonly, *bind)?;
         // The host's bind is read-only at its top only, as runc's (non-recursive) read-only
         // mount is: mounts below it stay writable. The guest sees the whole tree as one
-        // virtio-fs mount, where a read-only remount would cover them too: when the volume
-        // has mounts below it, read-only is left to the host's bind.
+        // virtio-fs mount, where a read-only remount would cover them too: when the copy has
+        // mounts below it, read-only is left to the host's bind.
         let guest_readonly = volume.readonly
-            && !has_submounts(
-                &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
-                &volume.path,
-            );
+            && (bind.recursive_readonly
+                || !has_submounts(
+                    &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+                    &share.join(&dir),
+                ));
         let file = volume.path.is_file();
         for m in mounts.iter_mut() {
             if matches!(&m.source, MountSource::Share { tag, .. } if *tag == volume.tag) {
@@ -643,8 +638,7 @@ mod tests {
         assert!(member_dir(&share, "").is_err());
         let d = member_dir(&share, "abc-1").unwrap();
         assert_eq!(d, share.join("abc-1"));
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("SKIPPED the bind: needs root");
+        if !crate::test_support::as_root("a_containers_root_is_bound_into_the_pod_share") {
             return;
         }
         let root = t.path().join("rootfs");
@@ -657,18 +651,19 @@ mod tests {
         // them.
         let vol = t.path().join("vol");
         std::fs::create_dir(&vol).unwrap();
+        let bind = crate::mounts::HostBind::default();
         assert_eq!(
-            bind_volume(&share, "abc-1", 0, &vol, true).unwrap(),
+            bind_volume(&share, "abc-1", 0, &vol, true, bind).unwrap(),
             "abc-1/mounts/0"
         );
         assert_eq!(
-            bind_volume(&share, "abc-1", 1, &vol, false).unwrap(),
+            bind_volume(&share, "abc-1", 1, &vol, false, bind).unwrap(),
             "abc-1/mounts/1"
         );
         let file = t.path().join("termination-log");
         std::fs::write(&file, "").unwrap();
         assert_eq!(
-            bind_volume(&share, "abc-1", 2, &file, false).unwrap(),
+            bind_volume(&share, "abc-1", 2, &file, false, bind).unwrap(),
             "abc-1/mounts/2"
         );
         std::fs::write(share.join("abc-1/mounts/2"), "bye").unwrap();
@@ -677,10 +672,6 @@ mod tests {
         assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
         std::fs::write(share.join("abc-1/mounts/1/f"), "x").unwrap();
         assert!(vol.join("f").exists());
-        assert!(
-            !t.path().join("pod-staging-abc-1-0").exists(),
-            "the staging point is gone"
-        );
         unbind_root(&share, "abc-1");
         assert!(vol.join("f").exists(), "a volume's content is left alone");
         assert_eq!(std::fs::read_to_string(&file).unwrap(), "bye");
@@ -689,5 +680,177 @@ mod tests {
             root.join("marker").exists(),
             "the container's root is left alone"
         );
+    }
+
+    /// A mount the share's writer (the guest) swaps in for a mount point is refused, and
+    /// what the symlink names is neither mounted on nor unmounted.
+    #[test]
+    fn a_symlink_in_the_pod_share_is_never_mounted_on() {
+        if !crate::test_support::as_root("a_symlink_in_the_pod_share_is_never_mounted_on") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let share = t.path().join("pod");
+        let victim = t.path().join("victim");
+        let vol = t.path().join("vol");
+        for d in [&share, &victim, &vol] {
+            std::fs::create_dir(d).unwrap();
+        }
+        std::fs::write(vol.join("payload"), "x").unwrap();
+        std::fs::create_dir_all(share.join("c1/mounts")).unwrap();
+        std::os::unix::fs::symlink(&victim, share.join("c1/mounts/0")).unwrap();
+        let bind = crate::mounts::HostBind::default();
+        let e = bind_volume(&share, "c1", 0, &vol, false, bind).unwrap_err();
+        assert!(e.to_string().contains("no symlinks"), "{e}");
+        assert!(
+            !victim.join("payload").exists(),
+            "nothing mounted on the victim"
+        );
+        // A symlinked member directory too.
+        std::os::unix::fs::symlink(&victim, share.join("c2")).unwrap();
+        assert!(bind_root(&share, "c2", &vol).is_err());
+        assert!(!victim.join("payload").exists());
+        // Unbinding through a symlink unmounts nothing.
+        nix::mount::mount(
+            Some(&vol),
+            &victim,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        unbind_root(&share, "c1");
+        assert!(victim.join("payload").exists(), "the victim's mount stays");
+        nix::mount::umount2(&victim, nix::mount::MntFlags::MNT_DETACH).unwrap();
+    }
+
+    /// A mount below a read-only volume stays writable (runc's non-recursive read-only
+    /// bind), unless `rro` asks read-only for all of it.
+    #[test]
+    fn read_only_covers_the_mounts_below_a_volume_only_with_rro() {
+        if !crate::test_support::as_root("read_only_covers_the_mounts_below_a_volume_only_with_rro")
+        {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let share = t.path().join("pod");
+        let vol = t.path().join("vol");
+        std::fs::create_dir(&share).unwrap();
+        std::fs::create_dir_all(vol.join("tmpfs")).unwrap();
+        let tmpfs = vol.join("tmpfs");
+        nix::mount::mount(
+            Some("tmpfs"),
+            &tmpfs,
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        let plain = crate::mounts::HostBind::default();
+        let rro = crate::mounts::HostBind {
+            recursive_readonly: true,
+            ..plain
+        };
+        bind_volume(&share, "c", 0, &vol, true, plain).unwrap();
+        bind_volume(&share, "c", 1, &vol, true, rro).unwrap();
+        let erofs = |p: &str| {
+            std::fs::write(share.join(p), "x")
+                .err()
+                .and_then(|e| e.raw_os_error())
+                == Some(libc::EROFS)
+        };
+        assert!(erofs("c/mounts/0/f"));
+        assert!(!erofs("c/mounts/0/tmpfs/f"), "the tmpfs stays writable");
+        assert!(erofs("c/mounts/1/f"));
+        assert!(erofs("c/mounts/1/tmpfs/g"), "rro covers the tmpfs");
+        unbind_root(&share, "c");
+        nix::mount::umount2(&tmpfs, nix::mount::MntFlags::MNT_DETACH).unwrap();
+        assert!(!share.join("c").exists());
+    }
+
+    /// Looked up in another mount namespace (the host's, for a pod's shim), a volume brings
+    /// the mounts made there after the caller's namespace was made, and propagation decides
+    /// whether later ones follow: what a private `/` never propagates.
+    #[test]
+    fn volumes_are_looked_up_in_the_given_namespace() {
+        use std::os::fd::AsFd;
+        if !crate::test_support::as_root("volumes_are_looked_up_in_the_given_namespace") {
+            return;
+        }
+        let t = tempfile::tempdir().unwrap();
+        let share = t.path().join("pod");
+        let vol = t.path().join("vol");
+        std::fs::create_dir(&share).unwrap();
+        std::fs::create_dir_all(vol.join("early")).unwrap();
+        std::fs::create_dir_all(vol.join("late")).unwrap();
+        // The "host": a namespace of a thread of its own, private (nothing reaches this
+        // process from it), with a tmpfs below the volume, the volume itself shared there.
+        let (ns_tx, ns_rx) = std::sync::mpsc::channel();
+        let (late_tx, late_rx) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let v = vol.clone();
+        let host = std::thread::spawn(move || {
+            use nix::mount::{mount, MsFlags};
+            nix::sched::unshare(
+                nix::sched::CloneFlags::CLONE_FS | nix::sched::CloneFlags::CLONE_NEWNS,
+            )
+            .unwrap();
+            let none = None::<&str>;
+            mount(none, "/", none, MsFlags::MS_REC | MsFlags::MS_PRIVATE, none).unwrap();
+            mount(Some(&v), &v, none, MsFlags::MS_BIND, none).unwrap();
+            mount(none, &v, none, MsFlags::MS_SHARED, none).unwrap();
+            let tmpfs = |at: &Path, marker: &str| {
+                mount(Some("tmpfs"), at, Some("tmpfs"), MsFlags::empty(), none).unwrap();
+                std::fs::write(at.join(marker), "x").unwrap();
+            };
+            tmpfs(&v.join("early"), "early-marker");
+            ns_tx
+                .send(std::fs::File::open("/proc/thread-self/ns/mnt").unwrap())
+                .unwrap();
+            late_rx.recv().unwrap();
+            tmpfs(&v.join("late"), "late-marker");
+            done_tx.send(()).unwrap();
+        });
+        let ns = OwnedFd::from(ns_rx.recv().unwrap());
+        let clone = |ns| fsmount::clone_tree(&vol, ns).unwrap();
+        assert!(
+            !vol.join("early/early-marker").exists(),
+            "not in this namespace"
+        );
+        let target = share_point(&share, "c", &["mounts", "0"], false).unwrap();
+        fsmount::attach_tree(clone(None), target.as_fd()).unwrap();
+        assert!(!share.join("c/mounts/0/early/early-marker").exists());
+        for (n, propagation) in [
+            (1, crate::mounts::BindPropagation::Slave),
+            (2, crate::mounts::BindPropagation::Private),
+        ] {
+            let target = share_point(&share, "c", &["mounts", &n.to_string()], false).unwrap();
+            let tree = clone(Some(ns.as_fd()));
+            let p = match propagation {
+                crate::mounts::BindPropagation::Private => libc::MS_PRIVATE,
+                _ => libc::MS_SLAVE,
+            };
+            fsmount::set_tree_attrs(tree.as_fd(), 0, false, p).unwrap();
+            fsmount::attach_tree(tree, target.as_fd()).unwrap();
+            assert!(
+                share
+                    .join(format!("c/mounts/{n}/early/early-marker"))
+                    .exists(),
+                "the host's earlier mount comes along"
+            );
+        }
+        late_tx.send(()).unwrap();
+        done_rx.recv().unwrap();
+        host.join().unwrap();
+        assert!(
+            share.join("c/mounts/1/late/late-marker").exists(),
+            "a slave takes the host's later mount"
+        );
+        assert!(
+            !share.join("c/mounts/2/late/late-marker").exists(),
+            "a private copy does not"
+        );
+        unbind_root(&share, "c");
+        assert!(!share.join("c").exists());
     }
 }

@@ -30,6 +30,10 @@ fn main() {
             std::process::exit(service::delete_action(&flags));
         }
     }
+    // A pod's server: its volumes are looked up in the host's mount namespace.
+    if let Some(ns) = containerd_shim_agentvm_v1::mountns::take_host() {
+        agentvm::pod::use_host_mounts(ns);
+    }
     // One thread: QEMU is spawned with PR_SET_PDEATHSIG, which fires when the spawning
     // *thread* ends, so every VM must be spawned from the thread that lives as long as the
     // shim (see docs/decisions.md, "Tokio current-thread runtime").

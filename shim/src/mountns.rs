@@ -13,6 +13,11 @@
 //! virtiofsd and the VM where the host's mount is shared; the shim's own mounts reach neither
 //! the host nor any other process, and end with the shim's last process.
 //!
+//! Mounts the host makes after the namespace was made do not reach it where the host's `/`
+//! is a private mount (no systemd): a pod's later volumes are therefore looked up in the
+//! host's namespace, whose descriptor `start` hands the server ([`HOST_NS_ENV`],
+//! `agentvm::pod::use_host_mounts`).
+//!
 //! Not Docker's (or ctr's) server: Docker reads and writes the container's root through its
 //! own mount of it (`docker cp`, `docker diff`), and a layered root's refreshed host view is
 //! mounted by the shim over that mount point for Docker to see; it must be in the host's
@@ -42,4 +47,41 @@ pub fn enter_own() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+/// The environment variable naming the descriptor of the host's mount namespace that
+/// `start` leaves open across the server's exec.
+pub const HOST_NS_ENV: &str = "AGENTVM_HOST_MOUNT_NS_FD";
+
+/// Opens the caller's mount namespace (for `start`, the host's).
+pub fn open_current() -> std::io::Result<std::fs::File> {
+    std::fs::File::open("/proc/self/ns/mnt")
+}
+
+/// Keeps `fd` open across exec (for the server's `pre_exec`: fcntl(2) only).
+pub fn keep_across_exec(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    // SAFETY: fcntl(2) on a descriptor number, no memory.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The host's mount namespace `start` handed the server ([`HOST_NS_ENV`]), if any: checked
+/// to be a mount namespace, made close-on-exec again, and the variable removed so that no
+/// child sees it. Call it while the process has one thread.
+pub fn take_host() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let raw: std::os::fd::RawFd = std::env::var(HOST_NS_ENV).ok()?.parse().ok()?;
+    std::env::remove_var(HOST_NS_ENV);
+    let link = std::fs::read_link(format!("/proc/self/fd/{raw}")).ok()?;
+    if !link.to_string_lossy().starts_with("mnt:[") {
+        return None;
+    }
+    // SAFETY: the descriptor was left open for this process by `start` and nothing else
+    // here owns it; it names a mount namespace (checked above).
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    // SAFETY: fcntl(2) on a live descriptor.
+    unsafe { libc::fcntl(raw, libc::F_SETFD, libc::FD_CLOEXEC) };
+    Some(fd)
 }

@@ -2,6 +2,7 @@
 //! dead one, and the server hands containerd the task service.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
@@ -76,21 +77,33 @@ impl containerd_shim::Shim for Service {
         if opts.debug {
             cmd.arg("-debug");
         }
-        // A pod's server keeps its mounts in a namespace of its own (crate::mountns).
+        // A pod's server keeps its mounts in a namespace of its own (crate::mountns), and
+        // the host's namespace to look its volumes up in.
         let own_mounts = !matches!(role, agentvm::pod::PodRole::None);
-        // SAFETY: setsid(2), unshare(2) and mount(2) on static data are async-signal-safe and
-        // touch no memory of the parent; setsid makes the server independent of `start`'s
-        // process group and session.
+        let host_ns = if own_mounts {
+            let ns = crate::mountns::open_current()
+                .map_err(io_error!(e, "open the host's mount namespace"))?;
+            cmd.env(crate::mountns::HOST_NS_ENV, ns.as_raw_fd().to_string());
+            Some(ns)
+        } else {
+            None
+        };
+        let host_ns_fd = host_ns.as_ref().map(|ns| ns.as_raw_fd());
+        // SAFETY: setsid(2), fcntl(2), unshare(2) and mount(2) on static data are
+        // async-signal-safe and touch no memory of the parent; setsid makes the server
+        // independent of `start`'s process group and session.
         unsafe {
             cmd.pre_exec(move || {
                 nix::unistd::setsid().map_err(std::io::Error::from)?;
-                if own_mounts {
+                if let Some(fd) = host_ns_fd {
+                    crate::mountns::keep_across_exec(fd)?;
                     crate::mountns::enter_own()?;
                 }
                 Ok(())
             });
         }
         let mut child = cmd.spawn().map_err(io_error!(e, "spawn the shim server"))?;
+        drop(host_ns);
         let mut ready = child.stdout.take().expect("stdout is piped");
         let mut junk = Vec::new();
         let _ = ready.read_to_end(&mut junk).await;
