@@ -7,7 +7,9 @@
 //! [`compile`] hands the rules to libseccomp, which resolves syscall names (a name this
 //! libseccomp does not know, newer than it, is skipped, as runc does) and generates one
 //! program for every architecture of the profile. The program is exported as raw BPF, so the
-//! forked child only makes the `seccomp(2)` call.
+//! forked child only makes the `seccomp(2)` call. As runc's, it answers ENOSYS to a native
+//! syscall newer than every one the profile names, whatever the default action
+//! ([`enosys_stub`]).
 
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -79,6 +81,9 @@ pub struct Filter {
     /// `SECCOMP_FILTER_FLAG_*` bits for `seccomp(2)`.
     pub flags: u32,
     pub rules: Vec<Rule>,
+    /// Every syscall the profile names, whatever its action (a rule whose action is the
+    /// default's is not in `rules`): the newest of them bounds what the profile knows.
+    pub names: Vec<String>,
 }
 
 /// A profile the agent cannot load; the process does not start, as under runc.
@@ -177,7 +182,13 @@ pub fn translate(profile: &Seccomp) -> Result<Filter, SeccompError> {
         flags |= flag(f)?;
     }
     let mut rules = Vec::new();
+    let mut names: Vec<String> = Vec::new();
     for entry in &profile.syscalls {
+        for name in &entry.names {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
         let act = action(&entry.action, entry.errno_ret)?;
         let conds = entry.args.iter().map(cond).collect::<Result<Vec<_>, _>>()?;
         // libseccomp refuses a rule that does what the default does; it changes nothing.
@@ -211,6 +222,7 @@ pub fn translate(profile: &Seccomp) -> Result<Filter, SeccompError> {
         arches,
         flags,
         rules,
+        names,
     })
 }
 
@@ -285,7 +297,7 @@ pub fn compile(filter: &Filter) -> Result<Program, SeccompError> {
             .map_err(lib(&format!("rule for {}", rule.syscall)))?;
     }
     let bytes = export(&ctx)?;
-    let insns = bytes
+    let mut insns: Vec<Insn> = bytes
         .chunks_exact(std::mem::size_of::<Insn>())
         .map(|c| Insn {
             code: u16::from_ne_bytes([c[0], c[1]]),
@@ -294,11 +306,57 @@ pub fn compile(filter: &Filter) -> Result<Program, SeccompError> {
             k: u32::from_ne_bytes([c[4], c[5], c[6], c[7]]),
         })
         .collect();
+    let newest = filter
+        .names
+        .iter()
+        .filter_map(|n| libseccomp::ScmpSyscall::from_name(n).ok())
+        .map(i32::from)
+        .filter(|nr| *nr >= 0)
+        .max();
+    if let (Some(newest), false) = (
+        newest,
+        matches!(filter.default, Action::Allow | Action::Log),
+    ) {
+        insns.splice(0..0, enosys_stub(newest as u32));
+    }
     Ok(Program {
         insns,
         flags: filter.flags,
         skipped,
     })
+}
+
+/// The native architecture's `AUDIT_ARCH_*`, and the bit of its syscall numbers that marks
+/// another ABI (x32's on x86_64).
+#[cfg(target_arch = "x86_64")]
+const NATIVE: (u32, u32) = (0xc000_003e, 0x4000_0000);
+#[cfg(target_arch = "aarch64")]
+const NATIVE: (u32, u32) = (0xc000_00b7, 0);
+
+/// BPF that answers ENOSYS to a native syscall newer than `newest` (the newest the profile
+/// names) and falls through to the profile's program for everything else, as runc's filter
+/// does: a profile written before a syscall existed would otherwise give it its default
+/// action (EPERM, for the CRI's and Docker's), and a C library that tries a new syscall and
+/// falls back on ENOSYS only (glibc's `fchmodat2`, `clone3`) would fail instead of falling
+/// back. A syscall the profile names is never newer, so no rule of it is overridden.
+fn enosys_stub(newest: u32) -> [Insn; 6] {
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JEQ_K: u16 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    const JGT_K: u16 = 0x25; // BPF_JMP | BPF_JGT | BPF_K
+    const JSET_K: u16 = 0x45; // BPF_JMP | BPF_JSET | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const RET_ERRNO: u32 = 0x0005_0000; // SECCOMP_RET_ERRNO
+    let (arch, other_abi) = NATIVE;
+    let insn = |code, jt, jf, k| Insn { code, jt, jf, k };
+    // Offsets count the instructions skipped; 6 is the profile's first.
+    [
+        insn(LD_W_ABS, 0, 0, 4),       // 0: A = seccomp_data.arch
+        insn(JEQ_K, 0, 4, arch),       // 1: another arch: to 6
+        insn(LD_W_ABS, 0, 0, 0),       // 2: A = seccomp_data.nr
+        insn(JSET_K, 2, 0, other_abi), // 3: another ABI (x32): to 6
+        insn(JGT_K, 0, 1, newest),     // 4: known to the profile: to 6
+        insn(RET_K, 0, 0, RET_ERRNO | libc::ENOSYS as u32), // 5
+    ]
 }
 
 /// The raw BPF of `ctx`, through a memory file (libseccomp 2.5 exports to a descriptor only).
@@ -569,5 +627,59 @@ mod tests {
             }
         });
         assert_eq!(got, 0, "check {} failed in the filtered child", got - 10);
+    }
+
+    /// A syscall newer than every one the profile names answers ENOSYS (so a C library
+    /// falls back), one the profile knows but does not name still gets the default action,
+    /// and a profile whose default allows gets no such answer at all.
+    #[test]
+    fn syscalls_newer_than_the_profile_answer_enosys() {
+        let p = profile(
+            "SCMP_ACT_ERRNO",
+            vec![rule(
+                &["exit_group", "exit", "getppid", "rt_sigreturn"],
+                "SCMP_ACT_ALLOW",
+                None,
+                &[],
+            )],
+        );
+        let prog = program(&p).unwrap();
+        assert_eq!(prog.insns[..6], enosys_stub(libc::SYS_exit_group as u32));
+        let got = crate::testutil::in_child(|| {
+            // SAFETY: as in a_compiled_filter_answers_as_the_profile_says; the probes are
+            // raw syscalls with integer arguments.
+            unsafe {
+                let fprog = crate::process::seam::SockFprog::of(&prog.insns);
+                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                    || libc::syscall(libc::SYS_seccomp, 1, prog.flags, &fprog) != 0
+                {
+                    return 1;
+                }
+                let errno = || *libc::__errno_location();
+                let checks = [
+                    libc::syscall(libc::SYS_getppid) > 0,
+                    // Older than exit_group, not named: the default.
+                    libc::syscall(libc::SYS_tkill, 0, 0) == -1 && errno() == libc::EPERM,
+                    // Newer: ENOSYS.
+                    libc::syscall(libc::SYS_fanotify_init, 0, 0) == -1 && errno() == libc::ENOSYS,
+                    libc::syscall(libc::SYS_fchmodat2, 0, 0, 0, 0) == -1 && errno() == libc::ENOSYS,
+                ];
+                match checks.iter().position(|ok| !ok) {
+                    None => 0,
+                    Some(i) => 10 + i as i32,
+                }
+            }
+        });
+        assert_eq!(got, 0, "check {} failed in the filtered child", got - 10);
+        let allowing = profile(
+            "SCMP_ACT_ALLOW",
+            vec![rule(&["getppid"], "SCMP_ACT_ERRNO", None, &[])],
+        );
+        let prog = program(&allowing).unwrap();
+        let enosys = 0x0005_0000 | libc::ENOSYS as u32;
+        assert!(
+            !prog.insns.iter().any(|i| i.code == 0x06 && i.k == enosys),
+            "an allowing profile answers no ENOSYS"
+        );
     }
 }

@@ -230,40 +230,6 @@ impl Ctr {
     }
 }
 
-/// The arguments of a guest `/bin/sh` that runs `command` with `stdin`: none (`/dev/null`),
-/// or the bytes, base64 in arguments of at most 96 KiB each (the kernel's limit per argument
-/// is 128 KiB) decoded by the guest's `base64 -d`. (Written when `ctr task exec` lost its own
-/// stdin on the way to agentvm's shim; the shim delivers it since, and this can give way to
-/// ctr's stdin: docs/decisions.md.)
-pub fn with_stdin(command: &[String], stdin: Option<&[u8]>) -> Vec<String> {
-    use base64::Engine as _;
-    let mut a: Vec<String> = vec!["/bin/sh".into(), "-c".into()];
-    match stdin {
-        None => {
-            a.push("exec \"$@\" </dev/null".into());
-            a.push("sh".into());
-        }
-        Some(bytes) => {
-            let enc = base64::engine::general_purpose::STANDARD.encode(bytes);
-            let chunks: Vec<String> = enc
-                .as_bytes()
-                .chunks(96 * 1024)
-                .map(|c| String::from_utf8_lossy(c).into_owned())
-                .collect();
-            a.push(
-                "n=$1; shift; d=; while [ \"$n\" -gt 0 ]; do d=\"$d$1\"; shift; n=$((n-1)); done; \
-                 printf %s \"$d\" | base64 -d | \"$@\""
-                    .into(),
-            );
-            a.push("sh".into());
-            a.push(chunks.len().to_string());
-            a.extend(chunks);
-        }
-    }
-    a.extend(command.iter().cloned());
-    a
-}
-
 /// `busybox` -> `docker.io/library/busybox:latest`, as Docker and nerdctl name them.
 pub fn normalize(reference: &str) -> String {
     let (name, tag) = match reference.rsplit_once(':') {
@@ -345,18 +311,26 @@ impl Proc {
     }
 }
 
-/// Spawns `ctr ARGS` with `io` and notes its exit status as the process's exit.
+/// What a process started through `ctr` reads.
+enum Stdin {
+    /// An empty pipe held open until the process ends (a sandbox's init, which may be a
+    /// shell that ends at EOF).
+    Held,
+    /// These bytes, then EOF (an exec's: none is `/dev/null`'s EOF at once).
+    Bytes(Vec<u8>),
+}
+
+/// Spawns `ctr ARGS` with `stdin` and `io`'s output, and notes its exit status as the
+/// process's exit.
 fn spawn_proc(
     ctr: &Ctr,
     args: Vec<String>,
     container: &str,
     exec_id: Option<String>,
+    stdin: Stdin,
     io: ProcessIo,
 ) -> crate::Result<Arc<Proc>> {
     let mut c = ctr.command();
-    // ctr's stdin stays open (and empty) until the process ends: the command's stdin is in
-    // its arguments (with_stdin), and an older shim lost ctr's data or waited for the fifo's
-    // writer after an early EOF.
     c.args(&args).stdin(Stdio::piped()).kill_on_drop(false);
     let mut child = c.spawn().map_err(|e| crate::Error::Spawn {
         program: "ctr".into(),
@@ -364,11 +338,15 @@ fn spawn_proc(
     })?;
     let (tx, rx) = watch::channel(None);
     let mut copies = Vec::new();
-    let held_stdin = child.stdin.take();
-    debug_assert!(
-        io.stdin.is_none(),
-        "stdin goes in the arguments (Sandbox::exec)"
-    );
+    let mut held_stdin = child.stdin.take();
+    debug_assert!(io.stdin.is_none(), "stdin comes as bytes (Stdin)");
+    if let (Stdin::Bytes(bytes), Some(mut pipe)) = (stdin, held_stdin.take()) {
+        copies.push(tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            // A process that ends without reading it all closes the pipe: EPIPE, fine.
+            let _ = pipe.write_all(&bytes).await;
+        }));
+    }
     if let (Some(mut sink), Some(mut out)) = (io.stdout, child.stdout.take()) {
         copies.push(tokio::spawn(async move {
             let _ = tokio::io::copy(&mut out, &mut sink).await;
@@ -510,7 +488,7 @@ impl Sandbox {
         args.push(image);
         args.push(spec.id.clone());
         args.extend(spec.args.iter().cloned());
-        let init = match spawn_proc(ctr, args, &spec.id, None, output) {
+        let init = match spawn_proc(ctr, args, &spec.id, None, Stdin::Held, output) {
             Ok(p) => p,
             Err(e) => {
                 if let Some(ns) = netns {
@@ -614,8 +592,8 @@ impl Sandbox {
     }
 
     /// Starts `args` in the container (`ctr task exec`): `cwd`, `user` (`UID[:GID]`), and
-    /// `env` set through `env(1)` in the guest (ctr's exec has no environment flag). The
-    /// guest's `/bin/sh` gives the command `stdin` (from its arguments: [`with_stdin`]).
+    /// `env` set through `env(1)` in the guest (ctr's exec has no environment flag), `stdin`
+    /// through ctr's own (none: EOF at once).
     #[allow(clippy::too_many_arguments)]
     pub fn exec(
         &self,
@@ -646,8 +624,9 @@ impl Sandbox {
             command.extend(env.iter().cloned());
         }
         command.extend(args.iter().cloned());
-        a.extend(with_stdin(&command, stdin));
-        spawn_proc(&self.ctr, a, &self.id, Some(exec_id.to_string()), io)
+        a.extend(command);
+        let stdin = Stdin::Bytes(stdin.map(<[u8]>::to_vec).unwrap_or_default());
+        spawn_proc(&self.ctr, a, &self.id, Some(exec_id.to_string()), stdin, io)
     }
 
     /// Kills the task, deletes it and the container (with its snapshot), then the network
@@ -708,22 +687,6 @@ mod tests {
         assert_eq!(normalize("user/app"), "docker.io/user/app:latest");
         assert_eq!(normalize("localhost:5000/app:v1"), "localhost:5000/app:v1");
         assert_eq!(normalize("ghcr.io/o/r"), "ghcr.io/o/r:latest");
-    }
-
-    #[test]
-    fn stdin_goes_in_arguments_of_at_most_96_kib() {
-        let cmd = vec!["cat".to_string()];
-        let a = with_stdin(&cmd, None);
-        assert_eq!(a[..2], ["/bin/sh".to_string(), "-c".to_string()]);
-        assert_eq!(a.last().unwrap(), "cat");
-        let big = vec![7u8; 200 * 1024];
-        let a = with_stdin(&cmd, Some(&big));
-        let n: usize = a[4].parse().unwrap();
-        assert_eq!(n, 3);
-        assert!(a[5..5 + n].iter().all(|c| c.len() <= 96 * 1024));
-        assert_eq!(a.len(), 5 + n + 1);
-        let empty = with_stdin(&cmd, Some(b""));
-        assert_eq!(empty[4], "0");
     }
 
     #[test]
