@@ -374,3 +374,154 @@ impl DockerEnv {
         }
     }
 }
+
+/// Runs `cmd` with `sh -c` (stdin empty): whether it succeeded, and its stdout then stderr.
+pub fn sh(cmd: &str) -> (bool, String) {
+    let out = Command::new("sh")
+        .args(["-c", cmd])
+        .stdin(Stdio::null())
+        .output()
+        .expect("sh");
+    let (so, se) = text(&out);
+    (out.status.success(), format!("{so}{se}"))
+}
+
+/// Waits (20 s at most) until `addr:port` accepts TCP connections, from inside network
+/// namespace `netns` if given (`ip netns exec`), else from the host; panics otherwise.
+pub fn await_listening(netns: Option<&str>, addr: &str, port: u16) {
+    let connect =
+        format!("python3 -c \"import socket; socket.create_connection(('{addr}', {port}), 1)\"");
+    let probe = match netns {
+        Some(ns) => format!("ip netns exec {ns} {connect}"),
+        None => connect,
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sh(&probe).0 {
+        assert!(
+            Instant::now() < deadline,
+            "the test's server at {addr}:{port} (namespace {netns:?}) never listened"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A network namespace of the test's own holding look-alike addresses (documentation-range
+/// "public" hosts, a link-local look-alike of a metadata service), so that tests talk only to
+/// this machine: a veth from the host (`10.231.N.254/24`) to the namespace's `eth0`
+/// (`10.231.N.1/24`, default route back through the host), each look-alike a /32 on that
+/// `eth0` with a host route into the veth, and servers the test spawns inside.
+///
+/// Blackhole routes (metric 4000) sit behind the look-alikes' routes for the whole life of the
+/// value, made before the namespace and removed after it: a look-alike never takes the default
+/// route off this machine, even while the namespace is being made or taken down.
+///
+/// The tests of one binary that use the same namespace take turns through one `static`
+/// mutex, held for the namespace's life: when a second test's `start` tore the first one's
+/// namespace down, the first test's sandbox reached its "public" look-alike over the default
+/// route.
+///
+/// Dropped: the children are killed, then the namespace and veth go, then the blackholes; the
+/// turn is given back last.
+#[derive(Debug)]
+pub struct LookalikeNet {
+    ns: &'static str,
+    veth: &'static str,
+    lookalikes: &'static [&'static str],
+    children: Vec<std::process::Child>,
+    // Declared last, so dropped after `Drop::drop` took everything down.
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl LookalikeNet {
+    /// Waits for the turn, then makes namespace `ns` with veth `veth` on the host side, on
+    /// 10.231.`subnet`.0/24, holding `lookalikes` (CIDRs, e.g. `198.51.100.7/32`). Whatever a
+    /// crashed earlier run left under those names is removed first. Panics if the namespace
+    /// cannot be made (the test needs root).
+    pub fn start(
+        ns: &'static str,
+        veth: &'static str,
+        subnet: u8,
+        lookalikes: &'static [&'static str],
+        turn: &'static std::sync::Mutex<()>,
+    ) -> LookalikeNet {
+        // A test that panicked while holding the turn poisons it; its drop still tore down.
+        let turn = turn.lock().unwrap_or_else(|p| p.into_inner());
+        let net = LookalikeNet {
+            ns,
+            veth,
+            lookalikes,
+            children: Vec::new(),
+            _turn: turn,
+        };
+        for a in lookalikes {
+            sh(&format!("ip route replace blackhole {a} metric 4000"));
+        }
+        net.remove_ns();
+        let mut setup = format!(
+            "set -e; ip netns add {ns}; ip link add {veth} type veth peer name eth0 netns {ns}; \
+             ip addr add 10.231.{subnet}.254/24 dev {veth}; ip link set {veth} up; \
+             ip -n {ns} link set lo up; ip -n {ns} link set eth0 up; \
+             ip -n {ns} addr add 10.231.{subnet}.1/24 dev eth0; "
+        );
+        for a in lookalikes {
+            setup.push_str(&format!(
+                "ip route add {a} dev {veth}; ip -n {ns} addr add {a} dev eth0; "
+            ));
+        }
+        setup.push_str(&format!(
+            "ip -n {ns} route add default via 10.231.{subnet}.254"
+        ));
+        let (ok, out) = sh(&setup);
+        assert!(ok, "test namespace {ns}: {out}");
+        net
+    }
+
+    /// Spawns `argv` inside the namespace (`ip netns exec`) in directory `dir`, output
+    /// discarded; it is killed on drop.
+    pub fn spawn(&mut self, argv: &[&str], dir: &Path) {
+        let child = Command::new("ip")
+            .args(["netns", "exec", self.ns])
+            .args(argv)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {argv:?} in {}: {e}", self.ns));
+        self.children.push(child);
+    }
+
+    /// Takes `child` (a server of the test's outside the namespace) to be killed on drop with
+    /// the namespace's own.
+    pub fn adopt(&mut self, child: std::process::Child) {
+        self.children.push(child);
+    }
+
+    /// Waits (20 s at most) until `addr:port` accepts TCP connections from inside the
+    /// namespace; panics otherwise.
+    pub fn await_listening(&self, addr: &str, port: u16) {
+        await_listening(Some(self.ns), addr, port);
+    }
+
+    fn remove_ns(&self) {
+        sh(&format!(
+            "ip netns del {} 2>/dev/null; ip link del {} 2>/dev/null",
+            self.ns, self.veth
+        ));
+    }
+}
+
+impl Drop for LookalikeNet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.remove_ns();
+        for a in self.lookalikes {
+            sh(&format!(
+                "ip route del blackhole {a} metric 4000 2>/dev/null"
+            ));
+        }
+    }
+}

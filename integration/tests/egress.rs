@@ -5,117 +5,51 @@
 //! this machine) — and one on the host itself. No packet goes anywhere else. Needs root and
 //! hack/docker-up.sh.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentvm_integration::{agentvm_bin, text, unique_name, DockerEnv};
+use agentvm_integration::{
+    agentvm_bin, await_listening, sh, text, unique_name, DockerEnv, LookalikeNet,
+};
 
 const T: Duration = Duration::from_secs(180);
 const NS: &str = "agentvm-egress-test";
 const HOST_VETH: &str = "avm-egt0";
 const HOST_PORT: u16 = 18931;
 
-fn sh(cmd: &str) -> (bool, String) {
-    let out = Command::new("sh")
-        .args(["-c", cmd])
-        .stdin(Stdio::null())
-        .output()
-        .expect("sh");
-    let (so, se) = text(&out);
-    (out.status.success(), format!("{so}{se}"))
-}
-
-/// The test's servers: a namespace with the test addresses, an HTTP and a DNS server in it,
-/// an HTTP server on the host. Taken down on drop. One test at a time holds them.
-struct Servers {
-    children: Vec<Child>,
-    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
-}
-
+/// Whose turn it is to hold the test namespace: one test at a time, for its servers' life
+/// (a second test's start would tear the first one's namespace down under it).
 static SERVERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-impl Servers {
-    fn start() -> Servers {
-        let guard = SERVERS.lock().unwrap_or_else(|p| p.into_inner());
-        // Behind the test's routes: the look-alikes never take the default route, even while
-        // the namespace is being made or taken down.
-        for a in LOOKALIKES {
-            sh(&format!("ip route replace blackhole {a} metric 4000"));
-        }
-        sh(&format!(
-            "ip netns del {NS} 2>/dev/null; ip link del {HOST_VETH} 2>/dev/null"
-        ));
-        let setup = format!(
-            "set -e; ip netns add {NS}; ip link add {HOST_VETH} type veth peer name eth0 netns {NS}; \
-             ip addr add 10.231.77.254/24 dev {HOST_VETH}; ip link set {HOST_VETH} up; \
-             ip route add 198.51.100.7/32 dev {HOST_VETH}; ip route add 198.51.100.8/32 dev {HOST_VETH}; \
-             ip route add 169.254.77.77/32 dev {HOST_VETH}; \
-             ip -n {NS} link set lo up; ip -n {NS} link set eth0 up; \
-             ip -n {NS} addr add 10.231.77.1/24 dev eth0; \
-             ip -n {NS} addr add 198.51.100.7/32 dev eth0; ip -n {NS} addr add 198.51.100.8/32 dev eth0; \
-             ip -n {NS} addr add 169.254.77.77/32 dev eth0; \
-             ip -n {NS} route add default via 10.231.77.254"
-        );
-        let (ok, out) = sh(&setup);
-        assert!(ok, "test namespace: {out}");
-        let server = |netns: bool, port: u16| {
-            let mut c = if netns {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", NS, "python3"]);
-                c
-            } else {
-                Command::new("python3")
-            };
-            c.args(["-m", "http.server", "--bind", "0.0.0.0", &port.to_string()])
-                .current_dir("/tmp")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("python3 http.server")
-        };
-        let dns = Command::new("ip")
-            .args(["netns", "exec", NS, "python3", "-c", DNS_SERVER])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("the test's DNS server");
-        let s = Servers {
-            children: vec![server(true, 8080), server(false, HOST_PORT), dns],
-            _one_at_a_time: guard,
-        };
-        // Both listen before the test goes on.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !(sh(&format!("ip netns exec {NS} python3 -c \"import socket; socket.create_connection(('10.231.77.1', 8080), 1)\"")).0
-            && sh(&format!("python3 -c \"import socket; socket.create_connection(('127.0.0.1', {HOST_PORT}), 1)\"")).0)
-        {
-            assert!(Instant::now() < deadline, "the test's servers never listened");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        s
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        sh(&format!(
-            "ip netns del {NS} 2>/dev/null; ip link del {HOST_VETH} 2>/dev/null"
-        ));
-        for a in LOOKALIKES {
-            sh(&format!(
-                "ip route del blackhole {a} metric 4000 2>/dev/null"
-            ));
-        }
-    }
-}
-
-/// The look-alike addresses routed into the test namespace.
+/// The look-alike addresses routed into the test namespace, blackholed behind it.
 const LOOKALIKES: [&str; 3] = ["198.51.100.7/32", "198.51.100.8/32", "169.254.77.77/32"];
+
+/// The test's servers: the test namespace ([`LookalikeNet`]) with the test addresses and an
+/// HTTP (8080) and a DNS server in it, and an HTTP server on the host ([`HOST_PORT`]). Taken
+/// down when the value is dropped.
+fn start_servers() -> LookalikeNet {
+    let mut net = LookalikeNet::start(NS, HOST_VETH, 77, &LOOKALIKES, &SERVERS);
+    let tmp = std::path::Path::new("/tmp");
+    net.spawn(
+        &["python3", "-m", "http.server", "--bind", "0.0.0.0", "8080"],
+        tmp,
+    );
+    net.spawn(&["python3", "-c", DNS_SERVER], tmp);
+    let host = Command::new("python3")
+        .args(["-m", "http.server", "--bind", "0.0.0.0"])
+        .arg(HOST_PORT.to_string())
+        .current_dir(tmp)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3 http.server");
+    net.adopt(host);
+    // Both HTTP servers listen before the test goes on.
+    net.await_listening("10.231.77.1", 8080);
+    await_listening(None, "127.0.0.1", HOST_PORT);
+    net
+}
 
 /// The test's DNS zone, served at 10.231.77.1:53: `example.test` (TTL 3 s), `other.test` and
 /// `kept.test` (both 198.51.100.8, TTL 60 s), `rebind.test` (the metadata look-alike: a DNS
@@ -233,7 +167,7 @@ fn egress_policies_block_and_allow_on_a_running_container() {
     let Some(env) = DockerEnv::get(test) else {
         return;
     };
-    let _servers = Servers::start();
+    let _servers = start_servers();
     let name = unique_name("egress");
     let id = start(&env, &name, &["--annotation", "io.agentvm.egress=agent"]);
     let (_, gw) = docker(
@@ -358,7 +292,7 @@ fn domain_rules_allow_what_the_relay_resolved_for_its_ttl() {
     let Some(env) = DockerEnv::get(test) else {
         return;
     };
-    let _servers = Servers::start();
+    let _servers = start_servers();
     let net = unique_name("egress-net");
     let name = unique_name("egress-dns");
     let mut leftovers = Leftovers::network(&env, &net, &[]);
@@ -499,7 +433,7 @@ fn compose_services_under_the_agent_policy_and_a_restart() {
     let Some(env) = DockerEnv::get(test) else {
         return;
     };
-    let _servers = Servers::start();
+    let _servers = start_servers();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("compose.yaml");
     let compose = format!(

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentvm_integration::{agentvm_bin, skip_or_fail, text, wait_with_deadline, VmEnv};
+use agentvm_integration::{
+    agentvm_bin, sh, skip_or_fail, text, wait_with_deadline, LookalikeNet, VmEnv,
+};
 
 /// The SDK version hack/mcp-client.sh installs (keep the two in step).
 const MCP_SDK: &str = "2.3.0";
@@ -107,33 +109,20 @@ fn uplinks_left(links: &[String]) -> Vec<String> {
     left
 }
 
-fn sh(cmd: &str) -> (bool, String) {
-    let out = Command::new("sh")
-        .args(["-c", cmd])
-        .stdin(Stdio::null())
-        .output()
-        .expect("sh");
-    let (so, se) = text(&out);
-    (out.status.success(), format!("{so}{se}"))
-}
-
-/// The network test's servers: a namespace of the test's own holding a "public" host
+/// The network tests' servers: the test namespace ([`LookalikeNet`]) holding a "public" host
 /// (198.51.100.17, a documentation range routed only to it), a "private" one (10.231.78.1)
 /// and a look-alike of the cloud metadata service (169.254.78.78), each with an HTTP server on
-/// 8080 serving `marker.txt`. No packet leaves this machine: the tests that use it take
-/// turns (one namespace, one set of routes), and blackhole routes behind the test's own keep
-/// the look-alike addresses off the default route even while the namespace is being made or
-/// taken down. Taken down on drop.
+/// 8080 serving `marker.txt`. No packet leaves this machine. Taken down on drop.
 struct NetServers {
-    server: std::process::Child,
+    // Declared first: the server is killed and the namespace gone before its directory goes.
+    _net: LookalikeNet,
     _dir: tempfile::TempDir,
     marker: String,
-    /// Held for the servers' life: a second test's `start` tore the first one's namespace
-    /// down, and the first test's sandbox then reached 198.51.100.17 over the default route.
-    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
-/// Whose turn it is to hold the test namespace.
+/// Whose turn it is to hold the test namespace. Held for the servers' life: a second test's
+/// `start` tore the first one's namespace down, and the first test's sandbox then reached
+/// 198.51.100.17 over the default route.
 static NET_TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// The look-alike addresses routed into the test namespace, blackholed behind it.
@@ -144,68 +133,56 @@ const NET_VETH: &str = "avm-mcpt0";
 
 impl NetServers {
     fn start() -> NetServers {
-        let turn = NET_TURN.lock().unwrap_or_else(|e| e.into_inner());
-        for a in NET_LOOKALIKES {
-            sh(&format!("ip route replace blackhole {a} metric 4000"));
-        }
-        let down = format!("ip netns del {NET_NS} 2>/dev/null; ip link del {NET_VETH} 2>/dev/null");
-        sh(&down);
-        let (ok, out) = sh(&format!(
-            "set -e; ip netns add {NET_NS}; \
-             ip link add {NET_VETH} type veth peer name eth0 netns {NET_NS}; \
-             ip addr add 10.231.78.254/24 dev {NET_VETH}; ip link set {NET_VETH} up; \
-             ip route add 198.51.100.17/32 dev {NET_VETH}; ip route add 169.254.78.78/32 dev {NET_VETH}; \
-             ip -n {NET_NS} link set lo up; ip -n {NET_NS} link set eth0 up; \
-             ip -n {NET_NS} addr add 10.231.78.1/24 dev eth0; \
-             ip -n {NET_NS} addr add 198.51.100.17/32 dev eth0; \
-             ip -n {NET_NS} addr add 169.254.78.78/32 dev eth0; \
-             ip -n {NET_NS} route add default via 10.231.78.254"
-        ));
-        assert!(ok, "test namespace: {out}");
+        let mut net = LookalikeNet::start(NET_NS, NET_VETH, 78, &NET_LOOKALIKES, &NET_TURN);
         let dir = tempfile::tempdir().unwrap();
         let marker = format!("mcp-net-{}", std::process::id());
         std::fs::write(dir.path().join("marker.txt"), format!("{marker}\n")).unwrap();
-        let server = Command::new("ip")
-            .args(["netns", "exec", NET_NS, "python3", "-m", "http.server"])
-            .args(["--bind", "0.0.0.0", "8080"])
-            .current_dir(dir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 http.server");
-        let s = NetServers {
-            server,
+        net.spawn(
+            &["python3", "-m", "http.server", "--bind", "0.0.0.0", "8080"],
+            dir.path(),
+        );
+        net.await_listening("10.231.78.1", 8080);
+        NetServers {
+            _net: net,
             _dir: dir,
             marker,
-            _turn: turn,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !sh(&format!(
-            "ip netns exec {NET_NS} python3 -c \"import socket; socket.create_connection(('10.231.78.1', 8080), 1)\""
-        ))
-        .0
-        {
-            assert!(Instant::now() < deadline, "the test's server never listened");
-            std::thread::sleep(Duration::from_millis(200));
         }
-        s
     }
 }
 
-impl Drop for NetServers {
-    fn drop(&mut self) {
-        let _ = self.server.kill();
-        let _ = self.server.wait();
-        sh(&format!(
-            "ip netns del {NET_NS} 2>/dev/null; ip link del {NET_VETH} 2>/dev/null"
-        ));
-        for a in NET_LOOKALIKES {
-            sh(&format!(
-                "ip route del blackhole {a} metric 4000 2>/dev/null"
-            ));
-        }
-    }
+/// Starts the network tests' servers, then runs tests/mcp_client.py in `mode` against them
+/// (the look-alikes and the marker in its environment, with `extra_env`) and waits for it
+/// (10 minutes at most). Returns the servers, to be held until the test's checks are done,
+/// and the client's stdout, after asserting that the client succeeded.
+fn net_session(
+    env: &VmEnv,
+    python: &Path,
+    image: &str,
+    mode: &str,
+    extra_env: &[(&str, &str)],
+) -> (NetServers, String) {
+    let servers = NetServers::start();
+    let child = Command::new(python)
+        .arg(client_script())
+        .arg(&env.bin)
+        .arg(image)
+        .arg(mode)
+        .env("AGENTVM_STATE_ROOT", env.state_root.path())
+        .env("MCP_NET_PUBLIC", "198.51.100.17")
+        .env("MCP_NET_PRIVATE", "10.231.78.1")
+        .env("MCP_NET_METADATA", "169.254.78.78")
+        .env("MCP_NET_MARKER", &servers.marker)
+        .envs(extra_env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn the MCP client");
+    let out = wait_with_deadline(child, Duration::from_secs(600));
+    let (so, se) = text(&out);
+    eprintln!("{so}");
+    assert!(out.status.success(), "client failed:\n{so}\n{se}");
+    (servers, so)
 }
 
 #[test]
@@ -222,26 +199,7 @@ fn mcp_sandboxes_get_a_network_under_their_egress_policy() {
         skip_or_fail::<()>(test, "nft (nftables) is not installed".into());
         return;
     }
-    let servers = NetServers::start();
-    let child = Command::new(python)
-        .arg(client_script())
-        .arg(&env.bin)
-        .arg(&image)
-        .arg("net")
-        .env("AGENTVM_STATE_ROOT", env.state_root.path())
-        .env("MCP_NET_PUBLIC", "198.51.100.17")
-        .env("MCP_NET_PRIVATE", "10.231.78.1")
-        .env("MCP_NET_METADATA", "169.254.78.78")
-        .env("MCP_NET_MARKER", &servers.marker)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the MCP client");
-    let out = wait_with_deadline(child, Duration::from_secs(600));
-    let (so, se) = text(&out);
-    eprintln!("{so}");
-    assert!(out.status.success(), "client failed:\n{so}\n{se}");
+    let (servers, so) = net_session(&env, &python, &image, "net", &[]);
     for step in [
         "ok agent reaches the public test host",
         "ok agent refuses the private host and the metadata look-alike",
@@ -297,31 +255,18 @@ fn mcp_containerd_mode_makes_containers_of_its_own_namespace() {
         ))
         .1
     };
-    let servers = NetServers::start();
-    let child = Command::new(python)
-        .arg(client_script())
-        .arg(&env.bin)
-        .arg(&image)
-        .arg("ctrd")
-        .env("AGENTVM_STATE_ROOT", env.state_root.path())
-        .env(
-            "MCP_SERVER_ARGS",
-            format!("--containerd --address {socket} --namespace {namespace}"),
-        )
-        .env("MCP_CTRD_ADDRESS", &socket)
-        .env("MCP_CTRD_NAMESPACE", namespace)
-        .env("MCP_NET_PUBLIC", "198.51.100.17")
-        .env("MCP_NET_PRIVATE", "10.231.78.1")
-        .env("MCP_NET_MARKER", &servers.marker)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn the MCP client");
-    let out = wait_with_deadline(child, Duration::from_secs(600));
-    let (so, se) = text(&out);
-    eprintln!("{so}");
-    assert!(out.status.success(), "client failed:\n{so}\n{se}");
+    let server_args = format!("--containerd --address {socket} --namespace {namespace}");
+    let (servers, so) = net_session(
+        &env,
+        &python,
+        &image,
+        "ctrd",
+        &[
+            ("MCP_SERVER_ARGS", &server_args),
+            ("MCP_CTRD_ADDRESS", &socket),
+            ("MCP_CTRD_NAMESPACE", namespace),
+        ],
+    );
     for step in [
         "ok the sandbox is a container of agentvm-mcp-test",
         "ok exec and files",
