@@ -296,6 +296,11 @@ async def ctrd(s, image):
     await call(s, "file_write", {"sandbox_id": sid, "path": "/tmp/f", "content": "hello"})
     r = await call(s, "file_read", {"sandbox_id": sid, "path": "/tmp/f"})
     assert r["content"] == "hello", r
+    # stdin through ctr's own: all of a large one, and none is EOF at once.
+    r = await call(s, "exec", {"sandbox_id": sid, "argv": ["wc", "-c"], "stdin": "x" * 300000})
+    assert r["exit_code"] == 0 and r["stdout"].strip() == "300000", r
+    r = await call(s, "exec", {"sandbox_id": sid, "argv": ["cat"], "timeout_seconds": 30})
+    assert r["exit_code"] == 0 and r["stdout"] == "", r
     say("ok exec and files")
     r = await call(s, "exec", {"sandbox_id": sid,
                                "shell": f"printf 'GET /marker.txt HTTP/1.0\\r\\n\\r\\n' | "
