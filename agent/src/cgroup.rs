@@ -37,6 +37,13 @@ pub enum CgroupError {
     /// The guest kernel lacks a file (its controller is not enabled or not built in).
     #[error("the guest kernel has no {file} in {} (its controller is not enabled or not built in)", dir.display())]
     Missing { file: &'static str, dir: PathBuf },
+    /// The kernel did not report the cgroup frozen (thawed) in time; it was thawed again.
+    #[error("the processes of {} were not {} within {seconds} s", dir.display(), if *frozen { "frozen" } else { "thawed" })]
+    Freeze {
+        dir: PathBuf,
+        frozen: bool,
+        seconds: u64,
+    },
     /// The kernel refused a value.
     #[error("write {value:?} to {}: {source}", path.display())]
     Write {
@@ -119,6 +126,40 @@ impl Cgroup {
             .lines()
             .find_map(|l| l.strip_prefix("oom_kill ")?.trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// Freezes (`frozen`) or thaws every process in the cgroup and below it
+    /// (`cgroup.freeze`), and waits until `cgroup.events` says it is done: the kernel freezes
+    /// asynchronously. A freeze not done within `timeout` is undone (no half-frozen
+    /// container is left) and an error. Blocking: polls every 10 ms.
+    pub fn freeze(&self, frozen: bool, timeout: std::time::Duration) -> Result<(), CgroupError> {
+        let path = self.dir.join("cgroup.freeze");
+        let value = if frozen { "1" } else { "0" };
+        write_existing(&path, value).map_err(|source| CgroupError::Write {
+            path: path.clone(),
+            value: value.into(),
+            source,
+        })?;
+        let want = format!("frozen {value}");
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let events =
+                std::fs::read_to_string(self.dir.join("cgroup.events")).unwrap_or_default();
+            if events.lines().any(|l| l.trim() == want) {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                if frozen {
+                    let _ = write_existing(&path, "0");
+                }
+                return Err(CgroupError::Freeze {
+                    dir: self.dir.clone(),
+                    frozen,
+                    seconds: timeout.as_secs(),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// Kills every process in the cgroup and below it (`cgroup.kill`, Linux 5.14+).
@@ -398,5 +439,51 @@ mod tests {
     fn without_a_hierarchy_prepare_fails() {
         let e = Cgroup::prepare(Path::new("/nonexistent/cgroup")).unwrap_err();
         assert!(e.to_string().starts_with("create cgroup"), "{e}");
+    }
+
+    /// A freeze waits for the kernel's word in `cgroup.events`; one the kernel never
+    /// confirms is undone and an error.
+    #[test]
+    fn a_freeze_waits_for_the_kernel_and_is_undone_when_it_never_comes() {
+        let t = fake_root();
+        let cg = Cgroup {
+            root: t.path().to_path_buf(),
+            dir: t.path().join(NAME),
+        };
+        let dir = cg.dir().to_path_buf();
+        std::fs::write(dir.join("cgroup.freeze"), "0").unwrap();
+        std::fs::write(dir.join("cgroup.events"), "populated 1\nfrozen 0\n").unwrap();
+        // The "kernel": confirms what cgroup.freeze asks, after a while.
+        let kernel_dir = dir.clone();
+        let kernel = std::thread::spawn(move || {
+            for _ in 0..2 {
+                let asked = loop {
+                    let v = std::fs::read_to_string(kernel_dir.join("cgroup.freeze")).unwrap();
+                    let events = std::fs::read_to_string(kernel_dir.join("cgroup.events")).unwrap();
+                    if !events.contains(&format!("frozen {}", v.trim())) && !v.trim().is_empty() {
+                        break v.trim().to_string();
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                };
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                std::fs::write(
+                    kernel_dir.join("cgroup.events"),
+                    format!("populated 1\nfrozen {asked}\n"),
+                )
+                .unwrap();
+            }
+        });
+        let long = std::time::Duration::from_secs(10);
+        cg.freeze(true, long).unwrap();
+        assert_eq!(read(&t, "agentvm/cgroup.freeze"), "1");
+        cg.freeze(false, long).unwrap();
+        assert_eq!(read(&t, "agentvm/cgroup.freeze"), "0");
+        kernel.join().unwrap();
+        // No kernel now: the freeze times out and is undone.
+        let e = cg
+            .freeze(true, std::time::Duration::from_millis(100))
+            .unwrap_err();
+        assert!(e.to_string().contains("were not frozen"), "{e}");
+        assert_eq!(read(&t, "agentvm/cgroup.freeze"), "0");
     }
 }

@@ -317,6 +317,27 @@ pub async fn connection(agent: Arc<Agent>, stream: FdStream) {
             let _ = out.send(reply).await;
             After::Close
         }
+        Some(Ok(Frame::Msg(Message::FreezeContainer { container, frozen }))) => {
+            let reply = match member_cgroup(&agent, &container, "it cannot be paused") {
+                Err(e) => error(e, None),
+                Ok(cg) => {
+                    let done = tokio::task::spawn_blocking(move || {
+                        cg.freeze(frozen, std::time::Duration::from_secs(10))
+                    })
+                    .await;
+                    match done {
+                        Ok(Ok(())) => msg(Message::Ready),
+                        Ok(Err(e)) => {
+                            info!("freeze {container} ({frozen}): {e}");
+                            error(e.to_string(), None)
+                        }
+                        Err(e) => error(format!("freeze {container}: {e}"), None),
+                    }
+                }
+            };
+            let _ = out.send(reply).await;
+            After::Close
+        }
         Some(Ok(Frame::Msg(Message::UpdateContainer { container, limits }))) => {
             let cgroup = member_cgroup(&agent, &container, "its limits cannot be changed");
             let reply = match cgroup {

@@ -1350,6 +1350,114 @@ against_both!(
     mount_propagation_agentvm
 );
 
+/// `ctr` against the CRI test containerd, in the CRI plugin's namespace.
+fn ctr_k8s(args: &[&str]) -> (bool, String) {
+    let socket = std::env::var("AGENTVM_CRI_SOCKET").unwrap_or_else(|_| DEFAULT_SOCKET.into());
+    let out = std::process::Command::new("ctr")
+        .args(["--address", &socket, "-n", "k8s.io"])
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run ctr");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// The status `ctr task ls` gives task `id`.
+fn task_status(id: &str) -> String {
+    let (ok, ls) = ctr_k8s(&["task", "ls"]);
+    assert!(ok, "ctr task ls: {ls}");
+    ls.lines()
+        .find_map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            (w.first() == Some(&id)).then(|| w.get(2).unwrap_or(&"").to_string())
+        })
+        .unwrap_or_default()
+}
+
+/// A task pause of one container of a pod (`ctr task pause`: containerd's API has it, the
+/// CRI does not) freezes that container only: its ticks stop while the pod's other container
+/// answers ExecSync and the pod stays ready, and go on after the resume; a paused container
+/// is stopped (the signals reach it) and the other keeps running. Under agentvm the container's
+/// cgroup is frozen in the guest; the VM runs on.
+fn pause_one_container(cri: &Cri, handler: &str) {
+    let mut pod = Pod::run(cri, "pauseone", handler, NamespaceOption::default())
+        .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
+    let ticker = pod.start(
+        "ticker",
+        "i=0; while true; do i=$((i+1)); echo $i > /dev/shm/tick; sleep 0.1; done",
+    );
+    let watcher = pod.start("watcher", "exec sleep 600");
+    pod.wait_state(&ticker, ContainerState::ContainerRunning);
+    pod.wait_state(&watcher, ContainerState::ContainerRunning);
+    let tick = || -> u64 {
+        let r = pod
+            .exec_sync(&watcher, &["cat", "/dev/shm/tick"], 30)
+            .expect("ExecSync in the running container");
+        String::from_utf8_lossy(&r.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    let goes_on = |after: u64| {
+        let deadline = Instant::now() + CALL_TIMEOUT;
+        while tick() <= after {
+            assert!(
+                Instant::now() < deadline,
+                "the ticker never ticked past {after}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    goes_on(0);
+
+    let (ok, out) = ctr_k8s(&["task", "pause", &ticker]);
+    assert!(ok, "ctr task pause: {out}");
+    assert_eq!(task_status(&ticker), "PAUSED");
+    assert_eq!(task_status(&watcher), "RUNNING");
+    assert_eq!(task_status(&pod.id), "RUNNING", "the pod's sandbox");
+    let frozen_at = tick();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(tick(), frozen_at, "the paused container ticked on");
+    assert_eq!(
+        sandbox_state(cri, &pod.id).0,
+        PodSandboxState::SandboxReady as i32
+    );
+
+    let (ok, out) = ctr_k8s(&["task", "resume", &ticker]);
+    assert!(ok, "ctr task resume: {out}");
+    assert_eq!(task_status(&ticker), "RUNNING");
+    goes_on(frozen_at);
+
+    let (ok, out) = ctr_k8s(&["task", "pause", &ticker]);
+    assert!(ok, "ctr task pause: {out}");
+    pod.stop_container(&ticker, 2);
+    let st = pod.wait_state(&ticker, ContainerState::ContainerExited);
+    // Which signal ends it is the freezer's: cgroup v1's (this host's, runc) holds SIGTERM
+    // until SIGKILL thaws the container (137); cgroup v2's (the guest's; runc on a v2 host)
+    // lets a fatal SIGTERM through to a frozen process (143).
+    assert!(
+        [137, 143].contains(&st.exit_code),
+        "a paused container's stop: {st:?}"
+    );
+    pod.wait_state(&watcher, ContainerState::ContainerRunning);
+
+    let netns = pod.netns_path();
+    let ids = [pod.id.clone(), ticker, watcher];
+    pod.remove().expect("remove the pod");
+    assert_nothing_left(&ids, netns.as_deref());
+}
+
+against_both!(
+    pause_one_container,
+    pause_one_container_runc,
+    pause_one_container_agentvm
+);
+
 /// Unmounts a test's mount when the test ends, however it ends (nothing mounted is fine).
 struct Unmount(PathBuf);
 

@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 /// 4: [`ProcessSpec::seccomp`], [`StartRequest::masked_paths`] and
 /// [`StartRequest::readonly_paths`] (an agent of version 3 would drop the spec's confinement
 /// without a word); [`Message::MemberStats`] (a pod container's own figures).
-pub const VERSION: u32 = 4;
+/// 5: [`Message::FreezeContainer`] (pausing one container of a pod, not the pod's VM).
+pub const VERSION: u32 = 5;
 
 /// How much of a process's output the agent sends before the host says it has read it
 /// ([`Message::Consumed`]). The userspace vsock device (vhost-device-vsock, where the host has
@@ -133,6 +134,12 @@ pub enum Message {
         container: String,
         limits: ResourceLimits,
     },
+    /// Host -> guest, first frame of a connection: freeze (`frozen`) or thaw the processes of
+    /// a container of a pod's VM beside the VM's own (a task pause of that container; the
+    /// VM and the pod's other containers keep running), through its cgroup's
+    /// `cgroup.freeze`. The agent answers [`Message::Ready`] once the kernel reports the
+    /// cgroup frozen (thawed), or [`Message::Error`], and closes.
+    FreezeContainer { container: String, frozen: bool },
     /// Guest -> host: the limits of a [`Message::Update`] are in place, except the ones named
     /// in `skipped` (files the guest kernel does not have, e.g. `memory.swap.max` without swap).
     Updated {
@@ -985,6 +992,10 @@ mod tests {
             container: "c1".into(),
         }));
         roundtrip(Frame::Msg(Message::ForgetCaches));
+        roundtrip(Frame::Msg(Message::FreezeContainer {
+            container: "c1".into(),
+            frozen: true,
+        }));
         roundtrip(Frame::Msg(Message::Connect { port: 8080 }));
         roundtrip(Frame::Msg(Message::UpdateContainer {
             container: "c1".into(),

@@ -462,6 +462,7 @@ impl Container {
         let shared = Arc::new(VmShared {
             vm: owner.sandbox.vm(),
             paused: AtomicBool::new(false),
+            frozen: Default::default(),
             memory_mib: cfg.memory_mib,
             host_seen: std::sync::Mutex::new(host_view.as_ref().and_then(|v| v.host_writes())),
             host_view,
@@ -720,6 +721,7 @@ pub async fn boot_image(cfg: ImageVmConfig, assets: &Assets, io: ProcessIo) -> R
     let shared = Arc::new(VmShared {
         vm: sandbox.vm(),
         paused: AtomicBool::new(false),
+        frozen: Default::default(),
         memory_mib: cfg.memory_mib,
         host_view: None,
         host_seen: Default::default(),
@@ -1324,6 +1326,9 @@ struct VmShared {
     /// The VM (pause, resume); none for a fake agent without one.
     vm: Option<Arc<dyn crate::vmm::VmHandle>>,
     paused: AtomicBool,
+    /// The pod containers of the VM whose processes are frozen in the guest (a task pause of
+    /// one of them: [`Running::pause`]).
+    frozen: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The VM's RAM, fixed at boot: the ceiling of `docker update --memory`.
     memory_mib: u32,
     /// The host's mount of a layered root, refreshed when the VM pauses.
@@ -1460,6 +1465,11 @@ impl Running {
         if self.exited().is_some() {
             return Err(Error::Invalid("the process has already exited".into()));
         }
+        // One container of a pod: its processes are frozen in the guest; the VM and the
+        // pod's other containers run on.
+        if let Some(id) = &self.member {
+            return self.freeze(id, true).await;
+        }
         self.shared.vm()?.pause().await?;
         self.shared.paused.store(true, Ordering::SeqCst);
         // `docker commit` pauses, then reads the root: show it everything written so far.
@@ -1469,8 +1479,11 @@ impl Running {
         Ok(())
     }
 
-    /// Lets a paused VM run again.
+    /// Lets a paused VM (or a pod's frozen container) run again.
     pub async fn resume(&self) -> Result<()> {
+        if let Some(id) = &self.member {
+            return self.freeze(id, false).await;
+        }
         self.shared.vm()?.resume().await?;
         self.shared.paused.store(false, Ordering::SeqCst);
         Ok(())
@@ -1521,8 +1534,51 @@ impl Running {
         }
     }
 
-    /// Whether the VM is paused.
+    /// Freezes or thaws the pod container `id` in the guest (`Message::FreezeContainer`).
+    async fn freeze(&self, id: &str, frozen: bool) -> Result<()> {
+        if self.vm_paused() {
+            return Err(Error::Invalid(
+                "the pod's VM is paused: resume the pod's sandbox first".into(),
+            ));
+        }
+        let what = if frozen { "pause" } else { "resume" };
+        let request = Message::FreezeContainer {
+            container: id.to_string(),
+            frozen,
+        };
+        match ask(&self.vm, request, what).await? {
+            Frame::Msg(Message::Ready) => {
+                let mut set = self.shared.frozen.lock().unwrap_or_else(|e| e.into_inner());
+                if frozen {
+                    set.insert(id.to_string());
+                } else {
+                    set.remove(id);
+                }
+                Ok(())
+            }
+            Frame::Msg(Message::Error { message, .. }) => Err(Error::Agent(guest::text(&message))),
+            other => Err(Error::Agent(format!(
+                "expected ready, got {}",
+                guest::describe(&other)
+            ))),
+        }
+    }
+
+    /// Whether the process is paused: its VM, or (a pod's later container) its own
+    /// processes in the guest.
     pub fn is_paused(&self) -> bool {
+        self.vm_paused()
+            || self.member.as_ref().is_some_and(|id| {
+                self.shared
+                    .frozen
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .contains(&**id)
+            })
+    }
+
+    /// Whether the VM is paused (its agent cannot answer).
+    pub fn vm_paused(&self) -> bool {
         self.shared.paused.load(Ordering::SeqCst)
     }
 
@@ -1593,6 +1649,7 @@ pub mod testing {
         let shared = Arc::new(VmShared {
             vm: None,
             paused: AtomicBool::new(false),
+            frozen: Default::default(),
             memory_mib: 128,
             host_view: None,
             host_seen: Default::default(),

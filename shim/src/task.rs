@@ -916,8 +916,10 @@ impl Task for TaskService {
         match std::mem::replace(&mut *phase, Phase::Stopped) {
             Phase::Running(r) => {
                 // A paused VM cannot act on SIGKILL: let it run so the kill lands (a
-                // frozen runc container is killable too).
-                if req.signal as i32 == libc::SIGKILL && r.is_paused() {
+                // frozen runc container is killable too). A pod's frozen container is not
+                // thawed: SIGKILL reaches frozen processes, and a thaw would deliver a
+                // pending SIGTERM first (exit 143, where runc's gives 137).
+                if req.signal as i32 == libc::SIGKILL && r.vm_paused() {
                     if let Err(e) = r.resume().await {
                         tracing::warn!("resume before SIGKILL: {e}");
                     }
@@ -1229,8 +1231,8 @@ impl Task for TaskService {
         let Some(update) = parse_update(&req)? else {
             return Ok(api::Empty::default());
         };
-        if running.is_paused() {
-            // The frozen agent could not answer.
+        if running.vm_paused() {
+            // The frozen agent could not answer (a pod's frozen container's agent can).
             return Err(status(
                 Code::FAILED_PRECONDITION,
                 format!("container {} is paused: unpause it to update it", req.id),
@@ -1255,7 +1257,7 @@ impl Task for TaskService {
         req: api::StatsRequest,
     ) -> ttrpc::Result<api::StatsResponse> {
         let running = self.running_init(&req.id).await?;
-        if running.is_paused() {
+        if running.vm_paused() {
             return Err(status(
                 Code::FAILED_PRECONDITION,
                 format!("container {} is paused", req.id),
