@@ -1946,8 +1946,9 @@ const KUBELET_READONLY_PATHS: [&str; 5] = [
 /// RuntimeDefault seccomp profile runs under a filter (its init and its execs) that refuses
 /// syscalls the profile leaves out (`syslog`, which the guest's `dmesg_restrict=0` would
 /// otherwise allow root, and `unshare`); kubelet's masked paths read nothing and its
-/// read-only paths refuse writes. An Unconfined container gets no filter, and keeps the masked
-/// and read-only paths (they do not depend on the profile).
+/// read-only paths refuse writes. An Unconfined container gets no filter (its root makes a
+/// user namespace), and keeps the masked and read-only paths (they do not depend on the
+/// profile).
 fn seccomp_and_masked_paths(cri: &Cri, handler: &str) {
     let mut pod = Pod::run(cri, "seccomp", handler, NamespaceOption::default())
         .unwrap_or_else(|e| panic!("RunPodSandbox with handler {handler}: {e}"));
@@ -2013,8 +2014,14 @@ fn seccomp_and_masked_paths(cri: &Cri, handler: &str) {
             "RuntimeDefault: exit {code}, {out:?} (stderr {err:?}), want {want:?}"
         ));
     }
-    let (code, out, err) = sh(&unconfined, &format!("SLEEP=601; {modes}; {paths}"));
-    let want = "Seccomp:\t0\nSeccomp:\t0\n0\n0\n0\nro\nRead-only file system\n";
+    // Unconfined, root makes a user namespace (as under runc: a process chrooted into its
+    // root could not; the kernel refuses user namespaces to chrooted processes).
+    let userns = "unshare -U true 2>&1 && echo userns";
+    let (code, out, err) = sh(
+        &unconfined,
+        &format!("SLEEP=601; {modes}; {paths}; {userns}"),
+    );
+    let want = "Seccomp:\t0\nSeccomp:\t0\n0\n0\n0\nro\nRead-only file system\nuserns\n";
     if (code, out.as_str()) != (0, want) {
         wrong.push(format!(
             "Unconfined: exit {code}, {out:?} (stderr {err:?}), want {want:?}"

@@ -5,8 +5,10 @@
 //!    controlling terminal when `terminal` is set (stdio is already the pty slave).
 //! 2. A pod container's namespaces (after the cgroup, so the cgroup path is the agent's
 //!    view): its init unshares a mount namespace of its own and mounts the procfs of its
-//!    PID namespace in its root; an exec into it joins that mount namespace.
-//!    Then `chroot`; then a container's init makes its `readonlyPaths` read-only and masks
+//!    PID namespace in its root, then moves its root onto the namespace's `/` and enters it
+//!    (so it is not chrooted: the kernel lets it make user namespaces); an exec into it joins
+//!    that mount namespace, whose root is then its own. The VM's own container `chroot`s
+//!    into its root. Then a container's init makes its `readonlyPaths` read-only and masks
 //!    its `maskedPaths` (inside the new root, so a symlink cannot lead out of it), as runc
 //!    does after its pivot_root; then `chdir(cwd)`: cwd is resolved inside the new root.
 //! 3. rlimits, while still root with every capability (raising a hard limit needs
@@ -197,7 +199,13 @@ fn setup<S: Syscalls>(plan: &Plan, sys: &mut S) -> Result<(), StepError> {
     if let Some(proc) = &plan.proc_mount {
         sys.mount_proc(proc).map_err(at(Step::MountProc))?;
     }
-    sys.chroot(&plan.root).map_err(at(Step::Chroot))?;
+    match plan.mount_ns {
+        MountNs::Agent => sys.chroot(&plan.root).map_err(at(Step::Chroot))?,
+        // The container's root becomes its namespace's own root (user namespaces work).
+        MountNs::New => sys.enter_root(&plan.root).map_err(at(Step::Chroot))?,
+        // Joining the namespace made its root (the container's) the process's.
+        MountNs::Join(_) => {}
+    }
     for path in &plan.readonly_paths {
         sys.readonly_path(path).map_err(at(Step::ReadonlyPath))?;
     }
@@ -442,7 +450,7 @@ mod tests {
     }
 
     #[test]
-    fn a_pod_containers_namespaces_come_after_its_cgroup_and_before_chroot() {
+    fn a_pod_containers_namespaces_come_after_its_cgroup_and_before_its_root() {
         let root = "/run/agentvm/containers/c1/root";
         let mut plan = Plan::new(&spec(), root, 40).unwrap();
         plan.cgroup_procs = Some(c"/sys/fs/cgroup/pod-c1/cgroup.procs".into());
@@ -453,8 +461,9 @@ mod tests {
         let cg = r.pos(|c| matches!(c, Call::JoinCgroup(_)));
         let ns = r.pos(|c| *c == Call::UnshareMounts);
         let proc = r.pos(|c| *c == Call::MountProc(format!("{root}/proc")));
-        let chroot = r.pos(|c| *c == Call::Chroot(root.into()));
-        assert!(cg < ns && ns < proc && proc < chroot, "{:?}", r.calls);
+        let enter = r.pos(|c| *c == Call::EnterRoot(root.into()));
+        assert!(cg < ns && ns < proc && proc < enter, "{:?}", r.calls);
+        assert!(!r.calls.iter().any(|c| matches!(c, Call::Chroot(_))));
 
         // An exec joins the container's mount namespace and mounts nothing.
         plan.mount_ns = MountNs::Join(7);
@@ -462,8 +471,14 @@ mod tests {
         let mut r = Recorder::default();
         apply(&plan, &mut r);
         let join = r.pos(|c| *c == Call::JoinMounts(7));
-        assert!(join < r.pos(|c| *c == Call::Chroot(root.into())));
-        assert!(!r.calls.iter().any(|c| matches!(c, Call::MountProc(_))));
+        assert!(join < r.pos(|c| matches!(c, Call::Chdir(_))));
+        assert!(
+            !r.calls
+                .iter()
+                .any(|c| matches!(c, Call::MountProc(_) | Call::Chroot(_) | Call::EnterRoot(_))),
+            "the joined namespace's root is the container's: {:?}",
+            r.calls
+        );
     }
 
     #[test]

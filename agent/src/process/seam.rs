@@ -50,6 +50,13 @@ pub trait Syscalls {
     /// Mounts a procfs at `target` (the process's PID namespace's, seen from inside it).
     fn mount_proc(&mut self, target: &CStr) -> Result<(), Errno>;
     fn chroot(&mut self, path: &CStr) -> Result<(), Errno>;
+    /// Makes the mount at `root` the root of the caller's (own) mount namespace: moves it
+    /// onto `/` and enters it (`chdir(root)`, `mount(".", "/", MS_MOVE)`, `chroot(".")`), as
+    /// `switch_root` leaves an initramfs. Unlike a `chroot` into a directory, the process's
+    /// root is then the namespace's, so the kernel lets it make user namespaces (it refuses
+    /// a chrooted process); `pivot_root` cannot be used here: the guest's own root is the
+    /// initramfs, which has no parent mount.
+    fn enter_root(&mut self, root: &CStr) -> Result<(), Errno>;
     fn chdir(&mut self, path: &CStr) -> Result<(), Errno>;
     fn setrlimit(&mut self, resource: Resource, soft: u64, hard: u64) -> Result<(), Errno>;
     /// `prctl(PR_CAPBSET_DROP, cap)`.
@@ -154,6 +161,21 @@ impl Syscalls for Real {
     fn chdir(&mut self, path: &CStr) -> Result<(), Errno> {
         // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
         check(unsafe { libc::chdir(path.as_ptr()) })
+    }
+
+    fn enter_root(&mut self, root: &CStr) -> Result<(), Errno> {
+        self.chdir(root)?;
+        // SAFETY: static C strings for source and target, null type and data.
+        check(unsafe {
+            libc::mount(
+                c".".as_ptr(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_MOVE,
+                std::ptr::null(),
+            )
+        })?;
+        self.chroot(c".")
     }
 
     fn setrlimit(&mut self, resource: Resource, soft: u64, hard: u64) -> Result<(), Errno> {
@@ -350,6 +372,7 @@ pub mod recorder {
         JoinMounts(i32),
         MountProc(String),
         Chroot(String),
+        EnterRoot(String),
         Chdir(String),
         Setrlimit(Resource, u64, u64),
         DropBounding(u8),
@@ -419,6 +442,9 @@ pub mod recorder {
         }
         fn chroot(&mut self, path: &CStr) -> Result<(), Errno> {
             self.ok(Call::Chroot(s(path)))
+        }
+        fn enter_root(&mut self, root: &CStr) -> Result<(), Errno> {
+            self.ok(Call::EnterRoot(s(root)))
         }
         fn chdir(&mut self, path: &CStr) -> Result<(), Errno> {
             self.calls.push(Call::Chdir(s(path)));
