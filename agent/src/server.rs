@@ -72,6 +72,9 @@ pub struct Agent {
     /// The pod's PID namespace, whose pid 1 is the sandbox's init (pause): the containers
     /// that share the pod's processes join it.
     pod_pid_ns: Mutex<Option<Arc<OwnedFd>>>,
+    /// The mount namespace of the VM's own container, made by its init (whose root is the
+    /// namespace's own, not a chroot: user namespaces work); its execs join it.
+    container_mnt_ns: Mutex<Option<Arc<OwnedFd>>>,
 }
 
 /// A container of a pod's VM beside the VM's own (the pod sandbox's): its root, cgroup and
@@ -126,6 +129,7 @@ impl Agent {
             shares: Mutex::new(HashSet::new()),
             secret_env: Mutex::new(Vec::new()),
             pod_pid_ns: Mutex::new(None),
+            container_mnt_ns: Mutex::new(None),
         }
     }
 
@@ -638,11 +642,20 @@ async fn run(
     let process = secrets::with_env(&req.process, &secret_env);
     let planned = Plan::new(&process, &agent.root, agent.last_cap);
     secrets::scrub(process);
+    // The init makes the container's mount namespace (its root the namespace's own) and
+    // masks and seals its paths there; later processes join it.
+    let container_ns = if req.init || agent.preset_root {
+        None
+    } else {
+        lock(&agent.container_mnt_ns).clone()
+    };
     let planned = planned.and_then(|mut p| {
-        // The init's paths stay masked and read-only in the agent's mount namespace, which
-        // the container's later processes share.
         if req.init && !agent.preset_root {
+            p.mount_ns = MountNs::New;
             p.confine_paths(&req.readonly_paths, &req.masked_paths)?;
+        }
+        if let Some(ns) = &container_ns {
+            p.mount_ns = MountNs::Join(ns.as_raw_fd());
         }
         Ok(p)
     });
@@ -662,9 +675,13 @@ async fn run(
             return failed;
         }
     };
+    let keep_mnt_ns = req.init && !agent.preset_root;
     let mut keep_pid_ns = |pid: i32| {
         if pod_pid_ns {
             *lock(&agent.pod_pid_ns) = open_ns(pid, "pid").map(Arc::new);
+        }
+        if keep_mnt_ns {
+            *lock(&agent.container_mnt_ns) = open_ns(pid, "mnt").map(Arc::new);
         }
     };
     let (pid, supervised) = match start_and_supervise(

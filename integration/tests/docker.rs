@@ -165,6 +165,8 @@ fn docker_run_missing_binary_is_127() {
     }
 }
 
+/// `docker exec` runs in the running container: output, exit codes, stdin; in the init's
+/// mount namespace, where root makes user namespaces.
 #[test]
 fn docker_exec_runs_processes_in_the_running_container() {
     let Some(env) = DockerEnv::get("docker_exec_runs_processes_in_the_running_container") else {
@@ -172,8 +174,46 @@ fn docker_exec_runs_processes_in_the_running_container() {
     };
     let n = unique_name("exec");
     let image = env.image.clone();
-    let (out, id) = env.run("exec", &["-d", &image, "sleep", "300"], None);
+    // The init mounts a tmpfs: its execs share its mount namespace.
+    let (out, id) = env.run(
+        "exec",
+        &[
+            "-d",
+            &image,
+            "sh",
+            "-c",
+            "mkdir -p /m && mount -t tmpfs tmpfs /m && exec sleep 300",
+        ],
+        None,
+    );
     assert_eq!(out.status.code(), Some(0), "{:?}", text(&out));
+    let mounts = env.docker(
+        &[
+            "exec",
+            &n,
+            "sh",
+            "-c",
+            "for i in $(seq 100); do grep -q ' /m tmpfs' /proc/mounts && break; sleep 0.1; done; \
+             grep -c ' /m tmpfs' /proc/mounts",
+        ],
+        None,
+        T,
+    );
+    assert_eq!(
+        text(&mounts).0,
+        "1\n",
+        "the init's mount in the exec: {:?}",
+        text(&mounts)
+    );
+    // Root makes user namespaces (the container's root is its mount namespace's own, not a
+    // chroot, which the kernel refuses them to): rootless tools and sandboxes (bubblewrap,
+    // Chrome's) work.
+    let userns = env.docker(&["exec", &n, "unshare", "-U", "-r", "id", "-u"], None, T);
+    assert_eq!(
+        text(&userns),
+        ("0\n".into(), String::new()),
+        "unshare -U -r"
+    );
     let echo = env.docker(&["exec", &n, "echo", "hi"], None, T);
     let (so, se) = text(&echo);
     assert_eq!(echo.status.code(), Some(0), "stderr: {se}");
