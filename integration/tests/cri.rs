@@ -1074,7 +1074,8 @@ against_both!(port_forward, port_forward_runc, port_forward_agentvm);
 
 /// kubelet's volumes are bind mounts of host directories in the container spec: an emptyDir
 /// given to two containers of a pod (both see each other's files, and so does the host), a
-/// read-only one (a configMap's: readable, not writable, also not by root).
+/// read-only one (a configMap's: readable, not writable, also not by root), a read-only file
+/// (a `subPath`) whose host rewrite the container sees.
 fn volumes(cri: &Cri, handler: &str) {
     let host = tempfile::Builder::new()
         .prefix("agentvm-cri-volumes.")
@@ -1084,6 +1085,9 @@ fn volumes(cri: &Cri, handler: &str) {
     std::fs::create_dir(&shared).unwrap();
     std::fs::create_dir(&config).unwrap();
     std::fs::write(config.join("key"), "value-from-host\n").unwrap();
+    // A read-only file bind (a configMap's `subPath`), which the host later rewrites in place.
+    let setting = host.path().join("setting.conf");
+    std::fs::write(&setting, "first\n").unwrap();
     // A host mount below a read-only volume (critest's non-recursive read-only mount), made
     // before the pod as kubelet sets volumes up: the volume is read-only, the tmpfs below it
     // is not, and the host can take it away while the container runs.
@@ -1110,6 +1114,7 @@ fn volumes(cri: &Cri, handler: &str) {
         mounts: vec![
             mount(&shared, "/shared", false),
             mount(&config, "/config", true),
+            mount(&setting, "/etc/setting.conf", true),
         ],
         ..container_config(
             "writer",
@@ -1169,6 +1174,24 @@ fn volumes(cri: &Cri, handler: &str) {
         (0, "read-only\n".into())
     );
     assert!(!config.join("probe").exists());
+    // The read-only file: readable, refuses writes, follows the host's rewrite.
+    assert_eq!(sh(&writer, "cat /etc/setting.conf"), (0, "first\n".into()));
+    assert_eq!(
+        sh(
+            &writer,
+            "if echo x > /etc/setting.conf 2>/dev/null; then echo writable; else echo read-only; fi"
+        ),
+        (0, "read-only\n".into())
+    );
+    std::fs::write(&setting, "second\n").unwrap();
+    let deadline = Instant::now() + CALL_TIMEOUT;
+    while sh(&writer, "cat /etc/setting.conf").1 != "second\n" {
+        assert!(
+            Instant::now() < deadline,
+            "the host's rewrite of a read-only file bind never reached the container"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
     assert_eq!(
         sh(&writer, "touch /config/tmpfs/written 2>&1 && echo written"),
         (0, "written\n".into()),

@@ -275,10 +275,11 @@ pub fn plan(mounts: &[Mount], policy: &SharePolicy) -> Result<MountPlan> {
 /// into the guest even for a pod's container (their content is known at start).
 const COPIED_FILES: &[&str] = &["/etc/hosts", "/etc/hostname", "/etc/resolv.conf"];
 
-/// [`plan`] for a pod's later container: a writable bind of another file (kubelet's
-/// termination message file, a `subPath` volume) is a share like a directory's, so that the
-/// container's writes reach the host file, as under runc. The caller binds the file into the
-/// pod share ([`crate::pod::member_request`]).
+/// [`plan`] for a pod's later container: a bind of another file (kubelet's termination
+/// message file, a `subPath` volume, read-only or not) is a share like a directory's, so that
+/// the container's writes reach the host file and the host's changes reach the container, as
+/// under runc, whatever its size. The caller binds the file into the pod share
+/// ([`crate::pod::member_request`]).
 pub fn plan_pod(mounts: &[Mount], policy: &SharePolicy) -> Result<MountPlan> {
     plan_with(mounts, policy, true)
 }
@@ -338,8 +339,7 @@ fn plan_with(mounts: &[Mount], policy: &SharePolicy, live_files: bool) -> Result
             .ok_or_else(|| Error::Invalid(format!("bind mount on {dest_str} has no source")))?;
         let meta =
             std::fs::metadata(source).map_err(|e| Error::io("bind mount source", source, e))?;
-        let live_file =
-            live_files && meta.is_file() && !readonly && !COPIED_FILES.contains(&dest_str.as_str());
+        let live_file = live_files && meta.is_file() && !COPIED_FILES.contains(&dest_str.as_str());
         if meta.is_dir() || live_file {
             let host_bind = HostBind::of(options);
             if out.shares.len() >= MAX_SHARES {
@@ -601,11 +601,16 @@ mod tests {
             c.display()
         );
         let p = plan_pod(&mounts(&json), &ninep()).unwrap();
-        assert_eq!(p.shares.len(), 1);
+        assert_eq!(p.shares.len(), 2);
         assert_eq!(p.shares[0].path, c.join("termination-log"));
+        assert_eq!(
+            (p.shares[1].path.clone(), p.shares[1].readonly),
+            (c.join("key"), true)
+        );
         assert!(matches!(p.mounts[0].source, MountSource::File { .. }));
         assert!(matches!(&p.mounts[1].source, MountSource::Share { tag, .. } if tag == "vol0"));
-        assert!(matches!(p.mounts[2].source, MountSource::File { .. }));
+        assert!(matches!(&p.mounts[2].source, MountSource::Share { tag, .. } if tag == "vol1"));
+        assert!(p.mounts[2].readonly);
         // Docker's and ctr's containers keep copies.
         let p = plan(&mounts(&json), &ninep()).unwrap();
         assert!(p.shares.is_empty());
