@@ -577,6 +577,28 @@ mod tests {
         assert_eq!(prog.insns.last().unwrap().code & 0x07, 0x06);
     }
 
+    /// Loads `prog` in a forked child and runs `checks` there: 0 when all hold, 1 when the
+    /// filter did not load, else 10 + the index of the first that failed. `checks` must not
+    /// allocate (a forked child of a threaded process).
+    fn under_filter<const N: usize>(prog: &Program, checks: impl FnOnce() -> [bool; N]) -> i32 {
+        crate::testutil::in_child(|| {
+            let fprog = crate::process::seam::SockFprog::of(&prog.insns);
+            // SAFETY: seccomp(2) reads `fprog`, whose filter points at `prog.insns`, alive
+            // here; prctl takes integers only.
+            let loaded = unsafe {
+                libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0
+                    && libc::syscall(libc::SYS_seccomp, 1, prog.flags, &fprog) == 0
+            };
+            if !loaded {
+                return 1;
+            }
+            match checks().iter().position(|ok| !ok) {
+                None => 0,
+                Some(i) => 10 + i as i32,
+            }
+        })
+    }
+
     #[test]
     fn a_compiled_filter_answers_as_the_profile_says() {
         // Allows everything except: getppid fails with errno 42, fchdir(999) with 33 (other
@@ -601,29 +623,18 @@ mod tests {
             ],
         );
         let prog = program(&p).unwrap();
-        let got = crate::testutil::in_child(|| {
-            // SAFETY: seccomp(2) reads `fprog`, whose filter points at `prog.insns`, alive
-            // here; the other calls take integers only.
+        let got = under_filter(&prog, || {
+            // SAFETY: raw syscalls with integer arguments; errno is the thread's.
             unsafe {
-                let fprog = crate::process::seam::SockFprog::of(&prog.insns);
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                    || libc::syscall(libc::SYS_seccomp, 1, prog.flags, &fprog) != 0
-                {
-                    return 1;
-                }
                 let errno = || *libc::__errno_location();
-                let checks = [
+                [
                     libc::syscall(libc::SYS_getppid) == -1 && errno() == 42,
                     libc::fchdir(999) == -1 && errno() == 33,
                     libc::fchdir(998) == -1 && errno() == libc::EBADF,
                     // glibc's personality() never sets errno: the raw call does.
                     libc::syscall(libc::SYS_personality, 0x12345) == -1 && errno() == libc::EPERM,
                     libc::syscall(libc::SYS_personality, 0xffff_ffffu32) != -1,
-                ];
-                match checks.iter().position(|ok| !ok) {
-                    None => 0,
-                    Some(i) => 10 + i as i32,
-                }
+                ]
             }
         });
         assert_eq!(got, 0, "check {} failed in the filtered child", got - 10);
@@ -645,29 +656,18 @@ mod tests {
         );
         let prog = program(&p).unwrap();
         assert_eq!(prog.insns[..6], enosys_stub(libc::SYS_exit_group as u32));
-        let got = crate::testutil::in_child(|| {
-            // SAFETY: as in a_compiled_filter_answers_as_the_profile_says; the probes are
-            // raw syscalls with integer arguments.
+        let got = under_filter(&prog, || {
+            // SAFETY: raw syscalls with integer arguments; errno is the thread's.
             unsafe {
-                let fprog = crate::process::seam::SockFprog::of(&prog.insns);
-                if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                    || libc::syscall(libc::SYS_seccomp, 1, prog.flags, &fprog) != 0
-                {
-                    return 1;
-                }
                 let errno = || *libc::__errno_location();
-                let checks = [
+                [
                     libc::syscall(libc::SYS_getppid) > 0,
                     // Older than exit_group, not named: the default.
                     libc::syscall(libc::SYS_tkill, 0, 0) == -1 && errno() == libc::EPERM,
                     // Newer: ENOSYS.
                     libc::syscall(libc::SYS_fanotify_init, 0, 0) == -1 && errno() == libc::ENOSYS,
                     libc::syscall(libc::SYS_fchmodat2, 0, 0, 0, 0) == -1 && errno() == libc::ENOSYS,
-                ];
-                match checks.iter().position(|ok| !ok) {
-                    None => 0,
-                    Some(i) => 10 + i as i32,
-                }
+                ]
             }
         });
         assert_eq!(got, 0, "check {} failed in the filtered child", got - 10);

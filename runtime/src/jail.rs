@@ -51,15 +51,7 @@ struct PathBeneathAttr {
     parent_fd: i32,
 }
 
-#[repr(C)]
-struct MountAttr {
-    attr_set: u64,
-    attr_clr: u64,
-    propagation: u64,
-    userns_fd: u64,
-}
-const MOUNT_ATTR_RDONLY: u64 = 0x1;
-const AT_RECURSIVE: libc::c_uint = 0x8000;
+use crate::fsmount::{MountAttr, AT_RECURSIVE, MOUNT_ATTR_RDONLY};
 
 const SECBIT_NOROOT: libc::c_ulong = 1 << 0;
 const SECBIT_NOROOT_LOCKED: libc::c_ulong = 1 << 1;
