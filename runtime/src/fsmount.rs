@@ -383,8 +383,18 @@ fn open_tree(path: &Path) -> io::Result<OwnedFd> {
 /// made: the lookup runs on a thread of its own that leaves the process's filesystem context
 /// (`unshare(CLONE_FS)`) and enters `ns`; the process stays where it is.
 pub fn clone_tree(path: &Path, ns: Option<BorrowedFd<'_>>) -> io::Result<OwnedFd> {
+    in_namespace(ns, || open_tree(path))
+}
+
+/// Runs `f` with paths looked up in the mount namespace `ns` (the caller's without one): on
+/// a thread of its own that leaves the process's filesystem context (`unshare(CLONE_FS)`)
+/// and enters `ns`; the process stays where it is.
+pub fn in_namespace<T: Send>(
+    ns: Option<BorrowedFd<'_>>,
+    f: impl FnOnce() -> io::Result<T> + Send,
+) -> io::Result<T> {
     let Some(ns) = ns else {
-        return open_tree(path);
+        return f();
     };
     std::thread::scope(|s| {
         s.spawn(|| {
@@ -394,7 +404,7 @@ pub fn clone_tree(path: &Path, ns: Option<BorrowedFd<'_>>) -> io::Result<OwnedFd
                 return Err(io::Error::last_os_error());
             }
             nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNS).map_err(io::Error::from)?;
-            open_tree(path)
+            f()
         })
         .join()
         .unwrap_or_else(|_| Err(io::Error::other("the mount namespace thread panicked")))

@@ -268,7 +268,7 @@ impl MountPlan {
 /// it when the container starts, after Docker has written `/etc/hosts` and
 /// `/etc/resolv.conf`).
 pub fn plan(mounts: &[Mount], policy: &SharePolicy) -> Result<MountPlan> {
-    plan_with(mounts, policy, false)
+    plan_with(mounts, policy, false, &|p| std::fs::metadata(p))
 }
 
 /// Files the CRI plugin (and Docker) write for a container and bind on these paths: copied
@@ -279,12 +279,22 @@ const COPIED_FILES: &[&str] = &["/etc/hosts", "/etc/hostname", "/etc/resolv.conf
 /// message file, a `subPath` volume, read-only or not) is a share like a directory's, so that
 /// the container's writes reach the host file and the host's changes reach the container, as
 /// under runc, whatever its size. The caller binds the file into the pod share
-/// ([`crate::pod::member_request`]).
-pub fn plan_pod(mounts: &[Mount], policy: &SharePolicy) -> Result<MountPlan> {
-    plan_with(mounts, policy, true)
+/// ([`crate::pod::member_request`]). `metadata` looks a bind's source up (in the host's
+/// mount namespace, for a pod's shim: [`crate::pod::source_metadata`]).
+pub fn plan_pod(
+    mounts: &[Mount],
+    policy: &SharePolicy,
+    metadata: &dyn Fn(&Path) -> std::io::Result<std::fs::Metadata>,
+) -> Result<MountPlan> {
+    plan_with(mounts, policy, true, metadata)
 }
 
-fn plan_with(mounts: &[Mount], policy: &SharePolicy, live_files: bool) -> Result<MountPlan> {
+fn plan_with(
+    mounts: &[Mount],
+    policy: &SharePolicy,
+    live_files: bool,
+    metadata: &dyn Fn(&Path) -> std::io::Result<std::fs::Metadata>,
+) -> Result<MountPlan> {
     let mut out = MountPlan::default();
     for m in mounts {
         let dest = m.destination();
@@ -337,8 +347,7 @@ fn plan_with(mounts: &[Mount], policy: &SharePolicy, live_files: bool) -> Result
             .source()
             .as_deref()
             .ok_or_else(|| Error::Invalid(format!("bind mount on {dest_str} has no source")))?;
-        let meta =
-            std::fs::metadata(source).map_err(|e| Error::io("bind mount source", source, e))?;
+        let meta = metadata(source).map_err(|e| Error::io("bind mount source", source, e))?;
         let live_file = live_files && meta.is_file() && !COPIED_FILES.contains(&dest_str.as_str());
         if meta.is_dir() || live_file {
             let host_bind = HostBind::of(options);
@@ -600,7 +609,7 @@ mod tests {
         ]"#,
             c.display()
         );
-        let p = plan_pod(&mounts(&json), &ninep()).unwrap();
+        let p = plan_pod(&mounts(&json), &ninep(), &|p| std::fs::metadata(p)).unwrap();
         assert_eq!(p.shares.len(), 2);
         assert_eq!(p.shares[0].path, c.join("termination-log"));
         assert_eq!(

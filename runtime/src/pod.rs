@@ -230,6 +230,15 @@ pub fn use_host_mounts(ns: std::os::fd::OwnedFd) {
     let _ = HOST_MOUNTS.set(ns);
 }
 
+/// The metadata of a volume's source, looked up where [`bind_volume`] looks it up (the
+/// host's mount namespace, [`use_host_mounts`]): a source inside a host mount made after the
+/// pod started exists only there.
+pub fn source_metadata(path: &Path) -> std::io::Result<std::fs::Metadata> {
+    fsmount::in_namespace(HOST_MOUNTS.get().map(|ns| ns.as_fd()), || {
+        std::fs::metadata(path)
+    })
+}
+
 /// Makes (or opens) the mount point `<share>/<id>/<path...>`, each component made and
 /// opened without following symlinks: the share is the guest's to write, and what it swaps
 /// in there is never mounted on.
@@ -273,7 +282,7 @@ pub fn bind_volume(
 ) -> Result<String> {
     use crate::mounts::BindPropagation;
     let relative = format!("{id}/mounts/{n}");
-    let is_file = std::fs::metadata(source)
+    let is_file = source_metadata(source)
         .map_err(|e| Error::io("bind mount source", source, e))?
         .is_file();
     let target = share_point(share, id, &["mounts", &n.to_string()], is_file)?;
@@ -384,7 +393,11 @@ pub fn member_request(
     bundle: &crate::oci::BundleSpec,
     share: &Path,
 ) -> Result<StartRequest> {
-    let plan = crate::mounts::plan_pod(&bundle.mounts, &crate::mounts::SharePolicy::nine_p())?;
+    let plan = crate::mounts::plan_pod(
+        &bundle.mounts,
+        &crate::mounts::SharePolicy::nine_p(),
+        &source_metadata,
+    )?;
     let mut mounts = plan.mounts;
     // The CRI binds the sandbox's shm into each container: the pod's, in the VM the sandbox's.
     for m in mounts.iter_mut() {
@@ -404,7 +417,7 @@ pub fn member_request(
                     &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
                     &share.join(&dir),
                 ));
-        let file = volume.path.is_file();
+        let file = source_metadata(&volume.path).is_ok_and(|m| m.is_file());
         for m in mounts.iter_mut() {
             if matches!(&m.source, MountSource::Share { tag, .. } if *tag == volume.tag) {
                 m.source = MountSource::ShareDir {
@@ -813,9 +826,12 @@ mod tests {
         });
         let ns = OwnedFd::from(ns_rx.recv().unwrap());
         let clone = |ns| fsmount::clone_tree(&vol, ns).unwrap();
+        let marker = vol.join("early/early-marker");
+        assert!(!marker.exists(), "not in this namespace");
+        let there = fsmount::in_namespace(Some(ns.as_fd()), || std::fs::metadata(&marker));
         assert!(
-            !vol.join("early/early-marker").exists(),
-            "not in this namespace"
+            there.is_ok_and(|m| m.is_file()),
+            "a file of the other namespace"
         );
         let target = share_point(&share, "c", &["mounts", "0"], false).unwrap();
         fsmount::attach_tree(clone(None), target.as_fd()).unwrap();
