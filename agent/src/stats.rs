@@ -142,11 +142,16 @@ pub fn cgroup_usage(files: &CgroupFiles, guest_memory: u64) -> GuestStats {
         .trim()
         .parse::<u64>()
         .map_or(guest_memory, |max| max.min(guest_memory));
-    s.memory_usage = files.memory_current.trim().parse().unwrap_or(0);
     s.memory_anon = field(&files.memory_stat, "anon").unwrap_or(0);
     s.memory_file = field(&files.memory_stat, "file").unwrap_or(0);
     s.memory_active_file = field(&files.memory_stat, "active_file").unwrap_or(0);
     s.memory_inactive_file = field(&files.memory_stat, "inactive_file").unwrap_or(0);
+    // `memory.current` and `memory.stat` are read at different moments: a small container
+    // whose page cache grew in between would show less usage than inactive file pages, and
+    // a working set (usage - inactive_file, as containerd computes it) of 0. Usage covers
+    // at least the pages `memory.stat` counts.
+    let current: u64 = files.memory_current.trim().parse().unwrap_or(0);
+    s.memory_usage = current.max(s.memory_anon.saturating_add(s.memory_file));
     s.pids = files.pids_current.trim().parse().unwrap_or(0);
     s.oom_kills = field(&files.memory_events, "oom_kill").unwrap_or(0);
     s
@@ -274,6 +279,15 @@ mod tests {
         };
         let s = cgroup_usage(&junk, 1);
         assert_eq!((s.cpu_usage_usec, s.memory_usage, s.pids), (0, 0, 0));
+        // memory.current read before the page cache grew: usage still covers the pages.
+        let skewed = CgroupFiles {
+            memory_current: "999424\n".into(),
+            memory_stat: "anon 90112\nfile 1003520\nactive_file 0\ninactive_file 1003520\n".into(),
+            ..Default::default()
+        };
+        let s = cgroup_usage(&skewed, 512 << 20);
+        assert_eq!(s.memory_usage, 90112 + 1003520);
+        assert!(s.memory_usage - s.memory_inactive_file > 0, "a working set");
     }
 
     #[test]

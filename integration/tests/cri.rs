@@ -1248,7 +1248,8 @@ against_both!(volumes, volumes_runc, volumes_agentvm);
 /// Mounts the host makes after RunPodSandbox (as critest makes them): below a volume with
 /// HostToContainer propagation (a shared host mount, which containerd requires for it) they
 /// reach the running container, below a Private one they do not; a tmpfs mounted below a
-/// read-only volume before the container is created is there and writable, and the host can
+/// read-only volume before the container is created is there and writable, a volume whose
+/// source exists only inside a host mount made after RunPodSandbox is there, and the host can
 /// take its mounts away while the container runs. Under agentvm the pod's shim lives in a
 /// mount namespace of its own made at RunPodSandbox, which a host with a private `/` (this
 /// one) propagates nothing into.
@@ -1285,6 +1286,11 @@ fn mount_propagation(cri: &Cri, handler: &str) {
     let shared_mount = Unmount(shared.clone());
     sys_mount(none, &shared, none, MsFlags::MS_SHARED, none).unwrap();
     let below_ro = tmpfs(&ro.join("tmpfs"));
+    // A volume whose source exists only inside a host mount made after RunPodSandbox.
+    let late_src = tmpfs(&host.path().join("late-src"));
+    let inside = host.path().join("late-src/dir");
+    std::fs::create_dir(&inside).unwrap();
+    std::fs::write(inside.join("inside"), "inside\n").unwrap();
     let mount = |path: &Path, at: &str, readonly: bool, propagation: MountPropagation| Mount {
         container_path: at.into(),
         host_path: path.display().to_string(),
@@ -1307,6 +1313,12 @@ fn mount_propagation(cri: &Cri, handler: &str) {
                 MountPropagation::PropagationPrivate,
             ),
             mount(&ro, "/ro", true, MountPropagation::PropagationPrivate),
+            mount(
+                &inside,
+                "/late",
+                false,
+                MountPropagation::PropagationPrivate,
+            ),
         ],
         ..container_config("prop", "exec sleep 600")
     });
@@ -1323,6 +1335,11 @@ fn mount_propagation(cri: &Cri, handler: &str) {
         "the tmpfs mounted after RunPodSandbox below the read-only volume"
     );
     assert!(ro.join("tmpfs/w").exists());
+    assert_eq!(
+        sh("cat /late/inside"),
+        "inside\n",
+        "a source inside a later host mount"
+    );
 
     // Mounts made while the container runs.
     let late_shared = tmpfs(&shared.join("late"));
@@ -1359,6 +1376,7 @@ fn mount_propagation(cri: &Cri, handler: &str) {
     pod.remove().expect("remove the pod");
     assert_nothing_left(&ids, netns.as_deref());
     drop(shared_mount);
+    drop(late_src);
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let path = host.path().display().to_string();
     assert!(
