@@ -162,6 +162,11 @@ impl Cgroup {
         }
     }
 
+    /// Whether the cgroup is asked to be frozen (`cgroup.freeze` says 1).
+    pub fn is_frozen(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("cgroup.freeze")).is_ok_and(|v| v.trim() == "1")
+    }
+
     /// Kills every process in the cgroup and below it (`cgroup.kill`, Linux 5.14+).
     pub fn kill_all(&self) -> std::io::Result<()> {
         std::fs::write(self.dir.join("cgroup.kill"), "1")

@@ -659,6 +659,17 @@ async fn run(
         }
         Ok(p)
     });
+    if !req.init && !agent.preset_root && container_ns.is_none() {
+        // Its init's masked and read-only paths live in that namespace only.
+        let _ = out
+            .send(error(
+                "the container's mount namespace is not known (its init did not start, or \
+                 the agent could not open it; see the VM's console log)",
+                None,
+            ))
+            .await;
+        return failed;
+    }
     let plan = match planned {
         Ok(mut p) => {
             p.cgroup_procs = agent.cgroup.as_ref().and_then(Cgroup::procs_path);
@@ -1032,6 +1043,17 @@ async fn exec_in_member(
             .await;
         return After::Close;
     };
+    // A process joining a frozen cgroup would freeze before its exec, and the spawn (which
+    // waits for the exec) with it.
+    if member.cgroup.as_ref().is_some_and(Cgroup::is_frozen) {
+        let _ = out
+            .send(error(
+                format!("cannot exec in a paused container: resume {id} first"),
+                None,
+            ))
+            .await;
+        return After::Close;
+    }
     let _served = Other::enter(&member.others);
     let process = secrets::with_env(&req.process, &member.secret_env);
     let planned = Plan::new(&process, &member.root, agent.last_cap);

@@ -1464,6 +1464,11 @@ fn pause_one_container(cri: &Cri, handler: &str) {
     let frozen_at = tick();
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(tick(), frozen_at, "the paused container ticked on");
+    // No exec in a paused container (a frozen process never gets to exec): refused, and the
+    // pod answers on.
+    let refused = pod.exec_sync(&ticker, &["true"], 10);
+    assert!(refused.is_err(), "an exec in the paused container: {refused:?}");
+    assert_eq!(tick(), frozen_at);
     assert_eq!(
         sandbox_state(cri, &pod.id).0,
         PodSandboxState::SandboxReady as i32

@@ -1484,6 +1484,11 @@ impl Running {
         if let Some(id) = &self.member {
             return self.freeze(id, false).await;
         }
+        self.resume_vm().await
+    }
+
+    /// Lets the paused VM run again, whichever of its containers this process belongs to.
+    pub async fn resume_vm(&self) -> Result<()> {
         self.shared.vm()?.resume().await?;
         self.shared.paused.store(false, Ordering::SeqCst);
         Ok(())

@@ -488,6 +488,12 @@ pub fn make_point_in(
     name: &std::ffi::OsStr,
     is_file: bool,
 ) -> io::Result<OwnedFd> {
+    if name.as_bytes().contains(&b'/') || name.is_empty() || name == ".." || name == "." {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not one path component"),
+        ));
+    }
     if !is_file {
         match nix::sys::stat::mkdirat(
             Some(dir.as_raw_fd()),
@@ -498,12 +504,6 @@ pub fn make_point_in(
             Err(e) => return Err(e.into()),
         }
         return open_dir_in(dir, name);
-    }
-    if name.as_bytes().contains(&b'/') || name.is_empty() || name == ".." || name == "." {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{name:?} is not one path component"),
-        ));
     }
     match nix::fcntl::openat(
         Some(dir.as_raw_fd()),

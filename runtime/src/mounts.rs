@@ -351,7 +351,8 @@ fn plan_with(
         let live_file = live_files && meta.is_file() && !COPIED_FILES.contains(&dest_str.as_str());
         if meta.is_dir() || live_file {
             let host_bind = HostBind::of(options);
-            if out.shares.len() >= MAX_SHARES {
+            // A pod's container binds its shares into the one pod share: no device each.
+            if !live_files && out.shares.len() >= MAX_SHARES {
                 return Err(Error::Invalid(format!(
                     "too many directory mounts: agentvm shares at most {MAX_SHARES} per container"
                 )));

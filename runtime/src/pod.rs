@@ -13,7 +13,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use agentvm_protocol::{MountSource, PodContainer, RootfsSpec, StartRequest};
@@ -306,45 +306,83 @@ pub fn bind_volume(
     Ok(relative)
 }
 
-/// Undoes [`bind_root`] and [`bind_volume`] (best effort: nothing to undo is fine).
+/// Undoes [`bind_root`] and [`bind_volume`] (best effort: nothing to undo is fine). The
+/// share is the guest's to write: `<id>` and `<id>/mounts` are opened without following
+/// symlinks and everything below them is unmounted and removed through those descriptors
+/// (`/proc/self/fd/N/NAME` with `UMOUNT_NOFOLLOW`, `unlinkat`), so a symlink or a directory
+/// the guest swapped in never leads an unmount or a removal out of the share.
 pub fn unbind_root(share: &Path, id: &str) {
-    let Ok(dir) = member_dir(share, id) else {
+    if crate::sandbox::validate_id(id).is_err() {
+        return;
+    }
+    let Ok(share_fd) = fsmount::open_dir(share) else {
         return;
     };
-    let unmount =
-        // Not through a symlink the guest put there.
-        |target: &Path| match nix::mount::umount2(
-            target,
+    let Ok(dir) = fsmount::open_dir_in(share_fd.as_fd(), id.as_ref()) else {
+        return;
+    };
+    let unmount = |parent: &OwnedFd, name: &std::ffi::OsStr| {
+        let target = fd_path(parent).join(name);
+        match nix::mount::umount2(
+            &target,
             nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW,
         ) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => true,
             Err(e) => {
-                tracing::warn!("unmount {}: {e}", target.display());
+                tracing::warn!(
+                    "unmount {}/{id}/…/{}: {e}",
+                    share.display(),
+                    name.to_string_lossy()
+                );
                 false
             }
-        };
-    let volumes = dir.join("mounts");
-    if let Ok(entries) = std::fs::read_dir(&volumes) {
-        for e in entries.flatten() {
-            // rmdir (or the unlink of a file's empty mount point) only, and only once
-            // unmounted: never a removal inside a volume.
-            if unmount(&e.path()) {
-                if e.file_type().is_ok_and(|t| t.is_file()) {
-                    let _ = std::fs::remove_file(e.path());
-                } else {
-                    let _ = std::fs::remove_dir(e.path());
-                }
+        }
+    };
+    // rmdir (or the unlink of a file's empty mount point) only, and only once unmounted:
+    // never a removal inside a volume.
+    let remove = |parent: &OwnedFd, name: &std::ffi::OsStr| {
+        use nix::unistd::{unlinkat, UnlinkatFlags};
+        if unlinkat(Some(parent.as_raw_fd()), name, UnlinkatFlags::RemoveDir).is_err() {
+            let _ = unlinkat(Some(parent.as_raw_fd()), name, UnlinkatFlags::NoRemoveDir);
+        }
+    };
+    if let Ok(volumes) = fsmount::open_dir_in(dir.as_fd(), "mounts".as_ref()) {
+        let names: Vec<std::ffi::OsString> = std::fs::read_dir(fd_path(&volumes))
+            .map(|entries| entries.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        for name in names {
+            if unmount(&volumes, &name) {
+                remove(&volumes, &name);
             }
         }
+        drop(volumes);
+        let _ = nix::unistd::unlinkat(
+            Some(dir.as_raw_fd()),
+            "mounts",
+            nix::unistd::UnlinkatFlags::RemoveDir,
+        );
     }
-    let _ = std::fs::remove_dir(&volumes);
-    let target = dir.join("rootfs");
-    if !unmount(&target) {
+    if !unmount(&dir, "rootfs".as_ref()) {
         return;
     }
     // rmdir only: never a recursive removal next to a container's root.
-    let _ = std::fs::remove_dir(&target);
-    let _ = std::fs::remove_dir(&dir);
+    let _ = nix::unistd::unlinkat(
+        Some(dir.as_raw_fd()),
+        "rootfs",
+        nix::unistd::UnlinkatFlags::RemoveDir,
+    );
+    drop(dir);
+    let _ = nix::unistd::unlinkat(
+        Some(share_fd.as_raw_fd()),
+        id,
+        nix::unistd::UnlinkatFlags::RemoveDir,
+    );
+}
+
+/// The path that names what `fd` refers to (its `/proc/self/fd` magic link): a lookup below
+/// it starts at that directory, wherever it has been moved since.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 /// Whether a mount point of `mountinfo` (the text of /proc/self/mountinfo) lies below `dir`
@@ -735,6 +773,37 @@ mod tests {
         unbind_root(&share, "c1");
         assert!(victim.join("payload").exists(), "the victim's mount stays");
         nix::mount::umount2(&victim, nix::mount::MntFlags::MNT_DETACH).unwrap();
+
+        // A symlink earlier in the path: `<id>/mounts` or `<id>` swapped for a link to a host
+        // directory whose entries look like mount points. Nothing there is unmounted or
+        // removed.
+        let host = t.path().join("host");
+        std::fs::create_dir_all(host.join("emptydir")).unwrap();
+        std::fs::create_dir_all(host.join("rootfs")).unwrap();
+        std::fs::write(host.join("file"), "keep").unwrap();
+        nix::mount::mount(
+            Some(&vol),
+            &host.join("rootfs"),
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        std::fs::create_dir_all(share.join("c3")).unwrap();
+        std::os::unix::fs::symlink(&host, share.join("c3/mounts")).unwrap();
+        std::os::unix::fs::symlink(&host, share.join("c4")).unwrap();
+        unbind_root(&share, "c3");
+        unbind_root(&share, "c4");
+        assert!(
+            host.join("emptydir").is_dir(),
+            "an empty host dir was removed"
+        );
+        assert_eq!(std::fs::read_to_string(host.join("file")).unwrap(), "keep");
+        assert!(
+            host.join("rootfs/payload").exists(),
+            "a host mount named rootfs was unmounted"
+        );
+        nix::mount::umount2(&host.join("rootfs"), nix::mount::MntFlags::MNT_DETACH).unwrap();
     }
 
     /// A mount below a read-only volume stays writable (runc's non-recursive read-only

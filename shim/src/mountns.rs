@@ -76,6 +76,9 @@ pub fn take_host() -> Option<std::os::fd::OwnedFd> {
     std::env::remove_var(HOST_NS_ENV);
     let link = std::fs::read_link(format!("/proc/self/fd/{raw}")).ok()?;
     if !link.to_string_lossy().starts_with("mnt:[") {
+        // Not what `start` left (the variable came from elsewhere): leave the descriptor
+        // alone, and look volumes up in the server's own namespace.
+        eprintln!("{HOST_NS_ENV}={raw} does not name a mount namespace ({link:?}); ignored");
         return None;
     }
     // SAFETY: the descriptor was left open for this process by `start` and nothing else

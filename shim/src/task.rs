@@ -557,6 +557,17 @@ impl TaskService {
                 format!("container {} is not running", entry.id),
             ));
         };
+        if init.is_paused() {
+            // A frozen process never gets to exec (and a paused VM's agent cannot answer).
+            exec.failed_to_start(&mut phase);
+            return Err(status(
+                Code::FAILED_PRECONDITION,
+                format!(
+                    "cannot exec in a paused container: resume container {} first",
+                    entry.id
+                ),
+            ));
+        }
         let io = match exec.io.open(&exec.stdin_close).await {
             Ok(io) => io,
             Err(e) => {
@@ -920,7 +931,7 @@ impl Task for TaskService {
                 // thawed: SIGKILL reaches frozen processes, and a thaw would deliver a
                 // pending SIGTERM first (exit 143, where runc's gives 137).
                 if req.signal as i32 == libc::SIGKILL && r.vm_paused() {
-                    if let Err(e) = r.resume().await {
+                    if let Err(e) = r.resume_vm().await {
                         tracing::warn!("resume before SIGKILL: {e}");
                     }
                 }
