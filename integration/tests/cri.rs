@@ -1467,7 +1467,10 @@ fn pause_one_container(cri: &Cri, handler: &str) {
     // No exec in a paused container (a frozen process never gets to exec): refused, and the
     // pod answers on.
     let refused = pod.exec_sync(&ticker, &["true"], 10);
-    assert!(refused.is_err(), "an exec in the paused container: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "an exec in the paused container: {refused:?}"
+    );
     assert_eq!(tick(), frozen_at);
     assert_eq!(
         sandbox_state(cri, &pod.id).0,
