@@ -185,6 +185,21 @@ fn net_session(
     (servers, so)
 }
 
+/// Asserts that the client's output `so` says every one of `steps`.
+fn assert_said(so: &str, steps: &[&str]) {
+    for step in steps {
+        assert!(so.contains(step), "{step} missing:\n{so}");
+    }
+}
+
+/// The host links of the sandboxes the client named (`NET <address>` lines).
+fn uplinks_named(so: &str) -> Vec<String> {
+    so.lines()
+        .filter_map(|l| l.strip_prefix("NET "))
+        .map(|a| uplink_of(a.trim()))
+        .collect()
+}
+
 #[test]
 fn mcp_sandboxes_get_a_network_under_their_egress_policy() {
     let test = "mcp_sandboxes_get_a_network_under_their_egress_policy";
@@ -200,20 +215,17 @@ fn mcp_sandboxes_get_a_network_under_their_egress_policy() {
         return;
     }
     let (servers, so) = net_session(&env, &python, &image, "net", &[]);
-    for step in [
-        "ok agent reaches the public test host",
-        "ok agent refuses the private host and the metadata look-alike",
-        "ok none has no network",
-        "ok none-but allows only its rule",
-        "ok session closed",
-    ] {
-        assert!(so.contains(step), "{step} missing:\n{so}");
-    }
-    let links: Vec<String> = so
-        .lines()
-        .filter_map(|l| l.strip_prefix("NET "))
-        .map(|a| uplink_of(a.trim()))
-        .collect();
+    assert_said(
+        &so,
+        &[
+            "ok agent reaches the public test host",
+            "ok agent refuses the private host and the metadata look-alike",
+            "ok none has no network",
+            "ok none-but allows only its rule",
+            "ok session closed",
+        ],
+    );
+    let links = uplinks_named(&so);
     assert_eq!(links.len(), 2, "{so}");
     assert_all_gone(&env, Duration::from_secs(30));
     let left = uplinks_left(&links);
@@ -267,21 +279,18 @@ fn mcp_containerd_mode_makes_containers_of_its_own_namespace() {
             ("MCP_CTRD_NAMESPACE", namespace),
         ],
     );
-    for step in [
-        "ok the sandbox is a container of agentvm-mcp-test",
-        "ok exec and files",
-        "ok agent reaches the public test host, not the private one",
-        "ok none has no network",
-        "ok removed from containerd",
-        "ok session closed",
-    ] {
-        assert!(so.contains(step), "{step} missing:\n{so}");
-    }
-    let links: Vec<String> = so
-        .lines()
-        .filter_map(|l| l.strip_prefix("NET "))
-        .map(|a| uplink_of(a.trim()))
-        .collect();
+    assert_said(
+        &so,
+        &[
+            "ok the sandbox is a container of agentvm-mcp-test",
+            "ok exec and files",
+            "ok agent reaches the public test host, not the private one",
+            "ok none has no network",
+            "ok removed from containerd",
+            "ok session closed",
+        ],
+    );
+    let links = uplinks_named(&so);
     assert_eq!(links.len(), 1, "{so}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline && !processes_of(env.state_root.path()).is_empty() {
@@ -339,19 +348,20 @@ fn mcp_session_with_the_python_sdk() {
     let (so, se) = text(&out);
     eprintln!("{so}");
     assert!(out.status.success(), "client failed:\n{so}\n{se}");
-    for step in [
-        "ok initialize",
-        "ok exec echo, secrets as a file and an env var",
-        "ok exec timeout",
-        "ok files",
-        "ok exec_start/exec_output",
-        "ok pause/resume",
-        "ok stop/remove",
-        "ok left running",
-        "ok session closed",
-    ] {
-        assert!(so.contains(step), "{step} missing:\n{so}");
-    }
+    assert_said(
+        &so,
+        &[
+            "ok initialize",
+            "ok exec echo, secrets as a file and an env var",
+            "ok exec timeout",
+            "ok files",
+            "ok exec_start/exec_output",
+            "ok pause/resume",
+            "ok stop/remove",
+            "ok left running",
+            "ok session closed",
+        ],
+    );
     // The client closed stdin with a sandbox still running: the server removed it and exited.
     assert_all_gone(&env, Duration::from_secs(30));
 }
