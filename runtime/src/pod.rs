@@ -267,7 +267,7 @@ pub fn bind_root(share: &Path, id: &str, root: &Path) -> Result<String> {
 
 /// Binds a later container's volume (a host directory: kubelet's emptyDir, hostPath,
 /// configMap, secret; or a file) into the pod share as `<id>/mounts/<n>`; returns that path
-/// relative to the share. The source and the mounts below it are looked up in the host's
+/// relative to the share, and whether the source is a file. The source and the mounts below it are looked up in the host's
 /// namespace ([`use_host_mounts`]) and copied detached, where the copy gets its propagation
 /// (`bind`) and read-only (its top only, as runc's read-only bind, or all of it with `rro`)
 /// before it is attached: virtiofsd's copy is read-only from the start, and not even root in
@@ -279,15 +279,19 @@ pub fn bind_volume(
     source: &Path,
     readonly: bool,
     bind: crate::mounts::HostBind,
-) -> Result<String> {
+) -> Result<(String, bool)> {
     use crate::mounts::BindPropagation;
     let relative = format!("{id}/mounts/{n}");
-    let is_file = source_metadata(source)
+    // One trip into the host's namespace: what the source is, and its copy.
+    let (meta, tree) = fsmount::in_namespace(HOST_MOUNTS.get().map(|ns| ns.as_fd()), || {
+        Ok((std::fs::metadata(source), fsmount::clone_tree(source, None)))
+    })
+    .map_err(|e| Error::io("bind", source, e))?;
+    let is_file = meta
         .map_err(|e| Error::io("bind mount source", source, e))?
         .is_file();
+    let tree = tree.map_err(|e| Error::io("bind", source, e))?;
     let target = share_point(share, id, &["mounts", &n.to_string()], is_file)?;
-    let tree = fsmount::clone_tree(source, HOST_MOUNTS.get().map(|ns| ns.as_fd()))
-        .map_err(|e| Error::io("bind", source, e))?;
     let propagation = match bind.propagation {
         BindPropagation::Private => libc::MS_PRIVATE,
         BindPropagation::Slave => libc::MS_SLAVE,
@@ -303,7 +307,7 @@ pub fn bind_volume(
         .map_err(|e| Error::io("set the mount attributes of", source, e))?;
     fsmount::attach_tree(tree, target.as_fd())
         .map_err(|e| Error::io("bind", share.join(&relative), e))?;
-    Ok(relative)
+    Ok((relative, is_file))
 }
 
 /// Undoes [`bind_root`] and [`bind_volume`] (best effort: nothing to undo is fine). The
@@ -444,7 +448,7 @@ pub fn member_request(
         }
     }
     for (n, (volume, bind)) in plan.shares.iter().zip(&plan.host_binds).enumerate() {
-        let dir = bind_volume(share, id, n, &volume.path, volume.readonly, *bind)?;
+        let (dir, file) = bind_volume(share, id, n, &volume.path, volume.readonly, *bind)?;
         // The host's bind is read-only at its top only, as runc's (non-recursive) read-only
         // mount is: mounts below it stay writable. The guest sees the whole tree as one
         // virtio-fs mount, where a read-only remount would cover them too: when the copy has
@@ -455,7 +459,6 @@ pub fn member_request(
                     &std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
                     &share.join(&dir),
                 ));
-        let file = source_metadata(&volume.path).is_ok_and(|m| m.is_file());
         for m in mounts.iter_mut() {
             if matches!(&m.source, MountSource::Share { tag, .. } if *tag == volume.tag) {
                 m.source = MountSource::ShareDir {
@@ -704,17 +707,21 @@ mod tests {
         std::fs::create_dir(&vol).unwrap();
         let bind = crate::mounts::HostBind::default();
         assert_eq!(
-            bind_volume(&share, "abc-1", 0, &vol, true, bind).unwrap(),
+            bind_volume(&share, "abc-1", 0, &vol, true, bind).unwrap().0,
             "abc-1/mounts/0"
         );
         assert_eq!(
-            bind_volume(&share, "abc-1", 1, &vol, false, bind).unwrap(),
+            bind_volume(&share, "abc-1", 1, &vol, false, bind)
+                .unwrap()
+                .0,
             "abc-1/mounts/1"
         );
         let file = t.path().join("termination-log");
         std::fs::write(&file, "").unwrap();
         assert_eq!(
-            bind_volume(&share, "abc-1", 2, &file, false, bind).unwrap(),
+            bind_volume(&share, "abc-1", 2, &file, false, bind)
+                .unwrap()
+                .0,
             "abc-1/mounts/2"
         );
         std::fs::write(share.join("abc-1/mounts/2"), "bye").unwrap();
